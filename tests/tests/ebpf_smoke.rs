@@ -1,0 +1,152 @@
+//! The toolchain and kernel path end to end: the embedded SK_REUSEPORT program loads,
+//! attaches to a 2-socket group on 127.0.0.1, runs for every datagram (its counters say
+//! so, not the kernel's fallback), and the socket it selected is the one that received.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{collections::HashMap, net::UdpSocket, os::fd::AsFd, time::Duration};
+
+use turn_common::{Mode, SocketLoad};
+use turn_server::steering::{Steering, SteeringOptions};
+use turn_tests::{drain, require_root, reuseport_group};
+
+const FLOWS: usize = 16;
+const PER_FLOW: usize = 5;
+
+/// Sends `PER_FLOW` datagrams from each of `clients` to `to`.
+fn send_all(clients: &[UdpSocket], to: std::net::SocketAddr) {
+    for (i, client) in clients.iter().enumerate() {
+        for j in 0..PER_FLOW {
+            client
+                .send_to(format!("flow {i} datagram {j}").as_bytes(), to)
+                .unwrap();
+        }
+    }
+}
+
+fn clients(n: usize) -> Vec<UdpSocket> {
+    (0..n)
+        .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect()
+}
+
+#[test]
+fn program_steers_every_datagram_and_pins_each_flow() {
+    if !require_root("program_steers_every_datagram_and_pins_each_flow") {
+        return;
+    }
+    let (group, addr) = reuseport_group("127.0.0.1", 2).unwrap();
+    let steering = Steering::attach(&group, Mode::Hash, SteeringOptions::default()).unwrap();
+
+    let clients = clients(FLOWS);
+    send_all(&clients, addr);
+    let got = drain(&group, FLOWS * PER_FLOW, Duration::from_secs(5));
+    let received: Vec<usize> = got.iter().map(Vec::len).collect();
+    assert_eq!(
+        received.iter().sum::<usize>(),
+        FLOWS * PER_FLOW,
+        "lost datagrams: {received:?}"
+    );
+
+    // Each flow's datagrams all landed on one socket.
+    let mut socket_of: HashMap<std::net::SocketAddr, usize> = HashMap::new();
+    for (socket, datagrams) in got.iter().enumerate() {
+        for (from, _) in datagrams {
+            let first = *socket_of.entry(*from).or_insert(socket);
+            assert_eq!(first, socket, "flow {from} split across sockets");
+        }
+    }
+    assert_eq!(socket_of.len(), FLOWS);
+
+    // The program ran for every datagram and selected the socket that received it.
+    let stats = steering.stats().unwrap();
+    assert_eq!(
+        stats.unsteered.packets, 0,
+        "kernel fallback was used: {stats:?}"
+    );
+    for (i, s) in stats.sockets.iter().enumerate() {
+        assert_eq!(s.packets as usize, received[i], "socket {i}: {stats:?}");
+        let flows_here = socket_of.values().filter(|&&s| s == i).count();
+        assert_eq!(
+            s.new_flows as usize, flows_here,
+            "socket {i} new flows: {stats:?}"
+        );
+    }
+    // Every flow is pinned, to the socket that received it.
+    let pins = steering.pins_per_socket();
+    for (i, &pinned) in pins.iter().enumerate() {
+        assert_eq!(
+            pinned as usize,
+            socket_of.values().filter(|&&s| s == i).count()
+        );
+    }
+    steering.detach(group[0].as_fd()).unwrap();
+}
+
+#[test]
+fn p2c_places_new_flows_on_the_less_loaded_socket_and_keeps_pins() {
+    if !require_root("p2c_places_new_flows_on_the_less_loaded_socket_and_keeps_pins") {
+        return;
+    }
+    let (group, addr) = reuseport_group("127.0.0.1", 2).unwrap();
+    let mut steering = Steering::attach(&group, Mode::P2c, SteeringOptions::default()).unwrap();
+    steering
+        .set_load(
+            0,
+            SocketLoad {
+                score: 0,
+                allocations: 0,
+            },
+        )
+        .unwrap();
+    steering
+        .set_load(
+            1,
+            SocketLoad {
+                score: 100,
+                allocations: 10,
+            },
+        )
+        .unwrap();
+
+    let first = clients(FLOWS);
+    send_all(&first, addr);
+    let got = drain(&group, FLOWS * PER_FLOW, Duration::from_secs(5));
+    assert_eq!(
+        got[0].len(),
+        FLOWS * PER_FLOW,
+        "all new flows go to the idle socket 0"
+    );
+    assert!(got[1].is_empty());
+
+    // Socket 0 becomes the loaded one: new flows now go to 1, pinned flows stay on 0.
+    steering
+        .set_load(
+            0,
+            SocketLoad {
+                score: 200,
+                allocations: 20,
+            },
+        )
+        .unwrap();
+    let second = clients(FLOWS);
+    send_all(&second, addr);
+    send_all(&first, addr);
+    let got = drain(&group, 2 * FLOWS * PER_FLOW, Duration::from_secs(5));
+    let firsts: Vec<_> = first.iter().map(|c| c.local_addr().unwrap()).collect();
+    assert!(
+        got[0].iter().all(|(from, _)| firsts.contains(from)),
+        "only pinned flows on 0"
+    );
+    assert_eq!(got[0].len(), FLOWS * PER_FLOW);
+    assert!(
+        got[1].iter().all(|(from, _)| !firsts.contains(from)),
+        "no pinned flow moved"
+    );
+    assert_eq!(got[1].len(), FLOWS * PER_FLOW);
+
+    let stats = steering.stats().unwrap();
+    assert_eq!(stats.sockets[0].new_flows as usize, FLOWS);
+    assert_eq!(stats.sockets[1].new_flows as usize, FLOWS);
+    assert_eq!(stats.unsteered.packets, 0);
+    steering.detach(group[0].as_fd()).unwrap();
+}

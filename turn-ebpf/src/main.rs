@@ -1,0 +1,153 @@
+//! `turn_steer`: the SK_REUSEPORT program that places each new client 4-tuple on a socket
+//! of the listener group and pins it there.
+//!
+//! For every datagram on the group (unconnected UDP runs the program per datagram):
+//! 1. a pinned flow goes to its socket;
+//! 2. a pin whose socket has gone (`-ENOENT`) is re-chosen and repaired;
+//! 3. a new flow is placed by [`turn_common::choose_socket`] (P2C or the kernel's hash) and
+//!    pinned with `BPF_NOEXIST`; if another CPU pinned it first, that pin wins.
+//!
+//! Every error path returns `SK_PASS` without a selection (the kernel's hash decides);
+//! `SK_DROP` would make the kernel answer ICMP port-unreachable.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod program {
+    use aya_ebpf::{
+        bindings::{BPF_ANY, BPF_NOEXIST, sk_action::SK_PASS},
+        helpers::bpf_get_prandom_u32,
+        macros::{map, sk_reuseport},
+        maps::{Array, LruHashMap, PerCpuArray, ReusePortSockArray},
+        programs::SkReuseportContext,
+    };
+    use aya_log_ebpf::warn;
+    use turn_common::{
+        DEFAULT_PIN_ENTRIES, MAX_SOCKETS, Mode, STATS_SLOTS, STATS_UNSTEERED, SocketLoad,
+        SocketStats, SteeringConfig, choose_socket,
+    };
+
+    #[map(name = "TURN_SOCKETS")]
+    static TURN_SOCKETS: ReusePortSockArray = ReusePortSockArray::with_max_entries(MAX_SOCKETS, 0);
+
+    #[map(name = "TURN_LOAD")]
+    static TURN_LOAD: Array<SocketLoad> = Array::with_max_entries(MAX_SOCKETS, 0);
+
+    #[map(name = "TURN_PINS")]
+    static TURN_PINS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(DEFAULT_PIN_ENTRIES, 0);
+
+    #[map(name = "TURN_CONFIG")]
+    static TURN_CONFIG: Array<SteeringConfig> = Array::with_max_entries(1, 0);
+
+    #[map(name = "TURN_STATS")]
+    static TURN_STATS: PerCpuArray<SocketStats> = PerCpuArray::with_max_entries(STATS_SLOTS, 0);
+
+    #[sk_reuseport]
+    pub fn turn_steer(ctx: SkReuseportContext) -> u32 {
+        steer(&ctx);
+        SK_PASS
+    }
+
+    /// What happened to a datagram, for the per-socket counters.
+    #[derive(Clone, Copy)]
+    enum Placed {
+        Pinned,
+        New,
+        Repaired,
+    }
+
+    #[inline(always)]
+    fn steer(ctx: &SkReuseportContext) {
+        let Some(cfg) = TURN_CONFIG.get(0) else {
+            return count(ctx, STATS_UNSTEERED, Placed::Pinned);
+        };
+        let n = cfg.num_sockets;
+        let mode = Mode::from_raw(cfg.mode);
+        if n == 0 || n > MAX_SOCKETS {
+            return count(ctx, STATS_UNSTEERED, Placed::Pinned);
+        }
+        let hash = ctx.hash();
+
+        // 1. A pinned flow goes where it was placed, whatever the mode is now.
+        let mut repair = false;
+        if let Some(pinned) = TURN_PINS.get_ptr(hash) {
+            // SAFETY: the pointer comes from a successful map lookup; the value is a u32
+            // that the verifier lets us read. A concurrent update can only change it to
+            // another u32.
+            let idx = unsafe { *pinned };
+            if idx < n && TURN_SOCKETS.select_reuseport(ctx, idx).is_ok() {
+                return count(ctx, idx, Placed::Pinned);
+            }
+            // 2. The pinned socket has gone (or the group shrank): re-choose below.
+            repair = true;
+        }
+
+        if mode == Mode::Kernel && !repair {
+            return count(ctx, STATS_UNSTEERED, Placed::Pinned);
+        }
+        // A repair in kernel mode still needs a live socket: use the kernel's hash choice.
+        let mode = if mode == Mode::Kernel {
+            Mode::Hash
+        } else {
+            mode
+        };
+        // SAFETY: bpf_get_prandom_u32 has no preconditions.
+        let rand = unsafe { bpf_get_prandom_u32() };
+        let load = |i: u32| TURN_LOAD.get(i).map(|l| l.score);
+        let Some(mut idx) = choose_socket(mode, hash, n, rand, rand & 1 == 1, load) else {
+            return count(ctx, STATS_UNSTEERED, Placed::Pinned);
+        };
+
+        // 3. Pin it. BPF_NOEXIST: if another CPU pinned this flow first, follow its pin.
+        if repair {
+            let _ = TURN_PINS.insert(hash, idx, u64::from(BPF_ANY));
+        } else if TURN_PINS.insert(hash, idx, u64::from(BPF_NOEXIST)).is_err() {
+            if let Some(pinned) = TURN_PINS.get_ptr(hash) {
+                // SAFETY: as above.
+                idx = unsafe { *pinned };
+            }
+        }
+        if idx >= n || TURN_SOCKETS.select_reuseport(ctx, idx).is_err() {
+            // The chosen slot is empty too: the kernel's hash decides this datagram; the pin
+            // is repaired on the next one.
+            return count(ctx, STATS_UNSTEERED, Placed::Pinned);
+        }
+        if repair {
+            warn!(ctx, "turn_steer: pin {} repaired onto socket {}", hash, idx);
+            count(ctx, idx, Placed::Repaired)
+        } else {
+            count(ctx, idx, Placed::New)
+        }
+    }
+
+    #[inline(always)]
+    fn count(ctx: &SkReuseportContext, slot: u32, placed: Placed) {
+        if let Some(stats) = TURN_STATS.get_ptr_mut(slot) {
+            // SAFETY: per-CPU slot from a successful lookup; only this CPU writes it and
+            // the program is not preempted while it runs.
+            let stats = unsafe { &mut *stats };
+            stats.packets += 1;
+            stats.bytes += ctx.len() as u64;
+            match placed {
+                Placed::Pinned => {}
+                Placed::New => stats.new_flows += 1,
+                Placed::Repaired => stats.repaired += 1,
+            }
+        }
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        // The verifier rejects any reachable panic path; this is never linked into a program.
+        loop {}
+    }
+
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    eprintln!("turn-ebpf is an eBPF program: build it with `cargo xtask build-ebpf`");
+}
