@@ -1,6 +1,8 @@
 //! Support for the end-to-end tests in `tests/tests/`: privilege checks that fail loudly
 //! in CI, and small socket helpers. Every resource a helper creates is owned by the value
 //! it returns and goes away when that value is dropped.
+// Test support: a failed expectation is a failed test, so panicking is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
     io,
@@ -85,4 +87,176 @@ pub fn drain(
         }
     }
     got
+}
+
+/// Path of the `turn-server` binary under test: `TURN_SERVER_BIN`, or the one cargo built
+/// beside this test executable (`cargo xtask test` builds it first).
+pub fn server_bin() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os("TURN_SERVER_BIN") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test> -> target/<profile>/turn-server
+    let bin = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .map(|dir| dir.join("turn-server"))
+        .unwrap_or_default();
+    assert!(
+        bin.is_file(),
+        "{} not found: build it with `cargo build -p turn-server` (cargo xtask test does) \
+         or set TURN_SERVER_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `turn-server` process on loopback, killed (and waited for) when dropped.
+pub struct Daemon {
+    child: Option<std::process::Child>,
+    /// Listening addresses, in the order the daemon logged them.
+    pub listening: Vec<SocketAddr>,
+    logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    /// Starts the daemon with JSON logs, port 0 (the kernel picks a free port: no port is
+    /// shared between tests) on 127.0.0.1 unless `args` say otherwise, and waits until it
+    /// listens on every address.
+    pub fn start(args: &[&str]) -> Daemon {
+        Self::start_as(&[], args)
+    }
+
+    /// Like [`Daemon::start`], with the daemon run through `wrapper` (e.g. `setpriv ...`).
+    pub fn start_as(wrapper: &[&str], args: &[&str]) -> Daemon {
+        use std::io::BufRead;
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut cmd = std::process::Command::new(program);
+                cmd.args(rest).arg(server_bin());
+                cmd
+            }
+            None => std::process::Command::new(server_bin()),
+        };
+        cmd.args(["--log-format", "json"]);
+        if !args.iter().any(|a| *a == "--listening-port" || *a == "-p") {
+            cmd.args(["--listening-port", "0"]);
+        }
+        if !args.iter().any(|a| *a == "--listening-ip" || *a == "-L") {
+            cmd.args(["--listening-ip", "127.0.0.1"]);
+        }
+        let expected_groups = args
+            .iter()
+            .filter(|a| **a == "--listening-ip" || **a == "-L")
+            .count()
+            .max(1);
+        cmd.args(args)
+            .env(
+                "TURN_LOG",
+                std::env::var("TURN_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("starting turn-server");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        for reader in [
+            Box::new(stderr) as Box<dyn io::Read + Send>,
+            Box::new(stdout),
+        ] {
+            let logs = std::sync::Arc::clone(&logs);
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in io::BufReader::new(reader).lines().map_while(Result::ok) {
+                    logs.lock().map(|mut l| l.push(line.clone())).ok();
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let mut daemon = Daemon {
+            child: Some(child),
+            listening: Vec::new(),
+            logs,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while daemon.listening.len() < expected_groups {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(addr) = json_field(&line, "listen")
+                        .filter(|_| line.contains("listening (UDP)"))
+                        .and_then(|a| a.parse().ok())
+                    {
+                        daemon.listening.push(addr);
+                    }
+                }
+                Err(_) => panic!(
+                    "turn-server did not start listening; its output:\n{}",
+                    daemon.logs()
+                ),
+            }
+        }
+        daemon
+    }
+
+    /// The first listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.listening[0]
+    }
+
+    /// Everything the daemon printed so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, std::process::Child::id)
+    }
+
+    /// Sends `signal` and waits (at most `timeout`) for the process to exit.
+    pub fn signal_and_wait(
+        &mut self,
+        signal: i32,
+        timeout: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The string value of `"key":"value"` in a JSON log line (tracing's JSON format puts
+/// event fields under "fields").
+pub fn json_field(line: &str, key: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(line).ok()?;
+    let field = value
+        .get("fields")
+        .and_then(|f| f.get(key))
+        .or_else(|| value.get(key))?;
+    Some(match field {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    })
 }

@@ -5,7 +5,7 @@
 
 use std::{collections::HashMap, net::UdpSocket, os::fd::AsFd, time::Duration};
 
-use turn_common::{Mode, SocketLoad};
+use turn_common::{FlowKey, Mode, SocketLoad};
 use turn_server::steering::{Steering, SteeringOptions};
 use turn_tests::{drain, require_root, reuseport_group};
 
@@ -148,5 +148,43 @@ fn p2c_places_new_flows_on_the_less_loaded_socket_and_keeps_pins() {
     assert_eq!(stats.sockets[0].new_flows as usize, FLOWS);
     assert_eq!(stats.sockets[1].new_flows as usize, FLOWS);
     assert_eq!(stats.unsteered.packets, 0);
+    steering.detach(group[0].as_fd()).unwrap();
+}
+
+#[test]
+fn a_userspace_pin_overrides_placement() {
+    if !require_root("a_userspace_pin_overrides_placement") {
+        return;
+    }
+    let (group, addr) = reuseport_group("127.0.0.1", 2).unwrap();
+    let mut steering = Steering::attach(&group, Mode::P2c, SteeringOptions::default()).unwrap();
+    // P2C would put every new flow on the idle socket 0...
+    steering
+        .set_load(
+            1,
+            SocketLoad {
+                score: 100,
+                allocations: 10,
+            },
+        )
+        .unwrap();
+    let clients = clients(4);
+    // ...but the daemon pinned the first client to socket 1 (as it does for an allocation).
+    let pinned = FlowKey::new(clients[0].local_addr().unwrap(), addr.ip());
+    steering.pin_flow(&pinned, 1).unwrap();
+    assert_eq!(steering.pinned_socket(&pinned), Some(1));
+    send_all(&clients, addr);
+    let got = drain(&group, 4 * PER_FLOW, Duration::from_secs(5));
+    let first = clients[0].local_addr().unwrap();
+    assert!(got[1].iter().all(|(from, _)| *from == first), "{got:?}");
+    assert_eq!(got[1].len(), PER_FLOW);
+    assert_eq!(got[0].len(), 3 * PER_FLOW);
+    // The program's own pins use the same key: every client is pinned where it landed.
+    for c in &clients[1..] {
+        let key = FlowKey::new(c.local_addr().unwrap(), addr.ip());
+        assert_eq!(steering.pinned_socket(&key), Some(0));
+    }
+    steering.unpin_flow(&pinned);
+    assert_eq!(steering.pinned_socket(&pinned), None);
     steering.detach(group[0].as_fd()).unwrap();
 }

@@ -16,7 +16,7 @@ pub const PROGRAM_NAME: &str = "turn_steer";
 pub const MAP_SOCKETS: &str = "TURN_SOCKETS";
 /// `ARRAY` of [`SocketLoad`]: slot `i` is written only by worker `i`; BPF only reads it.
 pub const MAP_LOAD: &str = "TURN_LOAD";
-/// `LRU_HASH` from the kernel's 4-tuple hash (`u32`) to a socket index (`u32`).
+/// `LRU_HASH` from a [`FlowKey`] (the client's 4-tuple) to a socket index (`u32`).
 pub const MAP_PINS: &str = "TURN_PINS";
 /// `ARRAY` with one [`SteeringConfig`], written by the control thread.
 pub const MAP_CONFIG: &str = "TURN_CONFIG";
@@ -78,6 +78,48 @@ pub struct SocketLoad {
     pub allocations: u64,
 }
 
+/// The key of a pinned flow: the client's address and port and the server address it
+/// sent to (the group's port is the same for every flow of a group). Userspace builds the
+/// same key from an allocation's 5-tuple with [`FlowKey::new`], so the daemon can pin a
+/// live allocation's flow itself.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Client address: IPv4 in the first 4 bytes (rest zero), or IPv6.
+    pub client_ip: [u8; 16],
+    /// Server address the client sent to, same layout.
+    pub local_ip: [u8; 16],
+    /// Client port, network byte order (as on the wire).
+    pub client_port: [u8; 2],
+    /// 4 or 6.
+    pub family: u8,
+    /// Always zero.
+    pub pad: u8,
+}
+
+impl FlowKey {
+    /// The key of datagrams from `client` to `local` (both of one family).
+    pub fn new(client: core::net::SocketAddr, local: core::net::IpAddr) -> FlowKey {
+        fn bytes(ip: core::net::IpAddr) -> [u8; 16] {
+            match ip {
+                core::net::IpAddr::V4(v4) => {
+                    let mut out = [0u8; 16];
+                    out[..4].copy_from_slice(&v4.octets());
+                    out
+                }
+                core::net::IpAddr::V6(v6) => v6.octets(),
+            }
+        }
+        FlowKey {
+            client_ip: bytes(client.ip()),
+            local_ip: bytes(local),
+            client_port: client.port().to_be_bytes(),
+            family: if client.is_ipv4() { 4 } else { 6 },
+            pad: 0,
+        }
+    }
+}
+
 /// Per-CPU counters of one socket slot.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -110,11 +152,14 @@ mod user {
     unsafe impl aya::Pod for super::SteeringConfig {}
     unsafe impl aya::Pod for super::SocketLoad {}
     unsafe impl aya::Pod for super::SocketStats {}
+    // SAFETY: `#[repr(C)]` byte arrays and bytes only: no padding, any bit pattern valid.
+    unsafe impl aya::Pod for super::FlowKey {}
 }
 
 const _: () = assert!(core::mem::size_of::<SteeringConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<SocketLoad>() == 16);
 const _: () = assert!(core::mem::size_of::<SocketStats>() == 32);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 36);
 
 /// Maps a uniformly distributed `u32` onto `0..n` without `%` (Lemire's multiply-shift).
 ///
@@ -290,6 +335,27 @@ mod tests {
                 Some(1)
             );
         }
+    }
+
+    #[test]
+    fn flow_key_layout() {
+        let k = FlowKey::new(
+            "10.1.2.3:4660".parse().unwrap(),
+            "192.0.2.1".parse().unwrap(),
+        );
+        assert_eq!(&k.client_ip[..4], &[10, 1, 2, 3]);
+        assert_eq!(&k.client_ip[4..], &[0u8; 12]);
+        assert_eq!(&k.local_ip[..4], &[192, 0, 2, 1]);
+        assert_eq!(k.client_port, [0x12, 0x34]);
+        assert_eq!(k.family, 4);
+        let k6 = FlowKey::new(
+            "[2001:db8::1]:1".parse().unwrap(),
+            "2001:db8::2".parse().unwrap(),
+        );
+        assert_eq!(k6.family, 6);
+        assert_eq!(k6.client_ip[15], 1);
+        assert_eq!(k6.local_ip[15], 2);
+        assert_ne!(k, k6);
     }
 
     #[test]

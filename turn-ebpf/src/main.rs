@@ -1,6 +1,10 @@
 //! `turn_steer`: the SK_REUSEPORT program that places each new client 4-tuple on a socket
 //! of the listener group and pins it there.
 //!
+//! A flow is the client's address and port plus the server address it sent to
+//! ([`turn_common::FlowKey`]), read from the packet, so that the daemon can compute the
+//! same key from an allocation and pin it itself.
+//!
 //! For every datagram on the group (unconnected UDP runs the program per datagram):
 //! 1. a pinned flow goes to its socket;
 //! 2. a pin whose socket has gone (`-ENOENT`) is re-chosen and repaired;
@@ -15,15 +19,18 @@
 #[cfg(target_arch = "bpf")]
 mod program {
     use aya_ebpf::{
-        bindings::{BPF_ANY, BPF_NOEXIST, sk_action::SK_PASS},
-        helpers::bpf_get_prandom_u32,
+        EbpfContext,
+        bindings::{
+            BPF_ANY, BPF_NOEXIST, bpf_hdr_start_off::BPF_HDR_START_NET, sk_action::SK_PASS,
+        },
+        helpers::{bpf_get_prandom_u32, bpf_skb_load_bytes, bpf_skb_load_bytes_relative},
         macros::{map, sk_reuseport},
         maps::{Array, LruHashMap, PerCpuArray, ReusePortSockArray},
         programs::SkReuseportContext,
     };
     use aya_log_ebpf::warn;
     use turn_common::{
-        DEFAULT_PIN_ENTRIES, MAX_SOCKETS, Mode, STATS_SLOTS, STATS_UNSTEERED, SocketLoad,
+        DEFAULT_PIN_ENTRIES, FlowKey, MAX_SOCKETS, Mode, STATS_SLOTS, STATS_UNSTEERED, SocketLoad,
         SocketStats, SteeringConfig, choose_socket,
     };
 
@@ -34,7 +41,8 @@ mod program {
     static TURN_LOAD: Array<SocketLoad> = Array::with_max_entries(MAX_SOCKETS, 0);
 
     #[map(name = "TURN_PINS")]
-    static TURN_PINS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(DEFAULT_PIN_ENTRIES, 0);
+    static TURN_PINS: LruHashMap<FlowKey, u32> =
+        LruHashMap::with_max_entries(DEFAULT_PIN_ENTRIES, 0);
 
     #[map(name = "TURN_CONFIG")]
     static TURN_CONFIG: Array<SteeringConfig> = Array::with_max_entries(1, 0);
@@ -67,10 +75,13 @@ mod program {
             return count(ctx, STATS_UNSTEERED, Placed::Pinned);
         }
         let hash = ctx.hash();
+        let Some(key) = flow_key(ctx) else {
+            return count(ctx, STATS_UNSTEERED, Placed::Pinned);
+        };
 
         // 1. A pinned flow goes where it was placed, whatever the mode is now.
         let mut repair = false;
-        if let Some(pinned) = TURN_PINS.get_ptr(hash) {
+        if let Some(pinned) = TURN_PINS.get_ptr(&key) {
             // SAFETY: the pointer comes from a successful map lookup; the value is a u32
             // that the verifier lets us read. A concurrent update can only change it to
             // another u32.
@@ -100,9 +111,9 @@ mod program {
 
         // 3. Pin it. BPF_NOEXIST: if another CPU pinned this flow first, follow its pin.
         if repair {
-            let _ = TURN_PINS.insert(hash, idx, u64::from(BPF_ANY));
-        } else if TURN_PINS.insert(hash, idx, u64::from(BPF_NOEXIST)).is_err() {
-            if let Some(pinned) = TURN_PINS.get_ptr(hash) {
+            let _ = TURN_PINS.insert(&key, idx, u64::from(BPF_ANY));
+        } else if TURN_PINS.insert(&key, idx, u64::from(BPF_NOEXIST)).is_err() {
+            if let Some(pinned) = TURN_PINS.get_ptr(&key) {
                 // SAFETY: as above.
                 idx = unsafe { *pinned };
             }
@@ -113,11 +124,71 @@ mod program {
             return count(ctx, STATS_UNSTEERED, Placed::Pinned);
         }
         if repair {
-            warn!(ctx, "turn_steer: pin {} repaired onto socket {}", hash, idx);
+            warn!(
+                ctx,
+                "turn_steer: a pinned flow's socket closed; re-pinned onto socket {}", idx
+            );
             count(ctx, idx, Placed::Repaired)
         } else {
             count(ctx, idx, Placed::New)
         }
+    }
+
+    const ETH_P_IP: u16 = 0x0800;
+    const ETH_P_IPV6: u16 = 0x86dd;
+
+    /// Reads the flow's key: addresses from the IP header, client port from the UDP header
+    /// (where `data` starts for this program type).
+    #[inline(always)]
+    fn flow_key(ctx: &SkReuseportContext) -> Option<FlowKey> {
+        let mut key = FlowKey::default();
+        let skb = ctx.as_ptr().cast_const();
+        let proto = ctx.eth_protocol();
+        // SAFETY (all three helper calls): `skb` is this program's context, each buffer is
+        // a stack array of exactly the length passed, and the helper checks the offsets.
+        let rc = if proto == u32::from(ETH_P_IP.to_be()) {
+            key.family = 4;
+            let mut addrs = [0u8; 8];
+            // IPv4 source and destination: offsets 12..20 of the IP header.
+            let rc = unsafe {
+                bpf_skb_load_bytes_relative(
+                    skb,
+                    12,
+                    addrs.as_mut_ptr().cast(),
+                    8,
+                    BPF_HDR_START_NET,
+                )
+            };
+            key.client_ip[..4].copy_from_slice(&addrs[..4]);
+            key.local_ip[..4].copy_from_slice(&addrs[4..]);
+            rc
+        } else if proto == u32::from(ETH_P_IPV6.to_be()) {
+            key.family = 6;
+            // IPv6 source and destination: offsets 8..40 of the IP header.
+            let mut addrs = [0u8; 32];
+            let rc = unsafe {
+                bpf_skb_load_bytes_relative(
+                    skb,
+                    8,
+                    addrs.as_mut_ptr().cast(),
+                    32,
+                    BPF_HDR_START_NET,
+                )
+            };
+            key.client_ip.copy_from_slice(&addrs[..16]);
+            key.local_ip.copy_from_slice(&addrs[16..]);
+            rc
+        } else {
+            return None;
+        };
+        if rc != 0 {
+            return None;
+        }
+        let rc = unsafe { bpf_skb_load_bytes(skb, 0, key.client_port.as_mut_ptr().cast(), 2) };
+        if rc != 0 {
+            return None;
+        }
+        Some(key)
     }
 
     #[inline(always)]

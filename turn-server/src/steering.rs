@@ -15,8 +15,8 @@ use aya::{
     programs::{ProgramError, SkReuseport},
 };
 use turn_common::{
-    MAP_CONFIG, MAP_LOAD, MAP_PINS, MAP_SOCKETS, MAP_STATS, MAX_SOCKETS, Mode, PROGRAM_NAME,
-    STATS_UNSTEERED, SocketLoad, SocketStats, SteeringConfig,
+    FlowKey, MAP_CONFIG, MAP_LOAD, MAP_PINS, MAP_SOCKETS, MAP_STATS, MAX_SOCKETS, Mode,
+    PROGRAM_NAME, STATS_UNSTEERED, SocketLoad, SocketStats, SteeringConfig,
 };
 
 /// The compiled `turn-ebpf` object, embedded at build time (see `build.rs`).
@@ -81,7 +81,7 @@ pub struct Steering {
     config: Array<MapData, SteeringConfig>,
     load: Array<MapData, SocketLoad>,
     stats: PerCpuArray<MapData, SocketStats>,
-    pins: HashMap<MapData, u32, u32>,
+    pins: HashMap<MapData, FlowKey, u32>,
     _sockets: ReusePortSockArray<MapData>,
     num_sockets: u32,
     mode: Mode,
@@ -210,9 +210,20 @@ impl Steering {
         })
     }
 
-    /// The socket a flow (by its kernel 4-tuple hash) is pinned to, if any.
-    pub fn pinned_socket(&self, flow_hash: u32) -> Option<u32> {
-        self.pins.get(&flow_hash, 0).ok()
+    /// The socket a flow is pinned to, if any.
+    pub fn pinned_socket(&self, flow: &FlowKey) -> Option<u32> {
+        self.pins.get(flow, 0).ok()
+    }
+
+    /// Pins `flow` to socket `index` (replacing any pin): used for live allocations, so
+    /// that their datagrams reach the owning worker whatever the program would choose.
+    pub fn pin_flow(&mut self, flow: &FlowKey, index: u32) -> Result<(), SteeringError> {
+        self.pins.insert(flow, index, 0).map_err(map_err(MAP_PINS))
+    }
+
+    /// Forgets the pin of `flow` (its allocation ended); absent pins are fine.
+    pub fn unpin_flow(&mut self, flow: &FlowKey) {
+        let _ = self.pins.remove(flow);
     }
 
     /// Number of pinned flows per socket slot (walks the pin map: a cold path).

@@ -43,7 +43,7 @@ enum Cmd {
     Setup,
     /// Build the eBPF steering program (nightly, bpfel-unknown-none, build-std=core).
     BuildEbpf,
-    /// Build everything (release) and start the daemon with ARGS.
+    /// Setup, build everything (release) and start the daemon with ARGS.
     Run {
         /// Arguments for turn-server (after `--`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -257,6 +257,7 @@ fn build_ebpf() -> Result<PathBuf> {
 }
 
 fn run(args: &[String]) -> Result<()> {
+    setup()?;
     build_ebpf()?;
     step("run: cargo build --release -p turn-server");
     run_cmd(
