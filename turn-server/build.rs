@@ -11,11 +11,7 @@ fn main() {
         None => {
             let manifest =
                 PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
-            manifest
-                .join("..")
-                .join("target")
-                .join("ebpf")
-                .join("turn-ebpf.o")
+            manifest.join("..").join("target").join("ebpf").join("turn-ebpf.o")
         }
     };
     println!("cargo:rerun-if-changed={}", object.display());

@@ -145,16 +145,10 @@ impl Daemon {
         if !args.iter().any(|a| *a == "--listening-ip" || *a == "-L") {
             cmd.args(["--listening-ip", "127.0.0.1"]);
         }
-        let expected_groups = args
-            .iter()
-            .filter(|a| **a == "--listening-ip" || **a == "-L")
-            .count()
-            .max(1);
+        let expected_groups =
+            args.iter().filter(|a| **a == "--listening-ip" || **a == "-L").count().max(1);
         cmd.args(args)
-            .env(
-                "TURN_LOG",
-                std::env::var("TURN_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("TURN_LOG", std::env::var("TURN_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
@@ -163,10 +157,7 @@ impl Daemon {
         let stdout = child.stdout.take().expect("piped stdout");
         let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
-        for reader in [
-            Box::new(stderr) as Box<dyn io::Read + Send>,
-            Box::new(stdout),
-        ] {
+        for reader in [Box::new(stderr) as Box<dyn io::Read + Send>, Box::new(stdout)] {
             let logs = std::sync::Arc::clone(&logs);
             let tx = tx.clone();
             std::thread::spawn(move || {
@@ -176,11 +167,7 @@ impl Daemon {
                 }
             });
         }
-        let mut daemon = Daemon {
-            child: Some(child),
-            listening: Vec::new(),
-            logs,
-        };
+        let mut daemon = Daemon { child: Some(child), listening: Vec::new(), logs };
         let deadline = Instant::now() + Duration::from_secs(20);
         while daemon.listening.len() < expected_groups {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -193,10 +180,9 @@ impl Daemon {
                         daemon.listening.push(addr);
                     }
                 }
-                Err(_) => panic!(
-                    "turn-server did not start listening; its output:\n{}",
-                    daemon.logs()
-                ),
+                Err(_) => {
+                    panic!("turn-server did not start listening; its output:\n{}", daemon.logs())
+                }
             }
         }
         daemon
@@ -251,10 +237,7 @@ impl Drop for Daemon {
 /// event fields under "fields").
 pub fn json_field(line: &str, key: &str) -> Option<String> {
     let value: serde_json::Value = serde_json::from_str(line).ok()?;
-    let field = value
-        .get("fields")
-        .and_then(|f| f.get(key))
-        .or_else(|| value.get(key))?;
+    let field = value.get("fields").and_then(|f| f.get(key)).or_else(|| value.get(key))?;
     Some(match field {
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),

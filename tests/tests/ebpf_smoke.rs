@@ -16,17 +16,13 @@ const PER_FLOW: usize = 5;
 fn send_all(clients: &[UdpSocket], to: std::net::SocketAddr) {
     for (i, client) in clients.iter().enumerate() {
         for j in 0..PER_FLOW {
-            client
-                .send_to(format!("flow {i} datagram {j}").as_bytes(), to)
-                .unwrap();
+            client.send_to(format!("flow {i} datagram {j}").as_bytes(), to).unwrap();
         }
     }
 }
 
 fn clients(n: usize) -> Vec<UdpSocket> {
-    (0..n)
-        .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
-        .collect()
+    (0..n).map(|_| UdpSocket::bind("127.0.0.1:0").unwrap()).collect()
 }
 
 #[test]
@@ -41,11 +37,7 @@ fn program_steers_every_datagram_and_pins_each_flow() {
     send_all(&clients, addr);
     let got = drain(&group, FLOWS * PER_FLOW, Duration::from_secs(5));
     let received: Vec<usize> = got.iter().map(Vec::len).collect();
-    assert_eq!(
-        received.iter().sum::<usize>(),
-        FLOWS * PER_FLOW,
-        "lost datagrams: {received:?}"
-    );
+    assert_eq!(received.iter().sum::<usize>(), FLOWS * PER_FLOW, "lost datagrams: {received:?}");
 
     // Each flow's datagrams all landed on one socket.
     let mut socket_of: HashMap<std::net::SocketAddr, usize> = HashMap::new();
@@ -58,26 +50,17 @@ fn program_steers_every_datagram_and_pins_each_flow() {
     assert_eq!(socket_of.len(), FLOWS);
 
     // The program ran for every datagram and selected the socket that received it.
-    let stats = steering.stats().unwrap();
-    assert_eq!(
-        stats.unsteered.packets, 0,
-        "kernel fallback was used: {stats:?}"
-    );
+    let stats = steering.maps().stats().unwrap();
+    assert_eq!(stats.unsteered.packets, 0, "kernel fallback was used: {stats:?}");
     for (i, s) in stats.sockets.iter().enumerate() {
         assert_eq!(s.packets as usize, received[i], "socket {i}: {stats:?}");
         let flows_here = socket_of.values().filter(|&&s| s == i).count();
-        assert_eq!(
-            s.new_flows as usize, flows_here,
-            "socket {i} new flows: {stats:?}"
-        );
+        assert_eq!(s.new_flows as usize, flows_here, "socket {i} new flows: {stats:?}");
     }
     // Every flow is pinned, to the socket that received it.
-    let pins = steering.pins_per_socket();
+    let pins = steering.maps().pins_per_socket().unwrap();
     for (i, &pinned) in pins.iter().enumerate() {
-        assert_eq!(
-            pinned as usize,
-            socket_of.values().filter(|&&s| s == i).count()
-        );
+        assert_eq!(pinned as usize, socket_of.values().filter(|&&s| s == i).count());
     }
     steering.detach(group[0].as_fd()).unwrap();
 }
@@ -90,61 +73,36 @@ fn p2c_places_new_flows_on_the_less_loaded_socket_and_keeps_pins() {
     let (group, addr) = reuseport_group("127.0.0.1", 2).unwrap();
     let mut steering = Steering::attach(&group, Mode::P2c, SteeringOptions::default()).unwrap();
     steering
-        .set_load(
-            0,
-            SocketLoad {
-                score: 0,
-                allocations: 0,
-            },
-        )
+        .maps_mut()
+        .set_load(0, SocketLoad { score: 0, allocations: 0, ..SocketLoad::default() })
         .unwrap();
     steering
-        .set_load(
-            1,
-            SocketLoad {
-                score: 100,
-                allocations: 10,
-            },
-        )
+        .maps_mut()
+        .set_load(1, SocketLoad { score: 100, allocations: 10, ..SocketLoad::default() })
         .unwrap();
 
     let first = clients(FLOWS);
     send_all(&first, addr);
     let got = drain(&group, FLOWS * PER_FLOW, Duration::from_secs(5));
-    assert_eq!(
-        got[0].len(),
-        FLOWS * PER_FLOW,
-        "all new flows go to the idle socket 0"
-    );
+    assert_eq!(got[0].len(), FLOWS * PER_FLOW, "all new flows go to the idle socket 0");
     assert!(got[1].is_empty());
 
     // Socket 0 becomes the loaded one: new flows now go to 1, pinned flows stay on 0.
     steering
-        .set_load(
-            0,
-            SocketLoad {
-                score: 200,
-                allocations: 20,
-            },
-        )
+        .maps_mut()
+        .set_load(0, SocketLoad { score: 200, allocations: 20, ..SocketLoad::default() })
         .unwrap();
     let second = clients(FLOWS);
     send_all(&second, addr);
     send_all(&first, addr);
     let got = drain(&group, 2 * FLOWS * PER_FLOW, Duration::from_secs(5));
     let firsts: Vec<_> = first.iter().map(|c| c.local_addr().unwrap()).collect();
-    assert!(
-        got[0].iter().all(|(from, _)| firsts.contains(from)),
-        "only pinned flows on 0"
-    );
+    assert!(got[0].iter().all(|(from, _)| firsts.contains(from)), "only pinned flows on 0");
     assert_eq!(got[0].len(), FLOWS * PER_FLOW);
-    assert!(
-        got[1].iter().all(|(from, _)| !firsts.contains(from)),
-        "no pinned flow moved"
-    );
+    assert!(got[1].iter().all(|(from, _)| !firsts.contains(from)), "no pinned flow moved");
     assert_eq!(got[1].len(), FLOWS * PER_FLOW);
 
-    let stats = steering.stats().unwrap();
+    let stats = steering.maps().stats().unwrap();
     assert_eq!(stats.sockets[0].new_flows as usize, FLOWS);
     assert_eq!(stats.sockets[1].new_flows as usize, FLOWS);
     assert_eq!(stats.unsteered.packets, 0);
@@ -160,19 +118,15 @@ fn a_userspace_pin_overrides_placement() {
     let mut steering = Steering::attach(&group, Mode::P2c, SteeringOptions::default()).unwrap();
     // P2C would put every new flow on the idle socket 0...
     steering
-        .set_load(
-            1,
-            SocketLoad {
-                score: 100,
-                allocations: 10,
-            },
-        )
+        .maps_mut()
+        .set_load(1, SocketLoad { score: 100, allocations: 10, ..SocketLoad::default() })
         .unwrap();
     let clients = clients(4);
     // ...but the daemon pinned the first client to socket 1 (as it does for an allocation).
     let pinned = FlowKey::new(clients[0].local_addr().unwrap(), addr.ip());
-    steering.pin_flow(&pinned, 1).unwrap();
-    assert_eq!(steering.pinned_socket(&pinned), Some(1));
+    let mut worker1 = steering.flow_pins(1).unwrap();
+    worker1.pin(&pinned).unwrap();
+    assert_eq!(steering.maps().pinned_socket(&pinned), Some(1));
     send_all(&clients, addr);
     let got = drain(&group, 4 * PER_FLOW, Duration::from_secs(5));
     let first = clients[0].local_addr().unwrap();
@@ -182,9 +136,9 @@ fn a_userspace_pin_overrides_placement() {
     // The program's own pins use the same key: every client is pinned where it landed.
     for c in &clients[1..] {
         let key = FlowKey::new(c.local_addr().unwrap(), addr.ip());
-        assert_eq!(steering.pinned_socket(&key), Some(0));
+        assert_eq!(steering.maps().pinned_socket(&key), Some(0));
     }
-    steering.unpin_flow(&pinned);
-    assert_eq!(steering.pinned_socket(&pinned), None);
+    worker1.unpin(&pinned);
+    assert_eq!(steering.maps().pinned_socket(&pinned), None);
     steering.detach(group[0].as_fd()).unwrap();
 }

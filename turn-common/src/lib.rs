@@ -18,6 +18,10 @@ pub const MAP_SOCKETS: &str = "TURN_SOCKETS";
 pub const MAP_LOAD: &str = "TURN_LOAD";
 /// `LRU_HASH` from a [`FlowKey`] (the client's 4-tuple) to a socket index (`u32`).
 pub const MAP_PINS: &str = "TURN_PINS";
+/// `ARRAY` of `u64`: flows the program placed on each socket so far (a plain, not
+/// per-CPU, counter: two CPUs placing at the same instant may lose one increment, which
+/// only makes a load estimate a flow lighter until the next [`SocketLoad`] update).
+pub const MAP_PLACED: &str = "TURN_PLACED";
 /// `ARRAY` with one [`SteeringConfig`], written by the control thread.
 pub const MAP_CONFIG: &str = "TURN_CONFIG";
 /// `PERCPU_ARRAY` of [`SocketStats`]: slots `0..MAX_SOCKETS` per socket, slot
@@ -67,15 +71,39 @@ pub struct SteeringConfig {
     pub num_sockets: u32,
 }
 
-/// Load of one socket, written by the worker that owns it.
+/// Load of one socket, published by userspace; the program only reads it.
+///
+/// The program compares `score + (placed - placed_seen) * flow_weight`, where `placed` is
+/// the socket's [`MAP_PLACED`] counter now: flows placed since userspace last published
+/// count at once, so a burst of new flows between two updates is still spread.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketLoad {
-    /// The value P2C compares: lower is less loaded. The daemon derives it from the live
-    /// allocations and the recent packet rate of the worker.
+    /// Load of the socket's worker when published (lower is less loaded): derived from
+    /// its live allocations and its recent packet rate.
     pub score: u64,
-    /// Live allocations of the worker (informational for BPF; shown by `turn-server load`).
+    /// Live allocations of the worker (shown by `turn-server load`).
     pub allocations: u64,
+    /// The socket's [`MAP_PLACED`] counter when `score` was computed.
+    pub placed_seen: u64,
+    /// What one new flow adds to `score` until the next update.
+    pub flow_weight: u64,
+}
+
+impl SocketLoad {
+    /// The load P2C compares, given the socket's current `placed` counter.
+    #[inline(always)]
+    pub fn effective(&self, placed: u64) -> u64 {
+        let recent = placed.wrapping_sub(self.placed_seen);
+        // A counter behind `placed_seen` (userspace raced ahead) counts as no new flow;
+        // so does an absurd gap.
+        let recent = if recent > u32::MAX as u64 { 0 } else { recent };
+        // Both factors fit in 32 bits, so the product fits in 64: no 128-bit multiply,
+        // which the BPF target does not have.
+        let weight =
+            if self.flow_weight > u32::MAX as u64 { u32::MAX as u64 } else { self.flow_weight };
+        self.score.saturating_add(recent * weight)
+    }
 }
 
 /// The key of a pinned flow: the client's address and port and the server address it
@@ -157,7 +185,7 @@ mod user {
 }
 
 const _: () = assert!(core::mem::size_of::<SteeringConfig>() == 8);
-const _: () = assert!(core::mem::size_of::<SocketLoad>() == 16);
+const _: () = assert!(core::mem::size_of::<SocketLoad>() == 32);
 const _: () = assert!(core::mem::size_of::<SocketStats>() == 32);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 36);
 
@@ -247,15 +275,9 @@ mod tests {
 
     #[test]
     fn kernel_mode_and_bad_sizes_choose_nothing() {
-        assert_eq!(
-            choose_socket(Mode::Kernel, 7, 4, 1, false, loads(&[])),
-            None
-        );
+        assert_eq!(choose_socket(Mode::Kernel, 7, 4, 1, false, loads(&[])), None);
         assert_eq!(choose_socket(Mode::P2c, 7, 0, 1, false, loads(&[])), None);
-        assert_eq!(
-            choose_socket(Mode::P2c, 7, MAX_SOCKETS + 1, 1, false, loads(&[])),
-            None
-        );
+        assert_eq!(choose_socket(Mode::P2c, 7, MAX_SOCKETS + 1, 1, false, loads(&[])), None);
     }
 
     #[test]
@@ -281,11 +303,8 @@ mod tests {
             let eq = [0u64; 4];
             let first = choose_socket(Mode::P2c, 0, 4, rand, false, loads(&eq)).unwrap();
             let second = choose_socket(Mode::P2c, 0, 4, rand, true, loads(&eq)).unwrap();
-            let expected = if load[first as usize] <= load[second as usize] {
-                first
-            } else {
-                second
-            };
+            let expected =
+                if load[first as usize] <= load[second as usize] { first } else { second };
             let got = choose_socket(Mode::P2c, 0, 4, rand, false, loads(&load)).unwrap();
             assert_eq!(got, expected);
             // The most loaded socket (0) can never win against another.
@@ -320,42 +339,45 @@ mod tests {
 
     #[test]
     fn p2c_with_one_socket_is_that_socket() {
-        assert_eq!(
-            choose_socket(Mode::P2c, 0, 1, 0xffff_ffff, true, loads(&[9])),
-            Some(0)
-        );
+        assert_eq!(choose_socket(Mode::P2c, 0, 1, 0xffff_ffff, true, loads(&[9])), Some(0));
     }
 
     #[test]
     fn missing_load_counts_as_idle() {
         // Only slot 0 has a load; slot 1 has none and must win.
         for rand in [0u32, 0xffff_ffff, 0x1234_5678] {
-            assert_eq!(
-                choose_socket(Mode::P2c, 0, 2, rand, false, loads(&[4])),
-                Some(1)
-            );
+            assert_eq!(choose_socket(Mode::P2c, 0, 2, rand, false, loads(&[4])), Some(1));
         }
     }
 
     #[test]
     fn flow_key_layout() {
-        let k = FlowKey::new(
-            "10.1.2.3:4660".parse().unwrap(),
-            "192.0.2.1".parse().unwrap(),
-        );
+        let k = FlowKey::new("10.1.2.3:4660".parse().unwrap(), "192.0.2.1".parse().unwrap());
         assert_eq!(&k.client_ip[..4], &[10, 1, 2, 3]);
         assert_eq!(&k.client_ip[4..], &[0u8; 12]);
         assert_eq!(&k.local_ip[..4], &[192, 0, 2, 1]);
         assert_eq!(k.client_port, [0x12, 0x34]);
         assert_eq!(k.family, 4);
-        let k6 = FlowKey::new(
-            "[2001:db8::1]:1".parse().unwrap(),
-            "2001:db8::2".parse().unwrap(),
-        );
+        let k6 = FlowKey::new("[2001:db8::1]:1".parse().unwrap(), "2001:db8::2".parse().unwrap());
         assert_eq!(k6.family, 6);
         assert_eq!(k6.client_ip[15], 1);
         assert_eq!(k6.local_ip[15], 2);
         assert_ne!(k, k6);
+    }
+
+    #[test]
+    fn effective_load_counts_flows_placed_since_publication() {
+        let load = SocketLoad { score: 10, allocations: 2, placed_seen: 5, flow_weight: 3 };
+        assert_eq!(load.effective(5), 10);
+        assert_eq!(load.effective(7), 16);
+        // Userspace saw more placements than this read: no negative load.
+        assert_eq!(load.effective(4), 10);
+        let zero = SocketLoad::default();
+        assert_eq!(zero.effective(0), 0);
+        let huge = SocketLoad { score: u64::MAX - 1, flow_weight: u64::MAX, ..zero };
+        assert_eq!(huge.effective(3), u64::MAX);
+        let heavy = SocketLoad { flow_weight: u64::MAX, ..zero };
+        assert_eq!(heavy.effective(2), 2 * u32::MAX as u64);
     }
 
     #[test]

@@ -44,6 +44,9 @@ mod program {
     static TURN_PINS: LruHashMap<FlowKey, u32> =
         LruHashMap::with_max_entries(DEFAULT_PIN_ENTRIES, 0);
 
+    #[map(name = "TURN_PLACED")]
+    static TURN_PLACED: Array<u64> = Array::with_max_entries(MAX_SOCKETS, 0);
+
     #[map(name = "TURN_CONFIG")]
     static TURN_CONFIG: Array<SteeringConfig> = Array::with_max_entries(1, 0);
 
@@ -104,15 +107,21 @@ mod program {
         };
         // SAFETY: bpf_get_prandom_u32 has no preconditions.
         let rand = unsafe { bpf_get_prandom_u32() };
-        let load = |i: u32| TURN_LOAD.get(i).map(|l| l.score);
+        let load = |i: u32| {
+            let placed = TURN_PLACED.get(i).copied().unwrap_or(0);
+            TURN_LOAD.get(i).map(|l| l.effective(placed))
+        };
         let Some(mut idx) = choose_socket(mode, hash, n, rand, rand & 1 == 1, load) else {
             return count(ctx, STATS_UNSTEERED, Placed::Pinned);
         };
 
         // 3. Pin it. BPF_NOEXIST: if another CPU pinned this flow first, follow its pin.
+        let mut placed_here = Placed::New;
         if repair {
+            placed_here = Placed::Repaired;
             let _ = TURN_PINS.insert(&key, idx, u64::from(BPF_ANY));
         } else if TURN_PINS.insert(&key, idx, u64::from(BPF_NOEXIST)).is_err() {
+            placed_here = Placed::Pinned;
             if let Some(pinned) = TURN_PINS.get_ptr(&key) {
                 // SAFETY: as above.
                 idx = unsafe { *pinned };
@@ -123,15 +132,23 @@ mod program {
             // is repaired on the next one.
             return count(ctx, STATS_UNSTEERED, Placed::Pinned);
         }
-        if repair {
-            warn!(
-                ctx,
-                "turn_steer: a pinned flow's socket closed; re-pinned onto socket {}", idx
-            );
-            count(ctx, idx, Placed::Repaired)
-        } else {
-            count(ctx, idx, Placed::New)
+        match placed_here {
+            Placed::Pinned => {}
+            Placed::Repaired => {
+                warn!(
+                    ctx,
+                    "turn_steer: a pinned flow's socket closed; re-pinned onto socket {}", idx
+                );
+            }
+            Placed::New => {
+                if let Some(placed) = TURN_PLACED.get_ptr_mut(idx) {
+                    // SAFETY: pointer from a successful lookup of a u64 slot. Not atomic: a
+                    // lost increment only under-weights one flow until the next update.
+                    unsafe { *placed += 1 };
+                }
+            }
         }
+        count(ctx, idx, placed_here)
     }
 
     const ETH_P_IP: u16 = 0x0800;

@@ -1,7 +1,10 @@
 //! Configuration: a TOML file (every key optional, defaults below) overridden by flags.
 //! Unknown keys and invalid values are rejected with a message that names the key.
 
-use std::{net::IpAddr, path::Path};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -46,6 +49,11 @@ pub struct Config {
     pub steering: SteeringMode,
     /// Entries of the eBPF flow pin map (flows remembered per listening address).
     pub steering_pin_entries: u32,
+    /// Directory in bpffs where the steering maps are pinned for `turn-server load`.
+    pub bpf_pin_root: PathBuf,
+    /// Group (name or number) allowed to use `turn-server load` and `steering set`
+    /// besides root.
+    pub admin_group: Option<String>,
     /// Realm for long-term credentials (default: the host name).
     pub realm: Option<String>,
     /// Log format: text or json.
@@ -63,6 +71,8 @@ impl Default for Config {
             workers: 0,
             steering: SteeringMode::Auto,
             steering_pin_entries: turn_common::DEFAULT_PIN_ENTRIES,
+            bpf_pin_root: PathBuf::from(crate::bpffs::DEFAULT_ROOT),
+            admin_group: None,
             realm: None,
             log_format: LogFormat::Text,
         }
@@ -100,12 +110,32 @@ impl Config {
         if self.steering_pin_entries == 0 {
             bail!("steering_pin_entries: must be at least 1");
         }
+        if let Some(group) = &self.admin_group {
+            self.admin_gid().with_context(|| format!("admin_group: {group}"))?;
+        }
         if let Some(realm) = &self.realm
             && (realm.is_empty() || realm.len() > 763)
         {
             bail!("realm: must be 1 to 763 bytes (RFC 8489 REALM)");
         }
         Ok(())
+    }
+
+    /// The admin group's id, if one is configured.
+    pub fn admin_gid(&self) -> Result<Option<u32>> {
+        let Some(group) = &self.admin_group else { return Ok(None) };
+        if let Ok(gid) = group.parse::<u32>() {
+            return Ok(Some(gid));
+        }
+        let name = std::ffi::CString::new(group.as_bytes()).context("group name has a NUL byte")?;
+        // SAFETY: getgrnam reads a valid C string; the result is read at once, before any
+        // other call could reuse its static buffer.
+        let entry = unsafe { libc::getgrnam(name.as_ptr()) };
+        if entry.is_null() {
+            bail!("no group named {group:?} on this system");
+        }
+        // SAFETY: non-null entry returned by getgrnam.
+        Ok(Some(unsafe { (*entry).gr_gid }))
     }
 
     /// Worker count with 0 resolved to the number of CPUs.
@@ -150,10 +180,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.listening_port, 3479);
-        assert_eq!(
-            c.listening_ips,
-            vec!["127.0.0.1".parse::<IpAddr>().unwrap()]
-        );
+        assert_eq!(c.listening_ips, vec!["127.0.0.1".parse::<IpAddr>().unwrap()]);
         assert_eq!(c.worker_count(), 2);
         assert_eq!(c.steering, SteeringMode::Hash);
         assert_eq!(c.realm(), "example.org");
@@ -162,25 +189,17 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let err = Config::from_toml("listening_prot = 1\n")
-            .unwrap_err()
-            .to_string();
+        let err = Config::from_toml("listening_prot = 1\n").unwrap_err().to_string();
         assert!(err.contains("listening_prot"), "{err}");
     }
 
     #[test]
     fn invalid_value_is_named() {
-        let err = Config::from_toml("steering = \"round-robin\"\n")
-            .unwrap_err()
-            .to_string();
+        let err = Config::from_toml("steering = \"round-robin\"\n").unwrap_err().to_string();
         assert!(err.contains("steering"), "{err}");
-        let err = Config::from_toml("workers = 1000\n")
-            .unwrap_err()
-            .to_string();
+        let err = Config::from_toml("workers = 1000\n").unwrap_err().to_string();
         assert!(err.contains("workers"), "{err}");
-        let err = Config::from_toml("listening_port = 70000\n")
-            .unwrap_err()
-            .to_string();
+        let err = Config::from_toml("listening_port = 70000\n").unwrap_err().to_string();
         assert!(err.contains("listening_port"), "{err}");
     }
 }
@@ -193,17 +212,11 @@ mod doc_tests {
     #[test]
     fn every_key_is_documented() {
         let doc = include_str!("../../docs/configuration.md");
-        let keys = toml::to_string(&Config {
-            realm: Some("x".into()),
-            ..Config::default()
-        })
-        .unwrap();
+        let keys =
+            toml::to_string(&Config { realm: Some("x".into()), ..Config::default() }).unwrap();
         for line in keys.lines() {
             let key = line.split('=').next().unwrap().trim();
-            assert!(
-                doc.contains(&format!("`{key}`")),
-                "docs/configuration.md misses `{key}`"
-            );
+            assert!(doc.contains(&format!("`{key}`")), "docs/configuration.md misses `{key}`");
         }
     }
 }

@@ -14,11 +14,13 @@ use tokio::{
     sync::watch,
 };
 use tracing::{error, info, warn};
-use turn_common::{Mode, SocketLoad};
+use turn_common::Mode;
 
 use crate::{
+    bpffs,
     config::{Config, SteeringMode},
     listener::{ListenerGroup, bind_group},
+    load::LoadEstimator,
     protocol::Protocol,
     steering::{Steering, SteeringOptions},
     worker::{self, RunState, WorkerSetup, WorkerStats},
@@ -41,17 +43,13 @@ pub fn run(config: Config) -> Result<()> {
     let workers = config.worker_count();
     let realm = config.realm();
     // Signal handlers first: a SIGTERM that arrives during startup must still drain.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let signals = {
         let _context = runtime.enter();
-        Signals {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-        }
+        Signals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? }
     };
 
+    let pin_instance = prepare_pins(&config);
     let mut groups = Vec::new();
     let mut worker_sockets: Vec<Vec<UdpSocket>> = (0..workers).map(|_| Vec::new()).collect();
     for ip in &config.listening_ips {
@@ -59,15 +57,22 @@ pub fn run(config: Config) -> Result<()> {
         let ListenerGroup { local, sockets } = bind_group(addr, workers)
             .with_context(|| format!("listening on {addr} with {workers} sockets"))?;
         let member = sockets[0].try_clone()?;
-        let steering = attach_steering(&config, local, &sockets)?;
+        let pin_dir = pin_instance.as_deref().map(|dir| bpffs::group_dir(dir, local));
+        let steering = attach_steering(&config, local, &sockets, pin_dir)?;
         for (i, socket) in sockets.into_iter().enumerate() {
             worker_sockets[i].push(socket);
         }
-        groups.push(SteeredGroup {
-            local,
-            steering,
-            member,
-        });
+        groups.push(SteeredGroup { local, steering, member });
+    }
+
+    if let Some(instance) = &pin_instance {
+        if groups.iter().any(|g| g.steering.is_some()) {
+            if let Err(e) = bpffs::restrict(instance, config.admin_gid()?) {
+                warn!(dir = %instance.display(), error = %e, "cannot set permissions on the pins");
+            }
+        } else {
+            let _ = std::fs::remove_dir(instance);
+        }
     }
 
     let (state_tx, state_rx) = watch::channel(RunState::Running);
@@ -85,14 +90,12 @@ pub fn run(config: Config) -> Result<()> {
         })?);
     }
     for group in &groups {
-        let mode = group
-            .steering
-            .as_ref()
-            .map_or("off (kernel hash)", |s| match s.mode() {
-                Mode::P2c => "p2c",
-                Mode::Hash => "hash",
-                Mode::Kernel => "kernel",
-            });
+        let mode = group.steering.as_ref().map_or("off (kernel hash)", |s| match s.mode() {
+            Ok(Mode::P2c) => "p2c",
+            Ok(Mode::Hash) => "hash",
+            Ok(Mode::Kernel) => "kernel",
+            Err(_) => "unknown",
+        });
         info!(listen = %group.local, workers, steering = mode, %realm, "listening (UDP)");
     }
 
@@ -102,10 +105,13 @@ pub fn run(config: Config) -> Result<()> {
     for group in groups.drain(..) {
         if let Some(steering) = group.steering {
             match steering.detach(group.member.as_fd()) {
-                Ok(()) => info!(listen = %group.local, "steering program detached"),
+                Ok(()) => info!(listen = %group.local, "steering program detached, pins removed"),
                 Err(e) => warn!(listen = %group.local, error = %e, "detaching steering failed"),
             }
         }
+    }
+    if let Some(instance) = &pin_instance {
+        let _ = std::fs::remove_dir(instance);
     }
     for (index, handle) in handles.into_iter().enumerate() {
         match handle.join() {
@@ -117,19 +123,36 @@ pub fn run(config: Config) -> Result<()> {
     outcome
 }
 
+/// Prepares the bpffs directory for this daemon's pins, removing those of killed daemons.
+/// Returns None (steering still works, `turn-server load` does not) when bpffs is unusable.
+fn prepare_pins(config: &Config) -> Option<std::path::PathBuf> {
+    if config.steering == SteeringMode::Off {
+        return None;
+    }
+    let root = &config.bpf_pin_root;
+    if let Err(e) = bpffs::prepare_root(root) {
+        // Without privileges steering itself fails next, and says so.
+        warn!(root = %root.display(), error = %e, "steering maps will not be pinned: `turn-server load` cannot read them");
+        return None;
+    }
+    for stale in bpffs::remove_stale(root) {
+        info!(dir = %stale.display(), "removed the pins of a daemon that is no longer running");
+    }
+    Some(bpffs::instance_dir(root, std::process::id()))
+}
+
 fn attach_steering(
     config: &Config,
     local: SocketAddr,
     sockets: &[UdpSocket],
+    pin_dir: Option<std::path::PathBuf>,
 ) -> Result<Option<Steering>> {
     let mode = match config.steering {
         SteeringMode::Off => return Ok(None),
         SteeringMode::Auto | SteeringMode::P2c => Mode::P2c,
         SteeringMode::Hash => Mode::Hash,
     };
-    let options = SteeringOptions {
-        pin_entries: config.steering_pin_entries,
-    };
+    let options = SteeringOptions { pin_entries: config.steering_pin_entries, pin_dir };
     match Steering::attach(sockets, mode, options) {
         Ok(steering) => Ok(Some(steering)),
         Err(e) if config.steering == SteeringMode::Auto => {
@@ -172,6 +195,7 @@ async fn control_loop(
     stats: &[Arc<WorkerStats>],
     workers: &[std::thread::JoinHandle<Result<()>>],
 ) -> Result<()> {
+    let mut estimator = LoadEstimator::new(stats.len());
     let mut tick = tokio::time::interval(LOAD_PUBLISH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -182,25 +206,43 @@ async fn control_loop(
                 if let Some(i) = workers.iter().position(|w| w.is_finished()) {
                     bail!("worker {i} stopped unexpectedly");
                 }
-                publish_loads(groups, stats);
+                publish_loads(&mut estimator, groups, stats);
             }
         }
     }
 }
 
 /// Writes each worker's load into its slot of every steered group.
-fn publish_loads(groups: &mut [SteeredGroup], stats: &[Arc<WorkerStats>]) {
-    for group in groups.iter_mut() {
-        let Some(steering) = group.steering.as_mut() else {
-            continue;
-        };
-        for (i, worker) in stats.iter().enumerate() {
-            let allocations = worker.allocations.load(Ordering::Relaxed);
-            let load = SocketLoad {
-                score: allocations,
-                allocations,
-            };
-            if let Err(e) = steering.set_load(i as u32, load) {
+fn publish_loads(
+    estimator: &mut LoadEstimator,
+    groups: &mut [SteeredGroup],
+    stats: &[Arc<WorkerStats>],
+) {
+    let steered: Vec<&mut Steering> =
+        groups.iter_mut().filter_map(|g| g.steering.as_mut()).collect();
+    if steered.is_empty() {
+        return;
+    }
+    // A worker's packets are those of its socket in every group.
+    let mut packets = vec![0u64; stats.len()];
+    for steering in &steered {
+        match steering.maps().stats() {
+            Ok(group) => {
+                for (total, socket) in packets.iter_mut().zip(&group.sockets) {
+                    *total += socket.packets;
+                }
+            }
+            Err(e) => warn!(error = %e, "reading steering counters failed"),
+        }
+    }
+    let allocations: Vec<u64> =
+        stats.iter().map(|w| w.allocations.load(Ordering::Relaxed)).collect();
+    let loads = estimator.update(std::time::Instant::now(), &packets, &allocations);
+    for steering in steered {
+        let placed = steering.maps().placed().unwrap_or_default();
+        for (i, &allocations) in allocations.iter().enumerate() {
+            let load = loads.socket_load(i, allocations, placed.get(i).copied().unwrap_or(0));
+            if let Err(e) = steering.maps_mut().set_load(i as u32, load) {
                 warn!(error = %e, "publishing load failed");
             }
         }

@@ -24,36 +24,20 @@ impl Epoll {
 
     /// Watches `fd` for readability, reporting `token`.
     pub fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
-        let mut event = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: token,
-        };
+        let mut event = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
         // SAFETY: `event` is a valid epoll_event for the duration of the call.
         let rc =
             unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event) };
-        if rc < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
+        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
     }
 
     /// Stops watching `fd` (closing it also does).
     pub fn delete(&self, fd: RawFd) -> io::Result<()> {
         // SAFETY: a null event is allowed for EPOLL_CTL_DEL since Linux 2.6.9.
         let rc = unsafe {
-            libc::epoll_ctl(
-                self.0.as_raw_fd(),
-                libc::EPOLL_CTL_DEL,
-                fd,
-                std::ptr::null_mut(),
-            )
+            libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut())
         };
-        if rc < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
+        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
     }
 
     /// Returns the ready tokens without blocking (`events` is filled from the front).

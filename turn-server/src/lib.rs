@@ -4,14 +4,20 @@
 //! * [`config`]: the TOML configuration and its defaults.
 //! * [`listener`]: SO_REUSEPORT listener groups, one socket per worker.
 //! * [`steering`]: loads and attaches the eBPF program to a listener group.
+//! * [`load`]: the per-worker load score P2C compares.
+//! * [`bpffs`]: where steering maps are pinned, and clean-up after a killed daemon.
 //! * [`worker`]: a worker thread: its sockets, its protocol state, its epoll set.
 //! * [`protocol`]: the bridge between a worker and `turn-proto`.
 //! * [`daemon`]: startup, control loop, shutdown.
+//! * [`inspect`]: `turn-server load` and `steering set`, through the pinned maps.
 
+pub mod bpffs;
 pub mod config;
 pub mod daemon;
 pub mod epoll;
+pub mod inspect;
 pub mod listener;
+pub mod load;
 pub mod protocol;
 pub mod steering;
 pub mod worker;

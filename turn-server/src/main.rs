@@ -4,7 +4,11 @@ use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use turn_server::config::{Config, LogFormat, SteeringMode};
+use turn_common::Mode;
+use turn_server::{
+    config::{Config, LogFormat, SteeringMode},
+    inspect,
+};
 
 /// A TURN/STUN server whose UDP listeners are balanced across worker threads by an eBPF
 /// SO_REUSEPORT program (power of two choices over live load, flows pinned).
@@ -27,6 +31,56 @@ enum Command {
         /// The TOML file to check.
         file: PathBuf,
     },
+    /// Show the running daemon's per-socket (per-worker) load: live allocations, pinned
+    /// flows, packets/s, bytes/s, share of traffic and the imbalance (busiest / mean).
+    Load {
+        #[command(flatten)]
+        target: Target,
+        /// Sampling interval in seconds (packet and byte rates are averaged over it).
+        #[arg(long, default_value_t = 1.0, value_name = "SECS")]
+        interval: f64,
+        /// Refresh every interval until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// Print JSON (one object per sample) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect or change the running daemon's steering.
+    Steering {
+        #[command(subcommand)]
+        action: SteeringAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SteeringAction {
+    /// Change how NEW client flows are placed (live flows keep their worker). Root or the
+    /// configured admin_group only.
+    Set {
+        /// p2c: less loaded of two random workers; hash: the kernel's hash choice.
+        #[arg(value_enum)]
+        mode: RuntimeMode,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum RuntimeMode {
+    P2c,
+    Hash,
+}
+
+/// Which running daemon to talk to.
+#[derive(Args, Debug)]
+struct Target {
+    /// The daemon's bpf_pin_root.
+    #[arg(long, default_value = turn_server::bpffs::DEFAULT_ROOT, value_name = "DIR")]
+    pin_root: PathBuf,
+    /// The daemon's process id (needed only when several run).
+    #[arg(long)]
+    pid: Option<u32>,
 }
 
 /// Flags of the daemon; each overrides the configuration file's key of the same meaning.
@@ -47,6 +101,9 @@ struct ServeArgs {
     /// Placement of new client flows on the workers [config: steering, default auto].
     #[arg(long = "steering", value_enum)]
     steering: Option<SteeringMode>,
+    /// Where steering maps are pinned [config: bpf_pin_root, default /sys/fs/bpf/turn-server].
+    #[arg(long = "bpf-pin-root", value_name = "DIR")]
+    bpf_pin_root: Option<PathBuf>,
     /// Realm for long-term credentials [config: realm, default: the host name].
     #[arg(short = 'r', long = "realm")]
     realm: Option<String>,
@@ -72,6 +129,9 @@ impl ServeArgs {
         }
         if let Some(steering) = self.steering {
             config.steering = steering;
+        }
+        if let Some(root) = &self.bpf_pin_root {
+            config.bpf_pin_root = root.clone();
         }
         if let Some(realm) = &self.realm {
             config.realm = Some(realm.clone());
@@ -101,6 +161,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::CheckConfig { file }) => check_config(&file),
+        Some(Command::Load { target, interval, watch, json }) => {
+            load(&target, interval, watch, json)
+        }
+        Some(Command::Steering { action: SteeringAction::Set { mode, target } }) => {
+            steering_set(&target, mode)
+        }
         None => cli.serve.config().and_then(|config| {
             init_logging(config.log_format);
             turn_server::daemon::run(config)
@@ -118,9 +184,42 @@ fn main() -> ExitCode {
 fn check_config(file: &std::path::Path) -> Result<()> {
     let config = Config::load(file)?;
     println!("{}: valid", file.display());
-    print!(
-        "{}",
-        toml::to_string(&config).context("printing the configuration")?
-    );
+    print!("{}", toml::to_string(&config).context("printing the configuration")?);
+    Ok(())
+}
+
+fn load(target: &Target, interval: f64, watch: bool, json: bool) -> Result<()> {
+    if !(0.05..=3600.0).contains(&interval) {
+        anyhow::bail!("--interval must be between 0.05 and 3600 seconds");
+    }
+    let (pid, instance) = inspect::find_instance(&target.pin_root, target.pid)?;
+    loop {
+        let report = inspect::sample(pid, &instance, std::time::Duration::from_secs_f64(interval))?;
+        if json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            if watch {
+                // Clear the screen and go home, like watch(1).
+                print!("\x1b[2J\x1b[H");
+            }
+            print!("{}", report.render());
+        }
+        if !watch {
+            return Ok(());
+        }
+    }
+}
+
+fn steering_set(target: &Target, mode: RuntimeMode) -> Result<()> {
+    let (pid, instance) = inspect::find_instance(&target.pin_root, target.pid)?;
+    let mode = match mode {
+        RuntimeMode::P2c => Mode::P2c,
+        RuntimeMode::Hash => Mode::Hash,
+    };
+    for (listener, before) in inspect::set_mode(&instance, mode)? {
+        println!(
+            "turn-server {pid} listener {listener}: steering {before} -> {mode:?} (new flows only)"
+        );
+    }
     Ok(())
 }

@@ -54,10 +54,7 @@ pub struct WorkerStats {
 impl WorkerStats {
     fn bump(counter: &AtomicU64, by: u64) {
         // Single writer: a plain load/store pair, no locked read-modify-write.
-        counter.store(
-            counter.load(Ordering::Relaxed).wrapping_add(by),
-            Ordering::Relaxed,
-        );
+        counter.store(counter.load(Ordering::Relaxed).wrapping_add(by), Ordering::Relaxed);
     }
 }
 
@@ -73,16 +70,12 @@ pub struct WorkerSetup {
 
 /// Starts a worker thread.
 pub fn spawn(setup: WorkerSetup) -> io::Result<JoinHandle<anyhow::Result<()>>> {
-    std::thread::Builder::new()
-        .name(format!("worker-{}", setup.index))
-        .spawn(move || {
-            let span = info_span!("worker", index = setup.index);
-            let _enter = span.enter();
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(async move { Worker::new(setup)?.run().await })
-        })
+    std::thread::Builder::new().name(format!("worker-{}", setup.index)).spawn(move || {
+        let span = info_span!("worker", index = setup.index);
+        let _enter = span.enter();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(async move { Worker::new(setup)?.run().await })
+    })
 }
 
 struct Listener {
@@ -116,11 +109,7 @@ impl Worker {
             let state = UdpSocketState::new((&socket).into())?;
             epoll.add(socket.as_raw_fd(), listener_token(i))?;
             let local = socket.local_addr()?;
-            listeners.push(Listener {
-                socket,
-                state,
-                local,
-            });
+            listeners.push(Listener { socket, state, local });
         }
         Ok(Self {
             listeners,
@@ -187,9 +176,7 @@ impl Worker {
                 let mut iovs: [IoSliceMut<'_>; quinn_udp::BATCH_SIZE] = std::array::from_fn(|_| {
                     IoSliceMut::new(buffers.next().map_or(&mut [][..], |b| &mut b[..]))
                 });
-                listener
-                    .state
-                    .recv((&listener.socket).into(), &mut iovs, &mut meta)
+                listener.state.recv((&listener.socket).into(), &mut iovs, &mut meta)
             };
             let count = match received {
                 Ok(count) => count,
@@ -225,9 +212,8 @@ impl Worker {
                                 segment_size: None,
                                 src_ip: m.dst_ip,
                             };
-                            if let Err(e) = listener
-                                .state
-                                .try_send((&listener.socket).into(), &transmit)
+                            if let Err(e) =
+                                listener.state.try_send((&listener.socket).into(), &transmit)
                             {
                                 self.io_errors.log("listener send", &e);
                             }

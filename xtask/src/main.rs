@@ -19,14 +19,8 @@ use clap::{Parser, Subcommand};
 /// llvm-22-dev and friends: what bpf-linker links against. coturn: the real TURN client
 /// (turnutils_uclient, turnutils_peer, turnutils_stunclient) the end-to-end tests drive.
 /// iproute2: network namespaces for tests.
-const APT_PACKAGES: &[&str] = &[
-    "llvm-22-dev",
-    "libpolly-22-dev",
-    "zlib1g-dev",
-    "libzstd-dev",
-    "coturn",
-    "iproute2",
-];
+const APT_PACKAGES: &[&str] =
+    &["llvm-22-dev", "libpolly-22-dev", "zlib1g-dev", "libzstd-dev", "coturn", "iproute2"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_TARGET: &str = "bpfel-unknown-none";
 
@@ -71,10 +65,7 @@ fn main() -> Result<()> {
 
 fn root() -> PathBuf {
     // xtask lives in <root>/xtask.
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
 fn step(what: &str) {
@@ -83,9 +74,7 @@ fn step(what: &str) {
 
 fn run_cmd(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
-    let status = cmd
-        .status()
-        .with_context(|| format!("could not start {shown}"))?;
+    let status = cmd.status().with_context(|| format!("could not start {shown}"))?;
     if !status.success() {
         bail!("{shown} failed with {status}");
     }
@@ -98,9 +87,7 @@ fn cargo() -> Command {
 
 fn output_ok(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn is_root() -> bool {
@@ -155,10 +142,7 @@ fn setup() -> Result<()> {
         })
         .collect();
     if missing.is_empty() {
-        step(&format!(
-            "apt packages ({}): present, skipped",
-            APT_PACKAGES.join(" ")
-        ));
+        step(&format!("apt packages ({}): present, skipped", APT_PACKAGES.join(" ")));
     } else {
         if !is_root() {
             bail!(
@@ -218,27 +202,13 @@ fn build_ebpf() -> Result<PathBuf> {
         .env_remove("RUSTUP_TOOLCHAIN")
         .env("CARGO_TARGET_DIR", &target_dir)
         // BTF makes verifier messages readable.
-        .env(
-            "CARGO_ENCODED_RUSTFLAGS",
-            ["-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"),
-        )
-        .args([
-            "+nightly",
-            "build",
-            "--package",
-            "turn-ebpf",
-            "--release",
-            "--target",
-            BPF_TARGET,
-        ])
+        .env("CARGO_ENCODED_RUSTFLAGS", ["-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"))
+        .args(["+nightly", "build", "--package", "turn-ebpf", "--release", "--target", BPF_TARGET])
         .args(["-Z", "build-std=core"]);
     run_cmd(&mut cmd).context(
         "building the eBPF program failed; on a fresh machine run `cargo xtask setup` first",
     )?;
-    let built = target_dir
-        .join(BPF_TARGET)
-        .join("release")
-        .join("turn-ebpf");
+    let built = target_dir.join(BPF_TARGET).join("release").join("turn-ebpf");
     let dest = ebpf_object_path();
     if let Some(dir) = dest.parent() {
         std::fs::create_dir_all(dir)?;
@@ -248,11 +218,7 @@ fn build_ebpf() -> Result<PathBuf> {
     if std::fs::read(&dest).ok().as_deref() != Some(new.as_slice()) {
         std::fs::write(&dest, &new).with_context(|| format!("writing {}", dest.display()))?;
     }
-    step(&format!(
-        "build-ebpf: {} ({} bytes)",
-        dest.display(),
-        new.len()
-    ));
+    step(&format!("build-ebpf: {} ({} bytes)", dest.display(), new.len()));
     Ok(dest)
 }
 
@@ -260,20 +226,13 @@ fn run(args: &[String]) -> Result<()> {
     setup()?;
     build_ebpf()?;
     step("run: cargo build --release -p turn-server");
-    run_cmd(
-        cargo()
-            .current_dir(root())
-            .args(["build", "--release", "-p", "turn-server"]),
-    )?;
+    run_cmd(cargo().current_dir(root()).args(["build", "--release", "-p", "turn-server"]))?;
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("target"));
     let bin = target_dir.join("release").join("turn-server");
     step(&format!("run: {} {}", bin.display(), args.join(" ")));
-    let status = Command::new(&bin)
-        .args(args)
-        .status()
-        .context("starting turn-server")?;
+    let status = Command::new(&bin).args(args).status().context("starting turn-server")?;
     if !status.success() {
         bail!("turn-server exited with {status}");
     }
@@ -282,11 +241,7 @@ fn run(args: &[String]) -> Result<()> {
 
 fn lint() -> Result<()> {
     step("lint: cargo fmt --all --check");
-    run_cmd(
-        cargo()
-            .current_dir(root())
-            .args(["fmt", "--all", "--check"]),
-    )?;
+    run_cmd(cargo().current_dir(root()).args(["fmt", "--all", "--check"]))?;
     step("lint: cargo clippy --workspace --all-targets -- -D warnings");
     run_cmd(cargo().current_dir(root()).args([
         "clippy",
@@ -310,11 +265,7 @@ fn test(extra: &[String]) -> Result<()> {
     }
     // The end-to-end tests start the real daemon binary: build it first.
     step("test: cargo build --workspace --bins");
-    run_cmd(
-        cargo()
-            .current_dir(root())
-            .args(["build", "--workspace", "--bins"]),
-    )?;
+    run_cmd(cargo().current_dir(root()).args(["build", "--workspace", "--bins"]))?;
     step("test: cargo test --workspace");
     run_cmd(
         cargo()
