@@ -117,7 +117,9 @@ mod tests {
         assert!((r[1] - 10_000.0).abs() < 200.0, "{r:?}");
         // Average flow: 110k pps over 2 allocations.
         assert!((loads.flow_weight as f64 - 55_000.0).abs() < 600.0, "{loads:?}");
-        assert!(loads.scores[0] > loads.scores[1] * 3, "{loads:?}");
+        // Same allocations: the scores differ by the rates.
+        let gap = loads.scores[0] as f64 - loads.scores[1] as f64;
+        assert!((gap - 90_000.0).abs() < 1_500.0, "{loads:?}");
     }
 
     #[test]
