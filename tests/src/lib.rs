@@ -243,3 +243,50 @@ pub fn json_field(line: &str, key: &str) -> Option<String> {
         other => other.to_string(),
     })
 }
+
+/// A private bpffs directory for one test's daemon pins, removed when dropped.
+pub struct PinRoot(pub std::path::PathBuf);
+
+impl PinRoot {
+    /// A fresh directory name under /sys/fs/bpf (the daemon creates it, mounting bpffs if
+    /// needed); `tag` names the test.
+    pub fn new(tag: &str) -> PinRoot {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        PinRoot(format!("/sys/fs/bpf/turn-test-{}-{n}-{tag}", std::process::id()).into())
+    }
+
+    /// The path as a string, for command lines.
+    pub fn arg(&self) -> &str {
+        self.0.to_str().unwrap_or_default()
+    }
+}
+
+impl Drop for PinRoot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Sends `per_flow` datagrams of `size` bytes from each of `flows` fresh sockets to `to`,
+/// `rounds` times with `pause` between rounds (bounded: stops by itself).
+pub fn send_flows(
+    to: SocketAddr,
+    flows: usize,
+    per_flow: usize,
+    size: usize,
+    rounds: usize,
+    pause: Duration,
+) {
+    let bind = if to.is_ipv4() { "127.0.0.1:0" } else { "[::1]:0" };
+    let sockets: Vec<UdpSocket> = (0..flows).map(|_| UdpSocket::bind(bind).unwrap()).collect();
+    let payload = vec![0xABu8; size];
+    for _ in 0..rounds {
+        for socket in &sockets {
+            for _ in 0..per_flow {
+                let _ = socket.send_to(&payload, to);
+            }
+        }
+        std::thread::sleep(pause);
+    }
+}

@@ -104,6 +104,9 @@ struct ServeArgs {
     /// Where steering maps are pinned [config: bpf_pin_root, default /sys/fs/bpf/turn-server].
     #[arg(long = "bpf-pin-root", value_name = "DIR")]
     bpf_pin_root: Option<PathBuf>,
+    /// Group allowed to use `load` and `steering set` besides root [config: admin_group].
+    #[arg(long = "admin-group", value_name = "GROUP")]
+    admin_group: Option<String>,
     /// Realm for long-term credentials [config: realm, default: the host name].
     #[arg(short = 'r', long = "realm")]
     realm: Option<String>,
@@ -132,6 +135,9 @@ impl ServeArgs {
         }
         if let Some(root) = &self.bpf_pin_root {
             config.bpf_pin_root = root.clone();
+        }
+        if let Some(group) = &self.admin_group {
+            config.admin_group = Some(group.clone());
         }
         if let Some(realm) = &self.realm {
             config.realm = Some(realm.clone());
@@ -218,7 +224,8 @@ fn steering_set(target: &Target, mode: RuntimeMode) -> Result<()> {
     };
     for (listener, before) in inspect::set_mode(&instance, mode)? {
         println!(
-            "turn-server {pid} listener {listener}: steering {before} -> {mode:?} (new flows only)"
+            "turn-server {pid} listener {listener}: steering {before} -> {} (new flows only)",
+            inspect::mode_name(mode)
         );
     }
     Ok(())

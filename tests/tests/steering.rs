@@ -1,0 +1,167 @@
+//! Steering through the real daemon: the load CLI, the runtime mode switch and who may use
+//! it, pins left after SIGTERM and after kill -9.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    path::Path,
+    process::{Command, Output},
+    time::Duration,
+};
+
+use turn_tests::{Daemon, PinRoot, json_field, require_root, require_tool, send_flows, server_bin};
+
+fn cli(args: &[&str]) -> Output {
+    Command::new(server_bin()).args(args).output().unwrap()
+}
+
+fn load_json(root: &PinRoot, daemon: &Daemon) -> serde_json::Value {
+    let pid = daemon.pid().to_string();
+    let out =
+        cli(&["load", "--json", "--interval", "0.5", "--pin-root", root.arg(), "--pid", &pid]);
+    assert!(out.status.success(), "load failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn instance_dir(root: &PinRoot, pid: u32) -> std::path::PathBuf {
+    root.0.join("v1").join(pid.to_string())
+}
+
+#[test]
+fn load_cli_shows_every_worker_while_traffic_flows() {
+    if !require_root("load_cli_shows_every_worker_while_traffic_flows") {
+        return;
+    }
+    let root = PinRoot::new("load");
+    let daemon =
+        Daemon::start(&["--workers", "2", "--steering", "p2c", "--bpf-pin-root", root.arg()]);
+    let to = daemon.addr();
+    let traffic = std::thread::spawn(move || {
+        send_flows(to, 20, 5, 200, 60, Duration::from_millis(20));
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let report = load_json(&root, &daemon);
+    traffic.join().unwrap();
+    let group = &report["groups"][0];
+    assert_eq!(group["mode"], "p2c", "{report}");
+    let sockets = group["sockets"].as_array().unwrap();
+    assert_eq!(sockets.len(), 2, "{report}");
+    let pinned: u64 = sockets.iter().map(|s| s["pinned_flows"].as_u64().unwrap()).sum();
+    assert_eq!(pinned, 20, "every flow is pinned: {report}");
+    for s in sockets {
+        assert!(s["packets_per_sec"].as_f64().unwrap() > 0.0, "{report}");
+        assert!(s["bytes_per_sec"].as_f64().unwrap() > 0.0, "{report}");
+    }
+    let share: f64 = sockets.iter().map(|s| s["share"].as_f64().unwrap()).sum();
+    assert!((share - 1.0).abs() < 1e-6, "{report}");
+    assert!(group["imbalance"].as_f64().unwrap() >= 1.0, "{report}");
+    assert_eq!(group["unsteered_per_sec"].as_f64().unwrap(), 0.0, "{report}");
+
+    // The table for people names the same listener.
+    let text = cli(&["load", "--interval", "0.1", "--pin-root", root.arg()]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains(&format!("listener {to} steering p2c (2 sockets")), "{text}");
+    assert!(text.contains("imbalance (busiest / mean)"), "{text}");
+}
+
+#[test]
+fn steering_set_switches_new_flows_and_needs_root() {
+    if !require_root("steering_set_switches_new_flows_and_needs_root")
+        || !require_tool("steering_set_switches_new_flows_and_needs_root", "setpriv", "util-linux")
+    {
+        return;
+    }
+    let root = PinRoot::new("set");
+    let daemon =
+        Daemon::start(&["--workers", "2", "--steering", "p2c", "--bpf-pin-root", root.arg()]);
+    // Someone who is neither root nor in the admin group is refused.
+    let denied = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(server_bin())
+        .args(["steering", "set", "hash", "--pin-root", root.arg()])
+        .output()
+        .unwrap();
+    assert!(!denied.status.success());
+    assert_eq!(load_json(&root, &daemon)["groups"][0]["mode"], "p2c");
+
+    let out = cli(&["steering", "set", "hash", "--pin-root", root.arg()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("steering p2c -> hash"), "{stdout}");
+    assert_eq!(load_json(&root, &daemon)["groups"][0]["mode"], "hash");
+}
+
+#[test]
+fn admin_group_may_inspect_and_switch() {
+    if !require_root("admin_group_may_inspect_and_switch")
+        || !require_tool("admin_group_may_inspect_and_switch", "setpriv", "util-linux")
+    {
+        return;
+    }
+    let root = PinRoot::new("admin");
+    // gid 65534 (nogroup) stands in for an operators' group.
+    let _daemon =
+        Daemon::start(&["--workers", "2", "--bpf-pin-root", root.arg(), "--admin-group", "65534"]);
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(server_bin())
+        .args(["steering", "set", "hash", "--pin-root", root.arg()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "admin group member refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn sigterm_removes_the_pins() {
+    if !require_root("sigterm_removes_the_pins") {
+        return;
+    }
+    let root = PinRoot::new("term");
+    let mut daemon = Daemon::start(&["--workers", "2", "--bpf-pin-root", root.arg()]);
+    let dir = instance_dir(&root, daemon.pid());
+    assert!(dir.is_dir(), "pins while running");
+    let status = daemon.signal_and_wait(libc::SIGTERM, Duration::from_secs(10)).unwrap();
+    assert!(status.success());
+    assert!(!dir.exists(), "pins left behind after SIGTERM: {}", dir.display());
+    assert!(daemon.logs().contains("steering program detached, pins removed"), "{}", daemon.logs());
+}
+
+#[test]
+fn restart_after_kill_9_removes_stale_pins_and_serves() {
+    if !require_root("restart_after_kill_9_removes_stale_pins_and_serves") {
+        return;
+    }
+    let root = PinRoot::new("kill");
+    let mut first = Daemon::start(&["--workers", "2", "--bpf-pin-root", root.arg()]);
+    let stale = instance_dir(&root, first.pid());
+    first.signal_and_wait(libc::SIGKILL, Duration::from_secs(10)).unwrap();
+    assert!(stale.is_dir(), "kill -9 leaves pins behind");
+
+    let second = Daemon::start(&["--workers", "2", "--bpf-pin-root", root.arg()]);
+    assert!(!stale.exists(), "stale pins of the killed daemon are removed");
+    let removed = second
+        .logs()
+        .lines()
+        .filter(|l| l.contains("removed the pins of a daemon that is no longer running"))
+        .filter_map(|l| json_field(l, "dir"))
+        .collect::<Vec<_>>();
+    assert_eq!(removed, vec![stale.display().to_string()]);
+    assert!(Path::new(&instance_dir(&root, second.pid())).is_dir());
+    let report = load_json(&root, &second);
+    assert_eq!(report["groups"][0]["sockets"].as_array().unwrap().len(), 2);
+}
