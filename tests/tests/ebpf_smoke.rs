@@ -142,3 +142,64 @@ fn a_userspace_pin_overrides_placement() {
     assert_eq!(steering.maps().pinned_socket(&pinned), None);
     steering.detach(group[0].as_fd()).unwrap();
 }
+
+#[test]
+fn closing_a_socket_repairs_its_flows_and_moves_no_other() {
+    if !require_root("closing_a_socket_repairs_its_flows_and_moves_no_other") {
+        return;
+    }
+    let (mut group, addr) = reuseport_group("127.0.0.1", 3).unwrap();
+    let steering = Steering::attach(&group, Mode::P2c, SteeringOptions::default()).unwrap();
+    let clients = clients(FLOWS * 2);
+    send_all(&clients, addr);
+    let got = drain(&group, clients.len() * PER_FLOW, Duration::from_secs(5));
+    let before: HashMap<_, _> = got
+        .iter()
+        .enumerate()
+        .flat_map(|(i, d)| d.iter().map(move |(from, _)| (*from, i)))
+        .collect();
+    assert_eq!(before.len(), clients.len());
+    assert!(got[1].len() >= PER_FLOW, "socket 1 must carry some flow: {before:?}");
+
+    // Socket 1 closes. Its flows are re-pinned on the live sockets; no other flow moves,
+    // and nothing is left to the kernel (whose hash was just reshuffled by the close).
+    let closed = group.remove(1);
+    drop(closed);
+    let live = [0usize, 2]; // original slots of group[0] and group[1] now
+    send_all(&clients, addr);
+    let got = drain(&group, clients.len() * PER_FLOW, Duration::from_secs(5));
+    assert_eq!(got.iter().map(Vec::len).sum::<usize>(), clients.len() * PER_FLOW, "datagrams lost");
+    for (slot, datagrams) in got.iter().enumerate() {
+        for (from, _) in datagrams {
+            let was = before[from];
+            if was != 1 {
+                assert_eq!(was, live[slot], "flow {from} moved from socket {was}");
+            }
+        }
+    }
+    let stats = steering.maps().stats().unwrap();
+    assert_eq!(stats.unsteered.packets, 0, "{stats:?}");
+    let moved = before.values().filter(|&&s| s == 1).count() as u64;
+    let repaired: u64 = stats.sockets.iter().map(|s| s.repaired).sum();
+    assert_eq!(repaired, moved, "each displaced flow repaired once: {stats:?}");
+    steering.detach(group[0].as_fd()).unwrap();
+}
+
+#[test]
+fn a_pin_map_smaller_than_the_flows_still_steers_every_datagram() {
+    if !require_root("a_pin_map_smaller_than_the_flows_still_steers_every_datagram") {
+        return;
+    }
+    let (group, addr) = reuseport_group("127.0.0.1", 2).unwrap();
+    let options = SteeringOptions { pin_entries: 4, ..SteeringOptions::default() };
+    let steering = Steering::attach(&group, Mode::P2c, options).unwrap();
+    let clients = clients(FLOWS * 2);
+    send_all(&clients, addr);
+    let got = drain(&group, clients.len() * PER_FLOW, Duration::from_secs(5));
+    assert_eq!(got.iter().map(Vec::len).sum::<usize>(), clients.len() * PER_FLOW);
+    let stats = steering.maps().stats().unwrap();
+    assert_eq!(stats.unsteered.packets, 0, "{stats:?}");
+    let pinned: u64 = steering.maps().pins_per_socket().unwrap().iter().sum();
+    assert!(pinned <= 4, "the LRU map never holds more than its size: {pinned}");
+    steering.detach(group[0].as_fd()).unwrap();
+}

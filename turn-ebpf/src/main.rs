@@ -100,11 +100,7 @@ mod program {
             return count(ctx, STATS_UNSTEERED, Placed::Pinned);
         }
         // A repair in kernel mode still needs a live socket: use the kernel's hash choice.
-        let mode = if mode == Mode::Kernel {
-            Mode::Hash
-        } else {
-            mode
-        };
+        let mode = if mode == Mode::Kernel { Mode::Hash } else { mode };
         // SAFETY: bpf_get_prandom_u32 has no preconditions.
         let rand = unsafe { bpf_get_prandom_u32() };
         let load = |i: u32| {
@@ -128,9 +124,14 @@ mod program {
             }
         }
         if idx >= n || TURN_SOCKETS.select_reuseport(ctx, idx).is_err() {
-            // The chosen slot is empty too: the kernel's hash decides this datagram; the pin
-            // is repaired on the next one.
-            return count(ctx, STATS_UNSTEERED, Placed::Pinned);
+            // The chosen slot is empty too (a socket of the group closed): take the next
+            // live slot after it and pin the flow there.
+            let Some(live) = next_live_socket(ctx, idx, n) else {
+                return count(ctx, STATS_UNSTEERED, Placed::Pinned);
+            };
+            idx = live;
+            placed_here = Placed::Repaired;
+            let _ = TURN_PINS.insert(&key, idx, u64::from(BPF_ANY));
         }
         match placed_here {
             Placed::Pinned => {}
@@ -149,6 +150,30 @@ mod program {
             }
         }
         count(ctx, idx, placed_here)
+    }
+
+    /// Slots tried after an empty one. A few: each try multiplies the paths the verifier
+    /// walks, and a group that lost this many neighbouring sockets is a dying daemon.
+    const REPAIR_TRIES: u32 = 4;
+
+    /// The first slot after `from` (wrapping, `from` excluded, at most [`REPAIR_TRIES`])
+    /// whose socket accepts the selection.
+    #[inline(always)]
+    fn next_live_socket(ctx: &SkReuseportContext, from: u32, n: u32) -> Option<u32> {
+        let mut candidate = if from >= n { 0 } else { from };
+        for _ in 0..REPAIR_TRIES {
+            candidate += 1;
+            if candidate >= n {
+                candidate = 0;
+            }
+            if candidate == from {
+                return None;
+            }
+            if TURN_SOCKETS.select_reuseport(ctx, candidate).is_ok() {
+                return Some(candidate);
+            }
+        }
+        None
     }
 
     const ETH_P_IP: u16 = 0x0800;
