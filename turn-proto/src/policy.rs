@@ -1,0 +1,420 @@
+//! Peer address policy: which peers a client may reach through a relay.
+//!
+//! A TURN server is an open proxy for authenticated users; without a
+//! filter it lets them reach the server's own loopback, the operator's
+//! private networks or cloud metadata services. The default policy denies:
+//!
+//! * always (not overridable): unspecified (`0.0.0.0`, `::`), multicast
+//!   (`224.0.0.0/4`, `ff00::/8`), the reserved block `240.0.0.0/4` (which
+//!   holds the broadcast address) and peer port 0;
+//! * unless `allow_loopback`: `127.0.0.0/8`, `::1`;
+//! * unless `allow_private`: `0.0.0.0/8`, `10.0.0.0/8`, `172.16.0.0/12`,
+//!   `192.168.0.0/16`, `100.64.0.0/10` (CGNAT), `192.0.0.0/24`,
+//!   `198.18.0.0/15`, `fc00::/7` (ULA), `fec0::/10` (old site-local),
+//!   `100::/64` (discard);
+//! * unless `allow_link_local`: `169.254.0.0/16`, `fe80::/10`;
+//!
+//! and applies the same rules to IPv4 addresses embedded in IPv6 ones:
+//! IPv4-mapped `::ffff:a.b.c.d`, IPv4-translated `::ffff:0:a.b.c.d`,
+//! IPv4-compatible `::a.b.c.d`, 6to4 `2002:AABB:CCDD::/16`, NAT64
+//! `64:ff9b::/96` and `64:ff9b:1::/48`, and both the server and the
+//! (obfuscated) client address of Teredo `2001:0::/32`.
+//!
+//! Operator ranges come on top, coturn style: `deny` ranges are refused,
+//! and `allow` ranges are accepted even if a `deny` range or a default rule
+//! (other than the "always" ones) would refuse them. Embedded IPv4
+//! addresses are checked against the IPv4 ranges too.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::str::FromStr;
+
+/// An IP network in CIDR notation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+/// Invalid CIDR text or prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("invalid CIDR range")]
+pub struct IpNetError;
+
+impl IpNet {
+    /// Build a network; host bits are cleared.
+    pub fn new(addr: IpAddr, prefix: u8) -> Result<IpNet, IpNetError> {
+        let max = match addr {
+            IpAddr::V4(_) => 32,
+            IpAddr::V6(_) => 128,
+        };
+        if prefix > max {
+            return Err(IpNetError);
+        }
+        let addr = match addr {
+            IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask32(prefix))),
+            IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask128(prefix))),
+        };
+        Ok(IpNet { addr, prefix })
+    }
+
+    /// Network address.
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// Prefix length.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// True if `ip` is inside (same family only).
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => u32::from(*a) & mask32(self.prefix) == u32::from(n),
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                u128::from(*a) & mask128(self.prefix) == u128::from(n)
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for IpNet {
+    type Err = IpNetError;
+
+    /// `"10.0.0.0/8"`, `"fc00::/7"`, or a bare address (host route).
+    fn from_str(s: &str) -> Result<IpNet, IpNetError> {
+        match s.split_once('/') {
+            Some((a, p)) => {
+                let addr: IpAddr = a.trim().parse().map_err(|_| IpNetError)?;
+                let prefix: u8 = p.trim().parse().map_err(|_| IpNetError)?;
+                IpNet::new(addr, prefix)
+            }
+            None => {
+                let addr: IpAddr = s.trim().parse().map_err(|_| IpNetError)?;
+                let p = if addr.is_ipv4() { 32 } else { 128 };
+                IpNet::new(addr, p)
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for IpNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+const fn mask32(prefix: u8) -> u32 {
+    if prefix == 0 { 0 } else { u32::MAX << (32 - prefix as u32) }
+}
+
+const fn mask128(prefix: u8) -> u128 {
+    if prefix == 0 { 0 } else { u128::MAX << (128 - prefix as u32) }
+}
+
+/// Why a peer was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DenyReason {
+    /// Unspecified address.
+    Unspecified,
+    /// Multicast, broadcast or reserved.
+    MulticastOrReserved,
+    /// Port 0.
+    PortZero,
+    /// Loopback.
+    Loopback,
+    /// Private, CGNAT, ULA or other special-purpose non-global range.
+    Private,
+    /// Link-local.
+    LinkLocal,
+    /// An operator `deny` range.
+    Configured,
+}
+
+/// The peer policy (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PeerPolicy {
+    /// Permit loopback peers (tests, local development).
+    pub allow_loopback: bool,
+    /// Permit private/CGNAT/ULA peers.
+    pub allow_private: bool,
+    /// Permit link-local peers.
+    pub allow_link_local: bool,
+    /// Ranges accepted even if a default rule or `deny` would refuse them.
+    pub allow: Vec<IpNet>,
+    /// Ranges refused.
+    pub deny: Vec<IpNet>,
+}
+
+impl PeerPolicy {
+    /// Check a peer transport address (port 0 is refused).
+    pub fn check_peer(&self, peer: &SocketAddr) -> Result<(), DenyReason> {
+        if peer.port() == 0 {
+            return Err(DenyReason::PortZero);
+        }
+        self.check_ip(&peer.ip())
+    }
+
+    /// Check a peer IP address (CreatePermission ignores the port).
+    pub fn check_ip(&self, ip: &IpAddr) -> Result<(), DenyReason> {
+        self.check_one(ip)?;
+        if let IpAddr::V6(v6) = ip {
+            for embedded in embedded_ipv4(v6).into_iter().flatten() {
+                self.check_one(&IpAddr::V4(embedded))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn check_one(&self, ip: &IpAddr) -> Result<(), DenyReason> {
+        if let Some(r) = always_denied(ip) {
+            return Err(r);
+        }
+        if self.allow.iter().any(|n| n.contains(ip)) {
+            return Ok(());
+        }
+        if self.deny.iter().any(|n| n.contains(ip)) {
+            return Err(DenyReason::Configured);
+        }
+        match default_category(ip) {
+            Some(DenyReason::Loopback) if !self.allow_loopback => Err(DenyReason::Loopback),
+            Some(DenyReason::Private) if !self.allow_private => Err(DenyReason::Private),
+            Some(DenyReason::LinkLocal) if !self.allow_link_local => Err(DenyReason::LinkLocal),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn always_denied(ip: &IpAddr) -> Option<DenyReason> {
+    match ip {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            if a.is_unspecified() {
+                Some(DenyReason::Unspecified)
+            } else if o[0] >= 224 {
+                // 224/4 multicast, 240/4 reserved incl. 255.255.255.255
+                Some(DenyReason::MulticastOrReserved)
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(a) => {
+            if a.is_unspecified() {
+                Some(DenyReason::Unspecified)
+            } else if a.segments()[0] & 0xff00 == 0xff00 {
+                Some(DenyReason::MulticastOrReserved)
+            } else {
+                None
+            }
+        }
+    }
+}
+
+fn default_category(ip: &IpAddr) -> Option<DenyReason> {
+    match ip {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            if o[0] == 127 {
+                Some(DenyReason::Loopback)
+            } else if o[0] == 169 && o[1] == 254 {
+                Some(DenyReason::LinkLocal)
+            } else if o[0] == 0                                  // 0/8 "this network"
+                || o[0] == 10                                    // 10/8
+                || (o[0] == 172 && (16..=31).contains(&o[1]))   // 172.16/12
+                || (o[0] == 192 && o[1] == 168)                  // 192.168/16
+                || (o[0] == 100 && (64..=127).contains(&o[1]))  // 100.64/10 CGNAT
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0)       // 192.0.0/24
+                || (o[0] == 198 && (18..=19).contains(&o[1]))
+            // 198.18/15
+            {
+                Some(DenyReason::Private)
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(a) => {
+            let s = a.segments();
+            if a.is_loopback() {
+                Some(DenyReason::Loopback)
+            } else if s[0] & 0xffc0 == 0xfe80 {
+                Some(DenyReason::LinkLocal)
+            } else if s[0] & 0xfe00 == 0xfc00        // fc00::/7 ULA
+                || s[0] & 0xffc0 == 0xfec0            // fec0::/10 site-local
+                || (s[0] == 0x0100 && s[1] == 0 && s[2] == 0 && s[3] == 0)
+            // 100::/64
+            {
+                Some(DenyReason::Private)
+            } else {
+                None
+            }
+        }
+    }
+}
+
+/// IPv4 addresses embedded in an IPv6 address by the well-known transition
+/// mechanisms (up to two, for Teredo).
+pub fn embedded_ipv4(a: &Ipv6Addr) -> [Option<Ipv4Addr>; 2] {
+    let o = a.octets();
+    let s = a.segments();
+    let last = Ipv4Addr::new(o[12], o[13], o[14], o[15]);
+    // ::ffff:a.b.c.d (mapped) and ::ffff:0:a.b.c.d (translated)
+    if s[..5] == [0; 5] && s[5] == 0xffff {
+        return [Some(last), None];
+    }
+    if s[..4] == [0; 4] && s[4] == 0xffff && s[5] == 0 {
+        return [Some(last), None];
+    }
+    // ::a.b.c.d (IPv4-compatible, deprecated), excluding :: and ::1
+    if s[..6] == [0; 6] && u32::from(last) > 1 {
+        return [Some(last), None];
+    }
+    // 6to4: 2002:AABB:CCDD::/16
+    if s[0] == 0x2002 {
+        return [Some(Ipv4Addr::new(o[2], o[3], o[4], o[5])), None];
+    }
+    // Teredo: 2001:0000:SSSS:SSSS:flags:port:~CCCC:~CCCC
+    if s[0] == 0x2001 && s[1] == 0 {
+        let server = Ipv4Addr::new(o[4], o[5], o[6], o[7]);
+        let client = Ipv4Addr::new(!o[12], !o[13], !o[14], !o[15]);
+        return [Some(server), Some(client)];
+    }
+    // NAT64 well-known prefix 64:ff9b::/96 and local-use 64:ff9b:1::/48
+    if s[0] == 0x64 && s[1] == 0xff9b && (s[2..6] == [0; 4] || s[2] == 1) {
+        return [Some(last), None];
+    }
+    [None, None]
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn denied(p: &PeerPolicy, s: &str) -> bool {
+        p.check_ip(&s.parse().unwrap()).is_err()
+    }
+
+    #[test]
+    fn default_denies_every_form() {
+        let p = PeerPolicy::default();
+        for s in [
+            "0.0.0.0",
+            "::",
+            "::ffff:127.0.0.1",
+            "::ffff:0:127.0.0.1",
+            "127.0.0.1",
+            "127.255.0.9",
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "100.64.0.1",
+            "100.127.255.254",
+            "169.254.169.254",
+            "fc00::1",
+            "fd12:3456::1",
+            "fe80::1",
+            "febf::1",
+            "fec0::1",
+            "224.0.0.1",
+            "239.255.255.250",
+            "255.255.255.255",
+            "240.0.0.1",
+            "ff02::1",
+            "ff0e::1",
+            "::1",
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "2002:7f00:1::",
+            "2002:7f00:0001::1",
+            "2002:0a00:0001::1",
+            "2002:a9fe:a9fe::1",
+            // Teredo with server 127.0.0.1
+            "2001:0:7f00:1::1",
+            // Teredo with obfuscated client 10.0.0.1 (~ = f5ff:fffe)
+            "2001:0:0808:0808:0:0:f5ff:fffe",
+            "64:ff9b::127.0.0.1",
+            "64:ff9b::10.0.0.1",
+            "64:ff9b:1::192.168.0.1",
+            "0.1.2.3",
+            "192.0.0.8",
+            "198.18.0.1",
+            "100::1",
+            "::ffff:0.0.0.0",
+            "::ffff:224.0.0.1",
+        ] {
+            assert!(denied(&p, s), "{s} should be denied");
+        }
+    }
+
+    #[test]
+    fn default_allows_public() {
+        let p = PeerPolicy::default();
+        for s in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "203.0.113.5",
+            "198.51.100.1",
+            "172.32.0.1",
+            "100.128.0.1",
+            "2001:4860:4860::8888",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+            "2002:0808:0808::1",
+            "64:ff9b::8.8.8.8",
+        ] {
+            assert!(!denied(&p, s), "{s} should be allowed");
+        }
+        assert_eq!(p.check_peer(&"8.8.8.8:0".parse().unwrap()), Err(DenyReason::PortZero));
+        assert_eq!(p.check_peer(&"8.8.8.8:53".parse().unwrap()), Ok(()));
+    }
+
+    #[test]
+    fn toggles_and_ranges() {
+        let p = PeerPolicy { allow_loopback: true, ..Default::default() };
+        assert!(!denied(&p, "127.0.0.1"));
+        assert!(!denied(&p, "::1"));
+        assert!(!denied(&p, "::ffff:127.0.0.1"));
+        assert!(denied(&p, "10.0.0.1"));
+        assert!(denied(&p, "0.0.0.0"));
+
+        let p = PeerPolicy {
+            allow: vec!["10.1.0.0/16".parse().unwrap()],
+            deny: vec!["8.8.0.0/16".parse().unwrap(), "2606:4700::/32".parse().unwrap()],
+            ..Default::default()
+        };
+        assert!(!denied(&p, "10.1.2.3"));
+        assert!(denied(&p, "10.2.0.1"));
+        assert!(denied(&p, "8.8.8.8"));
+        assert!(denied(&p, "::ffff:8.8.8.8"));
+        assert!(denied(&p, "2002:0808:0808::1"));
+        assert!(denied(&p, "2606:4700::1111"));
+        assert!(!denied(&p, "::ffff:10.1.0.1"));
+        // "always" rules cannot be overridden
+        let p = PeerPolicy {
+            allow: vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()],
+            ..Default::default()
+        };
+        assert!(denied(&p, "0.0.0.0"));
+        assert!(denied(&p, "::"));
+        assert!(denied(&p, "255.255.255.255"));
+        assert!(!denied(&p, "127.0.0.1"));
+    }
+
+    #[test]
+    fn cidr_parsing() {
+        let n: IpNet = "192.168.1.77/24".parse().unwrap();
+        assert_eq!(n.to_string(), "192.168.1.0/24");
+        assert!(n.contains(&"192.168.1.200".parse().unwrap()));
+        assert!(!n.contains(&"192.168.2.1".parse().unwrap()));
+        assert!(!n.contains(&"::1".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<IpNet>().is_err());
+        assert!("fe80::/129".parse::<IpNet>().is_err());
+        assert!("nonsense".parse::<IpNet>().is_err());
+        let h: IpNet = "2001:db8::1".parse().unwrap();
+        assert_eq!(h.prefix(), 128);
+        let all: IpNet = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains(&"1.2.3.4".parse().unwrap()));
+    }
+}

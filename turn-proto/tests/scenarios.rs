@@ -1,0 +1,891 @@
+//! End-to-end RFC 8656 scenarios in the deterministic in-memory harness.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use turn_proto::server::{DeleteReason, DropReason, Event, RelayError, ServerConfig};
+use turn_proto::stun::attr::{self, Attribute};
+use turn_proto::stun::{Class, Family, Method};
+
+const PEER: &str = "198.51.100.20:5000";
+const PEER2: &str = "198.51.100.21:6000";
+
+fn allocated(sim: &mut Sim, addr: &str) -> Client {
+    let mut c = Client::alice(addr);
+    let r = c.allocate(sim);
+    assert_eq!(r.class(), Class::SuccessResponse, "{:?}", r.error_code());
+    c
+}
+
+#[test]
+fn binding_is_answered_without_authentication() {
+    let mut sim = Sim::default();
+    let mut c = Client::alice("192.0.2.50:40000");
+    c.fingerprint = true;
+    let txid = c.next_txid();
+    let req = c.build(Method::BINDING, Class::Request, txid, &[]);
+    let r = Resp { bytes: sim.client_datagram(c.addr, &req).client_bytes().to_vec() };
+    assert_eq!(r.class(), Class::SuccessResponse);
+    assert_eq!(r.attr(attr::XOR_MAPPED_ADDRESS), Some(Attribute::XorMappedAddress(c.addr)));
+    assert_eq!(r.attr(attr::SOFTWARE), Some(Attribute::Software("turn-proto test")));
+    assert!(r.msg().has_fingerprint(), "FINGERPRINT mirrored");
+    assert!(!r.msg().has_message_integrity());
+
+    // An unknown comprehension-required attribute gets 420.
+    let req = c.build(
+        Method::BINDING,
+        Class::Request,
+        c.clone().next_txid(),
+        &[Attribute::Other { typ: 0x0003, value: &[0, 0, 0, 0] }],
+    );
+    let r = Resp { bytes: sim.client_datagram(c.addr, &req).client_bytes().to_vec() };
+    assert_eq!(r.error_code(), Some(420));
+    match r.attr(attr::UNKNOWN_ATTRIBUTES) {
+        Some(Attribute::UnknownAttributes(l)) => {
+            assert_eq!(l.iter().collect::<Vec<_>>(), vec![0x0003])
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn allocate_401_then_success() {
+    let mut sim = Sim::default();
+    let mut c = Client::alice("192.0.2.50:40000");
+    // First request without credentials: 401 with REALM, NONCE and
+    // PASSWORD-ALGORITHMS, no integrity.
+    let txid = c.next_txid();
+    let req = c.build(Method::ALLOCATE, Class::Request, txid, &[Attribute::RequestedTransport(17)]);
+    let r = Resp { bytes: sim.client_datagram(c.addr, &req).client_bytes().to_vec() };
+    assert_eq!(r.error_code(), Some(401));
+    assert_eq!(r.attr(attr::REALM), Some(Attribute::Realm(REALM)));
+    let Some(Attribute::Nonce(nonce)) = r.attr(attr::NONCE) else { panic!() };
+    assert!(nonce.starts_with("obMatJos2"));
+    assert!(r.attr(attr::PASSWORD_ALGORITHMS).is_some());
+    assert!(!r.msg().has_message_integrity());
+    assert_eq!(sim.server.allocation_count(), 0);
+
+    let r = c.allocate(&mut sim);
+    assert_eq!(r.class(), Class::SuccessResponse);
+    assert!(r.msg().has_message_integrity(), "legacy client gets MESSAGE-INTEGRITY");
+    let relayed = r.all_xor(attr::XOR_RELAYED_ADDRESS);
+    assert_eq!(relayed.len(), 1);
+    assert!(relayed[0].is_ipv4());
+    assert_eq!(r.lifetime(), Some(600));
+    assert_eq!(r.attr(attr::XOR_MAPPED_ADDRESS), Some(Attribute::XorMappedAddress(c.addr)));
+    assert_eq!(sim.server.allocation_count(), 1);
+    assert_eq!(sim.quota.in_use_by("alice"), 1);
+    let ev = sim.events();
+    assert!(
+        matches!(&ev[..], [Event::AllocationCreated { username, lifetime_secs: 600, .. }] if &**username == "alice")
+    );
+}
+
+#[test]
+fn lifetime_is_clamped() {
+    let mut sim = Sim::default();
+    for (i, (asked, granted)) in [(10, 600), (1200, 1200), (100_000, 3600)].into_iter().enumerate()
+    {
+        let mut c = Client::alice(&format!("192.0.2.50:{}", 40000 + i));
+        let r = c.request(
+            &mut sim,
+            Method::ALLOCATE,
+            &[Attribute::RequestedTransport(17), Attribute::Lifetime(asked)],
+        );
+        assert_eq!(r.lifetime(), Some(granted));
+        assert_eq!(c.refresh(&mut sim, Some(asked)).lifetime(), Some(granted));
+    }
+}
+
+#[test]
+fn retransmitted_allocate_gets_identical_answer_and_new_transaction_gets_437() {
+    let mut sim = Sim::default();
+    let mut c = Client::alice("192.0.2.50:40000");
+    let _ = c.allocate(&mut sim); // learns the nonce, allocates
+    // A second client learns its own nonce (nonces are per client address)...
+    let mut c2 = Client::alice("192.0.2.50:40002");
+    assert_eq!(c2.refresh(&mut sim, None).error_code(), Some(437));
+    // ...then its Allocate is retransmitted.
+    let txid = c2.next_txid();
+    let req =
+        c2.build(Method::ALLOCATE, Class::Request, txid, &[Attribute::RequestedTransport(17)]);
+    let first = sim.client_datagram(c2.addr, &req);
+    let again = sim.client_datagram(c2.addr, &req);
+    assert_eq!(first, again);
+    assert_eq!(Resp { bytes: first.client_bytes().to_vec() }.class(), Class::SuccessResponse);
+    assert_eq!(sim.server.allocation_count(), 2);
+    assert_eq!(sim.server.counters().retransmits_answered, 1);
+    // A new Allocate (new transaction) on an existing 5-tuple: 437.
+    let r = c.allocate(&mut sim);
+    assert_eq!(r.error_code(), Some(437));
+    assert!(c.verify(&r), "authenticated errors are signed");
+}
+
+#[test]
+fn retransmission_after_cache_eviction_is_still_consistent() {
+    let mut cfg = test_config();
+    cfg.retransmit_cache_entries = 0;
+    let mut sim = Sim::new(cfg);
+    let mut c = Client::alice("192.0.2.50:40000");
+    let _ = c.request(&mut sim, Method::BINDING, &[]);
+    // learn the nonce with a failing request
+    let r = c.create_permission(&mut sim, &[peer(PEER)]);
+    assert_eq!(r.error_code(), Some(437));
+    let txid = c.next_txid();
+    let req = c.build(Method::ALLOCATE, Class::Request, txid, &[Attribute::RequestedTransport(17)]);
+    let a = Resp { bytes: sim.client_datagram(c.addr, &req).client_bytes().to_vec() };
+    let b = Resp { bytes: sim.client_datagram(c.addr, &req).client_bytes().to_vec() };
+    assert_eq!(a.class(), Class::SuccessResponse);
+    assert_eq!(b.class(), Class::SuccessResponse);
+    assert_eq!(a.all_xor(attr::XOR_RELAYED_ADDRESS), b.all_xor(attr::XOR_RELAYED_ADDRESS));
+    assert_eq!(sim.server.allocation_count(), 1);
+}
+
+#[test]
+fn refresh_and_delete() {
+    let mut sim = Sim::default();
+    let mut c = allocated(&mut sim, "192.0.2.50:40000");
+    let relay = relay_of(&sim, &c, Family::V4);
+    sim.events();
+    sim.advance(500);
+    let r = c.refresh(&mut sim, Some(900));
+    assert_eq!(r.lifetime(), Some(900));
+    assert!(matches!(&sim.events()[..], [Event::AllocationRefreshed { lifetime_secs: 900, .. }]));
+    sim.advance(800); // 1300 s after creation: alive thanks to the refresh
+    assert_eq!(sim.server.allocation_count(), 1);
+    // The nonce is stale by now: the helper handles the 438.
+    assert_eq!(c.refresh(&mut sim, Some(900)).lifetime(), Some(900));
+    sim.events();
+
+    // Refresh with lifetime 0 deletes; its retransmission gets the same
+    // success; a new Refresh gets 437.
+    let txid = c.next_txid();
+    let req = c.build(Method::REFRESH, Class::Request, txid, &[Attribute::Lifetime(0)]);
+    let first = sim.client_datagram(c.addr, &req);
+    let r = Resp { bytes: first.client_bytes().to_vec() };
+    assert_eq!(r.class(), Class::SuccessResponse);
+    assert_eq!(r.lifetime(), Some(0));
+    assert_eq!(sim.server.allocation_count(), 0);
+    assert_eq!(sim.relays.released, vec![relay]);
+    assert_eq!(sim.quota.in_use(), 0);
+    assert!(matches!(
+        &sim.events()[..],
+        [Event::AllocationDeleted { reason: DeleteReason::ClientRequest, .. }]
+    ));
+    assert_eq!(sim.client_datagram(c.addr, &req), first);
+    assert_eq!(c.refresh(&mut sim, None).error_code(), Some(437));
+}
+
+#[test]
+fn allocation_expires_and_releases_everything() {
+    let mut sim = Sim::default();
+    let mut c = allocated(&mut sim, "192.0.2.50:40000");
+    let relay = relay_of(&sim, &c, Family::V4);
+    assert_eq!(c.channel_bind(&mut sim, 0x4000, peer(PEER)).class(), Class::SuccessResponse);
+    sim.events();
+    sim.advance(599);
+    assert_eq!(sim.server.allocation_count(), 1);
+    sim.advance(1);
+    assert_eq!(sim.server.allocation_count(), 0);
+    assert_eq!(sim.relays.released, vec![relay]);
+    assert!(sim.relays.live.is_empty());
+    assert_eq!(sim.quota.in_use(), 0);
+    assert!(matches!(
+        &sim.events()[..],
+        [Event::AllocationDeleted { reason: DeleteReason::Expired, .. }]
+    ));
+    assert_eq!(sim.server.counters().allocations_expired, 1);
+    assert_eq!(c.channel_data(&mut sim, 0x4000, b"x"), Out::None);
+    assert_eq!(sim.peer_datagram(relay, peer(PEER), b"x"), Out::None);
+    assert_eq!(sim.server.poll_timeout(), None);
+    assert_eq!(sim.server.timer_entries(), 0);
+}
+
+#[test]
+fn permissions_send_and_data_indications() {
+    let mut sim = Sim::default();
+    let mut c = allocated(&mut sim, "192.0.2.50:40000");
+    let relay = relay_of(&sim, &c, Family::V4);
+
+    // No permission yet: Send is dropped, peer data is dropped.
+    assert_eq!(c.send_indication(&mut sim, peer(PEER), b"hi"), Out::None);
+    assert_eq!(sim.peer_datagram(relay, peer(PEER), b"yo"), Out::None);
+    assert_eq!(sim.server.counters().dropped(DropReason::NoPermission), 2);
+
+    // Several XOR-PEER-ADDRESS in one CreatePermission.
+    let r = c.create_permission(&mut sim, &[peer(PEER), peer(PEER2)]);
+    assert_eq!(r.class(), Class::SuccessResponse);
+
+    for p in [PEER, PEER2] {
+        match c.send_indication(&mut sim, peer(p), b"hello peer") {
+            Out::ToPeer { relay: r, peer: to, data, dont_fragment } => {
+                assert_eq!(r, relay);
+                assert_eq!(to, peer(p));
+                assert_eq!(data, b"hello peer");
+                assert!(!dont_fragment);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // Permission is by IP: another port of the same peer works too.
+    let other_port = peer("198.51.100.20:5999");
+    assert!(matches!(c.send_indication(&mut sim, other_port, b"x"), Out::ToPeer { .. }));
+
+    // Peer -> client: Data indication with XOR-PEER-ADDRESS and DATA.
+    for payload in [&b""[..], b"a", b"abcd", b"hello client"] {
+        let out = sim.peer_datagram(relay, peer(PEER), payload);
+        let (from, data) = data_indication(out.client_bytes());
+        assert_eq!(from, peer(PEER));
+        assert_eq!(data, payload);
+    }
+    let v6 = "[2001:db8:1::5]:7000".parse().unwrap();
+    // Different family than the relay: CreatePermission gets 443.
+    assert_eq!(c.create_permission(&mut sim, &[v6]).error_code(), Some(443));
+    assert_eq!(c.send_indication(&mut sim, v6, b"x"), Out::None);
+}
+
+#[test]
+fn denied_peers() {
+    let mut sim = Sim::default();
+    let mut c = allocated(&mut sim, "192.0.2.50:40000");
+    for p in [
+        "0.0.0.0:5000",
+        "127.0.0.1:5000",
+        "10.0.0.1:5000",
+        "169.254.169.254:80",
+        "255.255.255.255:5000",
+        "224.0.0.1:5000",
+    ] {
+        assert_eq!(c.create_permission(&mut sim, &[peer(p)]).error_code(), Some(403), "{p}");
+        assert_eq!(c.channel_bind(&mut sim, 0x4001, peer(p)).error_code(), Some(403), "{p}");
+    }
+    // One denied peer among allowed ones: 403 and nothing installed.
+    let r = c.create_permission(&mut sim, &[peer(PEER), peer("192.168.1.1:1")]);
+    assert_eq!(r.error_code(), Some(403));
+    assert_eq!(c.send_indication(&mut sim, peer(PEER), b"x"), Out::None);
+
+    // IPv6 allocation for the IPv6 forms.
+    let mut c6 = Client::alice("192.0.2.50:40001");
+    let r = c6.request(
+        &mut sim,
+        Method::ALLOCATE,
+        &[Attribute::RequestedTransport(17), Attribute::RequestedAddressFamily(Family::V6)],
+    );
+    assert_eq!(r.class(), Class::SuccessResponse);
+    assert!(r.all_xor(attr::XOR_RELAYED_ADDRESS)[0].is_ipv6());
+    for p in [
+        "[::]:5000",
+        "[::1]:5000",
+        "[::ffff:127.0.0.1]:5000",
+        "[::127.0.0.1]:5000",
+        "[2002:7f00:1::1]:5000",
+        "[2001:0:7f00:1::1]:5000",
+        "[fe80::1]:5000",
+        "[fd00::1]:5000",
+        "[ff02::1]:5000",
+        "[64:ff9b::a00:1]:5000",
+    ] {
+        assert_eq!(c6.create_permission(&mut sim, &[peer(p)]).error_code(), Some(403), "{p}");
+    }
+    assert_eq!(
+        c6.create_permission(&mut sim, &[peer("[2606:4700::1111]:53")]).class(),
+        Class::SuccessResponse
+    );
+    // Port 0 is not a valid destination for a channel.
+    assert_eq!(c.channel_bind(&mut sim, 0x4002, peer("198.51.100.9:0")).error_code(), Some(403));
+}
+
+#[test]
+fn channels_both_ways_and_binding_rules() {
+    let mut sim = Sim::default();
+    let mut c = allocated(&mut sim, "192.0.2.50:40000");
+    let relay = relay_of(&sim, &c, Family::V4);
+    assert_eq!(c.channel_bind(&mut sim, 0x4000, peer(PEER)).class(), Class::SuccessResponse);
+
+    // Client -> peer via ChannelData (also installs the permission).
+    match c.channel_data(&mut sim, 0x4000, b"over channel") {
+        Out::ToPeer { relay: r, peer: p, data, .. } => {
+            assert_eq!((r, p), (relay, peer(PEER)));
+            assert_eq!(data, b"over channel");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Peer -> client is framed as ChannelData now.
+    let out = sim.peer_datagram(relay, peer(PEER), b"back");
+    assert_eq!(out.client_bytes(), &[0x40, 0x00, 0x00, 0x04, b'b', b'a', b'c', b'k']);
+    // Another port of the same IP is not bound: Data indication.
+    let out = sim.peer_datagram(relay, peer("198.51.100.20:5001"), b"x");
+    assert!(data_indication(out.client_bytes()).1 == b"x");
+
+    // Unbound channel: dropped.
+    assert_eq!(c.channel_data(&mut sim, 0x4001, b"x"), Out::None);
+    // Refreshing the same pair is fine.
+    assert_eq!(c.channel_bind(&mut sim, 0x4000, peer(PEER)).class(), Class::SuccessResponse);
+    // Same channel, other peer: 400. Same peer, other channel: 400.
+    assert_eq!(c.channel_bind(&mut sim, 0x4000, peer(PEER2)).error_code(), Some(400));
+    assert_eq!(c.channel_bind(&mut sim, 0x4001, peer(PEER)).error_code(), Some(400));
+    // Out-of-range channel numbers: 400.
+    assert_eq!(c.channel_bind(&mut sim, 0x3FFF, peer(PEER2)).error_code(), Some(400));
+    assert_eq!(c.channel_bind(&mut sim, 0x8000, peer(PEER2)).error_code(), Some(400));
+    // RFC 5766's upper range works (coturn's client binds 0x7xxx).
+    assert_eq!(c.channel_bind(&mut sim, 0x7ABC, peer(PEER2)).class(), Class::SuccessResponse);
+    // Missing attributes: 400.
+    let r = c.request(&mut sim, Method::CHANNEL_BIND, &[Attribute::ChannelNumber(0x4005)]);
+    assert_eq!(r.error_code(), Some(400));
+}
+
+#[test]
+fn permission_and_channel_expiry_and_holddown() {
+    let mut sim = Sim::default();
+    let mut c = allocated(&mut sim, "192.0.2.50:40000");
+    let relay = relay_of(&sim, &c, Family::V4);
+    assert_eq!(c.refresh(&mut sim, Some(3600)).lifetime(), Some(3600));
+    assert_eq!(c.create_permission(&mut sim, &[peer(PEER2)]).class(), Class::SuccessResponse);
+    assert_eq!(c.channel_bind(&mut sim, 0x4000, peer(PEER)).class(), Class::SuccessResponse);
+
+    // Permissions last 300 s and data does not refresh them.
+    sim.advance(299);
+    assert!(matches!(c.send_indication(&mut sim, peer(PEER2), b"x"), Out::ToPeer { .. }));
+    sim.advance(1);
+    assert_eq!(c.send_indication(&mut sim, peer(PEER2), b"x"), Out::None);
+    assert_eq!(sim.peer_datagram(relay, peer(PEER2), b"x"), Out::None);
+    // The channel's permission also expired at 300 s: ChannelData dropped.
+    assert_eq!(c.channel_data(&mut sim, 0x4000, b"x"), Out::None);
+    // Refresh the permission only (t = 400); the channel (600 s) is still bound.
+    sim.advance(100);
+    assert_eq!(c.create_permission(&mut sim, &[peer(PEER)]).class(), Class::SuccessResponse);
+    assert!(matches!(c.channel_data(&mut sim, 0x4000, b"x"), Out::ToPeer { .. }));
+    sim.advance(199); // t = 599
+    assert!(matches!(c.channel_data(&mut sim, 0x4000, b"x"), Out::ToPeer { .. }));
+    sim.advance(1); // t = 600: channel expired
+    assert_eq!(c.channel_data(&mut sim, 0x4000, b"x"), Out::None);
+    // The permission (refreshed at 400) is alive: peer data goes as a Data indication.
+    let out = sim.peer_datagram(relay, peer(PEER), b"late");
+    assert_eq!(data_indication(out.client_bytes()).1, b"late");
+
+    // Hold-down: for 300 s the channel and the peer cannot be re-paired.
+    assert_eq!(c.channel_bind(&mut sim, 0x4000, peer(PEER2)).error_code(), Some(400));
+    assert_eq!(c.channel_bind(&mut sim, 0x4001, peer(PEER)).error_code(), Some(400));
+    sim.advance(300); // t = 900: hold-down over
+    assert_eq!(c.channel_bind(&mut sim, 0x4000, peer(PEER2)).class(), Class::SuccessResponse);
+    assert_eq!(c.channel_bind(&mut sim, 0x4001, peer(PEER)).class(), Class::SuccessResponse);
+
+    // Re-binding the same pair during hold-down revives it.
+    let mut d = allocated(&mut sim, "192.0.2.50:40001");
+    assert_eq!(d.refresh(&mut sim, Some(3600)).lifetime(), Some(3600));
+    assert_eq!(d.channel_bind(&mut sim, 0x4100, peer(PEER)).class(), Class::SuccessResponse);
+    sim.advance(650);
+    assert_eq!(d.channel_data(&mut sim, 0x4100, b"x"), Out::None);
+    assert_eq!(d.channel_bind(&mut sim, 0x4100, peer(PEER)).class(), Class::SuccessResponse);
+    assert!(matches!(d.channel_data(&mut sim, 0x4100, b"x"), Out::ToPeer { .. }));
+}
+
+#[test]
+fn stale_nonce_gets_438_and_a_fresh_nonce() {
+    let mut sim = Sim::default();
+    let mut c = allocated(&mut sim, "192.0.2.50:40000");
+    let old = c.nonce.clone().unwrap();
+    sim.advance(601); // nonce lifetime 600 s; allocation lifetime 600 s too
+    let mut d = Client::alice("192.0.2.50:40001");
+    d.realm = c.realm.clone();
+    d.nonce = Some(old.clone());
+    // Nonces are bound to the client address: another client gets 438.
+    let txid = d.next_txid();
+    let req = d.build(Method::ALLOCATE, Class::Request, txid, &[Attribute::RequestedTransport(17)]);
+    let r = Resp { bytes: sim.client_datagram(d.addr, &req).client_bytes().to_vec() };
+    assert_eq!(r.error_code(), Some(438));
+    assert!(r.attr(attr::REALM).is_some());
+    assert!(r.attr(attr::PASSWORD_ALGORITHMS).is_some());
+    // The client helper retries with the new nonce.
+    let r = c.allocate(&mut sim);
+    assert_eq!(r.class(), Class::SuccessResponse);
+    assert_ne!(c.nonce.clone().unwrap(), old);
+    assert!(sim.server.counters().stale_nonces >= 2);
+}
+
+#[test]
+fn wrong_password_unknown_user_and_missing_attributes() {
+    let mut sim = Sim::default();
+    let mut c = Client::new("192.0.2.50:40000", "alice", "wrong");
+    let r = c.allocate(&mut sim);
+    assert_eq!(r.error_code(), Some(401));
+    assert!(r.attr(attr::NONCE).is_some());
+    let mut u = Client::new("192.0.2.50:40001", "mallory", "x");
+    assert_eq!(u.allocate(&mut sim).error_code(), Some(401));
+    assert_eq!(sim.server.allocation_count(), 0);
+    assert_eq!(sim.server.counters().auth_failures, 2);
+
+    // MESSAGE-INTEGRITY without REALM/NONCE: 400.
+    let mut buf = [0u8; 256];
+    let mut enc = turn_proto::stun::MessageEncoder::new(
+        &mut buf,
+        Method::ALLOCATE,
+        Class::Request,
+        &turn_proto::stun::TransactionId([3; 12]),
+    )
+    .unwrap();
+    enc.raw(attr::USERNAME, b"alice").unwrap();
+    enc.message_integrity(b"k").unwrap();
+    let n = enc.finish();
+    let r = Resp { bytes: sim.client_datagram(c.addr, &buf[..n]).client_bytes().to_vec() };
+    assert_eq!(r.error_code(), Some(400));
+    assert!(r.attr(attr::NONCE).is_none());
+
+    // Pre-hashed MD5 key user works with the legacy algorithm...
+    let mut carol = Client::new("192.0.2.50:40002", "carol", "carol-pw");
+    assert_eq!(carol.allocate(&mut sim).class(), Class::SuccessResponse);
+    // ...but cannot do SHA-256 (no password to derive it from).
+    let mut carol2 = Client::new("192.0.2.50:40003", "carol", "carol-pw");
+    carol2.mode = AuthMode::Sha256;
+    assert_eq!(carol2.allocate(&mut sim).error_code(), Some(401));
+}
+
+#[test]
+fn sha256_negotiation_and_userhash() {
+    let mut sim = Sim::default();
+    let mut c = Client::alice("192.0.2.50:40000");
+    c.mode = AuthMode::Sha256;
+    let r = c.allocate(&mut sim);
+    assert_eq!(r.class(), Class::SuccessResponse);
+    assert!(r.msg().has_message_integrity_sha256());
+    assert!(!r.msg().has_message_integrity());
+    assert!(c.verify(&r));
+
+    // USERHASH (static users only).
+    let mut h = Client::alice("192.0.2.50:40001");
+    h.mode = AuthMode::Sha256UserHash;
+    let r = h.allocate(&mut sim);
+    assert_eq!(r.class(), Class::SuccessResponse);
+    assert!(h.verify(&r));
+
+    // PASSWORD-ALGORITHMS not matching what the server sent: 400.
+    let mut m = Client::alice("192.0.2.50:40002");
+    m.mode = AuthMode::Sha256;
+    let _ = m.allocate(&mut sim);
+    m.algorithms = Some(vec![0, 2, 0, 0]);
+    let r = m.refresh(&mut sim, None);
+    assert_eq!(r.error_code(), Some(400));
+    // PASSWORD-ALGORITHM without PASSWORD-ALGORITHMS: 400.
+    m.algorithms = None;
+    assert_eq!(m.refresh(&mut sim, None).error_code(), Some(400));
+}
+
+#[test]
+fn negotiation_disabled_uses_plain_nonces() {
+    let mut cfg = test_config();
+    cfg.password_algorithms.clear();
+    let mut sim = Sim::new(cfg);
+    let mut c = Client::alice("192.0.2.50:40000");
+    let r = c.allocate(&mut sim);
+    assert_eq!(r.class(), Class::SuccessResponse);
+    assert!(!c.nonce.as_ref().unwrap().starts_with(b"obMatJos2"));
+    assert!(c.algorithms.is_none());
+}
+
+#[test]
+fn rest_credentials() {
+    let mut sim = Sim::default();
+    let expiry = UNIX0 + 3600;
+    let mut c = rest_client("192.0.2.50:40000", expiry, "dave", b"new-secret");
+    assert_eq!(c.allocate(&mut sim).class(), Class::SuccessResponse);
+    // Rotation: the old secret still works.
+    let mut o = rest_client("192.0.2.50:40001", expiry, "erin", b"old-secret");
+    assert_eq!(o.allocate(&mut sim).class(), Class::SuccessResponse);
+    // Bare expiry form, SHA-256.
+    let name = format!("{expiry}");
+    let pw = turn_proto::credentials::rest_password(b"new-secret", &name);
+    let mut b = Client::new("192.0.2.50:40002", &name, &pw);
+    b.mode = AuthMode::Sha256;
+    assert_eq!(b.allocate(&mut sim).class(), Class::SuccessResponse);
+    // Unknown secret.
+    let mut x = rest_client("192.0.2.50:40003", expiry, "eve", b"guess");
+    assert_eq!(x.allocate(&mut sim).error_code(), Some(401));
+    // Expired username.
+    let mut e = rest_client("192.0.2.50:40004", UNIX0 - 1, "frank", b"new-secret");
+    assert_eq!(e.allocate(&mut sim).error_code(), Some(401));
+    // A live allocation whose REST username expires can no longer refresh.
+    sim.advance(3601);
+    let mut late = rest_client("192.0.2.50:40005", UNIX0 + 4000, "gina", b"new-secret");
+    assert_eq!(late.allocate(&mut sim).class(), Class::SuccessResponse);
+    sim.advance(500);
+    assert_eq!(late.refresh(&mut sim, None).error_code(), Some(401));
+}
+
+#[test]
+fn quota_and_capacity() {
+    let mut sim = Sim::default();
+    sim.quota = turn_proto::server::LocalQuota::new(1, 100);
+    let _c = allocated(&mut sim, "192.0.2.50:40000");
+    let mut c2 = Client::alice("192.0.2.50:40001");
+    let r = c2.allocate(&mut sim);
+    assert_eq!(r.error_code(), Some(486));
+    assert!(c2.verify(&r));
+    assert_eq!(sim.server.counters().quota_rejections, 1);
+    let mut b = Client::new("192.0.2.50:40002", "bob", "bob-pw");
+    assert_eq!(b.allocate(&mut sim).class(), Class::SuccessResponse);
+
+    // Relay allocator out of ports: 508 and quota given back.
+    sim.relays.fail_next = Some(RelayError::InsufficientCapacity);
+    let mut b3 = Client::new("192.0.2.50:40004", "carol", "carol-pw");
+    assert_eq!(b3.allocate(&mut sim).error_code(), Some(508));
+    assert_eq!(sim.quota.in_use_by("carol"), 0);
+
+    // Per-server cap.
+    let mut cfg = test_config();
+    cfg.max_allocations = 1;
+    let mut sim = Sim::new(cfg);
+    let _ = allocated(&mut sim, "192.0.2.50:40000");
+    let mut b = Client::new("192.0.2.50:40002", "bob", "bob-pw");
+    assert_eq!(b.allocate(&mut sim).error_code(), Some(508));
+
+    // Permission cap.
+    let mut cfg = test_config();
+    cfg.max_permissions_per_allocation = 2;
+    cfg.max_channels_per_allocation = 1;
+    let mut sim = Sim::new(cfg);
+    let mut c = allocated(&mut sim, "192.0.2.50:40000");
+    assert_eq!(
+        c.create_permission(&mut sim, &[peer(PEER), peer(PEER2)]).class(),
+        Class::SuccessResponse
+    );
+    assert_eq!(c.create_permission(&mut sim, &[peer(PEER)]).class(), Class::SuccessResponse);
+    assert_eq!(c.create_permission(&mut sim, &[peer("198.51.100.22:1")]).error_code(), Some(508));
+    assert_eq!(c.channel_bind(&mut sim, 0x4000, peer(PEER)).class(), Class::SuccessResponse);
+    assert_eq!(c.channel_bind(&mut sim, 0x4001, peer(PEER2)).error_code(), Some(508));
+}
+
+#[test]
+fn mismatches_437_and_441() {
+    let mut sim = Sim::default();
+    let mut c = Client::alice("192.0.2.50:40000");
+    assert_eq!(c.refresh(&mut sim, None).error_code(), Some(437));
+    assert_eq!(c.create_permission(&mut sim, &[peer(PEER)]).error_code(), Some(437));
+    assert_eq!(c.channel_bind(&mut sim, 0x4000, peer(PEER)).error_code(), Some(437));
+    assert_eq!(c.send_indication(&mut sim, peer(PEER), b"x"), Out::None);
+    assert_eq!(c.channel_data(&mut sim, 0x4000, b"x"), Out::None);
+    assert_eq!(sim.server.counters().dropped(DropReason::NoAllocation), 2);
+
+    let _ = c.allocate(&mut sim);
+    // Same 5-tuple, other user: 441.
+    let mut b = Client::new("192.0.2.50:40000", "bob", "bob-pw");
+    b.counter = 1000;
+    let r = b.create_permission(&mut sim, &[peer(PEER)]);
+    assert_eq!(r.error_code(), Some(441));
+    assert_eq!(b.refresh(&mut sim, None).error_code(), Some(441));
+    // Another listener is another 5-tuple.
+    sim.listener = "192.0.2.11:3478".parse().unwrap();
+    assert_eq!(c.refresh(&mut sim, None).error_code(), Some(437));
+}
+
+#[test]
+fn allocate_attribute_rules() {
+    let mut sim = Sim::default();
+    let mut c = Client::alice("192.0.2.50:40000");
+    let rt = Attribute::RequestedTransport(17);
+    // Missing REQUESTED-TRANSPORT: 400; TCP: 442.
+    assert_eq!(c.request(&mut sim, Method::ALLOCATE, &[]).error_code(), Some(400));
+    assert_eq!(
+        c.request(&mut sim, Method::ALLOCATE, &[Attribute::RequestedTransport(6)]).error_code(),
+        Some(442)
+    );
+    // DONT-FRAGMENT unsupported: 420 listing it.
+    let r = c.request(&mut sim, Method::ALLOCATE, &[rt, Attribute::DontFragment]);
+    assert_eq!(r.error_code(), Some(420));
+    assert!(
+        matches!(r.attr(attr::UNKNOWN_ATTRIBUTES), Some(Attribute::UnknownAttributes(l)) if l.iter().eq([0x001A]))
+    );
+    // Unknown comprehension-required attribute: 420.
+    let r =
+        c.request(&mut sim, Method::ALLOCATE, &[rt, Attribute::Other { typ: 0x7777, value: b"" }]);
+    assert_eq!(r.error_code(), Some(420));
+    // Unknown comprehension-optional attribute: ignored.
+    // RESERVATION-TOKEN: 508 alone, 400 with EVEN-PORT.
+    let tok = Attribute::ReservationToken([1; 8]);
+    assert_eq!(c.request(&mut sim, Method::ALLOCATE, &[rt, tok]).error_code(), Some(508));
+    assert_eq!(
+        c.request(&mut sim, Method::ALLOCATE, &[rt, tok, Attribute::EvenPort(false)]).error_code(),
+        Some(400)
+    );
+    // EVEN-PORT with R=1: 508 (no reservations); with ADDITIONAL-ADDRESS-FAMILY: 400.
+    assert_eq!(
+        c.request(&mut sim, Method::ALLOCATE, &[rt, Attribute::EvenPort(true)]).error_code(),
+        Some(508)
+    );
+    assert_eq!(
+        c.request(
+            &mut sim,
+            Method::ALLOCATE,
+            &[rt, Attribute::EvenPort(true), Attribute::AdditionalAddressFamily(Family::V6)]
+        )
+        .error_code(),
+        Some(400)
+    );
+    // Both REQUESTED- and ADDITIONAL-ADDRESS-FAMILY: 400.
+    assert_eq!(
+        c.request(
+            &mut sim,
+            Method::ALLOCATE,
+            &[
+                rt,
+                Attribute::RequestedAddressFamily(Family::V4),
+                Attribute::AdditionalAddressFamily(Family::V6)
+            ]
+        )
+        .error_code(),
+        Some(400)
+    );
+    // ADDITIONAL-ADDRESS-FAMILY IPv4: 400.
+    assert_eq!(
+        c.request(
+            &mut sim,
+            Method::ALLOCATE,
+            &[rt, Attribute::AdditionalAddressFamily(Family::V4)]
+        )
+        .error_code(),
+        Some(400)
+    );
+    // Malformed REQUESTED-ADDRESS-FAMILY: 400.
+    assert_eq!(
+        c.request(
+            &mut sim,
+            Method::ALLOCATE,
+            &[rt, Attribute::Other { typ: attr::REQUESTED_ADDRESS_FAMILY, value: &[9, 0, 0, 0] }]
+        )
+        .error_code(),
+        Some(400)
+    );
+    assert_eq!(sim.server.allocation_count(), 0);
+    // EVEN-PORT with R=0 is passed to the allocator.
+    let r = c.request(
+        &mut sim,
+        Method::ALLOCATE,
+        &[rt, Attribute::EvenPort(false), Attribute::Other { typ: 0xC001, value: b"opt" }],
+    );
+    assert_eq!(r.class(), Class::SuccessResponse);
+    assert_eq!(sim.relays.requests.last(), Some(&(Family::V4, true, false)));
+}
+
+#[test]
+fn dont_fragment_when_supported() {
+    let mut cfg = test_config();
+    cfg.dont_fragment = true;
+    let mut sim = Sim::new(cfg);
+    let mut c = Client::alice("192.0.2.50:40000");
+    let r = c.request(
+        &mut sim,
+        Method::ALLOCATE,
+        &[Attribute::RequestedTransport(17), Attribute::DontFragment],
+    );
+    assert_eq!(r.class(), Class::SuccessResponse);
+    assert_eq!(sim.relays.requests.last(), Some(&(Family::V4, false, true)));
+    assert_eq!(c.create_permission(&mut sim, &[peer(PEER)]).class(), Class::SuccessResponse);
+    let txid = c.next_txid();
+    let req = c.build(
+        Method::SEND,
+        Class::Indication,
+        txid,
+        &[Attribute::XorPeerAddress(peer(PEER)), Attribute::DontFragment, Attribute::Data(b"df")],
+    );
+    assert!(matches!(sim.client_datagram(c.addr, &req), Out::ToPeer { dont_fragment: true, .. }));
+
+    // Unsupported: the Send indication with DONT-FRAGMENT is dropped.
+    let mut sim = Sim::default();
+    let mut c = allocated(&mut sim, "192.0.2.50:40000");
+    assert_eq!(c.create_permission(&mut sim, &[peer(PEER)]).class(), Class::SuccessResponse);
+    assert_eq!(sim.client_datagram(c.addr, &req), Out::None);
+}
+
+#[test]
+fn address_families_and_dual_allocation() {
+    // IPv6 relaying disabled: 440 for REQUESTED-ADDRESS-FAMILY IPv6.
+    let mut cfg = test_config();
+    cfg.relay_ipv6 = false;
+    let mut sim = Sim::new(cfg);
+    let mut c = Client::alice("192.0.2.50:40000");
+    let r = c.request(
+        &mut sim,
+        Method::ALLOCATE,
+        &[Attribute::RequestedTransport(17), Attribute::RequestedAddressFamily(Family::V6)],
+    );
+    assert_eq!(r.error_code(), Some(440));
+    // Dual requested with IPv6 disabled: IPv4 only + ADDRESS-ERROR-CODE 440.
+    let r = c.request(
+        &mut sim,
+        Method::ALLOCATE,
+        &[Attribute::RequestedTransport(17), Attribute::AdditionalAddressFamily(Family::V6)],
+    );
+    assert_eq!(r.class(), Class::SuccessResponse);
+    assert_eq!(r.all_xor(attr::XOR_RELAYED_ADDRESS).len(), 1);
+    assert!(matches!(
+        r.attr(attr::ADDRESS_ERROR_CODE),
+        Some(Attribute::AddressErrorCode { family: Family::V6, code: 440, .. })
+    ));
+
+    // Full dual allocation.
+    let mut sim = Sim::default();
+    let mut d = Client::alice("192.0.2.50:40000");
+    let r = d.request(
+        &mut sim,
+        Method::ALLOCATE,
+        &[Attribute::RequestedTransport(17), Attribute::AdditionalAddressFamily(Family::V6)],
+    );
+    assert_eq!(r.class(), Class::SuccessResponse);
+    let relayed = r.all_xor(attr::XOR_RELAYED_ADDRESS);
+    assert_eq!(relayed.len(), 2);
+    assert!(relayed[0].is_ipv4() && relayed[1].is_ipv6());
+    let v6peer = peer("[2606:4700::1111]:3478");
+    assert_eq!(
+        d.create_permission(&mut sim, &[peer(PEER), v6peer]).class(),
+        Class::SuccessResponse
+    );
+    let r4 = relay_of(&sim, &d, Family::V4);
+    let r6 = relay_of(&sim, &d, Family::V6);
+    assert!(
+        matches!(d.send_indication(&mut sim, v6peer, b"6"), Out::ToPeer { relay, .. } if relay == r6)
+    );
+    assert!(
+        matches!(d.send_indication(&mut sim, peer(PEER), b"4"), Out::ToPeer { relay, .. } if relay == r4)
+    );
+    // Delete only the IPv6 half.
+    let r = d.request(
+        &mut sim,
+        Method::REFRESH,
+        &[Attribute::Lifetime(0), Attribute::RequestedAddressFamily(Family::V6)],
+    );
+    assert_eq!(r.class(), Class::SuccessResponse);
+    assert_eq!(sim.relays.released, vec![r6]);
+    assert_eq!(sim.server.allocation_count(), 1);
+    assert_eq!(d.send_indication(&mut sim, v6peer, b"6"), Out::None);
+    assert_eq!(sim.peer_datagram(r6, v6peer, b"x"), Out::None);
+    // Now the allocation is IPv4 only: Refresh asking for IPv6 gets 443.
+    let r = d.request(&mut sim, Method::REFRESH, &[Attribute::RequestedAddressFamily(Family::V6)]);
+    assert_eq!(r.error_code(), Some(443));
+
+    // Allocator without IPv6: dual request degrades with 440 in ADDRESS-ERROR-CODE.
+    let mut sim = Sim::default();
+    sim.relays.no_v6 = true;
+    let mut e = Client::alice("192.0.2.50:40000");
+    let r = e.request(
+        &mut sim,
+        Method::ALLOCATE,
+        &[Attribute::RequestedTransport(17), Attribute::AdditionalAddressFamily(Family::V6)],
+    );
+    assert!(matches!(
+        r.attr(attr::ADDRESS_ERROR_CODE),
+        Some(Attribute::AddressErrorCode { code: 440, .. })
+    ));
+}
+
+#[test]
+fn malformed_input_is_counted_not_answered() {
+    let mut sim = Sim::default();
+    let c = peer("192.0.2.50:40000");
+    assert_eq!(sim.client_datagram(c, b""), Out::None);
+    assert_eq!(sim.client_datagram(c, &[0xC0, 0, 0, 0]), Out::None);
+    assert_eq!(sim.client_datagram(c, &[0x00, 0x01, 0x00]), Out::None);
+    assert_eq!(sim.client_datagram(c, &[0x40, 0x00, 0x00, 0x10, 1]), Out::None);
+    let counters = sim.server.counters().clone();
+    assert_eq!(counters.dropped(DropReason::NotTurn), 2);
+    assert_eq!(counters.dropped(DropReason::MalformedStun), 1);
+    assert_eq!(counters.dropped(DropReason::MalformedChannelData), 1);
+    // Responses from clients are dropped.
+    let mut cl = Client::alice("192.0.2.50:40000");
+    let txid = cl.next_txid();
+    let resp = cl.build(Method::BINDING, Class::SuccessResponse, txid, &[]);
+    assert_eq!(sim.client_datagram(c, &resp), Out::None);
+    assert_eq!(sim.server.counters().dropped(DropReason::UnexpectedClass), 1);
+    // Unknown method request: 400.
+    let req = cl.build(Method(0x0FF), Class::Request, txid, &[]);
+    let r = Resp { bytes: sim.client_datagram(c, &req).client_bytes().to_vec() };
+    assert_eq!(r.error_code(), Some(400));
+    // Unknown relay.
+    assert_eq!(sim.peer_datagram(turn_proto::server::RelayId(99), peer(PEER), b"x"), Out::None);
+    assert_eq!(sim.server.counters().dropped(DropReason::UnknownRelay), 1);
+    // Output buffer too small is a counted drop.
+    let mut out = [0u8; 10];
+    let o = sim.server.handle_client_datagram(
+        sim.now,
+        sim.unix,
+        sim.listener,
+        c,
+        &req,
+        &mut out,
+        &mut sim.relays,
+        &sim.quota,
+    );
+    assert_eq!(o, turn_proto::server::Output::None);
+    assert_eq!(sim.server.counters().dropped(DropReason::BufferTooSmall), 1);
+}
+
+#[test]
+fn timer_heap_stays_bounded() {
+    let mut sim = Sim::default();
+    let mut c = allocated(&mut sim, "192.0.2.50:40000");
+    for i in 0..2000u32 {
+        let p = peer(&format!("198.51.100.{}:{}", i % 50 + 1, 1000 + i));
+        let _ = c.create_permission(&mut sim, &[p]);
+        let _ = c.refresh(&mut sim, Some(600 + i % 7));
+        if i % 100 == 0 {
+            sim.advance(10);
+        }
+    }
+    assert!(sim.server.timer_entries() <= 2 * sim.server.allocation_count() + 64 + 1);
+    sim.advance(4000);
+    assert_eq!(sim.server.allocation_count(), 0);
+    assert_eq!(sim.server.timer_entries(), 0);
+}
+
+#[test]
+fn release_all_on_shutdown() {
+    let mut sim = Sim::default();
+    let _a = allocated(&mut sim, "192.0.2.50:40000");
+    let _b = allocated(&mut sim, "192.0.2.50:40001");
+    sim.events();
+    sim.server.release_all(&mut sim.relays, &sim.quota);
+    assert!(sim.relays.live.is_empty());
+    assert_eq!(sim.quota.in_use(), 0);
+    assert_eq!(sim.events().len(), 2);
+    assert_eq!(sim.server.poll_timeout(), None);
+}
+
+#[test]
+fn server_config_is_validated() {
+    use turn_proto::server::{ConfigError, Server};
+    let bad = |f: fn(&mut ServerConfig)| {
+        let mut c = test_config();
+        f(&mut c);
+        Server::new(c).unwrap_err()
+    };
+    assert_eq!(bad(|c| c.realm.clear()), ConfigError::Realm);
+    assert_eq!(bad(|c| c.default_allocation_lifetime_secs = 5000), ConfigError::Lifetimes);
+    assert_eq!(
+        bad(|c| {
+            c.relay_ipv4 = false;
+            c.relay_ipv6 = false
+        }),
+        ConfigError::NoFamily
+    );
+    assert!(matches!(
+        bad(|c| c.credentials.rest_secrets.push(vec![])),
+        ConfigError::Credentials(_)
+    ));
+}
+
+#[test]
+fn icmp_from_peer_becomes_data_indication() {
+    let mut sim = Sim::default();
+    let mut c = allocated(&mut sim, "192.0.2.50:40000");
+    let relay = relay_of(&sim, &c, Family::V4);
+    let mut out = [0u8; 256];
+    let o = sim.server.handle_peer_icmp(sim.now, relay, peer(PEER), 3, 3, 0, &mut out);
+    assert_eq!(o, turn_proto::server::Output::None, "no permission yet");
+    assert_eq!(c.create_permission(&mut sim, &[peer(PEER)]).class(), Class::SuccessResponse);
+    let o = sim.server.handle_peer_icmp(sim.now, relay, peer(PEER), 3, 3, 1400, &mut out);
+    let turn_proto::server::Output::ToClient { data, .. } = o else { panic!("{o:?}") };
+    let r = Resp { bytes: data.to_vec() };
+    assert_eq!(r.class(), Class::Indication);
+    assert_eq!(r.attr(attr::ICMP), Some(Attribute::Icmp { typ: 3, code: 3, data: 1400 }));
+    assert_eq!(r.all_xor(attr::XOR_PEER_ADDRESS), vec![peer(PEER)]);
+    assert!(r.attr(attr::DATA).is_none());
+}
