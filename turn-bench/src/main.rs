@@ -26,6 +26,9 @@ enum Cmd {
         /// Flow arrival relative to load updates; both when not given.
         #[arg(long, value_enum)]
         arrival: Option<balance::Arrival>,
+        /// Only this case (1 to 4, in the order of the table); all when not given.
+        #[arg(long)]
+        case: Option<usize>,
         /// Print JSON lines instead of a markdown table.
         #[arg(long)]
         json: bool,
@@ -34,7 +37,7 @@ enum Cmd {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Cmd::Balance { trials, arrival, json } => {
+        Cmd::Balance { trials, arrival, case: only, json } => {
             let arrivals = match arrival {
                 Some(a) => vec![a],
                 None => vec![balance::Arrival::Sequential, balance::Arrival::Burst],
@@ -45,7 +48,10 @@ fn main() -> Result<()> {
                 );
                 println!("| --- | --- | --- | --- | --- | --- | --- |");
             }
-            for case in balance::cases() {
+            for (number, case) in balance::cases().into_iter().enumerate() {
+                if only.is_some_and(|n| n != number + 1) {
+                    continue;
+                }
                 for &arrival in &arrivals {
                     let mut row = Vec::new();
                     for steer in [balance::Steer::Kernel, balance::Steer::Hash, balance::Steer::P2c]

@@ -119,8 +119,9 @@ pub fn groups(instance: &Path) -> Vec<PathBuf> {
     groups
 }
 
-/// Restricts an instance directory to root, or to root and `gid` (the admin group).
-pub fn restrict(instance: &Path, gid: Option<u32>) -> io::Result<()> {
+/// Restricts an instance directory to its owner (`uid`, the user the daemon runs as, or
+/// root), or to the owner and `gid` (the admin group).
+pub fn restrict(instance: &Path, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let (dir_mode, file_mode) = if gid.is_some() { (0o750, 0o660) } else { (0o700, 0o600) };
     let mut paths = vec![instance.to_owned()];
@@ -133,8 +134,8 @@ pub fn restrict(instance: &Path, gid: Option<u32>) -> io::Result<()> {
     for path in paths {
         let mode = if path.is_dir() { dir_mode } else { file_mode };
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
-        if let Some(gid) = gid {
-            std::os::unix::fs::chown(&path, Some(0), Some(gid))?;
+        if uid.is_some() || gid.is_some() {
+            std::os::unix::fs::chown(&path, uid, gid)?;
         }
     }
     // The layout and root directories must be traversable to reach the instance.

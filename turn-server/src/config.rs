@@ -8,6 +8,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
+use turn_proto::{
+    credentials::{StaticUser, UserSecret},
+    policy::IpNet,
+};
 
 /// How new client flows are placed on the workers' listener sockets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
@@ -56,6 +60,53 @@ pub struct Config {
     pub admin_group: Option<String>,
     /// Realm for long-term credentials (default: the host name).
     pub realm: Option<String>,
+    /// Static users, `name:password` or `name:0x<32 hex digits>` (the MD5 key
+    /// MD5(name:realm:password), as coturn's turnadmin prints it).
+    pub users: Vec<String>,
+    /// Shared secrets of the TURN REST scheme (coturn's static-auth-secret); several are
+    /// accepted for rotation.
+    pub static_auth_secrets: Vec<String>,
+    /// Local addresses relay sockets bind to, at most one per family (default: the
+    /// listening address, or the host's main address when listening on a wildcard).
+    pub relay_ips: Vec<IpAddr>,
+    /// Addresses told to clients as relayed addresses (behind NAT), one per family.
+    pub external_ips: Vec<IpAddr>,
+    /// Lowest relay port.
+    pub min_port: u16,
+    /// Highest relay port.
+    pub max_port: u16,
+    /// Allocation lifetime when the client asks for none or less.
+    pub default_lifetime_secs: u32,
+    /// Longest allocation lifetime granted.
+    pub max_lifetime_secs: u32,
+    /// Permission lifetime (RFC 8656: 300).
+    pub permission_lifetime_secs: u32,
+    /// Channel binding lifetime (RFC 8656: 600).
+    pub channel_lifetime_secs: u32,
+    /// Nonce lifetime; an older nonce gets 438 Stale Nonce.
+    pub nonce_lifetime_secs: u64,
+    /// Allocations per user across all workers (0 = unlimited).
+    pub user_quota: usize,
+    /// Allocations in total across all workers (0 = unlimited).
+    pub total_quota: usize,
+    /// Permissions per allocation.
+    pub max_permissions_per_allocation: usize,
+    /// Peer addresses allowed even where a default rule denies them (CIDR or address).
+    pub allowed_peer_ips: Vec<String>,
+    /// Peer addresses denied (CIDR or address).
+    pub denied_peer_ips: Vec<String>,
+    /// Allow loopback peers (tests and local development only).
+    pub allow_loopback_peers: bool,
+    /// Allow private, CGNAT and ULA peers (a relay inside a private network).
+    pub allow_private_peers: bool,
+    /// SOFTWARE attribute in responses ("" for none).
+    pub software: String,
+    /// After SIGTERM, how long live allocations may go on relaying before the daemon exits.
+    pub drain_timeout_secs: u64,
+    /// User to run as once sockets are bound and steering is attached.
+    pub proc_user: Option<String>,
+    /// Group to run as once sockets are bound and steering is attached.
+    pub proc_group: Option<String>,
     /// Log format: text or json.
     pub log_format: LogFormat,
 }
@@ -74,6 +125,28 @@ impl Default for Config {
             bpf_pin_root: PathBuf::from(crate::bpffs::DEFAULT_ROOT),
             admin_group: None,
             realm: None,
+            users: Vec::new(),
+            static_auth_secrets: Vec::new(),
+            relay_ips: Vec::new(),
+            external_ips: Vec::new(),
+            min_port: 49152,
+            max_port: 65535,
+            default_lifetime_secs: 600,
+            max_lifetime_secs: 3600,
+            permission_lifetime_secs: 300,
+            channel_lifetime_secs: 600,
+            nonce_lifetime_secs: 600,
+            user_quota: 0,
+            total_quota: 0,
+            max_permissions_per_allocation: 64,
+            allowed_peer_ips: Vec::new(),
+            denied_peer_ips: Vec::new(),
+            allow_loopback_peers: false,
+            allow_private_peers: false,
+            software: concat!("turn-server/", env!("CARGO_PKG_VERSION")).to_owned(),
+            drain_timeout_secs: 60,
+            proc_user: None,
+            proc_group: None,
             log_format: LogFormat::Text,
         }
     }
@@ -110,6 +183,63 @@ impl Config {
         if self.steering_pin_entries == 0 {
             bail!("steering_pin_entries: must be at least 1");
         }
+        if self.min_port == 0 || self.min_port > self.max_port {
+            bail!(
+                "min_port/max_port: need 1 <= min_port <= max_port (got {}-{})",
+                self.min_port,
+                self.max_port
+            );
+        }
+        if usize::from(self.max_port - self.min_port) + 1 < self.worker_count() {
+            bail!("min_port/max_port: the range needs at least one port per worker");
+        }
+        if self.default_lifetime_secs == 0 || self.default_lifetime_secs > self.max_lifetime_secs {
+            bail!("default_lifetime_secs: must be at least 1 and at most max_lifetime_secs");
+        }
+        for (key, value) in [
+            ("permission_lifetime_secs", u64::from(self.permission_lifetime_secs)),
+            ("channel_lifetime_secs", u64::from(self.channel_lifetime_secs)),
+            ("nonce_lifetime_secs", self.nonce_lifetime_secs),
+            ("max_permissions_per_allocation", self.max_permissions_per_allocation as u64),
+        ] {
+            if value == 0 {
+                bail!("{key}: must be at least 1");
+            }
+        }
+        for user in &self.users {
+            parse_user(user).context("users")?;
+        }
+        if self.static_auth_secrets.iter().any(String::is_empty) {
+            bail!("static_auth_secrets: a secret is empty");
+        }
+        for (key, ips) in [("relay_ips", &self.relay_ips), ("external_ips", &self.external_ips)] {
+            if ips.iter().filter(|ip| ip.is_ipv4()).count() > 1
+                || ips.iter().filter(|ip| ip.is_ipv6()).count() > 1
+            {
+                bail!("{key}: at most one address per family");
+            }
+        }
+        for ip in &self.relay_ips {
+            if ip.is_unspecified() {
+                bail!("relay_ips: {ip} is not an address clients can be told");
+            }
+        }
+        for (key, nets) in [
+            ("allowed_peer_ips", &self.allowed_peer_ips),
+            ("denied_peer_ips", &self.denied_peer_ips),
+        ] {
+            for net in nets {
+                parse_net(net).with_context(|| format!("{key}: {net:?}"))?;
+            }
+        }
+        if self.software.len() > 763 {
+            bail!("software: at most 763 bytes");
+        }
+        for (key, name) in [("proc_user", &self.proc_user), ("proc_group", &self.proc_group)] {
+            if let Some(name) = name {
+                lookup_id(name, key == "proc_user").with_context(|| format!("{key}: {name}"))?;
+            }
+        }
         if let Some(group) = &self.admin_group {
             self.admin_gid().with_context(|| format!("admin_group: {group}"))?;
         }
@@ -123,19 +253,7 @@ impl Config {
 
     /// The admin group's id, if one is configured.
     pub fn admin_gid(&self) -> Result<Option<u32>> {
-        let Some(group) = &self.admin_group else { return Ok(None) };
-        if let Ok(gid) = group.parse::<u32>() {
-            return Ok(Some(gid));
-        }
-        let name = std::ffi::CString::new(group.as_bytes()).context("group name has a NUL byte")?;
-        // SAFETY: getgrnam reads a valid C string; the result is read at once, before any
-        // other call could reuse its static buffer.
-        let entry = unsafe { libc::getgrnam(name.as_ptr()) };
-        if entry.is_null() {
-            bail!("no group named {group:?} on this system");
-        }
-        // SAFETY: non-null entry returned by getgrnam.
-        Ok(Some(unsafe { (*entry).gr_gid }))
+        self.admin_group.as_deref().map(|g| lookup_id(g, false)).transpose()
     }
 
     /// Worker count with 0 resolved to the number of CPUs.
@@ -153,6 +271,61 @@ impl Config {
     pub fn realm(&self) -> String {
         self.realm.clone().unwrap_or_else(host_name)
     }
+}
+
+/// A static user from `name:password` or `name:0x<hex MD5 key>`.
+pub fn parse_user(entry: &str) -> Result<StaticUser> {
+    let Some((name, secret)) = entry.split_once(':') else {
+        bail!("{entry:?} is not name:password");
+    };
+    if name.is_empty() || name.len() > 513 {
+        bail!("user name {name:?}: 1 to 513 bytes");
+    }
+    let secret = match secret.strip_prefix("0x") {
+        Some(hex) if hex.len() == 32 => {
+            let mut key = [0u8; 16];
+            for (i, byte) in key.iter_mut().enumerate() {
+                *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+                    .with_context(|| format!("user {name}: key 0x{hex} is not hexadecimal"))?;
+            }
+            UserSecret::Md5Key(key)
+        }
+        _ if secret.is_empty() => bail!("user {name}: empty password"),
+        _ => UserSecret::Password(secret.to_owned()),
+    };
+    Ok(StaticUser { name: name.to_owned(), secret })
+}
+
+/// A peer range: `a.b.c.d/len`, `x::/len`, or a single address.
+pub fn parse_net(text: &str) -> Result<IpNet> {
+    let (addr, prefix) = match text.split_once('/') {
+        Some((addr, prefix)) => (addr, Some(prefix.parse::<u8>().context("bad prefix length")?)),
+        None => (text, None),
+    };
+    let addr: IpAddr = addr.trim().parse().context("not an IP address")?;
+    let prefix = prefix.unwrap_or(if addr.is_ipv4() { 32 } else { 128 });
+    IpNet::new(addr, prefix).map_err(|_| anyhow::anyhow!("prefix /{prefix} too long for {addr}"))
+}
+
+/// The id of a user (`user`) or group by name or number.
+pub fn lookup_id(name: &str, user: bool) -> Result<u32> {
+    if let Ok(id) = name.parse::<u32>() {
+        return Ok(id);
+    }
+    let c_name = std::ffi::CString::new(name.as_bytes()).context("name has a NUL byte")?;
+    // SAFETY: valid C string; the static result is read at once.
+    let id = unsafe {
+        if user {
+            let pw = libc::getpwnam(c_name.as_ptr());
+            (!pw.is_null()).then(|| (*pw).pw_uid)
+        } else {
+            let gr = libc::getgrnam(c_name.as_ptr());
+            (!gr.is_null()).then(|| (*gr).gr_gid)
+        }
+    };
+    id.with_context(|| {
+        format!("no {} named {name:?} on this system", if user { "user" } else { "group" })
+    })
 }
 
 /// The machine's host name, or "turn-server" when it has none.
@@ -188,6 +361,47 @@ mod tests {
     }
 
     #[test]
+    fn users_plain_and_hashed() {
+        let plain = parse_user("alice:secret:with:colons").unwrap();
+        assert_eq!(plain.name, "alice");
+        assert_eq!(plain.secret, UserSecret::Password("secret:with:colons".into()));
+        let hashed = parse_user("bob:0x0123456789abcdef0123456789ABCDEF").unwrap();
+        assert_eq!(
+            hashed.secret,
+            UserSecret::Md5Key([
+                0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab,
+                0xcd, 0xef
+            ])
+        );
+        assert!(parse_user("nopassword").is_err());
+        assert!(parse_user("carol:").is_err());
+        assert!(parse_user("dave:0xZZ23456789abcdef0123456789abcdef").is_err());
+        let err = Config::from_toml("users = [\"eve\"]\n").unwrap_err();
+        assert!(format!("{err:#}").contains("users"), "{err:#}");
+    }
+
+    #[test]
+    fn peer_ranges() {
+        assert_eq!(parse_net("10.0.0.0/8").unwrap().prefix(), 8);
+        assert_eq!(parse_net("192.0.2.1").unwrap().prefix(), 32);
+        assert_eq!(parse_net("2001:db8::/32").unwrap().prefix(), 32);
+        assert!(parse_net("10.0.0.0/33").is_err());
+        assert!(parse_net("example.org").is_err());
+        let err = Config::from_toml("denied_peer_ips = [\"10.0.0.0/40\"]\n").unwrap_err();
+        assert!(format!("{err:#}").contains("denied_peer_ips"), "{err:#}");
+    }
+
+    #[test]
+    fn port_range_and_lifetimes_are_checked() {
+        let err = Config::from_toml("min_port = 60000\nmax_port = 50000\n").unwrap_err();
+        assert!(format!("{err:#}").contains("min_port"), "{err:#}");
+        let err = Config::from_toml("default_lifetime_secs = 7200\n").unwrap_err();
+        assert!(format!("{err:#}").contains("default_lifetime_secs"), "{err:#}");
+        let err = Config::from_toml("relay_ips = [\"0.0.0.0\"]\n").unwrap_err();
+        assert!(format!("{err:#}").contains("relay_ips"), "{err:#}");
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let err = Config::from_toml("listening_prot = 1\n").unwrap_err().to_string();
         assert!(err.contains("listening_prot"), "{err}");
@@ -212,8 +426,14 @@ mod doc_tests {
     #[test]
     fn every_key_is_documented() {
         let doc = include_str!("../../docs/configuration.md");
-        let keys =
-            toml::to_string(&Config { realm: Some("x".into()), ..Config::default() }).unwrap();
+        let keys = toml::to_string(&Config {
+            realm: Some("x".into()),
+            admin_group: Some("0".into()),
+            proc_user: Some("0".into()),
+            proc_group: Some("0".into()),
+            ..Config::default()
+        })
+        .unwrap();
         for line in keys.lines() {
             let key = line.split('=').next().unwrap().trim();
             assert!(doc.contains(&format!("`{key}`")), "docs/configuration.md misses `{key}`");

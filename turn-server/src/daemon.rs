@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::watch,
+    sync::{mpsc, watch},
 };
 use tracing::{error, info, warn};
 use turn_common::Mode;
@@ -21,9 +21,11 @@ use crate::{
     config::{Config, SteeringMode},
     listener::{ListenerGroup, bind_group},
     load::LoadEstimator,
-    protocol::Protocol,
+    relay::RelayPool,
+    setup,
+    shared::{Directory, SharedQuota},
     steering::{Steering, SteeringOptions},
-    worker::{self, RunState, WorkerSetup, WorkerStats},
+    worker::{self, INBOX_CAPACITY, RunState, WorkerSetup, WorkerStats},
 };
 
 /// How often the control thread publishes worker loads to the steering maps.
@@ -49,6 +51,19 @@ pub fn run(config: Config) -> Result<()> {
         Signals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? }
     };
 
+    let (credentials, generated) = setup::credentials(&config)?;
+    let relay_addresses = setup::relay_addresses(&config)?;
+    let nonce_secret: [u8; 32] = rand::random();
+    // Check the protocol configuration once, before binding anything.
+    turn_proto::server::Server::new(setup::server_config(
+        &config,
+        &credentials,
+        &relay_addresses,
+        nonce_secret,
+        0,
+    )?)
+    .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+
     let pin_instance = prepare_pins(&config);
     let mut groups = Vec::new();
     let mut worker_sockets: Vec<Vec<UdpSocket>> = (0..workers).map(|_| Vec::new()).collect();
@@ -67,7 +82,9 @@ pub fn run(config: Config) -> Result<()> {
 
     if let Some(instance) = &pin_instance {
         if groups.iter().any(|g| g.steering.is_some()) {
-            if let Err(e) = bpffs::restrict(instance, config.admin_gid()?) {
+            if let Err(e) =
+                bpffs::restrict(instance, setup::run_as_uid(&config)?, config.admin_gid()?)
+            {
                 warn!(dir = %instance.display(), error = %e, "cannot set permissions on the pins");
             }
         } else {
@@ -75,20 +92,63 @@ pub fn run(config: Config) -> Result<()> {
         }
     }
 
+    setup::drop_privileges(&config)?;
+
     let (state_tx, state_rx) = watch::channel(RunState::Running);
+    let quota = Arc::new(SharedQuota::new(config.user_quota, config.total_quota));
+    let directory = Arc::new(Directory::default());
+    let (senders, receivers): (Vec<_>, Vec<_>) =
+        (0..workers).map(|_| mpsc::channel(INBOX_CAPACITY)).unzip();
+    let inboxes: Arc<[mpsc::Sender<worker::Handoff>]> = senders.into();
     let mut handles = Vec::with_capacity(workers);
     let mut stats = Vec::with_capacity(workers);
-    for (index, listeners) in worker_sockets.into_iter().enumerate() {
+    for ((index, listeners), inbox) in worker_sockets.into_iter().enumerate().zip(receivers) {
         let worker_stats = Arc::new(WorkerStats::default());
         stats.push(Arc::clone(&worker_stats));
+        let flow_pins = groups
+            .iter()
+            .map(|g| g.steering.as_ref().map(|s| s.flow_pins(index as u32)).transpose())
+            .collect::<Result<Vec<_>, _>>()?;
+        let server_config = setup::server_config(
+            &config,
+            &credentials,
+            &relay_addresses,
+            nonce_secret,
+            rand::random(),
+        )?;
+        let server =
+            turn_proto::server::Server::new(server_config).map_err(|e| anyhow::anyhow!("{e}"))?;
         handles.push(worker::spawn(WorkerSetup {
             index,
             listeners,
-            protocol: Protocol::new(&config),
+            flow_pins,
+            server,
+            relays: RelayPool::new(
+                relay_addresses,
+                config.min_port,
+                config.max_port,
+                index,
+                workers,
+            ),
+            quota: Arc::clone(&quota),
+            directory: Arc::clone(&directory),
+            inboxes: Arc::clone(&inboxes),
+            inbox,
             stats: worker_stats,
             state: state_rx.clone(),
         })?);
     }
+    let relays: Vec<String> = relay_addresses
+        .iter()
+        .flatten()
+        .map(|r| {
+            if r.bind == r.advertised {
+                r.bind.to_string()
+            } else {
+                format!("{} (told {})", r.bind, r.advertised)
+            }
+        })
+        .collect();
     for group in &groups {
         let mode = group.steering.as_ref().map_or("off (kernel hash)", |s| match s.mode() {
             Ok(Mode::P2c) => "p2c",
@@ -96,10 +156,23 @@ pub fn run(config: Config) -> Result<()> {
             Ok(Mode::Kernel) => "kernel",
             Err(_) => "unknown",
         });
-        info!(listen = %group.local, workers, steering = mode, %realm, "listening (UDP)");
+        info!(
+            listen = %group.local,
+            workers,
+            steering = mode,
+            %realm,
+            relay = %relays.join(", "),
+            ports = %format!("{}-{}", config.min_port, config.max_port),
+            "listening (UDP)"
+        );
+    }
+    if let Some(user) = &generated {
+        print_generated(&config, &groups, &relay_addresses, user);
     }
 
-    let outcome = runtime.block_on(control_loop(signals, &mut groups, &stats, &handles));
+    let drain = Duration::from_secs(config.drain_timeout_secs);
+    let outcome =
+        runtime.block_on(control_loop(signals, &state_tx, drain, &mut groups, &stats, &handles));
 
     let _ = state_tx.send(RunState::Stop);
     for group in groups.drain(..) {
@@ -184,6 +257,42 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// Prints the generated user with what a client needs, on stdout (and in the log).
+fn print_generated(
+    config: &Config,
+    groups: &[SteeredGroup],
+    relays: &[Option<crate::relay::RelayAddress>; 2],
+    user: &setup::GeneratedUser,
+) {
+    let mut urls: Vec<String> = Vec::new();
+    for group in groups {
+        let ip = if group.local.ip().is_unspecified() {
+            let slot = usize::from(group.local.is_ipv6());
+            relays[slot].map_or(group.local.ip(), |r| r.advertised)
+        } else {
+            group.local.ip()
+        };
+        urls.push(setup::turn_url(SocketAddr::new(ip, group.local.port())));
+    }
+    warn!(username = %user.username, "no credentials configured: generated a user for this run");
+    println!(
+        "turn-server: no credentials configured; generated for this run (configure `users` or"
+    );
+    println!("`static_auth_secrets`, or --user / --static-auth-secret, to choose your own):");
+    for url in &urls {
+        println!("  url:      {url}");
+    }
+    println!("  username: {}", user.username);
+    println!("  password: {}", user.password);
+    println!("  realm:    {}", config.realm());
+    println!(
+        "Peers on loopback and private networks are refused by default; to try it on this machine \
+         add --allow-loopback-peers."
+    );
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+}
+
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
@@ -191,6 +300,8 @@ struct Signals {
 
 async fn control_loop(
     mut signals: Signals,
+    state: &watch::Sender<RunState>,
+    drain_timeout: Duration,
     groups: &mut [SteeredGroup],
     stats: &[Arc<WorkerStats>],
     workers: &[std::thread::JoinHandle<Result<()>>],
@@ -198,15 +309,36 @@ async fn control_loop(
     let mut estimator = LoadEstimator::new(stats.len());
     let mut tick = tokio::time::interval(LOAD_PUBLISH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut drain_until: Option<tokio::time::Instant> = None;
+    let live = || stats.iter().map(|w| w.allocations.load(Ordering::Relaxed)).sum::<u64>();
     loop {
         tokio::select! {
-            _ = signals.term.recv() => { info!("SIGTERM: stopping"); return Ok(()); }
+            _ = signals.term.recv() => {
+                if drain_until.is_some() {
+                    info!("second SIGTERM: stopping now");
+                    return Ok(());
+                }
+                info!(allocations = live(), timeout_secs = drain_timeout.as_secs(), "SIGTERM: draining (no new allocations)");
+                let _ = state.send(RunState::Draining);
+                drain_until = Some(tokio::time::Instant::now() + drain_timeout);
+            }
             _ = signals.int.recv() => { info!("SIGINT: stopping"); return Ok(()); }
             _ = tick.tick() => {
                 if let Some(i) = workers.iter().position(|w| w.is_finished()) {
                     bail!("worker {i} stopped unexpectedly");
                 }
                 publish_loads(&mut estimator, groups, stats);
+                if let Some(until) = drain_until {
+                    let left = live();
+                    if left == 0 {
+                        info!("drained: no allocation left");
+                        return Ok(());
+                    }
+                    if tokio::time::Instant::now() >= until {
+                        info!(allocations = left, "drain timeout: closing the remaining allocations");
+                        return Ok(());
+                    }
+                }
             }
         }
     }

@@ -7,7 +7,9 @@
 //! * [`load`]: the per-worker load score P2C compares.
 //! * [`bpffs`]: where steering maps are pinned, and clean-up after a killed daemon.
 //! * [`worker`]: a worker thread: its sockets, its protocol state, its epoll set.
-//! * [`protocol`]: the bridge between a worker and `turn-proto`.
+//! * [`relay`]: relay sockets, the worker's share of the port range.
+//! * [`shared`]: cross-worker state on cold paths: quotas, the allocation directory.
+//! * [`setup`]: configuration to protocol core, credentials, relay addresses, privileges.
 //! * [`daemon`]: startup, control loop, shutdown.
 //! * [`inspect`]: `turn-server load` and `steering set`, through the pinned maps.
 
@@ -18,6 +20,8 @@ pub mod epoll;
 pub mod inspect;
 pub mod listener;
 pub mod load;
-pub mod protocol;
+pub mod relay;
+pub mod setup;
+pub mod shared;
 pub mod steering;
 pub mod worker;

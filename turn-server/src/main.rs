@@ -110,6 +110,54 @@ struct ServeArgs {
     /// Realm for long-term credentials [config: realm, default: the host name].
     #[arg(short = 'r', long = "realm")]
     realm: Option<String>,
+    /// Static user NAME:PASSWORD (or NAME:0xMD5KEY); repeat for several [config: users].
+    #[arg(short = 'u', long = "user", value_name = "NAME:PASS")]
+    user: Vec<String>,
+    /// Shared secret of TURN REST credentials; repeat for rotation [config: static_auth_secrets].
+    #[arg(long = "static-auth-secret", value_name = "SECRET")]
+    static_auth_secret: Vec<String>,
+    /// Local address relay sockets bind to, one per family [config: relay_ips].
+    #[arg(long = "relay-ip", value_name = "IP")]
+    relay_ip: Vec<IpAddr>,
+    /// Relayed address told to clients (behind NAT), one per family [config: external_ips].
+    #[arg(short = 'X', long = "external-ip", value_name = "IP")]
+    external_ip: Vec<IpAddr>,
+    /// Lowest relay port [config: min_port, default 49152].
+    #[arg(long = "min-port", value_name = "PORT")]
+    min_port: Option<u16>,
+    /// Highest relay port [config: max_port, default 65535].
+    #[arg(long = "max-port", value_name = "PORT")]
+    max_port: Option<u16>,
+    /// Longest allocation lifetime in seconds [config: max_lifetime_secs, default 3600].
+    #[arg(long = "max-allocate-lifetime", value_name = "SECS")]
+    max_allocate_lifetime: Option<u32>,
+    /// Allocations per user across workers, 0 = unlimited [config: user_quota].
+    #[arg(long = "user-quota", value_name = "N")]
+    user_quota: Option<usize>,
+    /// Allocations in total, 0 = unlimited [config: total_quota].
+    #[arg(long = "total-quota", value_name = "N")]
+    total_quota: Option<usize>,
+    /// Peer address or CIDR range allowed despite the default rules; repeat [config: allowed_peer_ips].
+    #[arg(long = "allowed-peer-ip", value_name = "CIDR")]
+    allowed_peer_ip: Vec<String>,
+    /// Peer address or CIDR range denied; repeat [config: denied_peer_ips].
+    #[arg(long = "denied-peer-ip", value_name = "CIDR")]
+    denied_peer_ip: Vec<String>,
+    /// Allow loopback peers (tests, local development) [config: allow_loopback_peers].
+    #[arg(long = "allow-loopback-peers")]
+    allow_loopback_peers: bool,
+    /// Allow private, CGNAT and ULA peers [config: allow_private_peers].
+    #[arg(long = "allow-private-peers")]
+    allow_private_peers: bool,
+    /// Seconds live allocations keep relaying after SIGTERM [config: drain_timeout_secs, default 60].
+    #[arg(long = "drain-timeout", value_name = "SECS")]
+    drain_timeout: Option<u64>,
+    /// User to run as after setup [config: proc_user].
+    #[arg(long = "proc-user", value_name = "USER")]
+    proc_user: Option<String>,
+    /// Group to run as after setup [config: proc_group].
+    #[arg(long = "proc-group", value_name = "GROUP")]
+    proc_group: Option<String>,
     /// Log format [config: log_format, default text].
     #[arg(long = "log-format", value_enum)]
     log_format: Option<LogFormat>,
@@ -141,6 +189,50 @@ impl ServeArgs {
         }
         if let Some(realm) = &self.realm {
             config.realm = Some(realm.clone());
+        }
+        if !self.user.is_empty() {
+            config.users = self.user.clone();
+        }
+        if !self.static_auth_secret.is_empty() {
+            config.static_auth_secrets = self.static_auth_secret.clone();
+        }
+        if !self.relay_ip.is_empty() {
+            config.relay_ips = self.relay_ip.clone();
+        }
+        if !self.external_ip.is_empty() {
+            config.external_ips = self.external_ip.clone();
+        }
+        if let Some(port) = self.min_port {
+            config.min_port = port;
+        }
+        if let Some(port) = self.max_port {
+            config.max_port = port;
+        }
+        if let Some(secs) = self.max_allocate_lifetime {
+            config.max_lifetime_secs = secs;
+        }
+        if let Some(n) = self.user_quota {
+            config.user_quota = n;
+        }
+        if let Some(n) = self.total_quota {
+            config.total_quota = n;
+        }
+        if !self.allowed_peer_ip.is_empty() {
+            config.allowed_peer_ips = self.allowed_peer_ip.clone();
+        }
+        if !self.denied_peer_ip.is_empty() {
+            config.denied_peer_ips = self.denied_peer_ip.clone();
+        }
+        config.allow_loopback_peers |= self.allow_loopback_peers;
+        config.allow_private_peers |= self.allow_private_peers;
+        if let Some(secs) = self.drain_timeout {
+            config.drain_timeout_secs = secs;
+        }
+        if let Some(user) = &self.proc_user {
+            config.proc_user = Some(user.clone());
+        }
+        if let Some(group) = &self.proc_group {
+            config.proc_group = Some(group.clone());
         }
         if let Some(format) = self.log_format {
             config.log_format = format;

@@ -1,8 +1,11 @@
 //! A worker: one OS thread, one current_thread tokio runtime, one socket of every listener
-//! group, its own protocol state, and one epoll set watched by the runtime.
+//! group, its own `turn_proto::Server` (allocation table), the relay sockets of its
+//! allocations, and one epoll set watched by the runtime (no task per socket).
 //!
-//! The per-packet path (receive batch, hand each datagram to the protocol core, send what
-//! it returns) takes no lock, touches no shared map and does not allocate.
+//! The per-packet path (receive a batch, hand each datagram to the protocol core, send what
+//! it returns) takes no lock, touches no shared map and does not allocate. Shared state is
+//! touched only for datagrams of a 5-tuple this worker does not own (the directory) and
+//! when allocations come and go (quotas, directory, flow pins).
 
 use std::{
     io::{self, IoSliceMut},
@@ -14,27 +17,44 @@ use std::{
         atomic::{AtomicU64, Ordering},
     },
     thread::JoinHandle,
-    time::Instant,
+    time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
-use tokio::{io::unix::AsyncFd, sync::watch};
-use tracing::{debug, info_span, warn};
+use tokio::{
+    io::unix::AsyncFd,
+    sync::{mpsc, watch},
+};
+use tracing::{debug, info, info_span, warn};
+use turn_common::FlowKey;
+use turn_proto::server::{
+    DeleteReason, DropReason, Event, FiveTuple, Output, PEER_HEADROOM, PEER_TAILROOM, RelayId,
+    Server,
+};
 
-use crate::{epoll::Epoll, protocol::Protocol};
+use crate::{
+    epoll::Epoll,
+    relay::{RELAY_TOKEN, RelayPool, Relays},
+    shared::{Directory, SharedQuota},
+    steering::FlowPins,
+};
 
 /// Largest datagram (or GRO batch of datagrams) one receive buffer holds.
 const RECV_BUFFER_BYTES: usize = 64 * 1024;
-/// Datagrams answered per socket before the next ready socket gets its turn.
+/// Batches taken from one socket before the next ready socket gets its turn.
 const BATCHES_PER_TURN: usize = 4;
 /// Epoll events fetched at once.
-const EVENTS: usize = 64;
+const EVENTS: usize = 256;
+/// Datagrams waiting to be handed to a worker; more are dropped (and counted).
+pub const INBOX_CAPACITY: usize = 4096;
 
 /// What the control thread asks of the workers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RunState {
     Running,
-    /// Stop as soon as possible.
+    /// No new allocations (Allocate gets 508); existing ones keep relaying.
+    Draining,
+    /// Release everything and exit.
     Stop,
 }
 
@@ -45,17 +65,30 @@ pub enum RunState {
 pub struct WorkerStats {
     /// Datagrams received on listener sockets.
     pub client_datagrams: AtomicU64,
-    /// Datagrams received on listener sockets that were dropped (malformed, unknown).
-    pub client_dropped: AtomicU64,
+    /// Datagrams received on relay sockets.
+    pub peer_datagrams: AtomicU64,
+    /// Datagrams the protocol core dropped (malformed, unknown, not permitted...).
+    pub dropped: AtomicU64,
+    /// Datagrams handed to the worker that owns their allocation.
+    pub handed_off: AtomicU64,
+    /// Datagrams received from other workers.
+    pub handed_in: AtomicU64,
     /// Live allocations of this worker.
     pub allocations: AtomicU64,
 }
 
-impl WorkerStats {
-    fn bump(counter: &AtomicU64, by: u64) {
-        // Single writer: a plain load/store pair, no locked read-modify-write.
-        counter.store(counter.load(Ordering::Relaxed).wrapping_add(by), Ordering::Relaxed);
-    }
+fn bump(counter: &AtomicU64, by: u64) {
+    // Single writer: a plain load/store pair, no locked read-modify-write.
+    counter.store(counter.load(Ordering::Relaxed).wrapping_add(by), Ordering::Relaxed);
+}
+
+/// A datagram that reached a worker which does not own its allocation.
+#[derive(Debug)]
+pub struct Handoff {
+    pub group: usize,
+    pub listener: SocketAddr,
+    pub client: SocketAddr,
+    pub data: Box<[u8]>,
 }
 
 /// What a worker is given when it starts.
@@ -63,7 +96,15 @@ pub struct WorkerSetup {
     pub index: usize,
     /// One socket per listener group, in group order.
     pub listeners: Vec<UdpSocket>,
-    pub protocol: Protocol,
+    /// Per listener group: this worker's handle on the group's flow pins (None: no steering).
+    pub flow_pins: Vec<Option<FlowPins>>,
+    pub server: Server,
+    pub relays: RelayPool,
+    pub quota: Arc<SharedQuota>,
+    pub directory: Arc<Directory>,
+    /// Every worker's inbox, by worker index.
+    pub inboxes: Arc<[mpsc::Sender<Handoff>]>,
+    pub inbox: mpsc::Receiver<Handoff>,
     pub stats: Arc<WorkerStats>,
     pub state: watch::Receiver<RunState>,
 }
@@ -84,20 +125,39 @@ struct Listener {
     local: SocketAddr,
 }
 
-struct Worker {
+/// Everything but the receive buffers, so that a datagram borrowed from a buffer can be
+/// handled with `&mut Core`.
+struct Core {
+    index: usize,
     listeners: Vec<Listener>,
-    protocol: Protocol,
+    flow_pins: Vec<Option<FlowPins>>,
+    server: Server,
+    pool: RelayPool,
+    quota: Arc<SharedQuota>,
+    directory: Arc<Directory>,
+    inboxes: Arc<[mpsc::Sender<Handoff>]>,
     stats: Arc<WorkerStats>,
-    state: watch::Receiver<RunState>,
     epoll: Rc<AsyncFd<Epoll>>,
-    recv_buffers: Vec<Box<[u8]>>,
     out: Box<[u8]>,
+    scratch: Box<[u8]>,
     io_errors: RateLimitedLog,
+    handoff_drops: u64,
 }
 
-/// Token of listener `i` in the epoll set (relay sockets use tokens from `1 << 32` up).
+struct Worker {
+    core: Core,
+    state: watch::Receiver<RunState>,
+    inbox: mpsc::Receiver<Handoff>,
+    buffers: Vec<Box<[u8]>>,
+}
+
+/// Token of listener `i` in the epoll set (relay sockets have [`RELAY_TOKEN`] set).
 fn listener_token(i: usize) -> u64 {
     i as u64
+}
+
+fn unix_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 impl Worker {
@@ -111,37 +171,53 @@ impl Worker {
             let local = socket.local_addr()?;
             listeners.push(Listener { socket, state, local });
         }
+        // SAFETY: `Epoll` owns its fd and never replaces or closes it while it lives.
+        let epoll = unsafe {
+            AsyncFd::register_with_interest(epoll, tokio::io::Interest::READABLE)
+                .map_err(|e| e.into_parts().1)?
+        };
         Ok(Self {
-            listeners,
-            protocol: setup.protocol,
-            stats: setup.stats,
+            core: Core {
+                index: setup.index,
+                listeners,
+                flow_pins: setup.flow_pins,
+                server: setup.server,
+                pool: setup.relays,
+                quota: setup.quota,
+                directory: setup.directory,
+                inboxes: setup.inboxes,
+                stats: setup.stats,
+                epoll: Rc::new(epoll),
+                out: vec![0u8; turn_proto::server::RECOMMENDED_OUT_LEN].into_boxed_slice(),
+                scratch: vec![0u8; PEER_HEADROOM + RECV_BUFFER_BYTES + PEER_TAILROOM]
+                    .into_boxed_slice(),
+                io_errors: RateLimitedLog::default(),
+                handoff_drops: 0,
+            },
             state: setup.state,
-            // SAFETY: `Epoll` owns its fd and never replaces or closes it while it lives.
-            epoll: Rc::new(unsafe {
-                AsyncFd::register_with_interest(epoll, tokio::io::Interest::READABLE)
-                    .map_err(|e| e.into_parts().1)?
-            }),
-            recv_buffers: (0..quinn_udp::BATCH_SIZE)
-                .map(|_| vec![0u8; RECV_BUFFER_BYTES].into_boxed_slice())
+            inbox: setup.inbox,
+            buffers: (0..quinn_udp::BATCH_SIZE)
+                .map(|_| {
+                    vec![0u8; PEER_HEADROOM + RECV_BUFFER_BYTES + PEER_TAILROOM].into_boxed_slice()
+                })
                 .collect(),
-            out: vec![0u8; RECV_BUFFER_BYTES].into_boxed_slice(),
-            io_errors: RateLimitedLog::default(),
         })
     }
 
     async fn run(mut self) -> anyhow::Result<()> {
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; EVENTS];
-        let epoll = Rc::clone(&self.epoll);
+        let epoll = Rc::clone(&self.core.epoll);
         loop {
-            if *self.state.borrow() == RunState::Stop {
-                debug!("worker stopping");
-                return Ok(());
+            match *self.state.borrow() {
+                RunState::Stop => break,
+                RunState::Draining => self.core.pool.draining = true,
+                RunState::Running => self.core.pool.draining = false,
             }
+            let deadline = self.core.server.poll_timeout();
             tokio::select! {
                 changed = self.state.changed() => {
                     if changed.is_err() {
-                        // The control thread is gone: nothing will ever stop us otherwise.
-                        return Ok(());
+                        break; // the control thread is gone
                     }
                 }
                 guard = epoll.readable() => {
@@ -154,27 +230,59 @@ impl Worker {
                     for event in &events[..n] {
                         self.on_readable(event.u64);
                     }
+                    self.core.after_batch();
+                }
+                Some(handoff) = self.inbox.recv() => {
+                    self.core.on_handoff(handoff);
+                    self.core.after_batch();
+                }
+                () = sleep_until(deadline) => {
+                    let now = Instant::now();
+                    let core = &mut self.core;
+                    let mut relays = Relays { pool: &mut core.pool, epoll: core.epoll.get_ref() };
+                    core.server.handle_timeout(now, &mut relays, &*core.quota);
+                    core.after_batch();
                 }
             }
         }
+        let core = &mut self.core;
+        let mut relays = Relays { pool: &mut core.pool, epoll: core.epoll.get_ref() };
+        core.server.release_all(&mut relays, &*core.quota);
+        core.after_batch();
+        let c = core.server.counters();
+        info!(
+            allocations_created = c.allocations_created,
+            to_peer = c.to_peer,
+            to_client = c.channel_data_to_client + c.data_indications_to_client,
+            dropped = c.drops.iter().sum::<u64>(),
+            drops = %DropSummary(c.drops),
+            handed_off = core.stats.handed_off.load(Ordering::Relaxed),
+            handed_in = core.stats.handed_in.load(Ordering::Relaxed),
+            handoff_drops = core.handoff_drops,
+            "worker stopped"
+        );
+        Ok(())
     }
 
     fn on_readable(&mut self, token: u64) {
-        let index = token as usize;
-        if index < self.listeners.len() {
-            self.drain_listener(index);
+        if token & RELAY_TOKEN != 0 {
+            self.drain_relay((token & 0xffff_ffff) as u32);
+        } else if (token as usize) < self.core.listeners.len() {
+            self.drain_listener(token as usize);
         }
     }
 
-    /// Receives up to `BATCHES_PER_TURN` batches from listener `index` and answers them.
-    fn drain_listener(&mut self, index: usize) {
+    /// Receives up to `BATCHES_PER_TURN` batches from listener `group` and handles them.
+    fn drain_listener(&mut self, group: usize) {
         let mut meta = [RecvMeta::default(); quinn_udp::BATCH_SIZE];
         for _ in 0..BATCHES_PER_TURN {
-            let listener = &self.listeners[index];
             let received = {
-                let mut buffers = self.recv_buffers.iter_mut();
+                let listener = &self.core.listeners[group];
+                let mut buffers = self.buffers.iter_mut();
                 let mut iovs: [IoSliceMut<'_>; quinn_udp::BATCH_SIZE] = std::array::from_fn(|_| {
-                    IoSliceMut::new(buffers.next().map_or(&mut [][..], |b| &mut b[..]))
+                    IoSliceMut::new(
+                        buffers.next().map_or(&mut [][..], |b| &mut b[..RECV_BUFFER_BYTES]),
+                    )
                 });
                 listener.state.recv((&listener.socket).into(), &mut iovs, &mut meta)
             };
@@ -182,47 +290,283 @@ impl Worker {
                 Ok(count) => count,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    self.io_errors.log("listener receive", &e);
+                    self.core.io_errors.log("listener receive", &e);
                     return;
                 }
             };
             let now = Instant::now();
-            for (m, buf) in meta.iter().zip(self.recv_buffers.iter()).take(count) {
-                let stride = m.stride.max(1);
-                for datagram in buf[..m.len].chunks(stride) {
-                    WorkerStats::bump(&self.stats.client_datagrams, 1);
-                    let local = match m.dst_ip {
-                        Some(ip) => SocketAddr::new(ip, self.listeners[index].local.port()),
-                        None => self.listeners[index].local,
-                    };
-                    let reply = self.protocol.handle_client_datagram(
-                        now,
-                        local,
-                        m.addr,
-                        datagram,
-                        &mut self.out,
-                    );
-                    match reply {
-                        Some(len) => {
-                            let listener = &self.listeners[index];
-                            let transmit = Transmit {
-                                destination: m.addr,
-                                ecn: None,
-                                contents: &self.out[..len],
-                                segment_size: None,
-                                src_ip: m.dst_ip,
-                            };
-                            if let Err(e) =
-                                listener.state.try_send((&listener.socket).into(), &transmit)
-                            {
-                                self.io_errors.log("listener send", &e);
-                            }
-                        }
-                        None => WorkerStats::bump(&self.stats.client_dropped, 1),
+            let unix = unix_secs();
+            let port = self.core.listeners[group].local.port();
+            for (m, buf) in meta.iter().zip(self.buffers.iter()).take(count) {
+                let local = match m.dst_ip {
+                    Some(ip) => SocketAddr::new(ip, port),
+                    None => self.core.listeners[group].local,
+                };
+                for datagram in buf[..m.len].chunks(m.stride.max(1)) {
+                    bump(&self.core.stats.client_datagrams, 1);
+                    self.core.on_client_datagram(now, unix, group, local, m.addr, datagram, true);
+                }
+            }
+            if count < quinn_udp::BATCH_SIZE {
+                return;
+            }
+        }
+    }
+
+    /// Receives up to `BATCHES_PER_TURN` batches from a relay socket and relays them.
+    fn drain_relay(&mut self, slot: u32) {
+        let mut meta = [RecvMeta::default(); quinn_udp::BATCH_SIZE];
+        for _ in 0..BATCHES_PER_TURN {
+            let Some((id, relay)) = self.core.pool.by_slot(slot) else { return };
+            let received = {
+                let mut buffers = self.buffers.iter_mut();
+                let mut iovs: [IoSliceMut<'_>; quinn_udp::BATCH_SIZE] = std::array::from_fn(|_| {
+                    IoSliceMut::new(buffers.next().map_or(&mut [][..], |b| {
+                        &mut b[PEER_HEADROOM..PEER_HEADROOM + RECV_BUFFER_BYTES]
+                    }))
+                });
+                relay.state.recv((&relay.socket).into(), &mut iovs, &mut meta)
+            };
+            let count = match received {
+                Ok(count) => count,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    self.core.io_errors.log("relay receive", &e);
+                    return;
+                }
+            };
+            let now = Instant::now();
+            for (m, buf) in meta.iter().zip(self.buffers.iter_mut()).take(count) {
+                bump(&self.core.stats.peer_datagrams, 1);
+                if m.stride >= m.len {
+                    // The usual case: one datagram, framed in place.
+                    self.core.on_peer_datagram(now, id, m.addr, buf, m.len);
+                } else {
+                    // A GRO batch: frame each segment in the scratch buffer.
+                    let batch = &buf[PEER_HEADROOM..PEER_HEADROOM + m.len];
+                    for segment in batch.chunks(m.stride.max(1)) {
+                        let mut scratch = std::mem::take(&mut self.core.scratch);
+                        scratch[PEER_HEADROOM..PEER_HEADROOM + segment.len()]
+                            .copy_from_slice(segment);
+                        self.core.on_peer_datagram(now, id, m.addr, &mut scratch, segment.len());
+                        self.core.scratch = scratch;
                     }
                 }
             }
+            if count < quinn_udp::BATCH_SIZE {
+                return;
+            }
         }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Core {
+    /// A datagram from a client. `route`: look up another owner when this worker has no
+    /// allocation for its 5-tuple (false for datagrams another worker handed us).
+    #[allow(clippy::too_many_arguments)]
+    fn on_client_datagram(
+        &mut self,
+        now: Instant,
+        unix: u64,
+        group: usize,
+        local: SocketAddr,
+        client: SocketAddr,
+        datagram: &[u8],
+        route: bool,
+    ) {
+        let five_tuple = FiveTuple { client, listener: local };
+        if route
+            && self.server.allocation(&five_tuple).is_none()
+            && let Some(owner) = self.directory.owner(&five_tuple)
+            && owner != self.index
+        {
+            let handoff = Handoff { group, listener: local, client, data: datagram.into() };
+            match self.inboxes.get(owner).map(|inbox| inbox.try_send(handoff)) {
+                Some(Ok(())) => bump(&self.stats.handed_off, 1),
+                _ => self.handoff_drops += 1,
+            }
+            return;
+        }
+        let mut relays = Relays { pool: &mut self.pool, epoll: self.epoll.get_ref() };
+        let output = self.server.handle_client_datagram(
+            now,
+            unix,
+            local,
+            client,
+            datagram,
+            &mut self.out,
+            &mut relays,
+            &*self.quota,
+        );
+        send(&self.listeners, &self.pool, &mut self.io_errors, output);
+    }
+
+    /// A datagram from a peer on relay `id`, at `buf[PEER_HEADROOM..PEER_HEADROOM + len]`.
+    fn on_peer_datagram(
+        &mut self,
+        now: Instant,
+        id: RelayId,
+        peer: SocketAddr,
+        buf: &mut [u8],
+        len: usize,
+    ) {
+        let output = self.server.handle_peer_datagram(now, id, peer, buf, len);
+        send(&self.listeners, &self.pool, &mut self.io_errors, output);
+    }
+
+    /// A datagram another worker received for one of our allocations: pin its flow here
+    /// so the next ones come straight to us, then handle it.
+    fn on_handoff(&mut self, handoff: Handoff) {
+        bump(&self.stats.handed_in, 1);
+        if let Some(Some(pins)) = self.flow_pins.get_mut(handoff.group) {
+            let _ = pins.pin(&FlowKey::new(handoff.client, handoff.listener.ip()));
+        }
+        self.on_client_datagram(
+            Instant::now(),
+            unix_secs(),
+            handoff.group,
+            handoff.listener,
+            handoff.client,
+            &handoff.data,
+            false,
+        );
+    }
+
+    /// Book-keeping after a batch: allocation events (logs, directory, pins, counts).
+    fn after_batch(&mut self) {
+        while let Some(event) = self.server.poll_event() {
+            match event {
+                Event::AllocationCreated { five_tuple, username, relays, lifetime_secs } => {
+                    self.directory.insert(five_tuple, self.index);
+                    if let Some(group) = self.group_of(five_tuple.listener)
+                        && let Some(Some(pins)) = self.flow_pins.get_mut(group)
+                    {
+                        let _ =
+                            pins.pin(&FlowKey::new(five_tuple.client, five_tuple.listener.ip()));
+                    }
+                    let relayed: Vec<String> =
+                        relays.iter().flatten().map(|r| r.addr.to_string()).collect();
+                    info!(
+                        user = %username,
+                        client = %five_tuple.client,
+                        listener = %five_tuple.listener,
+                        relay = %relayed.join(","),
+                        lifetime_secs,
+                        "allocation created"
+                    );
+                }
+                Event::AllocationRefreshed { five_tuple, username, lifetime_secs } => {
+                    debug!(user = %username, client = %five_tuple.client, lifetime_secs, "allocation refreshed");
+                }
+                Event::AllocationDeleted { five_tuple, username, reason } => {
+                    self.directory.remove(&five_tuple, self.index);
+                    if let Some(group) = self.group_of(five_tuple.listener)
+                        && let Some(Some(pins)) = self.flow_pins.get_mut(group)
+                    {
+                        pins.unpin(&FlowKey::new(five_tuple.client, five_tuple.listener.ip()));
+                    }
+                    let reason = match reason {
+                        DeleteReason::Expired => "expired",
+                        DeleteReason::ClientRequest => "client request",
+                        DeleteReason::Shutdown => "shutdown",
+                    };
+                    info!(user = %username, client = %five_tuple.client, reason, "allocation deleted");
+                }
+            }
+        }
+        self.stats.allocations.store(self.server.allocation_count() as u64, Ordering::Relaxed);
+        let dropped: u64 = self.server.counters().drops.iter().sum();
+        self.stats.dropped.store(dropped, Ordering::Relaxed);
+        if self.pool.bind_errors > 0 {
+            warn!(count = self.pool.bind_errors, "relay sockets could not be created");
+            self.pool.bind_errors = 0;
+        }
+    }
+
+    fn group_of(&self, local: SocketAddr) -> Option<usize> {
+        listener_index(&self.listeners, local)
+    }
+}
+
+/// The listener group a local address belongs to: the exact address, or the wildcard
+/// listener of its family on its port.
+fn listener_index(listeners: &[Listener], local: SocketAddr) -> Option<usize> {
+    listeners.iter().position(|l| l.local == local).or_else(|| {
+        listeners.iter().position(|l| {
+            l.local.ip().is_unspecified()
+                && l.local.is_ipv4() == local.is_ipv4()
+                && l.local.port() == local.port()
+        })
+    })
+}
+
+/// Executes the protocol core's output.
+fn send(
+    listeners: &[Listener],
+    pool: &RelayPool,
+    io_errors: &mut RateLimitedLog,
+    output: Output<'_>,
+) {
+    match output {
+        Output::None => {}
+        Output::ToClient { client, listener, data } => {
+            let Some(i) = listener_index(listeners, listener) else { return };
+            let l = &listeners[i];
+            let transmit = Transmit {
+                destination: client,
+                ecn: None,
+                contents: data,
+                segment_size: None,
+                // From a wildcard listener, answer from the address the client used.
+                src_ip: l.local.ip().is_unspecified().then_some(listener.ip()),
+            };
+            if let Err(e) = l.state.try_send((&l.socket).into(), &transmit) {
+                io_errors.log("send to client", &e);
+            }
+        }
+        Output::ToPeer { relay, peer, data, .. } => {
+            let Some(r) = pool.get(relay) else { return };
+            let transmit = Transmit {
+                destination: peer,
+                ecn: None,
+                contents: data,
+                segment_size: None,
+                src_ip: None,
+            };
+            if let Err(e) = r.state.try_send((&r.socket).into(), &transmit) {
+                io_errors.log("send to peer", &e);
+            }
+        }
+    }
+}
+
+/// Drop counters by reason, for the log.
+struct DropSummary([u64; DropReason::COUNT]);
+
+impl std::fmt::Display for DropSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut first = true;
+        for (i, count) in self.0.iter().enumerate() {
+            if *count > 0 {
+                if !first {
+                    f.write_str(",")?;
+                }
+                first = false;
+                write!(
+                    f,
+                    "{:?}={count}",
+                    DropReason::ALL.get(i).copied().unwrap_or(DropReason::NotTurn)
+                )?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -1,0 +1,246 @@
+//! From the configuration to the pieces a worker runs: the protocol core's configuration,
+//! credentials (generated ones when none are configured), relay addresses, and dropping
+//! privileges once everything privileged is done.
+
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::{Context, Result, bail};
+use rand::{Rng, distr::Alphanumeric};
+use turn_proto::{
+    credentials::{CredentialsConfig, StaticUser, UserSecret},
+    policy::PeerPolicy,
+    server::ServerConfig,
+};
+
+use crate::{
+    config::{Config, lookup_id, parse_net, parse_user},
+    relay::RelayAddress,
+};
+
+/// Credentials generated because none were configured.
+#[derive(Debug, Clone)]
+pub struct GeneratedUser {
+    pub username: String,
+    pub password: String,
+}
+
+/// The configured credentials, or a generated user when there are none.
+pub fn credentials(config: &Config) -> Result<(CredentialsConfig, Option<GeneratedUser>)> {
+    let users = config.users.iter().map(|u| parse_user(u)).collect::<Result<Vec<_>>>()?;
+    let rest_secrets: Vec<Vec<u8>> =
+        config.static_auth_secrets.iter().map(|s| s.as_bytes().to_vec()).collect();
+    if !users.is_empty() || !rest_secrets.is_empty() {
+        return Ok((CredentialsConfig { users, rest_secrets }, None));
+    }
+    let mut rng = rand::rng();
+    let suffix: String = (&mut rng).sample_iter(Alphanumeric).take(6).map(char::from).collect();
+    let password: String = (&mut rng).sample_iter(Alphanumeric).take(20).map(char::from).collect();
+    let generated = GeneratedUser { username: format!("turn-{}", suffix.to_lowercase()), password };
+    let user = StaticUser {
+        name: generated.username.clone(),
+        secret: UserSecret::Password(generated.password.clone()),
+    };
+    Ok((CredentialsConfig { users: vec![user], rest_secrets }, Some(generated)))
+}
+
+/// The peer policy: safe defaults plus the configured exceptions.
+pub fn peer_policy(config: &Config) -> Result<PeerPolicy> {
+    let parse = |list: &[String]| list.iter().map(|n| parse_net(n)).collect::<Result<Vec<_>>>();
+    Ok(PeerPolicy {
+        allow_loopback: config.allow_loopback_peers,
+        allow_private: config.allow_private_peers,
+        allow_link_local: false,
+        allow: parse(&config.allowed_peer_ips).context("allowed_peer_ips")?,
+        deny: parse(&config.denied_peer_ips).context("denied_peer_ips")?,
+    })
+}
+
+/// The protocol core's configuration for one worker.
+pub fn server_config(
+    config: &Config,
+    credentials: &CredentialsConfig,
+    relays: &[Option<RelayAddress>; 2],
+    nonce_secret: [u8; 32],
+    seed: u64,
+) -> Result<ServerConfig> {
+    Ok(ServerConfig {
+        realm: config.realm(),
+        software: (!config.software.is_empty()).then(|| config.software.clone()),
+        credentials: credentials.clone(),
+        nonce_secret,
+        nonce_lifetime_secs: config.nonce_lifetime_secs,
+        default_allocation_lifetime_secs: config.default_lifetime_secs,
+        max_allocation_lifetime_secs: config.max_lifetime_secs,
+        permission_lifetime_secs: config.permission_lifetime_secs,
+        channel_lifetime_secs: config.channel_lifetime_secs,
+        max_permissions_per_allocation: config.max_permissions_per_allocation,
+        relay_ipv4: relays[0].is_some(),
+        relay_ipv6: relays[1].is_some(),
+        peer_policy: peer_policy(config)?,
+        seed,
+        ..ServerConfig::default()
+    })
+}
+
+/// Where relays of each family (`[IPv4, IPv6]`) are bound and what clients are told.
+///
+/// Per family: the configured relay address; else a specific listening address; else,
+/// when listening on that family's wildcard, the host's main address of that family.
+/// The advertised address is the configured external address of that family, if any.
+pub fn relay_addresses(config: &Config) -> Result<[Option<RelayAddress>; 2]> {
+    let mut out = [None, None];
+    for (slot, v4) in [(0usize, true), (1, false)] {
+        let family = |ip: &&IpAddr| ip.is_ipv4() == v4;
+        let listening: Vec<&IpAddr> = config.listening_ips.iter().filter(family).collect();
+        let bind = match config.relay_ips.iter().find(family) {
+            Some(ip) => Some(*ip),
+            None => match listening.iter().find(|ip| !ip.is_unspecified()) {
+                Some(ip) => Some(**ip),
+                None if !listening.is_empty() => main_address(v4),
+                None => None,
+            },
+        };
+        if let Some(bind) = bind {
+            let advertised = config.external_ips.iter().find(family).copied().unwrap_or(bind);
+            out[slot] = Some(RelayAddress { bind, advertised });
+        }
+    }
+    if out.iter().all(Option::is_none) {
+        bail!("no relay address: set relay_ips (--relay-ip) to an address of this host");
+    }
+    Ok(out)
+}
+
+/// The host's main address of a family: a global one if there is one, else a private one,
+/// else loopback (from the interface list; nothing is sent).
+fn main_address(v4: bool) -> Option<IpAddr> {
+    let mut candidates = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list`, which we walk read-only and free once.
+    unsafe {
+        if libc::getifaddrs(&mut list) != 0 {
+            return None;
+        }
+        let mut cursor = list;
+        while !cursor.is_null() {
+            let entry = &*cursor;
+            let up = entry.ifa_flags & libc::IFF_UP as u32 != 0;
+            if up && !entry.ifa_addr.is_null() {
+                let family = i32::from((*entry.ifa_addr).sa_family);
+                if v4 && family == libc::AF_INET {
+                    let sin = &*(entry.ifa_addr as *const libc::sockaddr_in);
+                    candidates.push(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
+                } else if !v4 && family == libc::AF_INET6 {
+                    let sin6 = &*(entry.ifa_addr as *const libc::sockaddr_in6);
+                    candidates.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                }
+            }
+            cursor = entry.ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    let rank = |ip: &IpAddr| -> u8 {
+        match ip {
+            IpAddr::V4(a) if a.is_loopback() => 3,
+            IpAddr::V4(a) if a.is_private() || a.is_link_local() => 1,
+            IpAddr::V6(a) if a.is_loopback() => 3,
+            // Link-local (fe80::/10) cannot be used without a scope.
+            IpAddr::V6(a) if (a.segments()[0] & 0xffc0) == 0xfe80 => 4,
+            IpAddr::V6(a) if (a.segments()[0] & 0xfe00) == 0xfc00 => 1,
+            _ => 0,
+        }
+    };
+    candidates.retain(|ip| rank(ip) < 4);
+    candidates.sort_by_key(rank);
+    candidates.first().copied()
+}
+
+/// The URL clients use, for the startup banner.
+pub fn turn_url(addr: SocketAddr) -> String {
+    match addr {
+        SocketAddr::V4(a) => format!("turn:{}:{}?transport=udp", a.ip(), a.port()),
+        SocketAddr::V6(a) => format!("turn:[{}]:{}?transport=udp", a.ip(), a.port()),
+    }
+}
+
+/// Switches to `proc_user`/`proc_group`, if configured. Called once everything that needs
+/// privileges (binding, BPF, pins) is done and before the workers start.
+pub fn drop_privileges(config: &Config) -> Result<()> {
+    let gid = config.proc_group.as_deref().map(|g| lookup_id(g, false)).transpose()?;
+    let uid = config.proc_user.as_deref().map(|u| lookup_id(u, true)).transpose()?;
+    // SAFETY: plain syscalls through glibc's wrappers, which apply them to every thread.
+    unsafe {
+        if let Some(gid) = gid
+            && (libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(gid) != 0)
+        {
+            return Err(std::io::Error::last_os_error())
+                .context(format!("cannot switch to group {gid}"));
+        }
+        if let Some(uid) = uid
+            && libc::setuid(uid) != 0
+        {
+            return Err(std::io::Error::last_os_error())
+                .context(format!("cannot switch to user {uid}"));
+        }
+    }
+    Ok(())
+}
+
+/// The uid the daemon will run as (owner of its pins).
+pub fn run_as_uid(config: &Config) -> Result<Option<u32>> {
+    config.proc_user.as_deref().map(|u| lookup_id(u, true)).transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_credentials_only_without_configured_ones() {
+        let (creds, generated) = credentials(&Config::default()).unwrap();
+        let generated = generated.unwrap();
+        assert_eq!(creds.users.len(), 1);
+        assert_eq!(creds.users[0].name, generated.username);
+        assert!(generated.password.len() >= 16);
+        let config = Config { users: vec!["a:b".into()], ..Config::default() };
+        let (creds, generated) = credentials(&config).unwrap();
+        assert!(generated.is_none());
+        assert_eq!(creds.users[0].name, "a");
+        let config = Config { static_auth_secrets: vec!["s".into()], ..Config::default() };
+        assert!(credentials(&config).unwrap().1.is_none());
+    }
+
+    #[test]
+    fn relay_address_rules() {
+        let config =
+            Config { listening_ips: vec!["127.0.0.1".parse().unwrap()], ..Config::default() };
+        let r = relay_addresses(&config).unwrap();
+        assert_eq!(r[0].unwrap().bind, "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert!(r[1].is_none(), "no IPv6 listener, no IPv6 relay");
+        let config = Config {
+            listening_ips: vec!["127.0.0.1".parse().unwrap()],
+            relay_ips: vec!["127.0.0.2".parse().unwrap()],
+            external_ips: vec!["203.0.113.9".parse().unwrap()],
+            ..Config::default()
+        };
+        let r = relay_addresses(&config).unwrap();
+        assert_eq!(r[0].unwrap().bind, "127.0.0.2".parse::<IpAddr>().unwrap());
+        assert_eq!(r[0].unwrap().advertised, "203.0.113.9".parse::<IpAddr>().unwrap());
+        // The wildcard finds some address of this host.
+        let config =
+            Config { listening_ips: vec!["0.0.0.0".parse().unwrap()], ..Config::default() };
+        assert!(relay_addresses(&config).unwrap()[0].is_some());
+    }
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            turn_url("192.0.2.1:3478".parse().unwrap()),
+            "turn:192.0.2.1:3478?transport=udp"
+        );
+        assert_eq!(
+            turn_url("[2001:db8::1]:3478".parse().unwrap()),
+            "turn:[2001:db8::1]:3478?transport=udp"
+        );
+    }
+}

@@ -1,0 +1,151 @@
+//! The little state workers share, all of it on cold paths: allocation quotas, and the
+//! directory that says which worker owns a 5-tuple (so that a datagram that reached the
+//! wrong worker is handed to its owner instead of being answered with 437).
+
+use std::{
+    collections::HashMap,
+    hash::{BuildHasher, Hash},
+    sync::{
+        Mutex, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use turn_proto::server::{FiveTuple, Quota, QuotaExceeded};
+
+/// Per-user and total allocation quotas across all workers (0 = unlimited). Called once
+/// per allocation created and once per allocation gone.
+#[derive(Debug, Default)]
+pub struct SharedQuota {
+    per_user: usize,
+    total: usize,
+    in_use: AtomicUsize,
+    users: Mutex<HashMap<String, usize>>,
+}
+
+impl SharedQuota {
+    pub fn new(per_user: usize, total: usize) -> Self {
+        Self { per_user, total, ..Self::default() }
+    }
+
+    /// Allocations held across all workers.
+    pub fn in_use(&self) -> usize {
+        self.in_use.load(Ordering::Relaxed)
+    }
+}
+
+impl Quota for SharedQuota {
+    fn try_acquire(&self, user: &str) -> Result<(), QuotaExceeded> {
+        // A poisoned lock means a worker panicked while counting: refuse rather than guess.
+        let mut users = self.users.lock().map_err(|_| QuotaExceeded)?;
+        let held = users.get(user).copied().unwrap_or(0);
+        if (self.per_user > 0 && held >= self.per_user)
+            || (self.total > 0 && self.in_use.load(Ordering::Relaxed) >= self.total)
+        {
+            return Err(QuotaExceeded);
+        }
+        users.insert(user.to_owned(), held + 1);
+        self.in_use.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn release(&self, user: &str) {
+        let Ok(mut users) = self.users.lock() else { return };
+        if let Some(held) = users.get_mut(user) {
+            *held -= 1;
+            if *held == 0 {
+                users.remove(user);
+            }
+            self.in_use.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+const SHARDS: usize = 16;
+
+/// Which worker owns each live allocation, by 5-tuple. Read only when a worker gets a
+/// datagram for a 5-tuple it has no allocation for.
+#[derive(Debug)]
+pub struct Directory {
+    shards: [RwLock<HashMap<FiveTuple, usize>>; SHARDS],
+    hasher: std::hash::RandomState,
+}
+
+impl Default for Directory {
+    fn default() -> Self {
+        Self {
+            shards: std::array::from_fn(|_| RwLock::default()),
+            hasher: std::hash::RandomState::new(),
+        }
+    }
+}
+
+impl Directory {
+    fn shard(&self, key: &FiveTuple) -> &RwLock<HashMap<FiveTuple, usize>> {
+        let mut h = self.hasher.build_hasher();
+        key.hash(&mut h);
+        &self.shards[(std::hash::Hasher::finish(&h) as usize) % SHARDS]
+    }
+
+    pub fn insert(&self, key: FiveTuple, worker: usize) {
+        if let Ok(mut shard) = self.shard(&key).write() {
+            shard.insert(key, worker);
+        }
+    }
+
+    pub fn remove(&self, key: &FiveTuple, worker: usize) {
+        if let Ok(mut shard) = self.shard(key).write()
+            && shard.get(key) == Some(&worker)
+        {
+            shard.remove(key);
+        }
+    }
+
+    pub fn owner(&self, key: &FiveTuple) -> Option<usize> {
+        self.shard(key).read().ok()?.get(key).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotas_per_user_and_total() {
+        let q = SharedQuota::new(2, 3);
+        assert!(q.try_acquire("a").is_ok());
+        assert!(q.try_acquire("a").is_ok());
+        assert_eq!(q.try_acquire("a"), Err(QuotaExceeded));
+        assert!(q.try_acquire("b").is_ok());
+        assert_eq!(q.try_acquire("c"), Err(QuotaExceeded), "total reached");
+        q.release("a");
+        assert!(q.try_acquire("c").is_ok());
+        assert_eq!(q.in_use(), 3);
+        q.release("nobody");
+        assert_eq!(q.in_use(), 3);
+    }
+
+    #[test]
+    fn zero_means_unlimited() {
+        let q = SharedQuota::new(0, 0);
+        for _ in 0..1000 {
+            assert!(q.try_acquire("a").is_ok());
+        }
+    }
+
+    #[test]
+    fn directory_owner_and_guarded_remove() {
+        let d = Directory::default();
+        let ft = FiveTuple {
+            client: "10.0.0.1:5000".parse().unwrap(),
+            listener: "10.0.0.2:3478".parse().unwrap(),
+        };
+        assert_eq!(d.owner(&ft), None);
+        d.insert(ft, 3);
+        assert_eq!(d.owner(&ft), Some(3));
+        d.remove(&ft, 1); // not the owner: no effect
+        assert_eq!(d.owner(&ft), Some(3));
+        d.remove(&ft, 3);
+        assert_eq!(d.owner(&ft), None);
+    }
+}
