@@ -224,6 +224,22 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// Waits (at most `timeout`) for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -289,4 +305,80 @@ pub fn send_flows(
         }
         std::thread::sleep(pause);
     }
+}
+
+/// A UDP port that was free a moment ago on 127.0.0.1 (for tools that cannot bind port 0).
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).unwrap()
+}
+
+/// A child process killed (and waited for) when dropped.
+pub struct Child(pub std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts coturn's `turnutils_peer` (a UDP echo peer) on 127.0.0.1:`port`.
+pub fn start_peer(port: u16) -> Child {
+    let child = std::process::Command::new("turnutils_peer")
+        .args(["-L", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting turnutils_peer");
+    // It binds at once; give it a moment before clients send.
+    std::thread::sleep(Duration::from_millis(100));
+    Child(child)
+}
+
+/// Runs a coturn tool to completion (killed after `timeout`), returning its exit status
+/// success and everything it printed.
+pub fn run_tool(tool: &str, args: &[&str], timeout: Duration) -> (bool, String) {
+    use std::io::Read;
+    let mut child = std::process::Command::new(tool)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {tool}: {e}"));
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = format!("{}{}", out.join().unwrap_or_default(), err.join().unwrap_or_default());
+    (status.is_some_and(|s| s.success()), text)
+}
+
+/// The lost-packet figure from turnutils_uclient's summary ("Total lost packets N").
+pub fn uclient_lost(output: &str) -> Option<u64> {
+    output
+        .lines()
+        .filter_map(|l| l.split("Total lost packets ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .last()
 }

@@ -1,0 +1,297 @@
+//! The real daemon driven by coturn's real TURN client (turnutils_uclient), its peer
+//! (turnutils_peer) and its STUN client, all on loopback.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{net::UdpSocket, time::Duration};
+
+use turn_tests::{
+    Daemon, free_udp_port, json_field, require_tool, run_tool, start_peer, uclient_lost,
+};
+
+const UCLIENT: Duration = Duration::from_secs(60);
+
+/// Every test needs the coturn tools; in CI their absence is a failure.
+fn tools(test: &str) -> bool {
+    ["turnutils_uclient", "turnutils_peer", "turnutils_stunclient"]
+        .iter()
+        .all(|tool| require_tool(test, tool, "coturn"))
+}
+
+fn port_args(daemon: &Daemon) -> String {
+    daemon.addr().port().to_string()
+}
+
+/// turnutils_uclient against `daemon` with `extra` options, relaying to the peer.
+fn uclient(daemon: &Daemon, peer_port: u16, extra: &[&str]) -> (bool, String) {
+    let port = port_args(daemon);
+    let peer = peer_port.to_string();
+    // -c: no RTCP allocations (they would ask for EVEN-PORT reservations, which this
+    // server declines with 508 as RFC 8656 allows).
+    let mut args = vec!["-c", "-p", &port, "-e", "127.0.0.1", "-r", &peer];
+    args.extend_from_slice(extra);
+    args.push("127.0.0.1");
+    run_tool("turnutils_uclient", &args, UCLIENT)
+}
+
+fn relaying_daemon(extra: &[&str]) -> Daemon {
+    let mut args = vec![
+        "--workers",
+        "2",
+        "--realm",
+        "test",
+        "--user",
+        "alice:secret",
+        "--allow-loopback-peers",
+    ];
+    args.extend_from_slice(extra);
+    Daemon::start(&args)
+}
+
+#[test]
+fn stun_binding_answers_the_real_stun_client() {
+    if !tools("stun_binding_answers_the_real_stun_client") {
+        return;
+    }
+    let daemon = Daemon::start(&["--workers", "2"]);
+    let (ok, out) =
+        run_tool("turnutils_stunclient", &["-p", &port_args(&daemon), "127.0.0.1"], UCLIENT);
+    assert!(ok, "{out}");
+    assert!(out.contains("UDP reflexive addr: 127.0.0.1:"), "{out}");
+}
+
+#[test]
+fn relays_channels_send_indications_and_client_to_client_without_loss() {
+    if !tools("relays_channels_send_indications_and_client_to_client_without_loss") {
+        return;
+    }
+    let daemon = relaying_daemon(&[]);
+    let peer_port = free_udp_port();
+    let _peer = start_peer(peer_port);
+    let base = ["-u", "alice", "-w", "secret", "-n", "200", "-m", "4", "-l", "120", "-z", "5"];
+    for (what, extra) in [
+        ("channels", &[][..]),
+        ("send indications", &["-s"][..]),
+        ("client to client", &["-y"][..]),
+    ] {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        let (ok, out) = uclient(&daemon, peer_port, &args);
+        assert!(ok, "{what}: uclient failed:\n{out}\n--- daemon:\n{}", daemon.logs());
+        assert_eq!(uclient_lost(&out), Some(0), "{what}: loss:\n{out}");
+        assert!(!out.contains("error"), "{what}:\n{out}");
+    }
+    assert!(daemon.logs().contains("allocation created"));
+}
+
+#[test]
+fn rest_secret_credentials_work() {
+    if !tools("rest_secret_credentials_work") {
+        return;
+    }
+    let daemon = Daemon::start(&[
+        "--workers",
+        "2",
+        "--realm",
+        "test",
+        "--static-auth-secret",
+        "old-secret",
+        "--static-auth-secret",
+        "new-secret",
+        "--allow-loopback-peers",
+    ]);
+    let peer_port = free_udp_port();
+    let _peer = start_peer(peer_port);
+    for secret in ["new-secret", "old-secret"] {
+        let (ok, out) = uclient(
+            &daemon,
+            peer_port,
+            &["-W", secret, "-n", "100", "-m", "2", "-l", "100", "-z", "5"],
+        );
+        assert!(ok, "{secret}: {out}");
+        assert_eq!(uclient_lost(&out), Some(0), "{secret}:\n{out}");
+    }
+    let (_, out) = uclient(&daemon, peer_port, &["-W", "wrong-secret", "-n", "10", "-m", "1"]);
+    assert!(
+        out.contains("401") || uclient_lost(&out).is_none(),
+        "a wrong secret must not relay:\n{out}"
+    );
+}
+
+#[test]
+fn quotas_refuse_with_486() {
+    if !tools("quotas_refuse_with_486") {
+        return;
+    }
+    let peer_port = free_udp_port();
+    let _peer = start_peer(peer_port);
+    // uclient -m 1 makes two allocations for one user.
+    for quota in [["--user-quota", "2"], ["--total-quota", "2"]] {
+        let daemon = relaying_daemon(&quota);
+        let (ok, out) = uclient(
+            &daemon,
+            peer_port,
+            &["-u", "alice", "-w", "secret", "-n", "20", "-m", "1", "-z", "5"],
+        );
+        assert!(ok && uclient_lost(&out) == Some(0), "{quota:?}: within quota:\n{out}");
+        let (_, out) = uclient(
+            &daemon,
+            peer_port,
+            &["-u", "alice", "-w", "secret", "-n", "20", "-m", "2", "-z", "5"],
+        );
+        assert!(out.contains("error 486"), "{quota:?}: over quota:\n{out}");
+    }
+}
+
+#[test]
+fn loopback_peer_is_refused_with_403_by_default() {
+    if !tools("loopback_peer_is_refused_with_403_by_default") {
+        return;
+    }
+    let daemon = Daemon::start(&["--workers", "2", "--realm", "test", "--user", "alice:secret"]);
+    let peer_port = free_udp_port();
+    let _peer = start_peer(peer_port);
+    let (_, out) =
+        uclient(&daemon, peer_port, &["-u", "alice", "-w", "secret", "-n", "10", "-m", "1"]);
+    assert!(out.contains("error 403"), "{out}");
+}
+
+#[test]
+fn allocations_land_on_both_workers() {
+    if !tools("allocations_land_on_both_workers") {
+        return;
+    }
+    let daemon = relaying_daemon(&[]);
+    let peer_port = free_udp_port();
+    let _peer = start_peer(peer_port);
+    let (ok, out) = uclient(
+        &daemon,
+        peer_port,
+        &["-u", "alice", "-w", "secret", "-n", "20", "-m", "8", "-z", "5"],
+    );
+    assert!(ok && uclient_lost(&out) == Some(0), "{out}");
+    let workers: std::collections::BTreeSet<String> = daemon
+        .logs()
+        .lines()
+        .filter(|l| l.contains("allocation created"))
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            Some(v["span"]["index"].to_string())
+        })
+        .collect();
+    assert_eq!(workers.len(), 2, "allocations by worker: {workers:?}\n{}", daemon.logs());
+}
+
+#[test]
+fn sigterm_drains_live_allocations_and_refuses_new_ones() {
+    if !tools("sigterm_drains_live_allocations_and_refuses_new_ones") {
+        return;
+    }
+    let mut daemon = relaying_daemon(&["--drain-timeout", "20"]);
+    let peer_port = free_udp_port();
+    let _peer = start_peer(peer_port);
+    let port = port_args(&daemon);
+    let peer = peer_port.to_string();
+    // About 3 s of traffic; SIGTERM arrives after 1 s.
+    let args: Vec<String> =
+        ["-c", "-p", &port, "-e", "127.0.0.1", "-r", &peer, "-u", "alice", "-w", "secret"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(
+                ["-n", "300", "-m", "1", "-l", "100", "-z", "10", "127.0.0.1"]
+                    .iter()
+                    .map(|s| s.to_string()),
+            )
+            .collect();
+    let running = std::thread::spawn(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_tool("turnutils_uclient", &args, UCLIENT)
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    // SAFETY: kill(2) on the daemon we started.
+    unsafe { libc::kill(daemon.pid() as i32, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, refused) =
+        uclient(&daemon, peer_port, &["-u", "alice", "-w", "secret", "-n", "5", "-m", "1"]);
+    assert!(refused.contains("error 508"), "a new allocation while draining gets 508:\n{refused}");
+    let (ok, out) = running.join().unwrap();
+    assert!(ok, "{out}\n--- daemon:\n{}", daemon.logs());
+    assert_eq!(uclient_lost(&out), Some(0), "the live allocation kept relaying:\n{out}");
+    let status = daemon.wait_exit(Duration::from_secs(30)).expect("daemon exits after the drain");
+    assert!(status.success(), "{status}");
+    assert!(daemon.logs().contains("SIGTERM: draining"), "{}", daemon.logs());
+}
+
+#[test]
+fn garbage_is_dropped_and_counted_while_a_client_relays() {
+    if !tools("garbage_is_dropped_and_counted_while_a_client_relays") {
+        return;
+    }
+    let mut daemon = relaying_daemon(&[]);
+    let peer_port = free_udp_port();
+    let _peer = start_peer(peer_port);
+    let port = port_args(&daemon);
+    let peer = peer_port.to_string();
+    let args: Vec<String> = [
+        "-c",
+        "-p",
+        &port,
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &peer,
+        "-u",
+        "alice",
+        "-w",
+        "secret",
+        "-n",
+        "200",
+        "-m",
+        "2",
+    ]
+    .iter()
+    .chain(["-l", "100", "-z", "10", "127.0.0.1"].iter())
+    .map(|s| s.to_string())
+    .collect();
+    let running = std::thread::spawn(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_tool("turnutils_uclient", &args, UCLIENT)
+    });
+    // Wait for a relay address to attack too.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let relay = loop {
+        let found = daemon
+            .logs()
+            .lines()
+            .filter(|l| l.contains("allocation created"))
+            .find_map(|l| json_field(l, "relay"))
+            .and_then(|r| r.split(',').next()?.parse::<std::net::SocketAddr>().ok());
+        if let Some(relay) = found {
+            break relay;
+        }
+        assert!(std::time::Instant::now() < deadline, "no allocation: {}", daemon.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let attacker = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut sent = 0u64;
+    for i in 0..300u32 {
+        let junk: Vec<u8> = match i % 3 {
+            0 => vec![0xff; (i % 200) as usize + 1], // neither STUN nor ChannelData
+            1 => [&[0x00, 0x01, 0x00, 0x08][..], &i.to_be_bytes(), &[0; 8]].concat(), // bad STUN header
+            _ => [&[0x40, 0x07, 0x00, 0x04][..], &[1, 2, 3, 4]].concat(), // unbound channel
+        };
+        attacker.send_to(&junk, daemon.addr()).unwrap();
+        attacker.send_to(&junk, relay).unwrap(); // from a peer with no permission
+        sent += 2;
+    }
+    let (ok, out) = running.join().unwrap();
+    assert!(ok, "{out}");
+    assert_eq!(uclient_lost(&out), Some(0), "the client kept working:\n{out}");
+    daemon.signal_and_wait(libc::SIGINT, Duration::from_secs(10)).expect("exits");
+    let dropped: u64 = daemon
+        .logs()
+        .lines()
+        .filter(|l| l.contains("worker stopped"))
+        .filter_map(|l| json_field(l, "dropped")?.parse::<u64>().ok())
+        .sum();
+    assert!(dropped >= sent, "dropped {dropped} of {sent} garbage datagrams:\n{}", daemon.logs());
+}
