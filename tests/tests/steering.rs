@@ -165,3 +165,109 @@ fn restart_after_kill_9_removes_stale_pins_and_serves() {
     let report = load_json(&root, &second);
     assert_eq!(report["groups"][0]["sockets"].as_array().unwrap().len(), 2);
 }
+
+/// uclient relaying through `daemon` with `extra` options; returns (ok, output).
+fn relay_with_uclient(daemon: &Daemon, peer_port: u16, extra: &[&str]) -> (bool, String) {
+    let port = daemon.addr().port().to_string();
+    let peer = peer_port.to_string();
+    let mut args =
+        vec!["-c", "-p", &port, "-e", "127.0.0.1", "-r", &peer, "-u", "alice", "-w", "secret"];
+    args.extend_from_slice(extra);
+    args.push("127.0.0.1");
+    turn_tests::run_tool("turnutils_uclient", &args, Duration::from_secs(60))
+}
+
+fn coturn_tools(test: &str) -> bool {
+    require_tool(test, "turnutils_uclient", "coturn")
+        && require_tool(test, "turnutils_peer", "coturn")
+}
+
+#[test]
+fn mode_switches_mid_traffic_lose_nothing() {
+    let test = "mode_switches_mid_traffic_lose_nothing";
+    if !require_root(test) || !coturn_tools(test) {
+        return;
+    }
+    let root = PinRoot::new("switch");
+    let daemon = Daemon::start(&[
+        "--workers",
+        "2",
+        "--steering",
+        "p2c",
+        "--bpf-pin-root",
+        root.arg(),
+        "--realm",
+        "test",
+        "--user",
+        "alice:secret",
+        "--allow-loopback-peers",
+    ]);
+    let peer_port = turn_tests::free_udp_port();
+    let _peer = turn_tests::start_peer(peer_port);
+    let switcher = {
+        let root = root.arg().to_owned();
+        std::thread::spawn(move || {
+            for mode in ["hash", "p2c", "hash", "p2c"] {
+                std::thread::sleep(Duration::from_millis(400));
+                let out = cli(&["steering", "set", mode, "--pin-root", &root]);
+                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            }
+        })
+    };
+    // About 2.5 s of traffic from 8 allocations while the mode flips four times.
+    let (ok, out) =
+        relay_with_uclient(&daemon, peer_port, &["-n", "250", "-m", "4", "-l", "100", "-z", "10"]);
+    switcher.join().unwrap();
+    assert!(ok, "{out}");
+    assert_eq!(turn_tests::uclient_lost(&out), Some(0), "{out}");
+    assert!(!out.contains("error"), "no error, no 437:\n{out}");
+}
+
+#[test]
+fn a_pin_map_smaller_than_the_allocations_loses_nothing() {
+    let test = "a_pin_map_smaller_than_the_allocations_loses_nothing";
+    if !require_root(test) || !coturn_tools(test) {
+        return;
+    }
+    let root = PinRoot::new("tiny");
+    let mut daemon = Daemon::start(&[
+        "--workers",
+        "2",
+        "--steering",
+        "p2c",
+        "--steering-pin-entries",
+        "2",
+        "--bpf-pin-root",
+        root.arg(),
+        "--realm",
+        "test",
+        "--user",
+        "alice:secret",
+        "--allow-loopback-peers",
+    ]);
+    let peer_port = turn_tests::free_udp_port();
+    let _peer = turn_tests::start_peer(peer_port);
+    // 8 allocations, 2 pins: pins are evicted all the time, flows are re-placed, and a
+    // datagram that lands on the wrong worker is handed to its owner.
+    let (ok, out) =
+        relay_with_uclient(&daemon, peer_port, &["-n", "200", "-m", "4", "-l", "100", "-z", "5"]);
+    assert!(ok, "{out}");
+    assert_eq!(turn_tests::uclient_lost(&out), Some(0), "{out}");
+    assert!(!out.contains("error"), "no error, no 437:\n{out}");
+    daemon.signal_and_wait(libc::SIGINT, Duration::from_secs(10)).unwrap();
+    let total = |field: &str| -> u64 {
+        daemon
+            .logs()
+            .lines()
+            .filter(|l| l.contains("worker stopped"))
+            .filter_map(|l| json_field(l, field)?.parse::<u64>().ok())
+            .sum()
+    };
+    assert!(
+        total("handed_off") > 0,
+        "evicted pins must have misrouted something:\n{}",
+        daemon.logs()
+    );
+    assert_eq!(total("handed_off"), total("handed_in"), "every hand-off arrived");
+    assert_eq!(total("handoff_drops"), 0);
+}

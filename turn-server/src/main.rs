@@ -101,6 +101,9 @@ struct ServeArgs {
     /// Placement of new client flows on the workers [config: steering, default auto].
     #[arg(long = "steering", value_enum)]
     steering: Option<SteeringMode>,
+    /// Flows the eBPF pin map remembers per address [config: steering_pin_entries, default 65536].
+    #[arg(long = "steering-pin-entries", value_name = "N")]
+    steering_pin_entries: Option<u32>,
     /// Where steering maps are pinned [config: bpf_pin_root, default /sys/fs/bpf/turn-server].
     #[arg(long = "bpf-pin-root", value_name = "DIR")]
     bpf_pin_root: Option<PathBuf>,
@@ -180,6 +183,9 @@ impl ServeArgs {
         }
         if let Some(steering) = self.steering {
             config.steering = steering;
+        }
+        if let Some(n) = self.steering_pin_entries {
+            config.steering_pin_entries = n;
         }
         if let Some(root) = &self.bpf_pin_root {
             config.bpf_pin_root = root.clone();
