@@ -10,6 +10,28 @@ use turn_server::steering::{Steering, SteeringOptions};
 use turn_tests::{drain, require_root, reuseport_group};
 
 const FLOWS: usize = 16;
+
+/// Log records forwarded from the program (aya-log), captured for assertions.
+static CAPTURED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+struct Capture;
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        CAPTURED.lock().unwrap().push(record.args().to_string());
+    }
+    fn flush(&self) {}
+}
+
+fn capture_logs() {
+    static CAPTURE: Capture = Capture;
+    if log::set_logger(&CAPTURE).is_ok() {
+        log::set_max_level(log::LevelFilter::Trace);
+    }
+}
 const PER_FLOW: usize = 5;
 
 /// Sends `PER_FLOW` datagrams from each of `clients` to `to`.
@@ -148,6 +170,7 @@ fn closing_a_socket_repairs_its_flows_and_moves_no_other() {
     if !require_root("closing_a_socket_repairs_its_flows_and_moves_no_other") {
         return;
     }
+    capture_logs();
     let (mut group, addr) = reuseport_group("127.0.0.1", 3).unwrap();
     let steering = Steering::attach(&group, Mode::P2c, SteeringOptions::default()).unwrap();
     let clients = clients(FLOWS * 2);
@@ -177,6 +200,13 @@ fn closing_a_socket_repairs_its_flows_and_moves_no_other() {
             }
         }
     }
+    let mut steering = steering;
+    steering.flush_logs();
+    let logged = CAPTURED.lock().unwrap().join("\n");
+    assert!(
+        logged.contains("re-pinned onto socket"),
+        "the program reports repairs through aya-log: {logged:?}"
+    );
     let stats = steering.maps().stats().unwrap();
     assert_eq!(stats.unsteered.packets, 0, "{stats:?}");
     let moved = before.values().filter(|&&s| s == 1).count() as u64;

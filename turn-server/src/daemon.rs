@@ -285,10 +285,12 @@ fn print_generated(
     println!("  username: {}", user.username);
     println!("  password: {}", user.password);
     println!("  realm:    {}", config.realm());
-    println!(
-        "Peers on loopback and private networks are refused by default; to try it on this machine \
-         add --allow-loopback-peers."
-    );
+    if !config.allow_loopback_peers {
+        println!(
+            "Peers on loopback and private networks are refused by default; to try it on this \
+             machine add --allow-loopback-peers."
+        );
+    }
     use std::io::Write;
     let _ = std::io::stdout().flush();
 }
@@ -328,6 +330,9 @@ async fn control_loop(
                     bail!("worker {i} stopped unexpectedly");
                 }
                 publish_loads(&mut estimator, groups, stats);
+                for steering in groups.iter_mut().filter_map(|g| g.steering.as_mut()) {
+                    steering.flush_logs();
+                }
                 if let Some(until) = drain_until {
                     let left = live();
                     if left == 0 {

@@ -223,6 +223,8 @@ impl FlowPins {
 
 /// A loaded and attached steering program for one listener group.
 pub struct Steering {
+    /// Rare events the program reports (pin repairs), forwarded to our log.
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     _ebpf: Ebpf,
     maps: GroupMaps,
     pins_fd: MapData,
@@ -269,6 +271,8 @@ impl Steering {
             pin_maps(&ebpf, dir)?;
         }
         let pins_fd = dup_map(&ebpf, MAP_PINS)?;
+        // The program still works without its log (only rare events go there).
+        let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
         let mut maps = GroupMaps::take(&mut ebpf)?;
         maps.config
             .set(0, SteeringConfig { mode: mode as u32, num_sockets }, 0)
@@ -283,6 +287,7 @@ impl Steering {
         program.attach(sockets[0].as_fd()).map_err(|e| SteeringError::Program(Box::new(e)))?;
 
         Ok(Self {
+            logger,
             _ebpf: ebpf,
             maps,
             pins_fd,
@@ -290,6 +295,13 @@ impl Steering {
             num_sockets,
             pin_dir: options.pin_dir,
         })
+    }
+
+    /// Forwards what the program logged (pin repairs) to the `log`/`tracing` output.
+    pub fn flush_logs(&mut self) {
+        if let Some(logger) = self.logger.as_mut() {
+            logger.flush();
+        }
     }
 
     /// Number of sockets in the group.
