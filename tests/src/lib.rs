@@ -378,7 +378,7 @@ pub fn run_tool(tool: &str, args: &[&str], timeout: Duration) -> (bool, String) 
 pub fn uclient_lost(output: &str) -> Option<u64> {
     output
         .lines()
+        .rev()
         .filter_map(|l| l.split("Total lost packets ").nth(1))
-        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
-        .last()
+        .find_map(|rest| rest.split_whitespace().next()?.parse().ok())
 }

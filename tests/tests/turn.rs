@@ -295,3 +295,93 @@ fn garbage_is_dropped_and_counted_while_a_client_relays() {
         .sum();
     assert!(dropped >= sent, "dropped {dropped} of {sent} garbage datagrams:\n{}", daemon.logs());
 }
+
+#[test]
+fn relays_over_ipv6() {
+    if !tools("relays_over_ipv6") {
+        return;
+    }
+    if UdpSocket::bind("[::1]:0").is_err() {
+        assert!(!turn_tests::in_ci(), "CI machines have IPv6 loopback");
+        eprintln!("SKIPPED: relays_over_ipv6: no IPv6 loopback here");
+        return;
+    }
+    let daemon = Daemon::start(&[
+        "--listening-ip",
+        "::1",
+        "--workers",
+        "2",
+        "--realm",
+        "test",
+        "--user",
+        "alice:secret",
+        "--allow-loopback-peers",
+    ]);
+    let peer_port = free_udp_port();
+    let peer = turn_tests::Child(
+        std::process::Command::new("turnutils_peer")
+            .args(["-L", "::1", "-p", &peer_port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let port = port_args(&daemon);
+    let peer_port = peer_port.to_string();
+    let args = ["-c", "-u", "alice", "-w", "secret", "-p", &port, "-e", "::1", "-r", &peer_port];
+    let args = [&args[..], &["-n", "100", "-m", "2", "-l", "100", "-z", "5", "::1"]].concat();
+    let (ok, out) = run_tool("turnutils_uclient", &args, UCLIENT);
+    drop(peer);
+    assert!(ok, "{out}");
+    assert_eq!(uclient_lost(&out), Some(0), "{out}");
+    assert!(daemon.logs().contains("\"relay\":\"[::1]:"), "{}", daemon.logs());
+}
+
+#[test]
+fn drops_privileges_after_setup_and_still_cleans_up() {
+    if !turn_tests::require_root("drops_privileges_after_setup_and_still_cleans_up")
+        || !tools("drops_privileges_after_setup_and_still_cleans_up")
+    {
+        return;
+    }
+    let root = turn_tests::PinRoot::new("privs");
+    let mut daemon = Daemon::start(&[
+        "--workers",
+        "2",
+        "--proc-user",
+        "65534",
+        "--proc-group",
+        "65534",
+        "--bpf-pin-root",
+        root.arg(),
+    ]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(uid_line.split_whitespace().skip(1).all(|id| id == "65534"), "{uid_line}");
+    let (ok, out) =
+        run_tool("turnutils_stunclient", &["-p", &port_args(&daemon), "127.0.0.1"], UCLIENT);
+    assert!(ok && out.contains("UDP reflexive addr"), "{out}");
+    let instance = root.0.join("v1").join(daemon.pid().to_string());
+    assert!(instance.is_dir());
+    let exit = daemon.signal_and_wait(libc::SIGTERM, Duration::from_secs(10)).unwrap();
+    assert!(exit.success(), "{exit}\n{}", daemon.logs());
+    // The maps are unpinned; the emptied directory itself sits in a root-owned parent, so
+    // an unprivileged daemon leaves it for the next start to remove.
+    let left: Vec<_> = walk(&instance);
+    assert!(left.iter().all(|p| p.is_dir()), "pins left behind: {left:?}");
+    let next = Daemon::start(&["--workers", "1", "--bpf-pin-root", root.arg()]);
+    assert!(!instance.exists(), "the next start removes the empty directory:\n{}", next.logs());
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        }
+        out.push(path);
+    }
+    out
+}
