@@ -212,15 +212,7 @@ impl Daemon {
         let child = self.child.as_mut()?;
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(child.id() as i32, signal) };
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                self.child = None;
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        None
+        self.wait_exit(timeout)
     }
 }
 

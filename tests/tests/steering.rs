@@ -22,6 +22,22 @@ fn load_json(root: &PinRoot, daemon: &Daemon) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// Runs the CLI as uid/gid 65534 with no capabilities.
+fn as_nobody(args: &[&str]) -> Output {
+    Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(server_bin())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 fn instance_dir(root: &PinRoot, pid: u32) -> std::path::PathBuf {
     root.0.join("v1").join(pid.to_string())
 }
@@ -74,18 +90,7 @@ fn steering_set_switches_new_flows_and_needs_root() {
     let daemon =
         Daemon::start(&["--workers", "2", "--steering", "p2c", "--bpf-pin-root", root.arg()]);
     // Someone who is neither root nor in the admin group is refused.
-    let denied = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-        ])
-        .arg(server_bin())
-        .args(["steering", "set", "hash", "--pin-root", root.arg()])
-        .output()
-        .unwrap();
+    let denied = as_nobody(&["steering", "set", "hash", "--pin-root", root.arg()]);
     assert!(!denied.status.success());
     assert_eq!(load_json(&root, &daemon)["groups"][0]["mode"], "p2c");
 
@@ -107,18 +112,7 @@ fn admin_group_may_inspect_and_switch() {
     // gid 65534 (nogroup) stands in for an operators' group.
     let _daemon =
         Daemon::start(&["--workers", "2", "--bpf-pin-root", root.arg(), "--admin-group", "65534"]);
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-        ])
-        .arg(server_bin())
-        .args(["steering", "set", "hash", "--pin-root", root.arg()])
-        .output()
-        .unwrap();
+    let out = as_nobody(&["steering", "set", "hash", "--pin-root", root.arg()]);
     assert!(
         out.status.success(),
         "admin group member refused: {}",

@@ -33,6 +33,25 @@ fn uclient(daemon: &Daemon, peer_port: u16, extra: &[&str]) -> (bool, String) {
     run_tool("turnutils_uclient", &args, UCLIENT)
 }
 
+/// Like [`uclient`], in a thread (for what happens to the daemon meanwhile).
+fn uclient_in_background(
+    daemon: &Daemon,
+    peer_port: u16,
+    extra: &[&str],
+) -> std::thread::JoinHandle<(bool, String)> {
+    let port = port_args(daemon);
+    let mut args: Vec<String> =
+        ["-c", "-p", &port, "-e", "127.0.0.1", "-r", &peer_port.to_string()]
+            .map(String::from)
+            .to_vec();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.push("127.0.0.1".into());
+    std::thread::spawn(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_tool("turnutils_uclient", &args, UCLIENT)
+    })
+}
+
 fn relaying_daemon(extra: &[&str]) -> Daemon {
     let mut args = vec![
         "--workers",
@@ -189,23 +208,12 @@ fn sigterm_drains_live_allocations_and_refuses_new_ones() {
     let mut daemon = relaying_daemon(&["--drain-timeout", "20"]);
     let peer_port = free_udp_port();
     let _peer = start_peer(peer_port);
-    let port = port_args(&daemon);
-    let peer = peer_port.to_string();
     // About 3 s of traffic; SIGTERM arrives after 1 s.
-    let args: Vec<String> =
-        ["-c", "-p", &port, "-e", "127.0.0.1", "-r", &peer, "-u", "alice", "-w", "secret"]
-            .iter()
-            .map(|s| s.to_string())
-            .chain(
-                ["-n", "300", "-m", "1", "-l", "100", "-z", "10", "127.0.0.1"]
-                    .iter()
-                    .map(|s| s.to_string()),
-            )
-            .collect();
-    let running = std::thread::spawn(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        run_tool("turnutils_uclient", &args, UCLIENT)
-    });
+    let running = uclient_in_background(
+        &daemon,
+        peer_port,
+        &["-u", "alice", "-w", "secret", "-n", "300", "-m", "1", "-l", "100", "-z", "10"],
+    );
     std::thread::sleep(Duration::from_millis(1000));
     // SAFETY: kill(2) on the daemon we started.
     unsafe { libc::kill(daemon.pid() as i32, libc::SIGTERM) };
@@ -229,33 +237,11 @@ fn garbage_is_dropped_and_counted_while_a_client_relays() {
     let mut daemon = relaying_daemon(&[]);
     let peer_port = free_udp_port();
     let _peer = start_peer(peer_port);
-    let port = port_args(&daemon);
-    let peer = peer_port.to_string();
-    let args: Vec<String> = [
-        "-c",
-        "-p",
-        &port,
-        "-e",
-        "127.0.0.1",
-        "-r",
-        &peer,
-        "-u",
-        "alice",
-        "-w",
-        "secret",
-        "-n",
-        "200",
-        "-m",
-        "2",
-    ]
-    .iter()
-    .chain(["-l", "100", "-z", "10", "127.0.0.1"].iter())
-    .map(|s| s.to_string())
-    .collect();
-    let running = std::thread::spawn(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        run_tool("turnutils_uclient", &args, UCLIENT)
-    });
+    let running = uclient_in_background(
+        &daemon,
+        peer_port,
+        &["-u", "alice", "-w", "secret", "-n", "200", "-m", "2", "-l", "100", "-z", "10"],
+    );
     // Wait for a relay address to attack too.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let relay = loop {
