@@ -2,11 +2,42 @@
 //!
 //! * `turn-bench balance`: busiest/mean per-socket load of a listener group through the
 //!   real kernel path, kernel hash vs the steering program in hash and p2c modes.
+//! * `turn-bench load`: relay load generator (M flows, each its own socket and allocation,
+//!   ChannelData or Send indications to an embedded peer, optional echo): delivered
+//!   packets/s, loss, fairness, round-trip latency, server CPU per relayed packet. With
+//!   `--floor` the same through the bare forwarder.
+//! * `turn-bench alloc`: allocations/s, server CPU per allocation, memory per live allocation.
+//! * `turn-bench peer`: a standalone counting (and echoing) peer.
+//! * `turn-bench floor`: the bare UDP forwarder (recvmmsg/sendmmsg, no TURN work).
+//!
+//! Everything but `balance` sends to loopback addresses only and stops by itself.
 
+mod alloc;
 mod balance;
+mod client;
+mod floor;
+mod load;
+mod net;
+mod pacing;
+mod payload;
+mod peer;
+mod procfs;
+mod report;
+mod session;
+mod stats;
 
-use anyhow::Result;
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+
+/// Default socket buffer for the peer and forwarder sockets (forced past rmem_max as root).
+const DEFAULT_BUFFER: usize = 4 << 20;
+
+fn secs(v: f64, what: &str) -> Result<Duration> {
+    Duration::try_from_secs_f64(v)
+        .with_context(|| format!("{what}: {v} is not a valid number of seconds"))
+}
 
 #[derive(Parser)]
 #[command(name = "turn-bench", about = "Benchmarks for turn-server")]
@@ -33,10 +64,260 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Relay load: M flows through a TURN server (or the floor forwarder) to an embedded
+    /// peer. Loopback only.
+    Load {
+        /// TURN server (UDP).
+        #[arg(long, required_unless_present = "floor", conflicts_with = "floor")]
+        server: Option<SocketAddr>,
+        /// Instead of TURN: send raw payloads to this bare forwarder (`turn-bench floor`,
+        /// whose --to must be this run's --peer).
+        #[arg(long)]
+        floor: Option<SocketAddr>,
+        /// Long-term credentials user (needed with --server).
+        #[arg(long, short = 'u')]
+        user: Option<String>,
+        /// Long-term credentials password (needed with --server).
+        #[arg(long, short = 'w')]
+        password: Option<String>,
+        /// Expected realm (the server's must match); learnt from the server when absent.
+        #[arg(long)]
+        realm: Option<String>,
+        /// Flows: each its own socket (5-tuple) and allocation.
+        #[arg(long, default_value_t = 8)]
+        flows: usize,
+        /// Packets/s per flow (paced by a token bucket per sender thread).
+        #[arg(long, required_unless_present = "flat_out", conflicts_with = "flat_out")]
+        rate: Option<f64>,
+        /// Send as fast as the sender threads can (batches of --batch per flow).
+        #[arg(long)]
+        flat_out: bool,
+        /// Payload bytes (application data, at least 24).
+        #[arg(long, default_value_t = 160)]
+        size: usize,
+        /// Measured interval, seconds.
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+        /// Traffic before the measured interval, seconds.
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        /// Time after the interval for packets in flight to arrive, seconds.
+        #[arg(long, default_value_t = 0.5)]
+        drain: f64,
+        /// Send indications instead of ChannelData (no ChannelBind; echoes come back as
+        /// Data indications).
+        #[arg(long)]
+        send_indications: bool,
+        /// The peer echoes every datagram back through the relay; adds round-trip latency.
+        #[arg(long)]
+        echo: bool,
+        /// PID of the server (or floor) process: its CPU time per relayed packet.
+        #[arg(long)]
+        server_pid: Option<u32>,
+        #[arg(long)]
+        json: bool,
+        /// Address of the embedded peer.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        peer: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        peer_threads: usize,
+        /// Sender threads (flows are split between them); also the echo receiver threads.
+        #[arg(long, default_value_t = 1)]
+        sender_threads: usize,
+        /// Datagrams per sendmmsg / recvmmsg.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Setup transactions in flight.
+        #[arg(long, default_value_t = 64)]
+        in_flight: usize,
+        /// Peer socket buffer bytes.
+        #[arg(long, default_value_t = DEFAULT_BUFFER)]
+        buffer: usize,
+    },
+    /// Allocation rate, server CPU per allocation and memory per live allocation. Loopback only.
+    Alloc {
+        #[arg(long)]
+        server: SocketAddr,
+        /// Long-term credentials user.
+        #[arg(long, short = 'u')]
+        user: String,
+        /// Long-term credentials password.
+        #[arg(long, short = 'w')]
+        password: String,
+        #[arg(long)]
+        realm: Option<String>,
+        /// Allocations (each its own socket, all held at once).
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        #[arg(long)]
+        server_pid: Option<u32>,
+        /// Transactions in flight.
+        #[arg(long, default_value_t = 64)]
+        in_flight: usize,
+        /// Seconds to wait before reading the server's memory.
+        #[arg(long, default_value_t = 0.2)]
+        settle: f64,
+        /// Seconds to keep the allocations after measuring, before deleting them.
+        #[arg(long, default_value_t = 0.0)]
+        hold: f64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A peer: counts datagrams per source, optionally echoes them back. Loopback only.
+    Peer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        echo: bool,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Sockets (an SO_REUSEPORT group when more than one), one thread each.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        #[arg(long, default_value_t = DEFAULT_BUFFER)]
+        buffer: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bare UDP forwarder (recvmmsg/sendmmsg, no TURN work): the floor. Loopback only.
+    Floor {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        to: SocketAddr,
+        /// Sockets on --listen (an SO_REUSEPORT group when more than one), one thread each.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 30.0)]
+        duration: f64,
+        /// Datagrams per recvmmsg / sendmmsg.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        #[arg(long, default_value_t = DEFAULT_BUFFER)]
+        buffer: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Longest a standalone peer or floor runs.
+const MAX_STANDALONE: Duration = Duration::from_secs(3600);
+
+fn bounded(v: f64, what: &str) -> Result<Duration> {
+    let d = secs(v, what)?;
+    if d > MAX_STANDALONE {
+        bail!("{what} is at most {} s", MAX_STANDALONE.as_secs());
+    }
+    Ok(d)
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Cmd::Load {
+            server,
+            floor,
+            user,
+            password,
+            realm,
+            flows,
+            rate,
+            flat_out,
+            size,
+            duration,
+            warmup,
+            drain,
+            send_indications,
+            echo,
+            server_pid,
+            json,
+            peer,
+            peer_threads,
+            sender_threads,
+            batch,
+            in_flight,
+            buffer,
+        } => {
+            let (user, password) = match (server, user, password) {
+                (Some(_), Some(u), Some(p)) => (u, p),
+                (Some(_), _, _) => bail!("--server needs --user and --password"),
+                (None, u, p) => (u.unwrap_or_default(), p.unwrap_or_default()),
+            };
+            let args = load::LoadArgs {
+                server,
+                floor,
+                user,
+                password,
+                realm,
+                flows,
+                rate: if flat_out { None } else { rate },
+                size,
+                duration: secs(duration, "--duration")?,
+                warmup: secs(warmup, "--warmup")?,
+                drain: bounded(drain, "--drain")?,
+                send_indications,
+                echo,
+                server_pid,
+                peer,
+                peer_threads,
+                sender_threads,
+                batch,
+                in_flight,
+                buffer,
+            };
+            let report = load::run(args)?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.text());
+            }
+            Ok(())
+        }
+        Cmd::Alloc {
+            server,
+            user,
+            password,
+            realm,
+            count,
+            server_pid,
+            in_flight,
+            settle,
+            hold,
+            json,
+        } => {
+            let report = alloc::run(alloc::AllocArgs {
+                server,
+                user,
+                password,
+                realm,
+                count,
+                server_pid,
+                in_flight,
+                settle: bounded(settle, "--settle")?,
+                hold: bounded(hold, "--hold")?,
+            })?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.text());
+            }
+            Ok(())
+        }
+        Cmd::Peer { listen, echo, duration, threads, buffer, json } => peer::run_standalone(
+            listen,
+            echo,
+            bounded(duration, "--duration")?,
+            threads,
+            buffer,
+            json,
+        ),
+        Cmd::Floor { listen, to, threads, duration, batch, buffer, json } => {
+            if batch == 0 || batch > 1024 {
+                bail!("--batch must be 1 to 1024");
+            }
+            floor::run(listen, to, threads, bounded(duration, "--duration")?, batch, buffer, json)
+        }
         Cmd::Balance { trials, arrival, case: only, json } => {
             let arrivals = match arrival {
                 Some(a) => vec![a],

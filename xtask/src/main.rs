@@ -12,6 +12,8 @@ use std::{
     process::Command,
 };
 
+mod bench;
+
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
@@ -51,6 +53,13 @@ enum Cmd {
     },
     /// rustfmt check and clippy with warnings as errors.
     Lint,
+    /// Side-by-side benchmark: turn-server, coturn, pion/turn and the floor, one run;
+    /// writes BENCHMARKS.md (between the bench markers) and docs/bench.svg. Needs root.
+    Bench {
+        /// Shorter cases (a few minutes) for development.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -60,6 +69,7 @@ fn main() -> Result<()> {
         Cmd::Run { args } => run(&args),
         Cmd::Test { args } => test(&args),
         Cmd::Lint => lint(),
+        Cmd::Bench { quick } => bench(quick),
     }
 }
 
@@ -273,4 +283,41 @@ fn test(extra: &[String]) -> Result<()> {
             .args(["test", "--workspace", "--no-fail-fast"])
             .args(extra.iter().map(OsStr::new)),
     )
+}
+
+fn bench(quick: bool) -> Result<()> {
+    setup()?;
+    build_ebpf()?;
+    let root = root();
+    step("bench: cargo build --release -p turn-server -p turn-bench");
+    run_cmd(cargo().current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "turn-server",
+        "-p",
+        "turn-bench",
+    ]))?;
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let out_dir = target_dir.join("bench");
+    std::fs::create_dir_all(&out_dir)?;
+    // pion/turn from Debian's Go packages, with the script beside the repository.
+    let script = root.join("..").join("shared").join("peers").join("build-pion.sh");
+    let pion = out_dir.join("pion-mt");
+    if !pion.is_file() {
+        if !script.is_file() {
+            bail!("{} not found: pion/turn cannot be built", script.display());
+        }
+        step("bench: building pion/turn (Debian's golang packages)");
+        run_cmd(Command::new("bash").arg(&script).arg(&pion))?;
+    }
+    let tools = bench::Tools {
+        turn_server: target_dir.join("release").join("turn-server"),
+        turn_bench: target_dir.join("release").join("turn-bench"),
+        pion: Some(pion),
+        out_dir,
+    };
+    bench::run(&tools, quick, &root.join("BENCHMARKS.md"))
 }
