@@ -129,7 +129,7 @@ pub fn run(config: Config) -> Result<()> {
                 config.max_port,
                 index,
                 workers,
-            ),
+            )?,
             quota: Arc::clone(&quota),
             directory: Arc::clone(&directory),
             inboxes: Arc::clone(&inboxes),

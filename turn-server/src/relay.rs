@@ -31,13 +31,17 @@ pub struct RelayAddress {
 /// A live relay socket.
 pub struct Relay {
     pub socket: UdpSocket,
-    pub state: UdpSocketState,
     generation: u32,
     port: u16,
 }
 
 /// The relay sockets of one worker.
 pub struct RelayPool {
+    /// quinn-udp's batching state, shared by every relay socket of the worker: its methods
+    /// take the socket as an argument, and building one per socket costs two probe sockets
+    /// (an IPv6 one with UDP_GRO, which flips a kernel static key: a text patch and an IPI
+    /// on every CPU, twice) per allocation.
+    pub state: UdpSocketState,
     families: [Option<RelayAddress>; 2],
     first_port: u16,
     /// Ports of this worker's slice that one of its relays holds.
@@ -68,10 +72,13 @@ impl RelayPool {
         max_port: u16,
         index: usize,
         workers: usize,
-    ) -> Self {
+    ) -> io::Result<Self> {
         let (first, last) = port_slice(min_port, max_port, index, workers);
         let len = usize::from(last - first) + 1;
-        Self {
+        let probe = UdpSocket::bind("127.0.0.1:0").or_else(|_| UdpSocket::bind("[::1]:0"))?;
+        let state = UdpSocketState::new((&probe).into())?;
+        Ok(Self {
+            state,
             families,
             first_port: first,
             in_use: vec![false; len],
@@ -83,7 +90,7 @@ impl RelayPool {
             draining: false,
             live: 0,
             bind_errors: 0,
-        }
+        })
     }
 
     /// Live relay sockets.
@@ -154,10 +161,6 @@ impl RelayPool {
             return Err(RelayError::FamilyNotSupported);
         };
         let (socket, port) = self.bind(address.bind, request.even_port)?;
-        let state = UdpSocketState::new((&socket).into()).map_err(|_| {
-            self.release_port(port);
-            RelayError::InsufficientCapacity
-        })?;
         let slot = match self.free.pop() {
             Some(slot) => slot,
             None => {
@@ -172,7 +175,7 @@ impl RelayPool {
             return Err(RelayError::InsufficientCapacity);
         }
         let generation = self.generations[slot as usize];
-        self.slots[slot as usize] = Some(Relay { socket, state, generation, port });
+        self.slots[slot as usize] = Some(Relay { socket, generation, port });
         self.live += 1;
         Ok((
             RelayId(u64::from(generation) << 32 | u64::from(slot)),
@@ -280,7 +283,7 @@ mod tests {
         // A private high range for this test, split in 2; this is worker 1.
         let lo = 40_000 + (std::process::id() % 1000) as u16 * 8;
         let hi = lo + 15;
-        let mut pool = RelayPool::new([Some(v4), None], lo, hi, 1, 2);
+        let mut pool = RelayPool::new([Some(v4), None], lo, hi, 1, 2).unwrap();
         let (first, last) = port_slice(lo, hi, 1, 2);
         let (id, addr) = pool.allocate_in(&epoll, &request(Family::V4, true)).unwrap();
         assert_eq!(addr.ip(), v4.advertised);
@@ -317,7 +320,7 @@ mod tests {
             advertised: "127.0.0.1".parse().unwrap(),
         };
         let port = 41_000 + (std::process::id() % 1000) as u16 * 4;
-        let mut pool = RelayPool::new([Some(v4), None], port, port + 1, 0, 1);
+        let mut pool = RelayPool::new([Some(v4), None], port, port + 1, 0, 1).unwrap();
         let a = pool.allocate_in(&epoll, &request(Family::V4, false));
         let b = pool.allocate_in(&epoll, &request(Family::V4, false));
         // Ports held by another process are skipped, so at most two succeed.

@@ -325,7 +325,7 @@ impl Worker {
                         &mut b[PEER_HEADROOM..PEER_HEADROOM + RECV_BUFFER_BYTES]
                     }))
                 });
-                relay.state.recv((&relay.socket).into(), &mut iovs, &mut meta)
+                self.core.pool.state.recv((&relay.socket).into(), &mut iovs, &mut meta)
             };
             let count = match received {
                 Ok(count) => count,
@@ -540,7 +540,7 @@ fn send(
                 segment_size: None,
                 src_ip: None,
             };
-            if let Err(e) = r.state.try_send((&r.socket).into(), &transmit) {
+            if let Err(e) = pool.state.try_send((&r.socket).into(), &transmit) {
                 io_errors.log("send to peer", &e);
             }
         }
