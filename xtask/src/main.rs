@@ -5,6 +5,7 @@
 //! * `run`        build everything and start the daemon (`cargo xtask run -- ARGS`)
 //! * `test`       setup, build-ebpf, lint, and the whole test suite (root tests included)
 //! * `lint`       `cargo fmt --check` and clippy with `-D warnings`
+//! * `bench`      turn-server, coturn, pion/turn and the floor side by side (BENCHMARKS.md)
 
 use std::{
     ffi::OsStr,
