@@ -63,12 +63,6 @@ pub enum RunState {
 #[derive(Debug, Default)]
 #[repr(align(128))]
 pub struct WorkerStats {
-    /// Datagrams received on listener sockets.
-    pub client_datagrams: AtomicU64,
-    /// Datagrams received on relay sockets.
-    pub peer_datagrams: AtomicU64,
-    /// Datagrams the protocol core dropped (malformed, unknown, not permitted...).
-    pub dropped: AtomicU64,
     /// Datagrams handed to the worker that owns their allocation.
     pub handed_off: AtomicU64,
     /// Datagrams received from other workers.
@@ -303,7 +297,6 @@ impl Worker {
                     None => self.core.listeners[group].local,
                 };
                 for datagram in buf[..m.len].chunks(m.stride.max(1)) {
-                    bump(&self.core.stats.client_datagrams, 1);
                     self.core.on_client_datagram(now, unix, group, local, m.addr, datagram, true);
                 }
             }
@@ -337,7 +330,6 @@ impl Worker {
             };
             let now = Instant::now();
             for (m, buf) in meta.iter().zip(self.buffers.iter_mut()).take(count) {
-                bump(&self.core.stats.peer_datagrams, 1);
                 if m.stride >= m.len {
                     // The usual case: one datagram, framed in place.
                     self.core.on_peer_datagram(now, id, m.addr, buf, m.len);
@@ -482,8 +474,6 @@ impl Core {
             }
         }
         self.stats.allocations.store(self.server.allocation_count() as u64, Ordering::Relaxed);
-        let dropped: u64 = self.server.counters().drops.iter().sum();
-        self.stats.dropped.store(dropped, Ordering::Relaxed);
         if self.pool.bind_errors > 0 {
             warn!(count = self.pool.bind_errors, "relay sockets could not be created");
             self.pool.bind_errors = 0;
