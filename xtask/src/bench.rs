@@ -19,6 +19,10 @@ const USER: &str = "bench";
 const PASSWORD: &str = "bench";
 const REALM: &str = "bench";
 const BEGIN: &str = "<!-- bench:begin -->";
+/// Paced total rates over 8 flows; the highest lossless one is reported per server.
+const PACED_RATES: [u32; 6] = [40_000, 80_000, 120_000, 160_000, 200_000, 240_000];
+/// Loss below this (percent) counts as lossless.
+const LOSSLESS_PCT: f64 = 0.1;
 const END: &str = "<!-- bench:end -->";
 
 /// A server under test.
@@ -209,7 +213,7 @@ struct Case {
 fn cases(quick: bool) -> Vec<Case> {
     let secs = if quick { "3" } else { "6" };
     let mut cases = Vec::new();
-    for total in [40_000u32, 80_000, 160_000] {
+    for total in PACED_RATES {
         cases.push(Case {
             name: format!("paced {}k pps, 8 flows", total / 1000),
             args: vec![
@@ -377,8 +381,10 @@ pub fn run(tools: &Tools, quick: bool, report: &Path) -> Result<()> {
         }
     }
     std::fs::write(&results_path, &results)?;
-    let markdown = render(&table, &cases, &servers, quick);
-    let svg = chart(&table, &cases);
+    let balance = run_balance(tools, quick);
+    let mut markdown = render(&table, &cases, &servers, quick);
+    markdown.push_str(&render_balance(&balance, quick));
+    let svg = chart(&table, &balance);
     let svg_path = report.parent().unwrap_or(Path::new(".")).join("docs").join("bench.svg");
     if let Some(dir) = svg_path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -489,47 +495,187 @@ fn render(
         }
         md.push('\n');
     }
+    let _ = writeln!(
+        md,
+        "### Highest lossless paced rate (8 flows, loss < {LOSSLESS_PCT}%, rates {})\n\n| server | highest lossless rate (pps) |\n| --- | ---: |",
+        PACED_RATES.map(|r| format!("{}k", r / 1000)).join(", ")
+    );
+    for server in servers {
+        let best = PACED_RATES
+            .iter()
+            .filter(|&&rate| {
+                let name = format!("paced {}k pps, 8 flows", rate / 1000);
+                get(&server.name, &name).and_then(|r| r.as_ref().ok()).is_some_and(|v| {
+                    f(v, &["loss_pct"]).is_some_and(|l| l < LOSSLESS_PCT)
+                        && f(v, &["offered_pps"]).is_some_and(|o| o >= 0.95 * f64::from(rate))
+                })
+            })
+            .max();
+        if table.iter().any(|(s, _, _)| *s == server.name) {
+            let _ = writeln!(
+                md,
+                "| {} | {} |",
+                server.name,
+                best.map_or("none".into(), |r| r.to_string())
+            );
+        }
+    }
+    md.push('\n');
     md
 }
 
-/// A bar chart of server CPU microseconds per relayed packet at 160k pps.
-fn chart(table: &[(String, String, std::result::Result<Value, String>)], cases: &[Case]) -> String {
-    let case = cases
-        .iter()
-        .find(|c| c.name.starts_with("paced 160k"))
-        .map(|c| c.name.clone())
-        .unwrap_or_default();
-    let bars: Vec<(String, f64)> = table
-        .iter()
-        .filter(|(_, c, _)| *c == case)
-        .filter_map(|(s, _, r)| {
-            Some((s.clone(), f(r.as_ref().ok()?, &["server_cpu", "cpu_us_per_packet"])?))
-        })
-        .collect();
-    let max = bars.iter().map(|(_, v)| *v).fold(0.0f64, f64::max).max(1e-9);
-    let (w, row) = (640.0, 28.0);
-    let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"13\">\n<text x=\"10\" y=\"20\" font-weight=\"bold\">server CPU microseconds per relayed packet, {case} (lower is better)</text>\n",
-        40.0 + row * bars.len() as f64
+/// `turn-bench balance --json`: one JSON object per (case, steering, arrival).
+fn run_balance(tools: &Tools, quick: bool) -> Vec<Value> {
+    let trials = if quick { "50" } else { "200" };
+    println!("xtask: bench: balance, {trials} trials per cell");
+    let out =
+        Command::new(&tools.turn_bench).args(["balance", "--trials", trials, "--json"]).output();
+    match out {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect(),
+        Ok(out) => {
+            println!(
+                "xtask: bench:   balance failed: {}",
+                String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or("")
+            );
+            Vec::new()
+        }
+        Err(e) => {
+            println!("xtask: bench:   balance failed: {e}");
+            Vec::new()
+        }
+    }
+}
+
+fn render_balance(rows: &[Value], quick: bool) -> String {
+    let mut md = String::new();
+    if rows.is_empty() {
+        return "### Steering balance\n\nnot measured (needs root)\n\n".into();
+    }
+    let trials = rows.first().and_then(|r| r["trials"].as_u64()).unwrap_or(0);
+    let _ = writeln!(
+        md,
+        "### Steering balance (busiest / mean per socket, `turn-bench balance --trials {trials}`{})\n\n| case | arrival | kernel hash mean / p99 | program hash mean / p99 | p2c mean / p99 |\n| --- | --- | ---: | ---: | ---: |",
+        if quick { ", quick" } else { "" }
     );
-    for (i, (name, v)) in bars.iter().enumerate() {
-        let y = 36.0 + row * i as f64;
-        let len = (v / max) * 360.0;
-        let color = if name.starts_with("turn-server") {
+    let mut keys: Vec<(String, String)> = Vec::new();
+    for r in rows {
+        let key = (
+            r["case"].as_str().unwrap_or("").to_owned(),
+            r["arrival"].as_str().unwrap_or("").to_owned(),
+        );
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    for (case, arrival) in keys {
+        let cell = |steer: &str| {
+            rows.iter()
+                .find(|r| {
+                    r["case"] == case.as_str()
+                        && r["arrival"] == arrival.as_str()
+                        && r["steer"] == steer
+                })
+                .map_or("-".into(), |r| {
+                    format!(
+                        "{:.3} / {:.3}",
+                        r["mean"].as_f64().unwrap_or(0.0),
+                        r["p99"].as_f64().unwrap_or(0.0)
+                    )
+                })
+        };
+        let _ = writeln!(
+            md,
+            "| {case} | {arrival} | {} | {} | {} |",
+            cell("kernel"),
+            cell("hash"),
+            cell("p2c")
+        );
+    }
+    md.push('\n');
+    md
+}
+
+/// Three bar panels: delivered pps flat out, CPU per packet at 160k pps, steering balance.
+fn chart(
+    table: &[(String, String, std::result::Result<Value, String>)],
+    balance: &[Value],
+) -> String {
+    let color = |name: &str| {
+        if name.starts_with("turn-server") || name.starts_with("p2c") {
             "#2b7bb9"
         } else if name.starts_with("floor") {
             "#999999"
         } else {
             "#d9822b"
-        };
-        let _ = writeln!(
-            svg,
-            "<text x=\"10\" y=\"{}\">{name}</text><rect x=\"180\" y=\"{y}\" width=\"{len:.1}\" height=\"18\" fill=\"{color}\"/><text x=\"{:.1}\" y=\"{}\">{v:.2}</text>",
-            y + 14.0,
-            186.0 + len,
-            y + 14.0
-        );
+        }
+    };
+    let metric = |case: &str, path: &[&str]| -> Vec<(String, f64)> {
+        table
+            .iter()
+            .filter(|(_, c, _)| c == case)
+            .filter_map(|(s, _, r)| Some((s.clone(), f(r.as_ref().ok()?, path)?)))
+            .collect()
+    };
+    let mut panels = vec![
+        (
+            "delivered packets/s, flat out, 8 flows (higher is better)".to_owned(),
+            metric("flat out, 8 flows", &["delivered_pps"]),
+            0,
+        ),
+        (
+            "server CPU microseconds per relayed packet, paced 160k pps (lower is better)"
+                .to_owned(),
+            metric("paced 160k pps, 8 flows", &["server_cpu", "cpu_us_per_packet"]),
+            2,
+        ),
+    ];
+    let seq: Vec<(String, f64)> = balance
+        .iter()
+        .filter(|r| r["arrival"] == "sequential" && r["steer"] != "hash")
+        .filter_map(|r| {
+            let case = r["case"]
+                .as_str()?
+                .split(',')
+                .next()?
+                .replace(" equal flows on ", "/")
+                .replace(" sockets", "");
+            Some((format!("{} {}", r["steer"].as_str()?, case), r["mean"].as_f64()?))
+        })
+        .collect();
+    if !seq.is_empty() {
+        panels.push((
+            "steering balance, busiest / mean (lower is better; 1.0 is perfect)".to_owned(),
+            seq,
+            3,
+        ));
     }
-    svg.push_str("</svg>\n");
-    svg
+    let (width, row) = (720.0, 24.0);
+    let mut body = String::new();
+    let mut y = 10.0;
+    for (title, bars, digits) in &panels {
+        let _ =
+            writeln!(body, "<text x=\"10\" y=\"{}\" font-weight=\"bold\">{title}</text>", y + 14.0);
+        y += 24.0;
+        let max = bars.iter().map(|(_, v)| *v).fold(0.0f64, f64::max).max(1e-9);
+        for (name, v) in bars {
+            let len = (v / max) * 380.0;
+            let _ = writeln!(
+                body,
+                "<text x=\"10\" y=\"{}\">{name}</text><rect x=\"230\" y=\"{y}\" width=\"{len:.1}\" height=\"16\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{}\">{v:.digits$}</text>",
+                y + 13.0,
+                color(name),
+                236.0 + len,
+                y + 13.0,
+                digits = *digits
+            );
+            y += row;
+        }
+        y += 12.0;
+    }
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{y}\" font-family=\"sans-serif\" font-size=\"13\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n{body}</svg>\n"
+    )
 }
