@@ -422,10 +422,17 @@ fn render(
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let coturn = Command::new("dpkg-query")
-        .args(["-W", "-f=${Version}", "coturn"])
+    let dpkg = |pkg: &str| {
+        Command::new("dpkg-query")
+            .args(["-W", "-f=${Version}", pkg])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
     let _ = writeln!(
         md,
@@ -434,9 +441,11 @@ fn render(
     );
     let _ = writeln!(
         md,
-        "Run on {date}, Linux {}, {} CPUs, coturn {coturn}, pion/turn v2 (Debian), all on 127.0.0.1, one server at a time (started fresh for each case, stopped by its PID). Load from `turn-bench` (one sender thread, embedded peer). CPU is the server process's utime+stime from /proc over the measured window; per packet = that CPU / packets relayed. ![chart](docs/bench.svg)\n",
+        "Run on {date}, Linux {}, {} CPUs; turn-server at commit {commit}, coturn {} (Debian), pion/turn {} (Debian's golang-github-pion-turn.v2-dev, ../shared/peers/pion-mt); all on 127.0.0.1, one server at a time (started fresh for each case, stopped by its PID). Load from `turn-bench` (one sender thread, embedded peer, 160-byte payloads). CPU is the server process's utime+stime from /proc over the measured window; per packet = that CPU / packets relayed. ![chart](docs/bench.svg)\n",
         kernel.trim(),
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        dpkg("coturn"),
+        dpkg("golang-github-pion-turn.v2-dev")
     );
     let get = |server: &str, case: &str| {
         table.iter().find(|(s, c, _)| s == server && c == case).map(|(_, _, r)| r)
