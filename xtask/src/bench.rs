@@ -645,12 +645,12 @@ fn chart(
         .iter()
         .filter(|r| r["arrival"] == "sequential" && r["steer"] != "hash")
         .filter_map(|r| {
-            let case = r["case"]
-                .as_str()?
-                .split(',')
-                .next()?
-                .replace(" equal flows on ", "/")
-                .replace(" sockets", "");
+            let case = r["case"].as_str()?;
+            let case = if case.starts_with("skewed") {
+                "skewed".to_owned()
+            } else {
+                case.split(',').next()?.replace(" equal flows on ", "/").replace(" sockets", "")
+            };
             Some((format!("{} {}", r["steer"].as_str()?, case), r["mean"].as_f64()?))
         })
         .collect();
