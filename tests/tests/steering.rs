@@ -171,6 +171,20 @@ fn relay_with_uclient(daemon: &Daemon, peer_port: u16, extra: &[&str]) -> (bool,
     turn_tests::run_tool("turnutils_uclient", &args, Duration::from_secs(60))
 }
 
+/// A 2-worker p2c daemon with a user and loopback peers allowed, pinned under `root`.
+fn relaying_daemon(root: &PinRoot, extra: &[&str]) -> Daemon {
+    let mut args = vec!["--workers", "2", "--steering", "p2c", "--bpf-pin-root", root.arg()];
+    args.extend_from_slice(&[
+        "--realm",
+        "test",
+        "--user",
+        "alice:secret",
+        "--allow-loopback-peers",
+    ]);
+    args.extend_from_slice(extra);
+    Daemon::start(&args)
+}
+
 fn coturn_tools(test: &str) -> bool {
     require_tool(test, "turnutils_uclient", "coturn")
         && require_tool(test, "turnutils_peer", "coturn")
@@ -183,19 +197,7 @@ fn mode_switches_mid_traffic_lose_nothing() {
         return;
     }
     let root = PinRoot::new("switch");
-    let daemon = Daemon::start(&[
-        "--workers",
-        "2",
-        "--steering",
-        "p2c",
-        "--bpf-pin-root",
-        root.arg(),
-        "--realm",
-        "test",
-        "--user",
-        "alice:secret",
-        "--allow-loopback-peers",
-    ]);
+    let daemon = relaying_daemon(&root, &[]);
     let peer_port = turn_tests::free_udp_port();
     let _peer = turn_tests::start_peer(peer_port);
     let switcher = {
@@ -224,21 +226,7 @@ fn a_pin_map_smaller_than_the_allocations_loses_nothing() {
         return;
     }
     let root = PinRoot::new("tiny");
-    let mut daemon = Daemon::start(&[
-        "--workers",
-        "2",
-        "--steering",
-        "p2c",
-        "--steering-pin-entries",
-        "2",
-        "--bpf-pin-root",
-        root.arg(),
-        "--realm",
-        "test",
-        "--user",
-        "alice:secret",
-        "--allow-loopback-peers",
-    ]);
+    let mut daemon = relaying_daemon(&root, &["--steering-pin-entries", "2"]);
     let peer_port = turn_tests::free_udp_port();
     let _peer = turn_tests::start_peer(peer_port);
     // 8 allocations, 2 pins: pins are evicted all the time, flows are re-placed, and a
