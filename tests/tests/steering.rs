@@ -38,8 +38,9 @@ fn as_nobody(args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn instance_dir(root: &PinRoot, pid: u32) -> std::path::PathBuf {
-    root.0.join("v1").join(pid.to_string())
+/// Where a daemon pins the maps of its listener `addr`.
+fn listener_dir(root: &PinRoot, addr: std::net::SocketAddr) -> std::path::PathBuf {
+    turn_server::bpffs::listener_dir(&root.0, addr)
 }
 
 #[test]
@@ -61,12 +62,19 @@ fn load_cli_shows_every_worker_while_traffic_flows() {
     assert_eq!(group["mode"], "p2c", "{report}");
     let sockets = group["sockets"].as_array().unwrap();
     assert_eq!(sockets.len(), 2, "{report}");
-    let pinned: u64 = sockets.iter().map(|s| s["pinned_flows"].as_u64().unwrap()).sum();
-    assert_eq!(pinned, 20, "every flow is pinned: {report}");
+    let remembered: u64 = sockets.iter().map(|s| s["memo_flows"].as_u64().unwrap()).sum();
+    assert_eq!(remembered, 20, "every flow is remembered: {report}");
     for s in sockets {
-        assert!(s["packets_per_sec"].as_f64().unwrap() > 0.0, "{report}");
+        // The worker's own count and the program's agree: every datagram is a garbage
+        // datagram from a client here, counted once by each.
+        let worker = s["packets_per_sec"].as_f64().unwrap();
+        let steered = s["steered_per_sec"].as_f64().unwrap();
+        assert!(worker > 0.0 && steered > 0.0, "{report}");
         assert!(s["bytes_per_sec"].as_f64().unwrap() > 0.0, "{report}");
+        assert_eq!(s["pinned_allocations"], 0, "no allocation, no pin: {report}");
+        assert_eq!(s["handoff_drops"], 0, "{report}");
     }
+    assert_eq!(group["owners"][0].as_u64(), Some(u64::from(daemon.pid())), "{report}");
     let share: f64 = sockets.iter().map(|s| s["share"].as_f64().unwrap()).sum();
     assert!((share - 1.0).abs() < 1e-6, "{report}");
     assert!(group["imbalance"].as_f64().unwrap() >= 1.0, "{report}");
@@ -127,7 +135,7 @@ fn sigterm_removes_the_pins() {
     }
     let root = PinRoot::new("term");
     let mut daemon = Daemon::start(&["--workers", "2", "--bpf-pin-root", root.arg()]);
-    let dir = instance_dir(&root, daemon.pid());
+    let dir = listener_dir(&root, daemon.addr());
     assert!(dir.is_dir(), "pins while running");
     let status = daemon.signal_and_wait(libc::SIGTERM, Duration::from_secs(10)).unwrap();
     assert!(status.success());
@@ -142,7 +150,7 @@ fn restart_after_kill_9_removes_stale_pins_and_serves() {
     }
     let root = PinRoot::new("kill");
     let mut first = Daemon::start(&["--workers", "2", "--bpf-pin-root", root.arg()]);
-    let stale = instance_dir(&root, first.pid());
+    let stale = listener_dir(&root, first.addr());
     first.signal_and_wait(libc::SIGKILL, Duration::from_secs(10)).unwrap();
     assert!(stale.is_dir(), "kill -9 leaves pins behind");
 
@@ -155,7 +163,7 @@ fn restart_after_kill_9_removes_stale_pins_and_serves() {
         .filter_map(|l| json_field(l, "dir"))
         .collect::<Vec<_>>();
     assert_eq!(removed, vec![stale.display().to_string()]);
-    assert!(Path::new(&instance_dir(&root, second.pid())).is_dir());
+    assert!(Path::new(&listener_dir(&root, second.addr())).is_dir());
     let report = load_json(&root, &second);
     assert_eq!(report["groups"][0]["sockets"].as_array().unwrap().len(), 2);
 }
@@ -226,11 +234,22 @@ fn a_pin_map_smaller_than_the_allocations_loses_nothing() {
         return;
     }
     let root = PinRoot::new("tiny");
-    let mut daemon = relaying_daemon(&root, &["--steering-pin-entries", "2"]);
+    let mut daemon = relaying_daemon(
+        &root,
+        &[
+            "--steering-pin-entries",
+            "2",
+            "--steering-memo-entries",
+            "2",
+            "--steering-memo-ttl-ms",
+            "20",
+        ],
+    );
     let peer_port = turn_tests::free_udp_port();
     let _peer = turn_tests::start_peer(peer_port);
-    // 8 allocations, 2 pins: pins are evicted all the time, flows are re-placed, and a
-    // datagram that lands on the wrong worker is handed to its owner.
+    // 8 allocations, room for 2 allocation pins and 2 memos of 20 ms: the other flows'
+    // memos are evicted or expire all the time, their flows are re-placed, and a datagram
+    // that lands on the wrong worker is handed to its owner.
     let (ok, out) =
         relay_with_uclient(&daemon, peer_port, &["-n", "200", "-m", "4", "-l", "100", "-z", "5"]);
     assert!(ok, "{out}");

@@ -348,7 +348,7 @@ fn drops_privileges_after_setup_and_still_cleans_up() {
     let (ok, out) =
         run_tool("turnutils_stunclient", &["-p", &port_args(&daemon), "127.0.0.1"], UCLIENT);
     assert!(ok && out.contains("UDP reflexive addr"), "{out}");
-    let instance = root.0.join("v1").join(daemon.pid().to_string());
+    let instance = turn_server::bpffs::listener_dir(&root.0, daemon.addr());
     assert!(instance.is_dir());
     let exit = daemon.signal_and_wait(libc::SIGTERM, Duration::from_secs(10)).unwrap();
     assert!(exit.success(), "{exit}\n{}", daemon.logs());

@@ -162,6 +162,7 @@ fn publish(
             allocations: flows_on[i],
             placed_seen: placed[i],
             flow_weight: mean_weight.max(1),
+            ..SocketLoad::default()
         };
         steering.maps_mut().set_load(i as u32, load)?;
     }

@@ -1,10 +1,17 @@
-//! Where the daemon pins its steering maps in the BPF filesystem, and the clean-up of pins
-//! a killed daemon left behind.
+//! Where the daemon pins its steering maps in the BPF filesystem, who owns them, and the
+//! clean-up of pins a killed daemon left behind.
 //!
-//! Layout: `<root>/<LAYOUT>/<pid>/udp-<address>-<port>/<MAP>` (no dots: bpffs refuses
-//! them), where `LAYOUT` names the
-//! version of the map types in `turn-common` (bumped when they change) and `pid` is the
-//! daemon's. A directory whose process is gone is stale and removed at the next start.
+//! Layout: `<root>/<LAYOUT>/udp-<address>-<port>/` per listener (no dots: bpffs refuses
+//! them), holding the listener group's maps by name and one empty `owner-<pid>-<start>`
+//! directory per process that steers the group, where `start` is the process's start time
+//! (clock ticks since boot, field 22 of `/proc/<pid>/stat`). `LAYOUT` names the version of
+//! the map types in `turn-common` (bumped when they change).
+//!
+//! The directory belongs to the listener, not to a process: a later process joining the
+//! same group (a new generation, for a hitless restart) finds the maps where the first one
+//! put them, and slots name sockets across processes. A listener directory is stale when
+//! none of its owners is alive; "alive" compares the start time, so a reused pid or a
+//! renamed binary is never mistaken for the owner.
 
 use std::{
     io,
@@ -13,20 +20,95 @@ use std::{
 };
 
 /// Version of the pinned map layout (the types in `turn-common`).
-pub const LAYOUT: &str = "v1";
+pub const LAYOUT: &str = "v2";
 /// Default root of the daemon's pins.
 pub const DEFAULT_ROOT: &str = "/sys/fs/bpf/turn-server";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const OWNER_PREFIX: &str = "owner-";
 
-/// The directory of one daemon's pins.
-pub fn instance_dir(root: &Path, pid: u32) -> PathBuf {
-    root.join(LAYOUT).join(pid.to_string())
+/// A process, identified so that a reused pid is a different process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Owner {
+    pub pid: u32,
+    /// Start time in clock ticks since boot.
+    pub start: u64,
+}
+
+impl Owner {
+    /// This process.
+    pub fn current() -> io::Result<Owner> {
+        let pid = std::process::id();
+        let start = start_time(pid)?;
+        Ok(Owner { pid, start })
+    }
+
+    /// True while the process that wrote this marker runs (same pid, same start time).
+    pub fn is_alive(&self) -> bool {
+        start_time(self.pid).is_ok_and(|start| start == self.start)
+    }
+
+    fn marker(&self) -> String {
+        format!("{OWNER_PREFIX}{}-{}", self.pid, self.start)
+    }
+
+    fn parse(name: &str) -> Option<Owner> {
+        let (pid, start) = name.strip_prefix(OWNER_PREFIX)?.split_once('-')?;
+        Some(Owner { pid: pid.parse().ok()?, start: start.parse().ok()? })
+    }
+}
+
+/// Start time of `pid` (field 22 of /proc/<pid>/stat, after the parenthesised command,
+/// which may itself contain spaces and parentheses).
+fn start_time(pid: u32) -> io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after_comm = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default();
+    // Fields after the command start at field 3 (state); starttime is field 22.
+    after_comm
+        .split_whitespace()
+        .nth(22 - 3)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("/proc/{pid}/stat has no start time")))
 }
 
 /// The directory of one listener group's pins. bpffs refuses names with a dot, so the
 /// dots of an IPv4 address are written `_`.
-pub fn group_dir(instance: &Path, local: SocketAddr) -> PathBuf {
-    instance.join(format!("udp-{}-{}", local.ip().to_string().replace('.', "_"), local.port()))
+pub fn listener_dir(root: &Path, local: SocketAddr) -> PathBuf {
+    root.join(LAYOUT).join(format!(
+        "udp-{}-{}",
+        local.ip().to_string().replace('.', "_"),
+        local.port()
+    ))
+}
+
+/// The listener address a listener directory stands for.
+pub fn listener_name(dir: &Path) -> String {
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("?");
+    match name.strip_prefix("udp-").and_then(|rest| rest.rsplit_once('-')) {
+        Some((ip, port)) if ip.contains(':') => format!("[{ip}]:{port}"),
+        Some((ip, port)) => format!("{}:{port}", ip.replace('_', ".")),
+        None => name.to_owned(),
+    }
+}
+
+/// Records `owner` as steering the group whose maps are in `dir`.
+pub fn add_owner(dir: &Path, owner: Owner) -> io::Result<()> {
+    std::fs::create_dir(dir.join(owner.marker()))
+}
+
+/// Removes `owner`'s marker from `dir`.
+pub fn remove_owner(dir: &Path, owner: Owner) {
+    let _ = std::fs::remove_dir(dir.join(owner.marker()));
+}
+
+/// The owners recorded in a listener directory, alive or not, sorted.
+pub fn owners(dir: &Path) -> Vec<Owner> {
+    let mut found: Vec<Owner> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries.flatten().filter_map(|e| Owner::parse(e.file_name().to_str()?)).collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
 }
 
 fn is_bpffs(path: &Path) -> bool {
@@ -62,74 +144,81 @@ pub fn prepare_root(root: &Path) -> io::Result<()> {
             ));
         }
     }
-    std::fs::create_dir_all(root)?;
+    std::fs::create_dir_all(root.join(LAYOUT))?;
     if !is_bpffs(root) {
         return Err(io::Error::other(format!("{} is not in a BPF filesystem", root.display())));
     }
     Ok(())
 }
 
-fn process_alive(pid: u32) -> bool {
-    // A pid dir of ours is live only while a turn-server process has that pid.
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .is_ok_and(|comm| comm.trim_end().starts_with("turn-server"))
-}
-
-/// Removes the pin directories of daemons that are no longer running, under every layout
-/// version. Returns what was removed.
+/// Removes the pins no running process owns: listener directories of the current layout
+/// without a live owner, and the directories of older layouts (`v1` kept one directory per
+/// daemon pid) whose process is gone. Returns what was removed.
 pub fn remove_stale(root: &Path) -> Vec<PathBuf> {
     let mut removed = Vec::new();
     let Ok(layouts) = std::fs::read_dir(root) else { return removed };
     for layout in layouts.flatten() {
-        let Ok(instances) = std::fs::read_dir(layout.path()) else { continue };
-        for instance in instances.flatten() {
-            let name = instance.file_name();
-            let live = name.to_str().and_then(|n| n.parse::<u32>().ok()).is_some_and(process_alive);
-            if !live && std::fs::remove_dir_all(instance.path()).is_ok() {
-                removed.push(instance.path());
+        let current = layout.file_name() == LAYOUT;
+        let Ok(entries) = std::fs::read_dir(layout.path()) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let live = if current {
+                owners(&path).iter().any(Owner::is_alive)
+            } else {
+                // Older layouts name a pid only: keep what a running process may still use.
+                entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+            };
+            if !live && std::fs::remove_dir_all(&path).is_ok() {
+                removed.push(path);
             }
         }
-        // An emptied layout directory of an old version goes too.
-        let _ = std::fs::remove_dir(layout.path());
+        if !current {
+            // An emptied directory of an old layout goes too.
+            let _ = std::fs::remove_dir(layout.path());
+        }
     }
     removed
 }
 
-/// Running daemons with pins under `root` (current layout): `(pid, instance dir)`.
-pub fn live_instances(root: &Path) -> Vec<(u32, PathBuf)> {
-    let mut found = Vec::new();
-    let Ok(instances) = std::fs::read_dir(root.join(LAYOUT)) else { return found };
-    for instance in instances.flatten() {
-        if let Some(pid) = instance.file_name().to_str().and_then(|n| n.parse::<u32>().ok())
-            && process_alive(pid)
-        {
-            found.push((pid, instance.path()));
-        }
-    }
-    found.sort();
+/// A listener directory of the current layout with its live owners.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveListener {
+    pub dir: PathBuf,
+    pub owners: Vec<Owner>,
+}
+
+/// Listener directories (current layout) with at least one live owner, sorted.
+pub fn live_listeners(root: &Path) -> Vec<LiveListener> {
+    let mut found: Vec<LiveListener> = std::fs::read_dir(root.join(LAYOUT))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .filter_map(|dir| {
+                    let owners: Vec<Owner> =
+                        owners(&dir).into_iter().filter(Owner::is_alive).collect();
+                    (!owners.is_empty()).then_some(LiveListener { dir, owners })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort_by(|a, b| a.dir.cmp(&b.dir));
     found
 }
 
-/// The listener groups pinned in an instance directory, sorted by name.
-pub fn groups(instance: &Path) -> Vec<PathBuf> {
-    let mut groups: Vec<PathBuf> = std::fs::read_dir(instance)
-        .map(|entries| entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect())
-        .unwrap_or_default();
-    groups.sort();
-    groups
-}
-
-/// Restricts an instance directory to its owner (`uid`, the user the daemon runs as, or
-/// root), or to the owner and `gid` (the admin group).
-pub fn restrict(instance: &Path, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
+/// Restricts a listener directory and its pins to their owner (`uid`, the user the daemon
+/// runs as, or root), or to the owner and `gid` (the admin group).
+pub fn restrict(dir: &Path, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let (dir_mode, file_mode) = if gid.is_some() { (0o750, 0o660) } else { (0o700, 0o600) };
-    let mut paths = vec![instance.to_owned()];
-    for group in groups(instance) {
-        paths.push(group.clone());
-        if let Ok(entries) = std::fs::read_dir(&group) {
-            paths.extend(entries.flatten().map(|e| e.path()));
-        }
+    let mut paths = vec![dir.to_owned()];
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        paths.extend(entries.flatten().map(|e| e.path()));
     }
     for path in paths {
         let mode = if path.is_dir() { dir_mode } else { file_mode };
@@ -138,9 +227,9 @@ pub fn restrict(instance: &Path, uid: Option<u32>, gid: Option<u32>) -> io::Resu
             std::os::unix::fs::chown(&path, uid, gid)?;
         }
     }
-    // The layout and root directories must be traversable to reach the instance.
-    for dir in instance.ancestors().skip(1).take(2) {
-        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+    // The layout and root directories must be traversable to reach the listener.
+    for parent in dir.ancestors().skip(1).take(2) {
+        let _ = std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755));
     }
     Ok(())
 }
@@ -151,27 +240,57 @@ mod tests {
 
     #[test]
     fn layout_paths() {
-        let instance = instance_dir(Path::new("/sys/fs/bpf/turn-server"), 42);
-        assert_eq!(instance, Path::new("/sys/fs/bpf/turn-server/v1/42"));
-        let group = group_dir(&instance, "127.0.0.1:3478".parse().unwrap());
-        assert_eq!(group, Path::new("/sys/fs/bpf/turn-server/v1/42/udp-127_0_0_1-3478"));
-        let group6 = group_dir(&instance, "[::1]:3478".parse().unwrap());
-        assert!(group6.ends_with("udp-::1-3478"));
+        let root = Path::new("/sys/fs/bpf/turn-server");
+        let dir = listener_dir(root, "127.0.0.1:3478".parse().unwrap());
+        assert_eq!(dir, Path::new("/sys/fs/bpf/turn-server/v2/udp-127_0_0_1-3478"));
+        assert_eq!(listener_name(&dir), "127.0.0.1:3478");
+        let dir6 = listener_dir(root, "[::1]:3478".parse().unwrap());
+        assert!(dir6.ends_with("udp-::1-3478"));
+        assert_eq!(listener_name(&dir6), "[::1]:3478");
     }
 
     #[test]
-    fn stale_instances_are_removed_and_live_ones_kept() {
+    fn owners_are_told_apart_by_start_time() {
+        let me = Owner::current().unwrap();
+        assert!(me.is_alive());
+        // Same pid, another start time: a reused pid, not us.
+        assert!(!Owner { start: me.start + 1, ..me }.is_alive());
+        assert!(!Owner { pid: u32::MAX - 1, start: 1 }.is_alive());
+        assert_eq!(Owner::parse(&me.marker()), Some(me));
+        assert_eq!(Owner::parse("owner-12"), None);
+        assert_eq!(Owner::parse("TURN_LOAD"), None);
+    }
+
+    #[test]
+    fn stale_listeners_are_removed_and_live_ones_kept() {
         // A plain directory tree stands in for bpffs: the clean-up only walks and removes.
         let root = std::env::temp_dir().join(format!("turn-bpffs-test-{}", std::process::id()));
-        let dead = instance_dir(&root, u32::MAX - 1);
-        std::fs::create_dir_all(dead.join("udp-127_0_0_1-1")).unwrap();
-        std::fs::write(dead.join("udp-127_0_0_1-1").join("TURN_LOAD"), b"").unwrap();
-        let old_layout = root.join("v0").join("1");
-        std::fs::create_dir_all(&old_layout).unwrap();
+        let me = Owner::current().unwrap();
+        let live = listener_dir(&root, "127.0.0.1:1".parse().unwrap());
+        std::fs::create_dir_all(&live).unwrap();
+        add_owner(&live, me).unwrap();
+        // Killed daemon: its marker names our pid with another start time (pid reuse).
+        let dead = listener_dir(&root, "127.0.0.1:2".parse().unwrap());
+        std::fs::create_dir_all(&dead).unwrap();
+        add_owner(&dead, Owner { start: me.start + 7, ..me }).unwrap();
+        std::fs::write(dead.join("TURN_LOAD"), b"").unwrap();
+        // A directory with no owner at all (a start that died before recording one).
+        let orphan = listener_dir(&root, "[::1]:3".parse().unwrap());
+        std::fs::create_dir_all(&orphan).unwrap();
+        // The previous layout: one directory per pid.
+        let old_layout = root.join("v1").join((u32::MAX - 1).to_string());
+        std::fs::create_dir_all(old_layout.join("udp-127_0_0_1-1")).unwrap();
+
         let removed = remove_stale(&root);
-        assert!(removed.contains(&dead), "{removed:?}");
-        assert!(!dead.exists() && !old_layout.exists());
-        assert!(live_instances(&root).is_empty());
+        assert!(removed.contains(&dead) && removed.contains(&orphan), "{removed:?}");
+        assert!(removed.contains(&old_layout), "{removed:?}");
+        assert!(!dead.exists() && !orphan.exists() && !root.join("v1").exists());
+        assert_eq!(
+            live_listeners(&root),
+            vec![LiveListener { dir: live.clone(), owners: vec![me] }]
+        );
+        remove_owner(&live, me);
+        assert!(live_listeners(&root).is_empty());
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -24,6 +24,8 @@ pub enum SteeringMode {
     P2c,
     /// eBPF: the kernel's hash choice, flow pinned. An error if BPF is unavailable.
     Hash,
+    /// eBPF: least loaded of all sockets, flow pinned. An error if BPF is unavailable.
+    Least,
     /// No program: the kernel's own SO_REUSEPORT hash.
     Off,
 }
@@ -49,10 +51,15 @@ pub struct Config {
     pub listening_ips: Vec<IpAddr>,
     /// Worker threads, each with one socket per listening address (0 = one per CPU).
     pub workers: usize,
-    /// Placement of new flows: auto, p2c, hash or off.
+    /// Placement of new flows: auto, p2c, least, hash or off.
     pub steering: SteeringMode,
-    /// Entries of the eBPF flow pin map (flows remembered per listening address).
+    /// Entries of the allocation pin map per listening address (0: sized from
+    /// `total_quota` and the relay port range, see [`Config::allocation_pin_entries`]).
     pub steering_pin_entries: u32,
+    /// Entries of the program's memo of flows that are not allocations (LRU).
+    pub steering_memo_entries: u32,
+    /// How long the program remembers a flow that is not an allocation, in milliseconds.
+    pub steering_memo_ttl_ms: u32,
     /// Directory in bpffs where the steering maps are pinned for `turn-server load`.
     pub bpf_pin_root: PathBuf,
     /// Group (name or number) allowed to use `turn-server load` and `steering set`
@@ -121,7 +128,9 @@ impl Default for Config {
             ],
             workers: 0,
             steering: SteeringMode::Auto,
-            steering_pin_entries: turn_common::DEFAULT_PIN_ENTRIES,
+            steering_pin_entries: 0,
+            steering_memo_entries: turn_common::DEFAULT_MEMO_ENTRIES,
+            steering_memo_ttl_ms: turn_common::DEFAULT_MEMO_TTL_MS,
             bpf_pin_root: PathBuf::from(crate::bpffs::DEFAULT_ROOT),
             admin_group: None,
             realm: None,
@@ -180,8 +189,11 @@ impl Config {
                 turn_common::MAX_SOCKETS
             );
         }
-        if self.steering_pin_entries == 0 {
-            bail!("steering_pin_entries: must be at least 1");
+        if self.steering_memo_entries == 0 {
+            bail!("steering_memo_entries: must be at least 1");
+        }
+        if self.steering_memo_ttl_ms == 0 {
+            bail!("steering_memo_ttl_ms: must be at least 1");
         }
         if self.min_port == 0 || self.min_port > self.max_port {
             bail!(
@@ -265,6 +277,20 @@ impl Config {
             .map(|n| n.get())
             .unwrap_or(1)
             .min(turn_common::MAX_SOCKETS as usize)
+    }
+
+    /// Entries of the allocation pin map: `steering_pin_entries`, or as many allocations
+    /// as the daemon can hold: every allocation takes at least one relay port of one
+    /// family, so at most two port ranges' worth, and at most `total_quota`.
+    pub fn allocation_pin_entries(&self) -> u32 {
+        if self.steering_pin_entries > 0 {
+            return self.steering_pin_entries;
+        }
+        let ports = (u32::from(self.max_port) - u32::from(self.min_port) + 1) * 2;
+        match u32::try_from(self.total_quota) {
+            Ok(quota) if quota > 0 => ports.min(quota),
+            _ => ports,
+        }
     }
 
     /// Realm with the host name as default.
@@ -389,6 +415,18 @@ mod tests {
         assert!(parse_net("example.org").is_err());
         let err = Config::from_toml("denied_peer_ips = [\"10.0.0.0/40\"]\n").unwrap_err();
         assert!(format!("{err:#}").contains("denied_peer_ips"), "{err:#}");
+    }
+
+    #[test]
+    fn allocation_pins_are_sized_from_ports_and_quota() {
+        let c = Config::from_toml("min_port = 50000\nmax_port = 50999\n").unwrap();
+        assert_eq!(c.allocation_pin_entries(), 2000);
+        let c =
+            Config::from_toml("min_port = 50000\nmax_port = 50999\ntotal_quota = 300\n").unwrap();
+        assert_eq!(c.allocation_pin_entries(), 300);
+        let c = Config::from_toml("steering_pin_entries = 7\ntotal_quota = 300\n").unwrap();
+        assert_eq!(c.allocation_pin_entries(), 7);
+        assert_eq!(Config::default().allocation_pin_entries(), 2 * 16384);
     }
 
     #[test]

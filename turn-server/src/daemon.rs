@@ -20,7 +20,7 @@ use crate::{
     bpffs,
     config::{Config, SteeringMode},
     listener::{ListenerGroup, bind_group},
-    load::LoadEstimator,
+    load::{LoadEstimator, WorkerReport, WorkerSample},
     relay::RelayPool,
     setup,
     shared::{Directory, SharedQuota},
@@ -35,8 +35,9 @@ const LOAD_PUBLISH_INTERVAL: Duration = Duration::from_millis(50);
 struct SteeredGroup {
     local: SocketAddr,
     steering: Option<Steering>,
-    /// A second handle on socket 0, kept to detach the program at shutdown.
-    member: UdpSocket,
+    /// Second handles on the group's sockets (worker order): socket 0 detaches the program
+    /// at shutdown, all of them report their receive queues.
+    members: Vec<UdpSocket>,
 }
 
 /// Runs the daemon until SIGINT or SIGTERM. Returns once every worker has stopped and
@@ -64,31 +65,31 @@ pub fn run(config: Config) -> Result<()> {
     )?)
     .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
 
-    let pin_instance = prepare_pins(&config);
+    let pin_root = prepare_pins(&config);
     let mut groups = Vec::new();
     let mut worker_sockets: Vec<Vec<UdpSocket>> = (0..workers).map(|_| Vec::new()).collect();
     for ip in &config.listening_ips {
         let addr = SocketAddr::new(*ip, config.listening_port);
+        if let Some(root) = &pin_root
+            && addr.port() != 0
+        {
+            refuse_if_steered(root, addr)?;
+        }
         let ListenerGroup { local, sockets } = bind_group(addr, workers)
             .with_context(|| format!("listening on {addr} with {workers} sockets"))?;
-        let member = sockets[0].try_clone()?;
-        let pin_dir = pin_instance.as_deref().map(|dir| bpffs::group_dir(dir, local));
+        let members = sockets.iter().map(UdpSocket::try_clone).collect::<Result<Vec<_>, _>>()?;
+        let pin_dir = pin_root.as_deref().map(|root| bpffs::listener_dir(root, local));
         let steering = attach_steering(&config, local, &sockets, pin_dir)?;
         for (i, socket) in sockets.into_iter().enumerate() {
             worker_sockets[i].push(socket);
         }
-        groups.push(SteeredGroup { local, steering, member });
+        groups.push(SteeredGroup { local, steering, members });
     }
 
-    if let Some(instance) = &pin_instance {
-        if groups.iter().any(|g| g.steering.is_some()) {
-            if let Err(e) =
-                bpffs::restrict(instance, setup::run_as_uid(&config)?, config.admin_gid()?)
-            {
-                warn!(dir = %instance.display(), error = %e, "cannot set permissions on the pins");
-            }
-        } else {
-            let _ = std::fs::remove_dir(instance);
+    let (uid, gid) = (setup::run_as_uid(&config)?, config.admin_gid()?);
+    for dir in groups.iter().filter_map(|g| g.steering.as_ref()?.pin_dir()) {
+        if let Err(e) = bpffs::restrict(dir, uid, gid) {
+            warn!(dir = %dir.display(), error = %e, "cannot set permissions on the pins");
         }
     }
 
@@ -150,12 +151,10 @@ pub fn run(config: Config) -> Result<()> {
         })
         .collect();
     for group in &groups {
-        let mode = group.steering.as_ref().map_or("off (kernel hash)", |s| match s.mode() {
-            Ok(Mode::P2c) => "p2c",
-            Ok(Mode::Hash) => "hash",
-            Ok(Mode::Kernel) => "kernel",
-            Err(_) => "unknown",
-        });
+        let mode = group
+            .steering
+            .as_ref()
+            .map_or("off (kernel hash)", |s| s.mode().map_or("unknown", crate::inspect::mode_name));
         info!(
             listen = %group.local,
             workers,
@@ -171,20 +170,24 @@ pub fn run(config: Config) -> Result<()> {
     }
 
     let drain = Duration::from_secs(config.drain_timeout_secs);
-    let outcome =
-        runtime.block_on(control_loop(signals, &state_tx, drain, &mut groups, &stats, &handles));
+    let workers_view = WorkersView { stats: &stats, inboxes: &inboxes };
+    let outcome = runtime.block_on(control_loop(
+        signals,
+        &state_tx,
+        drain,
+        &mut groups,
+        &workers_view,
+        &handles,
+    ));
 
     let _ = state_tx.send(RunState::Stop);
     for group in groups.drain(..) {
-        if let Some(steering) = group.steering {
-            match steering.detach(group.member.as_fd()) {
+        if let (Some(steering), Some(member)) = (group.steering, group.members.first()) {
+            match steering.detach(member.as_fd()) {
                 Ok(()) => info!(listen = %group.local, "steering program detached, pins removed"),
                 Err(e) => warn!(listen = %group.local, error = %e, "detaching steering failed"),
             }
         }
-    }
-    if let Some(instance) = &pin_instance {
-        let _ = std::fs::remove_dir(instance);
     }
     for (index, handle) in handles.into_iter().enumerate() {
         match handle.join() {
@@ -196,7 +199,7 @@ pub fn run(config: Config) -> Result<()> {
     outcome
 }
 
-/// Prepares the bpffs directory for this daemon's pins, removing those of killed daemons.
+/// Prepares the bpffs root for this daemon's pins, removing those of killed daemons.
 /// Returns None (steering still works, `turn-server load` does not) when bpffs is unusable.
 fn prepare_pins(config: &Config) -> Option<std::path::PathBuf> {
     if config.steering == SteeringMode::Off {
@@ -211,7 +214,22 @@ fn prepare_pins(config: &Config) -> Option<std::path::PathBuf> {
     for stale in bpffs::remove_stale(root) {
         info!(dir = %stale.display(), "removed the pins of a daemon that is no longer running");
     }
-    Some(bpffs::instance_dir(root, std::process::id()))
+    Some(root.clone())
+}
+
+/// Refuses to join a listener group that another live turn-server steers: with
+/// SO_REUSEPORT, binding would succeed and split that daemon's clients between the two.
+fn refuse_if_steered(root: &std::path::Path, addr: SocketAddr) -> Result<()> {
+    let dir = bpffs::listener_dir(root, addr);
+    if let Some(other) = bpffs::owners(&dir).into_iter().find(bpffs::Owner::is_alive) {
+        bail!(
+            "{addr} is already served by turn-server pid {} (its steering maps are in {}); \
+             stop it first or choose another --listening-port",
+            other.pid,
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 fn attach_steering(
@@ -223,9 +241,15 @@ fn attach_steering(
     let mode = match config.steering {
         SteeringMode::Off => return Ok(None),
         SteeringMode::Auto | SteeringMode::P2c => Mode::P2c,
+        SteeringMode::Least => Mode::Least,
         SteeringMode::Hash => Mode::Hash,
     };
-    let options = SteeringOptions { pin_entries: config.steering_pin_entries, pin_dir };
+    let options = SteeringOptions {
+        alloc_entries: config.allocation_pin_entries(),
+        memo_entries: config.steering_memo_entries,
+        memo_ttl_ms: config.steering_memo_ttl_ms,
+        pin_dir,
+    };
     match Steering::attach(sockets, mode, options) {
         Ok(steering) => Ok(Some(steering)),
         Err(e) if config.steering == SteeringMode::Auto => {
@@ -300,14 +324,21 @@ struct Signals {
     int: tokio::signal::unix::Signal,
 }
 
+/// What the control thread reads of the workers.
+struct WorkersView<'a> {
+    stats: &'a [Arc<WorkerStats>],
+    inboxes: &'a [mpsc::Sender<worker::Handoff>],
+}
+
 async fn control_loop(
     mut signals: Signals,
     state: &watch::Sender<RunState>,
     drain_timeout: Duration,
     groups: &mut [SteeredGroup],
-    stats: &[Arc<WorkerStats>],
+    view: &WorkersView<'_>,
     workers: &[std::thread::JoinHandle<Result<()>>],
 ) -> Result<()> {
+    let stats = view.stats;
     let mut estimator = LoadEstimator::new(stats.len());
     let mut tick = tokio::time::interval(LOAD_PUBLISH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -329,7 +360,7 @@ async fn control_loop(
                 if let Some(i) = workers.iter().position(|w| w.is_finished()) {
                     bail!("worker {i} stopped unexpectedly");
                 }
-                publish_loads(&mut estimator, groups, stats);
+                publish_loads(&mut estimator, groups, view);
                 for steering in groups.iter_mut().filter_map(|g| g.steering.as_mut()) {
                     steering.flush_logs();
                 }
@@ -353,35 +384,99 @@ async fn control_loop(
 fn publish_loads(
     estimator: &mut LoadEstimator,
     groups: &mut [SteeredGroup],
-    stats: &[Arc<WorkerStats>],
+    view: &WorkersView<'_>,
 ) {
-    let steered: Vec<&mut Steering> =
-        groups.iter_mut().filter_map(|g| g.steering.as_mut()).collect();
-    if steered.is_empty() {
+    if groups.iter().all(|g| g.steering.is_none()) {
         return;
     }
-    // A worker's packets are those of its socket in every group.
-    let mut packets = vec![0u64; stats.len()];
-    for steering in &steered {
-        match steering.maps().stats() {
-            Ok(group) => {
-                for (total, socket) in packets.iter_mut().zip(&group.sockets) {
-                    *total += socket.packets;
-                }
+    let workers = view.stats.len();
+    // A worker's placements are those of its socket in every group.
+    let mut placed_by_group: Vec<Vec<u64>> = Vec::with_capacity(groups.len());
+    let mut placed = vec![0u64; workers];
+    for group in groups.iter() {
+        let counts = group
+            .steering
+            .as_ref()
+            .map(|s| s.maps().placed())
+            .transpose()
+            .unwrap_or_else(|e| {
+                warn!(error = %e, "reading steering counters failed");
+                None
+            })
+            .unwrap_or_default();
+        for (total, n) in placed.iter_mut().zip(&counts) {
+            *total += n;
+        }
+        placed_by_group.push(counts);
+    }
+    let mut reports: Vec<WorkerReport> = view
+        .stats
+        .iter()
+        .zip(view.inboxes)
+        .map(|(w, inbox)| WorkerReport {
+            allocations: w.allocations.load(Ordering::Relaxed),
+            packets: w.packets.load(Ordering::Relaxed),
+            bytes: w.bytes.load(Ordering::Relaxed),
+            handed_off: w.handed_off.load(Ordering::Relaxed),
+            handed_in: w.handed_in.load(Ordering::Relaxed),
+            handoff_drops: w.handoff_drops.load(Ordering::Relaxed),
+            inbox_queued: (inbox.max_capacity() - inbox.capacity()) as u64,
+            pin_failures: w.pin_failures.load(Ordering::Relaxed),
+            ..WorkerReport::default()
+        })
+        .collect();
+    for group in groups.iter() {
+        for (report, socket) in reports.iter_mut().zip(&group.members) {
+            if let Some(mem) = socket_meminfo(socket) {
+                report.rx_queued_bytes += mem.queued_bytes;
+                report.rx_drops += mem.drops;
             }
-            Err(e) => warn!(error = %e, "reading steering counters failed"),
         }
     }
-    let allocations: Vec<u64> =
-        stats.iter().map(|w| w.allocations.load(Ordering::Relaxed)).collect();
-    let loads = estimator.update(std::time::Instant::now(), &packets, &allocations);
-    for steering in steered {
-        let placed = steering.maps().placed().unwrap_or_default();
-        for (i, &allocations) in allocations.iter().enumerate() {
-            let load = loads.socket_load(i, allocations, placed.get(i).copied().unwrap_or(0));
+    let samples: Vec<WorkerSample> = view
+        .stats
+        .iter()
+        .zip(&placed)
+        .map(|(w, &placed)| WorkerSample {
+            packets: w.packets.load(Ordering::Relaxed),
+            allocations: w.allocations.load(Ordering::Relaxed),
+            created: w.allocations_created.load(Ordering::Relaxed),
+            placed,
+        })
+        .collect();
+    let loads = estimator.update(std::time::Instant::now(), &samples);
+    for (group, placed) in groups.iter_mut().zip(&placed_by_group) {
+        let Some(steering) = group.steering.as_mut() else { continue };
+        for (i, report) in reports.iter().enumerate() {
+            let placed = placed.get(i).copied().unwrap_or(0);
+            let load = report.socket_load(loads.score(i), loads.flow_weight, placed);
             if let Err(e) = steering.maps_mut().set_load(i as u32, load) {
                 warn!(error = %e, "publishing load failed");
             }
         }
     }
+}
+
+/// A socket's receive queue and drop count (`SO_MEMINFO`).
+struct MemInfo {
+    queued_bytes: u64,
+    drops: u64,
+}
+
+fn socket_meminfo(socket: &UdpSocket) -> Option<MemInfo> {
+    use std::os::fd::AsRawFd;
+    // SK_MEMINFO_RMEM_ALLOC = 0, SK_MEMINFO_DROPS = 8, SK_MEMINFO_VARS = 9 (linux/sock_diag.h).
+    let mut info = [0u32; 9];
+    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which is that large.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then(|| MemInfo { queued_bytes: u64::from(info[0]), drops: u64::from(info[8]) })
 }

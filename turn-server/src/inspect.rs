@@ -5,32 +5,64 @@
 
 use std::{
     io,
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use serde::Serialize;
 use turn_common::Mode;
 
-use crate::{bpffs, steering::GroupMaps};
+use crate::{
+    bpffs::{self, LiveListener},
+    steering::GroupMaps,
+};
 
 /// One socket (= one worker) of a listener group.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct SocketRow {
     pub worker: u32,
+    /// Live allocations of the worker.
     pub allocations: u64,
-    pub pinned_flows: u64,
+    /// Allocation pins naming this socket.
+    pub pinned_allocations: u64,
+    /// Flows the program remembers on this socket that are not allocations (unexpired).
+    pub memo_flows: u64,
+    /// Datagrams the worker received per second, all its sockets (listeners of every
+    /// address, relays, hand-offs): what its load is made of.
     pub packets_per_sec: f64,
+    /// Datagrams the program steered to this socket per second (this listener only).
+    pub steered_per_sec: f64,
+    /// Bytes the program steered to this socket per second.
     pub bytes_per_sec: f64,
-    /// Fraction of the group's packets in the interval (0 to 1).
+    /// New flows the program placed on this socket per second.
+    pub new_flows_per_sec: f64,
+    /// Fraction of the workers' packets in the interval (0 to 1).
     pub share: f64,
+    /// The load score the program compares, and the weight of one new flow.
+    pub score: u64,
+    pub flow_weight: u64,
+    /// Since start: datagrams handed to / from the worker owning their allocation, and
+    /// hand-offs dropped (owner's inbox full).
+    pub handed_off: u64,
+    pub handed_in: u64,
+    pub handoff_drops: u64,
+    /// Hand-offs waiting in the worker's inbox now.
+    pub inbox_queued: u64,
+    /// Bytes waiting in the worker's listener sockets now, and datagrams the kernel
+    /// dropped there since start (receive buffer full).
+    pub rx_queued_bytes: u64,
+    pub rx_drops: u64,
+    /// Allocation pins that could not be written (pin map full), since start.
+    pub pin_failures: u64,
 }
 
 /// A listener group.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct GroupReport {
     pub listener: String,
+    /// Processes steering the group.
+    pub owners: Vec<u32>,
     pub mode: String,
     pub sockets: Vec<SocketRow>,
     /// Busiest / mean packets per second (by allocations when there is no traffic);
@@ -38,6 +70,8 @@ pub struct GroupReport {
     pub imbalance: Option<f64>,
     /// Datagrams per second the program left to the kernel's hash.
     pub unsteered_per_sec: f64,
+    /// Memos in the program's map, expired or not.
+    pub memo_entries: u64,
 }
 
 /// A whole daemon.
@@ -48,29 +82,32 @@ pub struct LoadReport {
     pub groups: Vec<GroupReport>,
 }
 
-/// Finds the daemon to talk to: `pid` if given, else the only one running.
-pub fn find_instance(root: &Path, pid: Option<u32>) -> Result<(u32, PathBuf)> {
-    let live = bpffs::live_instances(root);
-    if let Some(pid) = pid {
-        return live.into_iter().find(|(p, _)| *p == pid).with_context(|| {
-            format!(
-                "no running turn-server with pid {pid} has steering maps under {}",
-                root.display()
-            )
-        });
-    }
-    match live.len() {
-        0 => bail!(
+/// Finds the listeners to talk to: those of daemon `pid` if given, else those of the only
+/// daemon running. Returns the daemon's pid and its listeners.
+pub fn find_listeners(root: &Path, pid: Option<u32>) -> Result<(u32, Vec<LiveListener>)> {
+    let live = bpffs::live_listeners(root);
+    let mut pids: Vec<u32> = live.iter().flat_map(|l| l.owners.iter().map(|o| o.pid)).collect();
+    pids.sort_unstable();
+    pids.dedup();
+    let pid = match (pid, pids.as_slice()) {
+        (Some(pid), _) if pids.contains(&pid) => pid,
+        (Some(pid), _) => bail!(
+            "no running turn-server with pid {pid} has steering maps under {}",
+            root.display()
+        ),
+        (None, []) => bail!(
             "no running turn-server has steering maps under {} (is it running, with steering on? \
              is this the same bpf_pin_root?)",
             root.display()
         ),
-        1 => Ok(live.into_iter().next().unwrap_or_default()),
-        _ => bail!(
+        (None, [pid]) => *pid,
+        (None, _) => bail!(
             "several turn-server processes are running ({}): choose one with --pid",
-            live.iter().map(|(p, _)| p.to_string()).collect::<Vec<_>>().join(", ")
+            pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
         ),
-    }
+    };
+    let mine = live.into_iter().filter(|l| l.owners.iter().any(|o| o.pid == pid)).collect();
+    Ok((pid, mine))
 }
 
 fn open(group: &Path) -> Result<GroupMaps> {
@@ -89,78 +126,79 @@ fn open(group: &Path) -> Result<GroupMaps> {
     })
 }
 
-fn listener_name(group: &Path) -> String {
-    let name = group.file_name().and_then(|n| n.to_str()).unwrap_or("?");
-    // udp-<ip>-<port>
-    match name.strip_prefix("udp-").and_then(|rest| rest.rsplit_once('-')) {
-        Some((ip, port)) if ip.contains(':') => format!("[{ip}]:{port}"),
-        Some((ip, port)) => format!("{}:{port}", ip.replace('_', ".")),
-        None => name.to_owned(),
-    }
-}
-
 pub fn mode_name(mode: Mode) -> &'static str {
     match mode {
         Mode::P2c => "p2c",
+        Mode::Least => "least",
         Mode::Hash => "hash",
         Mode::Kernel => "kernel",
     }
 }
 
-/// Samples every group of a daemon twice, `interval` apart.
-pub fn sample(pid: u32, instance: &Path, interval: Duration) -> Result<LoadReport> {
-    let groups: Vec<(PathBuf, GroupMaps)> = bpffs::groups(instance)
-        .into_iter()
-        .map(|g| open(&g).map(|m| (g, m)))
-        .collect::<Result<_>>()?;
+/// Samples every listener of a daemon twice, `interval` apart.
+pub fn sample(pid: u32, listeners: &[LiveListener], interval: Duration) -> Result<LoadReport> {
+    let groups: Vec<(&LiveListener, GroupMaps)> =
+        listeners.iter().map(|l| open(&l.dir).map(|m| (l, m))).collect::<Result<_>>()?;
     if groups.is_empty() {
-        bail!("turn-server {pid} has no steered listener pinned in {}", instance.display());
+        bail!("turn-server {pid} has no steered listener");
     }
-    let before: Vec<_> = groups.iter().map(|(_, m)| m.stats()).collect::<Result<_, _>>()?;
+    let before: Vec<_> = groups
+        .iter()
+        .map(|(_, m)| Ok((m.stats()?, m.loads()?)))
+        .collect::<Result<_, crate::steering::SteeringError>>()?;
     let start = Instant::now();
     std::thread::sleep(interval);
     let mut reports = Vec::with_capacity(groups.len());
-    for ((dir, maps), before) in groups.iter().zip(before) {
-        let after = maps.stats()?;
+    for ((listener, maps), (stats_before, loads_before)) in groups.iter().zip(before) {
+        let stats = maps.stats()?;
+        let loads = maps.loads()?;
         let secs = start.elapsed().as_secs_f64().max(1e-3);
         let config = maps.config()?;
-        let loads = maps.loads()?;
-        let pins = maps.pins_per_socket()?;
-        let packets: Vec<f64> = after
-            .sockets
-            .iter()
-            .zip(&before.sockets)
-            .map(|(a, b)| a.packets.saturating_sub(b.packets) as f64 / secs)
-            .collect();
+        let pins = maps.pin_counts()?;
+        let rate = |after: u64, before: u64| after.saturating_sub(before) as f64 / secs;
+        let packets: Vec<f64> =
+            loads.iter().zip(&loads_before).map(|(a, b)| rate(a.packets, b.packets)).collect();
         let total: f64 = packets.iter().sum();
         let sockets: Vec<SocketRow> = (0..config.num_sockets as usize)
-            .map(|i| SocketRow {
-                worker: i as u32,
-                allocations: loads.get(i).map_or(0, |l| l.allocations),
-                pinned_flows: pins.get(i).copied().unwrap_or(0),
-                packets_per_sec: packets.get(i).copied().unwrap_or(0.0),
-                bytes_per_sec: after
-                    .sockets
-                    .get(i)
-                    .zip(before.sockets.get(i))
-                    .map_or(0.0, |(a, b)| a.bytes.saturating_sub(b.bytes) as f64 / secs),
-                share: if total > 0.0 {
-                    packets.get(i).copied().unwrap_or(0.0) / total
-                } else {
-                    0.0
-                },
+            .map(|i| {
+                let load = loads.get(i).copied().unwrap_or_default();
+                let (s, s0) = (
+                    stats.sockets.get(i).copied().unwrap_or_default(),
+                    stats_before.sockets.get(i).copied().unwrap_or_default(),
+                );
+                let pps = packets.get(i).copied().unwrap_or(0.0);
+                SocketRow {
+                    worker: i as u32,
+                    allocations: load.allocations,
+                    pinned_allocations: pins.allocations.get(i).copied().unwrap_or(0),
+                    memo_flows: pins.memos.get(i).copied().unwrap_or(0),
+                    packets_per_sec: pps,
+                    steered_per_sec: rate(s.packets, s0.packets),
+                    bytes_per_sec: rate(s.bytes, s0.bytes),
+                    new_flows_per_sec: rate(s.new_flows, s0.new_flows),
+                    share: if total > 0.0 { pps / total } else { 0.0 },
+                    score: load.score,
+                    flow_weight: load.flow_weight,
+                    handed_off: load.handed_off,
+                    handed_in: load.handed_in,
+                    handoff_drops: load.handoff_drops,
+                    inbox_queued: load.inbox_queued,
+                    rx_queued_bytes: load.rx_queued_bytes,
+                    rx_drops: load.rx_drops,
+                    pin_failures: load.pin_failures,
+                }
             })
             .collect();
         let allocations: Vec<f64> = sockets.iter().map(|s| s.allocations as f64).collect();
         let imbalance = busiest_over_mean(&packets).or_else(|| busiest_over_mean(&allocations));
         reports.push(GroupReport {
-            listener: listener_name(dir),
+            listener: bpffs::listener_name(&listener.dir),
+            owners: listener.owners.iter().map(|o| o.pid).collect(),
             mode: mode_name(Mode::from_raw(config.mode)).to_owned(),
             sockets,
             imbalance,
-            unsteered_per_sec: after.unsteered.packets.saturating_sub(before.unsteered.packets)
-                as f64
-                / secs,
+            unsteered_per_sec: rate(stats.unsteered.packets, stats_before.unsteered.packets),
+            memo_entries: pins.memo_entries,
         });
     }
     Ok(LoadReport { pid, interval_secs: interval.as_secs_f64(), groups: reports })
@@ -189,41 +227,54 @@ impl LoadReport {
                 g.sockets.len(),
                 self.interval_secs
             ));
-            out.push_str("worker  allocations  pinned flows   packets/s     bytes/s   share\n");
+            out.push_str(
+                "worker  allocs  pinned  memos  packets/s  share   score  new/s  handed off/in  \
+                 hand-off drops  inbox  rx queue B  rx drops\n",
+            );
             for s in &g.sockets {
                 out.push_str(&format!(
-                    "{:>6}  {:>11}  {:>12}  {:>10.0}  {:>10.0}  {:>5.1}%\n",
+                    "{:>6}  {:>6}  {:>6}  {:>5}  {:>9.0}  {:>4.1}%  {:>6}  {:>5.0}  {:>13}  {:>14}  {:>5}  {:>10}  {:>8}\n",
                     s.worker,
                     s.allocations,
-                    s.pinned_flows,
+                    s.pinned_allocations,
+                    s.memo_flows,
                     s.packets_per_sec,
-                    s.bytes_per_sec,
-                    s.share * 100.0
+                    s.share * 100.0,
+                    s.score,
+                    s.new_flows_per_sec,
+                    format!("{}/{}", s.handed_off, s.handed_in),
+                    s.handoff_drops,
+                    s.inbox_queued,
+                    s.rx_queued_bytes,
+                    s.rx_drops,
                 ));
             }
             match g.imbalance {
                 Some(x) => out.push_str(&format!("imbalance (busiest / mean): {x:.2}")),
                 None => out.push_str("imbalance (busiest / mean): - (no traffic, no allocations)"),
             }
-            out.push_str(&format!("   unsteered: {:.0} packets/s\n\n", g.unsteered_per_sec));
+            out.push_str(&format!(
+                "   unsteered: {:.0} packets/s   flow weight: {}\n\n",
+                g.unsteered_per_sec,
+                g.sockets.first().map_or(0, |s| s.flow_weight)
+            ));
         }
         out
     }
 }
 
-/// Sets the placement mode of new flows on every listener of a daemon. Returns, per
-/// listener, the mode before.
-pub fn set_mode(instance: &Path, mode: Mode) -> Result<Vec<(String, String)>> {
+/// Sets the placement mode of new flows on every listener given. Returns, per listener,
+/// the mode before.
+pub fn set_mode(listeners: &[LiveListener], mode: Mode) -> Result<Vec<(String, String)>> {
     let mut changed = Vec::new();
-    let groups = bpffs::groups(instance);
-    if groups.is_empty() {
-        bail!("no steered listener pinned in {}", instance.display());
+    if listeners.is_empty() {
+        bail!("no steered listener");
     }
-    for group in groups {
-        let mut maps = open(&group)?;
+    for listener in listeners {
+        let mut maps = open(&listener.dir)?;
         let before = Mode::from_raw(maps.config()?.mode);
         maps.set_mode(mode).map_err(|e| io::Error::other(crate::daemon::error_chain(&e)))?;
-        changed.push((listener_name(&group), mode_name(before).to_owned()));
+        changed.push((bpffs::listener_name(&listener.dir), mode_name(before).to_owned()));
     }
     Ok(changed)
 }
@@ -240,10 +291,27 @@ mod tests {
         assert_eq!(busiest_over_mean(&[]), None);
     }
 
-    #[test]
-    fn listener_names_from_pin_dirs() {
-        assert_eq!(listener_name(Path::new("/x/udp-127_0_0_1-3478")), "127.0.0.1:3478");
-        assert_eq!(listener_name(Path::new("/x/udp-::1-3478")), "[::1]:3478");
+    fn row(worker: u32, packets: f64, share: f64) -> SocketRow {
+        SocketRow {
+            worker,
+            allocations: 3,
+            pinned_allocations: 3,
+            memo_flows: 1,
+            packets_per_sec: packets,
+            steered_per_sec: packets / 2.0,
+            bytes_per_sec: 1e4,
+            new_flows_per_sec: 0.0,
+            share,
+            score: packets as u64,
+            flow_weight: 100,
+            handed_off: 5,
+            handed_in: 2,
+            handoff_drops: 0,
+            inbox_queued: 0,
+            rx_queued_bytes: 0,
+            rx_drops: 7,
+            pin_failures: 0,
+        }
     }
 
     #[test]
@@ -253,32 +321,19 @@ mod tests {
             interval_secs: 1.0,
             groups: vec![GroupReport {
                 listener: "127.0.0.1:3478".into(),
+                owners: vec![7],
                 mode: "p2c".into(),
-                sockets: vec![
-                    SocketRow {
-                        worker: 0,
-                        allocations: 3,
-                        pinned_flows: 3,
-                        packets_per_sec: 300.0,
-                        bytes_per_sec: 3e4,
-                        share: 0.75,
-                    },
-                    SocketRow {
-                        worker: 1,
-                        allocations: 1,
-                        pinned_flows: 1,
-                        packets_per_sec: 100.0,
-                        bytes_per_sec: 1e4,
-                        share: 0.25,
-                    },
-                ],
+                sockets: vec![row(0, 300.0, 0.75), row(1, 100.0, 0.25)],
                 imbalance: Some(1.5),
                 unsteered_per_sec: 0.0,
+                memo_entries: 2,
             }],
         };
         let text = report.render();
         assert!(text.contains("listener 127.0.0.1:3478 steering p2c (2 sockets"), "{text}");
         assert!(text.contains("75.0%") && text.contains("25.0%"), "{text}");
+        assert!(text.contains("5/2"), "hand-offs: {text}");
         assert!(text.contains("imbalance (busiest / mean): 1.50"), "{text}");
+        assert!(text.contains("flow weight: 100"), "{text}");
     }
 }

@@ -31,8 +31,9 @@ enum Command {
         /// The TOML file to check.
         file: PathBuf,
     },
-    /// Show the running daemon's per-socket (per-worker) load: live allocations, pinned
-    /// flows, packets/s, bytes/s, share of traffic and the imbalance (busiest / mean).
+    /// Show the running daemon's per-worker load: live allocations, pinned allocations and
+    /// remembered flows, packets/s (both directions), share, score, new flows/s,
+    /// hand-offs, inbox and receive-queue pressure, drops, and the imbalance (busiest / mean).
     Load {
         #[command(flatten)]
         target: Target,
@@ -58,7 +59,8 @@ enum SteeringAction {
     /// Change how NEW client flows are placed (live flows keep their worker). Root or the
     /// configured admin_group only.
     Set {
-        /// p2c: less loaded of two random workers; hash: the kernel's hash choice.
+        /// p2c: less loaded of two random workers; least: least loaded of all workers;
+        /// hash: the kernel's hash choice.
         #[arg(value_enum)]
         mode: RuntimeMode,
         #[command(flatten)]
@@ -69,6 +71,7 @@ enum SteeringAction {
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 enum RuntimeMode {
     P2c,
+    Least,
     Hash,
 }
 
@@ -101,9 +104,17 @@ struct ServeArgs {
     /// Placement of new client flows on the workers [config: steering, default auto].
     #[arg(long = "steering", value_enum)]
     steering: Option<SteeringMode>,
-    /// Flows the eBPF pin map remembers per address [config: steering_pin_entries, default 65536].
+    /// Allocation pins per address, 0 = sized from --total-quota and the port range
+    /// [config: steering_pin_entries, default 0].
     #[arg(long = "steering-pin-entries", value_name = "N")]
     steering_pin_entries: Option<u32>,
+    /// Flows that are not allocations the eBPF program remembers per address (LRU)
+    /// [config: steering_memo_entries, default 65536].
+    #[arg(long = "steering-memo-entries", value_name = "N")]
+    steering_memo_entries: Option<u32>,
+    /// How long the program remembers such a flow, ms [config: steering_memo_ttl_ms, default 10000].
+    #[arg(long = "steering-memo-ttl-ms", value_name = "MS")]
+    steering_memo_ttl_ms: Option<u32>,
     /// Where steering maps are pinned [config: bpf_pin_root, default /sys/fs/bpf/turn-server].
     #[arg(long = "bpf-pin-root", value_name = "DIR")]
     bpf_pin_root: Option<PathBuf>,
@@ -186,6 +197,12 @@ impl ServeArgs {
         }
         if let Some(n) = self.steering_pin_entries {
             config.steering_pin_entries = n;
+        }
+        if let Some(n) = self.steering_memo_entries {
+            config.steering_memo_entries = n;
+        }
+        if let Some(ms) = self.steering_memo_ttl_ms {
+            config.steering_memo_ttl_ms = ms;
         }
         if let Some(root) = &self.bpf_pin_root {
             config.bpf_pin_root = root.clone();
@@ -296,9 +313,10 @@ fn load(target: &Target, interval: f64, watch: bool, json: bool) -> Result<()> {
     if !(0.05..=3600.0).contains(&interval) {
         anyhow::bail!("--interval must be between 0.05 and 3600 seconds");
     }
-    let (pid, instance) = inspect::find_instance(&target.pin_root, target.pid)?;
+    let (pid, listeners) = inspect::find_listeners(&target.pin_root, target.pid)?;
     loop {
-        let report = inspect::sample(pid, &instance, std::time::Duration::from_secs_f64(interval))?;
+        let report =
+            inspect::sample(pid, &listeners, std::time::Duration::from_secs_f64(interval))?;
         if json {
             println!("{}", serde_json::to_string(&report)?);
         } else {
@@ -315,12 +333,13 @@ fn load(target: &Target, interval: f64, watch: bool, json: bool) -> Result<()> {
 }
 
 fn steering_set(target: &Target, mode: RuntimeMode) -> Result<()> {
-    let (pid, instance) = inspect::find_instance(&target.pin_root, target.pid)?;
+    let (pid, listeners) = inspect::find_listeners(&target.pin_root, target.pid)?;
     let mode = match mode {
         RuntimeMode::P2c => Mode::P2c,
+        RuntimeMode::Least => Mode::Least,
         RuntimeMode::Hash => Mode::Hash,
     };
-    for (listener, before) in inspect::set_mode(&instance, mode)? {
+    for (listener, before) in inspect::set_mode(&listeners, mode)? {
         println!(
             "turn-server {pid} listener {listener}: steering {before} -> {} (new flows only)",
             inspect::mode_name(mode)

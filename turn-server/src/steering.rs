@@ -2,33 +2,39 @@
 //!
 //! One [`Steering`] serves one listener group (IPv4 and IPv6 are separate groups). It loads
 //! its own copy of the program and maps, fills the socket array with the group's bound
-//! sockets (slot `i` = worker `i`), writes the configuration and attaches once. Its maps
-//! may be pinned in bpffs ([`crate::bpffs`]) so that `turn-server load` and
-//! `turn-server steering set` can open them from another process.
+//! sockets (slot `i` = worker `i`), writes the configuration and attaches once. Only then
+//! are the maps pinned in the listener's bpffs directory ([`crate::bpffs`]), so that a
+//! program the verifier rejects or an attach that fails leaves nothing behind, and
+//! `turn-server load` and `turn-server steering set` can open them from another process.
 //!
 //! The program stays attached to the group until [`Steering::detach`] or until the last
 //! socket of the group closes: dropping the aya program does not detach it.
 
 use std::{
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use aya::{
-    Ebpf, EbpfError, EbpfLoader,
+    Ebpf, EbpfError, EbpfLoader, Pod,
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, ReusePortSockArray},
     programs::{ProgramError, SkReuseport},
 };
 use turn_common::{
-    FlowKey, MAP_CONFIG, MAP_LOAD, MAP_PINS, MAP_PLACED, MAP_SOCKETS, MAP_STATS, MAX_SOCKETS, Mode,
-    PROGRAM_NAME, STATS_UNSTEERED, SocketLoad, SocketStats, SteeringConfig,
+    FlowKey, FlowMemo, MAP_ALLOCS, MAP_CONFIG, MAP_LOAD, MAP_MEMO, MAP_PLACED, MAP_SOCKETS,
+    MAP_STATS, MAX_SOCKETS, Mode, PROGRAM_NAME, STATS_UNSTEERED, SocketLoad, SocketStats,
+    SteeringConfig,
 };
+
+use crate::bpffs;
 
 /// The compiled `turn-ebpf` object, embedded at build time (see `build.rs`).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TURN_EBPF_OBJECT"));
 
-/// The maps pinned for other processes, by file name in the group's pin directory.
-const PINNED_MAPS: [&str; 5] = [MAP_CONFIG, MAP_LOAD, MAP_PLACED, MAP_STATS, MAP_PINS];
+/// The maps pinned for other processes (and a later generation), by file name in the
+/// listener's pin directory.
+const PINNED_MAPS: [&str; 7] =
+    [MAP_SOCKETS, MAP_CONFIG, MAP_LOAD, MAP_PLACED, MAP_STATS, MAP_ALLOCS, MAP_MEMO];
 
 /// Why steering could not be set up, changed or read.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +57,12 @@ pub enum SteeringError {
         #[source]
         source: std::io::Error,
     },
+    #[error("reading map {map} in batches failed")]
+    Batch {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot duplicate the descriptor of map {map}")]
     Dup {
         map: &'static str,
@@ -59,8 +71,10 @@ pub enum SteeringError {
     },
     #[error("a listener group of {0} sockets cannot be steered (1 to {MAX_SOCKETS} are supported)")]
     GroupSize(usize),
-    #[error("the pinned steering configuration is invalid ({0} sockets)")]
-    Config(u32),
+    #[error("the pinned steering configuration is invalid ({0:?})")]
+    Config(SteeringConfig),
+    #[error("{dir} is in use by turn-server pid {pid}")]
+    InUse { dir: PathBuf, pid: u32 },
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> SteeringError {
@@ -70,26 +84,46 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> SteeringError {
 /// Tunables of a steered group.
 #[derive(Clone, Debug)]
 pub struct SteeringOptions {
-    /// Entries of the LRU pin map (flows remembered). Size it well above the number of
-    /// live allocations; a live allocation whose pin was evicted is re-pinned by its worker.
-    pub pin_entries: u32,
-    /// Directory in bpffs where the maps are pinned for `turn-server load` (none: not pinned).
+    /// Entries of the allocation pin map: size it for every allocation the daemon may hold.
+    pub alloc_entries: u32,
+    /// Entries of the program's memo of flows that are not allocations (LRU).
+    pub memo_entries: u32,
+    /// How long a memo holds, in milliseconds.
+    pub memo_ttl_ms: u32,
+    /// The listener's directory in bpffs where the maps are pinned once attached (none:
+    /// not pinned).
     pub pin_dir: Option<PathBuf>,
 }
 
 impl Default for SteeringOptions {
     fn default() -> Self {
-        Self { pin_entries: turn_common::DEFAULT_PIN_ENTRIES, pin_dir: None }
+        Self {
+            alloc_entries: turn_common::DEFAULT_ALLOC_ENTRIES,
+            memo_entries: turn_common::DEFAULT_MEMO_ENTRIES,
+            memo_ttl_ms: turn_common::DEFAULT_MEMO_TTL_MS,
+            pin_dir: None,
+        }
     }
 }
 
 /// Counters of a group, summed over CPUs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GroupStats {
-    /// One entry per socket slot `0..num_sockets`.
+    /// One entry per socket of the generation (worker `i` at index `i`).
     pub sockets: Vec<SocketStats>,
     /// Datagrams the program left to the kernel's hash.
     pub unsteered: SocketStats,
+}
+
+/// Pins and memos per socket of the generation (worker `i` at index `i`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PinCounts {
+    /// Allocation pins naming each socket.
+    pub allocations: Vec<u64>,
+    /// Unexpired memos naming each socket.
+    pub memos: Vec<u64>,
+    /// Memos in the map, expired or not.
+    pub memo_entries: u64,
 }
 
 /// Handles on the maps of one group: the daemon's own, or another process's opened from
@@ -99,75 +133,95 @@ pub struct GroupMaps {
     load: Array<MapData, SocketLoad>,
     placed: Array<MapData, u64>,
     stats: PerCpuArray<MapData, SocketStats>,
-    pins: HashMap<MapData, FlowKey, u32>,
+    allocs: HashMap<MapData, FlowKey, u32>,
+    memo: HashMap<MapData, FlowKey, FlowMemo>,
+    /// Second descriptors of the two hash maps, for batched reads.
+    allocs_fd: OwnedFd,
+    memo_fd: OwnedFd,
 }
 
 impl GroupMaps {
     fn take(ebpf: &mut Ebpf) -> Result<Self, SteeringError> {
+        let allocs_fd = dup_map(ebpf, MAP_ALLOCS)?;
+        let memo_fd = dup_map(ebpf, MAP_MEMO)?;
         Ok(Self {
             config: take_map(ebpf, MAP_CONFIG)?,
             load: take_map(ebpf, MAP_LOAD)?,
             placed: take_map(ebpf, MAP_PLACED)?,
             stats: take_map(ebpf, MAP_STATS)?,
-            pins: take_map(ebpf, MAP_PINS)?,
+            allocs: take_map(ebpf, MAP_ALLOCS)?,
+            memo: take_map(ebpf, MAP_MEMO)?,
+            allocs_fd,
+            memo_fd,
         })
     }
 
-    /// Opens the maps a running daemon pinned in `dir`.
+    /// Opens the maps pinned in a listener directory.
     pub fn open_pinned(dir: &Path) -> Result<Self, SteeringError> {
+        fn data(dir: &Path, name: &'static str) -> Result<MapData, SteeringError> {
+            MapData::from_pin(dir.join(name)).map_err(map_err(name))
+        }
         fn open<M>(dir: &Path, name: &'static str) -> Result<M, SteeringError>
         where
             M: TryFrom<Map, Error = MapError>,
         {
-            let data = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
-            let map = Map::from_map_data(data).map_err(map_err(name))?;
+            let map = Map::from_map_data(data(dir, name)?).map_err(map_err(name))?;
             M::try_from(map).map_err(map_err(name))
         }
+        let allocs = data(dir, MAP_ALLOCS)?;
+        let memo = data(dir, MAP_MEMO)?;
         Ok(Self {
             config: open(dir, MAP_CONFIG)?,
             load: open(dir, MAP_LOAD)?,
             placed: open(dir, MAP_PLACED)?,
             stats: open(dir, MAP_STATS)?,
-            pins: open(dir, MAP_PINS)?,
+            allocs_fd: clone_fd(&allocs, MAP_ALLOCS)?,
+            memo_fd: clone_fd(&memo, MAP_MEMO)?,
+            allocs: typed(allocs, MAP_ALLOCS)?,
+            memo: typed(memo, MAP_MEMO)?,
         })
     }
 
-    /// The group's configuration (mode and number of sockets).
+    /// The group's configuration (mode and the generation's slots).
     pub fn config(&self) -> Result<SteeringConfig, SteeringError> {
         let config = self.config.get(&0, 0).map_err(map_err(MAP_CONFIG))?;
-        if config.num_sockets == 0 || config.num_sockets > MAX_SOCKETS {
-            return Err(SteeringError::Config(config.num_sockets));
+        if !config.is_valid() {
+            return Err(SteeringError::Config(config));
         }
         Ok(config)
     }
 
-    /// Changes how new flows are placed; pinned flows keep their socket.
+    /// Changes how new flows are placed; pinned and remembered flows keep their socket.
     pub fn set_mode(&mut self, mode: Mode) -> Result<(), SteeringError> {
         let mut config = self.config()?;
         config.mode = mode as u32;
         self.config.set(0, config, 0).map_err(map_err(MAP_CONFIG))
     }
 
-    /// Publishes the load of socket `index`.
+    /// The generation's slots, in worker order.
+    fn slots(&self) -> Result<std::ops::Range<u32>, SteeringError> {
+        let c = self.config()?;
+        Ok(c.first_slot..c.first_slot + c.num_sockets)
+    }
+
+    /// Publishes the load of worker `index` of the generation.
     pub fn set_load(&mut self, index: u32, load: SocketLoad) -> Result<(), SteeringError> {
-        self.load.set(index, load, 0).map_err(map_err(MAP_LOAD))
+        let slot = self.config()?.first_slot + index;
+        self.load.set(slot, load, 0).map_err(map_err(MAP_LOAD))
     }
 
-    /// The published load of each socket.
+    /// The published load of each worker.
     pub fn loads(&self) -> Result<Vec<SocketLoad>, SteeringError> {
-        let n = self.config()?.num_sockets;
-        (0..n).map(|i| self.load.get(&i, 0).map_err(map_err(MAP_LOAD))).collect()
+        self.slots()?.map(|i| self.load.get(&i, 0).map_err(map_err(MAP_LOAD))).collect()
     }
 
-    /// Flows the program placed on each socket so far.
+    /// Flows the program placed on each worker's socket so far.
     pub fn placed(&self) -> Result<Vec<u64>, SteeringError> {
-        let n = self.config()?.num_sockets;
-        (0..n).map(|i| self.placed.get(&i, 0).map_err(map_err(MAP_PLACED))).collect()
+        self.slots()?.map(|i| self.placed.get(&i, 0).map_err(map_err(MAP_PLACED))).collect()
     }
 
     /// Per-socket counters, summed over CPUs.
     pub fn stats(&self) -> Result<GroupStats, SteeringError> {
-        let n = self.config()?.num_sockets;
         let read = |slot: u32| -> Result<SocketStats, SteeringError> {
             let per_cpu = self.stats.get(&slot, 0).map_err(map_err(MAP_STATS))?;
             let mut sum = SocketStats::default();
@@ -176,38 +230,152 @@ impl GroupMaps {
             }
             Ok(sum)
         };
-        let sockets = (0..n).map(read).collect::<Result<Vec<_>, _>>()?;
+        let sockets = self.slots()?.map(read).collect::<Result<Vec<_>, _>>()?;
         Ok(GroupStats { sockets, unsteered: read(STATS_UNSTEERED)? })
     }
 
-    /// The socket a flow is pinned to, if any.
-    pub fn pinned_socket(&self, flow: &FlowKey) -> Option<u32> {
-        self.pins.get(flow, 0).ok()
+    /// The slot an allocation's pin names for `flow`, if any.
+    pub fn allocation_pin(&self, flow: &FlowKey) -> Option<u32> {
+        self.allocs.get(flow, 0).ok()
     }
 
-    /// Pinned flows per socket (walks the pin map: a cold path).
-    pub fn pins_per_socket(&self) -> Result<Vec<u64>, SteeringError> {
-        let n = self.config()?.num_sockets;
-        let mut per_socket = vec![0u64; n as usize];
-        for (_, socket) in self.pins.iter().flatten() {
-            if let Some(count) = per_socket.get_mut(socket as usize) {
-                *count += 1;
+    /// What the program remembers of `flow`, if anything.
+    pub fn memo(&self, flow: &FlowKey) -> Option<FlowMemo> {
+        self.memo.get(flow, 0).ok()
+    }
+
+    /// Allocation pins and live memos per worker, read in batches (a cold path, but one
+    /// that stays fast with 100k pins).
+    pub fn pin_counts(&self) -> Result<PinCounts, SteeringError> {
+        let slots = self.slots()?;
+        let per_worker = |slot: u32| slot.checked_sub(slots.start).map(|i| i as usize);
+        let n = slots.len();
+        let mut counts = PinCounts { allocations: vec![0; n], memos: vec![0; n], memo_entries: 0 };
+        for_each_entry::<FlowKey, u32>(self.allocs_fd.as_fd(), &mut |_, &slot| {
+            if let Some(c) = per_worker(slot).and_then(|i| counts.allocations.get_mut(i)) {
+                *c += 1;
             }
-        }
-        Ok(per_socket)
+        })
+        .map_err(|e| SteeringError::Batch { map: MAP_ALLOCS, source: e })?;
+        let now = monotonic_ns();
+        for_each_entry::<FlowKey, FlowMemo>(self.memo_fd.as_fd(), &mut |_, memo| {
+            counts.memo_entries += 1;
+            if memo.expires_ns > now
+                && let Some(c) = per_worker(memo.slot).and_then(|i| counts.memos.get_mut(i))
+            {
+                *c += 1;
+            }
+        })
+        .map_err(|e| SteeringError::Batch { map: MAP_MEMO, source: e })?;
+        Ok(counts)
     }
 }
 
-/// A worker's own handle on the pin map, to pin the flows of its allocations.
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec we pass; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
+}
+
+/// `bpf(2)` command numbers and attribute layout of the batched lookup (Linux 5.6+),
+/// which aya 0.14 does not wrap: one syscall per chunk of entries instead of two per
+/// entry (`get_next_key` + lookup), so counting 100k pins takes milliseconds.
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BATCH_CHUNK: usize = 4096;
+
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Calls `f` for every entry of the hash map `fd` (keys `K`, values `V`), in batches.
+/// Falls back to key-by-key iteration on a kernel without batched lookups.
+fn for_each_entry<K: Pod + Default, V: Pod + Default>(
+    fd: BorrowedFd<'_>,
+    f: &mut dyn FnMut(&K, &V),
+) -> std::io::Result<()> {
+    let mut keys = vec![K::default(); BATCH_CHUNK];
+    let mut values = vec![V::default(); BATCH_CHUNK];
+    // The batch token of a hash map is a bucket index (u32); 8 bytes leaves room.
+    let mut token_in = [0u8; 8];
+    let mut token_out = [0u8; 8];
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { token_in.as_ptr() as u64 },
+            out_batch: token_out.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH_CHUNK as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: the attribute points at buffers of `count` keys and values of the map's
+        // key and value types (K and V are the map's Pod types) and at 8-byte tokens; the
+        // kernel writes at most `count` entries and the token, and `count` back.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as u32,
+            )
+        };
+        let got = (attr.count as usize).min(BATCH_CHUNK);
+        let error = (rc < 0).then(std::io::Error::last_os_error);
+        for (k, v) in
+            keys.iter().zip(&values).take(if error.is_some() && got == 0 { 0 } else { got })
+        {
+            f(k, v);
+        }
+        match error.and_then(|e| e.raw_os_error()) {
+            None => {}
+            // The end of the map (the last chunk may carry entries too).
+            Some(libc::ENOENT) => return Ok(()),
+            Some(libc::EINVAL | libc::ENOTSUP | libc::EOPNOTSUPP) if first => {
+                return for_each_entry_slowly(fd, f);
+            }
+            Some(errno) => return Err(std::io::Error::from_raw_os_error(errno)),
+        }
+        token_in = token_out;
+        first = false;
+    }
+}
+
+fn for_each_entry_slowly<K: Pod, V: Pod>(
+    fd: BorrowedFd<'_>,
+    f: &mut dyn FnMut(&K, &V),
+) -> std::io::Result<()> {
+    let data = MapData::from_fd(fd.try_clone_to_owned()?).map_err(std::io::Error::other)?;
+    let map = Map::from_map_data(data).map_err(std::io::Error::other)?;
+    let map: HashMap<MapData, K, V> = HashMap::try_from(map).map_err(std::io::Error::other)?;
+    for (k, v) in map.iter().flatten() {
+        f(&k, &v);
+    }
+    Ok(())
+}
+
+/// A worker's own handle on the allocation pin map, to pin its allocations' flows.
 pub struct FlowPins {
     pins: HashMap<MapData, FlowKey, u32>,
-    socket: u32,
+    slot: u32,
 }
 
 impl FlowPins {
-    /// Pins `flow` to this worker's socket (replacing any other pin).
+    /// Pins `flow` to this worker's socket (replacing any other pin). Fails when the map
+    /// is full.
     pub fn pin(&mut self, flow: &FlowKey) -> Result<(), SteeringError> {
-        self.pins.insert(flow, self.socket, 0).map_err(map_err(MAP_PINS))
+        self.pins.insert(flow, self.slot, 0).map_err(map_err(MAP_ALLOCS))
     }
 
     /// Forgets the pin of `flow`; an absent pin is fine.
@@ -215,7 +383,7 @@ impl FlowPins {
         let _ = self.pins.remove(flow);
     }
 
-    /// The socket `flow` is pinned to, if any.
+    /// The slot `flow` is pinned to, if any.
     pub fn pinned_socket(&self, flow: &FlowKey) -> Option<u32> {
         self.pins.get(flow, 0).ok()
     }
@@ -227,10 +395,10 @@ pub struct Steering {
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     _ebpf: Ebpf,
     maps: GroupMaps,
-    pins_fd: MapData,
-    _sockets: ReusePortSockArray<MapData>,
+    allocs_fd: MapData,
     num_sockets: u32,
     pin_dir: Option<PathBuf>,
+    owner: Option<bpffs::Owner>,
 }
 
 impl std::fmt::Debug for Steering {
@@ -243,10 +411,11 @@ impl std::fmt::Debug for Steering {
 }
 
 impl Steering {
-    /// Loads the program, puts `sockets[i]` in slot `i`, and attaches to their group.
+    /// Loads the program, puts `sockets[i]` in slot `i`, attaches to their group, then
+    /// pins the maps in `options.pin_dir` (if any).
     ///
     /// Every socket must already be bound, with SO_REUSEPORT, to the same address; `mode`
-    /// is the placement of new flows (`Hash` or `P2c`; `Kernel` leaves it to the kernel).
+    /// is the placement of new flows (`Kernel` leaves it to the kernel).
     pub fn attach<S: AsFd>(
         sockets: &[S],
         mode: Mode,
@@ -257,26 +426,35 @@ impl Steering {
         }
         let num_sockets = sockets.len() as u32;
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(MAP_PINS, options.pin_entries.max(1))
+            .map_max_entries(MAP_ALLOCS, options.alloc_entries.max(1))
+            .map_max_entries(MAP_MEMO, options.memo_entries.max(1))
             .load(EBPF_OBJECT)
             .map_err(|e| SteeringError::Load(Box::new(e)))?;
 
-        let mut socket_array: ReusePortSockArray<MapData> = take_map(&mut ebpf, MAP_SOCKETS)?;
-        for (i, socket) in sockets.iter().enumerate() {
-            socket_array
-                .set(i as u32, &socket.as_fd().as_raw_fd(), 0)
-                .map_err(map_err(MAP_SOCKETS))?;
+        {
+            let map = ebpf.map_mut(MAP_SOCKETS).ok_or(SteeringError::Missing(MAP_SOCKETS))?;
+            let mut socket_array: ReusePortSockArray<&mut MapData> =
+                ReusePortSockArray::try_from(map).map_err(map_err(MAP_SOCKETS))?;
+            for (i, socket) in sockets.iter().enumerate() {
+                socket_array
+                    .set(i as u32, &socket.as_fd().as_raw_fd(), 0)
+                    .map_err(map_err(MAP_SOCKETS))?;
+            }
         }
-        if let Some(dir) = &options.pin_dir {
-            pin_maps(&ebpf, dir)?;
+        {
+            let map = ebpf.map_mut(MAP_CONFIG).ok_or(SteeringError::Missing(MAP_CONFIG))?;
+            let mut config: Array<&mut MapData, SteeringConfig> =
+                Array::try_from(map).map_err(map_err(MAP_CONFIG))?;
+            let value = SteeringConfig {
+                mode: mode as u32,
+                num_sockets,
+                first_slot: 0,
+                memo_ttl_ms: options.memo_ttl_ms,
+            };
+            config.set(0, value, 0).map_err(map_err(MAP_CONFIG))?;
         }
-        let pins_fd = dup_map(&ebpf, MAP_PINS)?;
         // The program still works without its log (only rare events go there).
         let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
-        let mut maps = GroupMaps::take(&mut ebpf)?;
-        maps.config
-            .set(0, SteeringConfig { mode: mode as u32, num_sockets }, 0)
-            .map_err(map_err(MAP_CONFIG))?;
 
         let program: &mut SkReuseport = ebpf
             .program_mut(PROGRAM_NAME)
@@ -286,14 +464,34 @@ impl Steering {
         program.load().map_err(|e| SteeringError::Program(Box::new(e)))?;
         program.attach(sockets[0].as_fd()).map_err(|e| SteeringError::Program(Box::new(e)))?;
 
+        // Attached: now the maps may be shown to other processes.
+        let mut owner = None;
+        if let Some(dir) = &options.pin_dir {
+            let pinned = bpffs::Owner::current()
+                .map_err(|source| SteeringError::Pin { dir: dir.clone(), source })
+                .and_then(|me| {
+                    pin_maps(&ebpf, dir, me)?;
+                    Ok(me)
+                });
+            match pinned {
+                Ok(me) => owner = Some(me),
+                Err(e) => {
+                    let _ = SkReuseport::detach(sockets[0].as_fd());
+                    return Err(e);
+                }
+            }
+        }
+        let allocs_fd =
+            MapData::from_fd(dup_map(&ebpf, MAP_ALLOCS)?).map_err(map_err(MAP_ALLOCS))?;
+        let maps = GroupMaps::take(&mut ebpf)?;
         Ok(Self {
             logger,
             _ebpf: ebpf,
             maps,
-            pins_fd,
-            _sockets: socket_array,
+            allocs_fd,
             num_sockets,
             pin_dir: options.pin_dir,
+            owner,
         })
     }
 
@@ -332,55 +530,76 @@ impl Steering {
 
     /// A handle for worker `socket` to pin its allocations' flows.
     pub fn flow_pins(&self, socket: u32) -> Result<FlowPins, SteeringError> {
-        let map = Map::from_map_data(dup(&self.pins_fd, MAP_PINS)?).map_err(map_err(MAP_PINS))?;
-        Ok(FlowPins { pins: HashMap::try_from(map).map_err(map_err(MAP_PINS))?, socket })
+        let fd = clone_fd(&self.allocs_fd, MAP_ALLOCS)?;
+        let data = MapData::from_fd(fd).map_err(map_err(MAP_ALLOCS))?;
+        let slot = self.maps.config()?.first_slot + socket;
+        Ok(FlowPins { pins: typed(data, MAP_ALLOCS)?, slot })
     }
 
     /// Detaches the program from the group `member` belongs to and removes the pins.
     pub fn detach(self, member: BorrowedFd<'_>) -> Result<(), SteeringError> {
         let detached = SkReuseport::detach(member).map_err(|e| SteeringError::Program(Box::new(e)));
         if let Some(dir) = &self.pin_dir {
-            unpin_maps(dir);
+            unpin_maps(dir, self.owner);
         }
         detached
     }
 }
 
-fn pin_maps(ebpf: &Ebpf, dir: &Path) -> Result<(), SteeringError> {
+/// Pins every map of the group in `dir` (a fresh directory) and records `owner`; on
+/// failure removes what it made.
+fn pin_maps(ebpf: &Ebpf, dir: &Path, owner: bpffs::Owner) -> Result<(), SteeringError> {
     let pin_err = |source| SteeringError::Pin { dir: dir.to_owned(), source };
-    std::fs::create_dir_all(dir).map_err(pin_err)?;
-    for name in PINNED_MAPS {
-        let map = ebpf.map(name).ok_or(SteeringError::Missing(name))?;
-        map.pin(dir.join(name)).map_err(|e| pin_err(std::io::Error::other(e)))?;
+    if let Some(other) = bpffs::owners(dir).into_iter().find(bpffs::Owner::is_alive) {
+        return Err(SteeringError::InUse { dir: dir.to_owned(), pid: other.pid });
     }
-    Ok(())
+    // Whatever is left there belongs to nobody (remove_stale ran at start).
+    let _ = std::fs::remove_dir_all(dir);
+    let result = (|| {
+        std::fs::create_dir_all(dir).map_err(pin_err)?;
+        for name in PINNED_MAPS {
+            let map = ebpf.map(name).ok_or(SteeringError::Missing(name))?;
+            map.pin(dir.join(name)).map_err(|e| pin_err(std::io::Error::other(e)))?;
+        }
+        bpffs::add_owner(dir, owner).map_err(pin_err)
+    })();
+    if result.is_err() {
+        unpin_maps(dir, Some(owner));
+    }
+    result
 }
 
-/// Removes a group's pins and its directory (best effort: what is left is stale and is
-/// removed by the next start).
-pub fn unpin_maps(dir: &Path) {
+/// Removes a group's pins, its owner marker and its directory (best effort: what is left
+/// is stale and is removed by the next start).
+pub fn unpin_maps(dir: &Path, owner: Option<bpffs::Owner>) {
     for name in PINNED_MAPS {
         let _ = std::fs::remove_file(dir.join(name));
+    }
+    if let Some(owner) = owner {
+        bpffs::remove_owner(dir, owner);
     }
     let _ = std::fs::remove_dir(dir);
 }
 
-fn dup_map(ebpf: &Ebpf, name: &'static str) -> Result<MapData, SteeringError> {
+fn dup_map(ebpf: &Ebpf, name: &'static str) -> Result<OwnedFd, SteeringError> {
     let map = ebpf.map(name).ok_or(SteeringError::Missing(name))?;
     let data = match map {
         Map::LruHashMap(data) | Map::HashMap(data) | Map::Array(data) => data,
         _ => return Err(SteeringError::Missing(name)),
     };
-    dup(data, name)
+    clone_fd(data, name)
 }
 
-fn dup(data: &MapData, map: &'static str) -> Result<MapData, SteeringError> {
-    let fd = data
-        .fd()
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(|source| SteeringError::Dup { map, source })?;
-    MapData::from_fd(fd).map_err(map_err(map))
+fn clone_fd(data: &MapData, map: &'static str) -> Result<OwnedFd, SteeringError> {
+    data.fd().as_fd().try_clone_to_owned().map_err(|source| SteeringError::Dup { map, source })
+}
+
+fn typed<K: Pod, V: Pod>(
+    data: MapData,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, SteeringError> {
+    let map = Map::from_map_data(data).map_err(map_err(name))?;
+    HashMap::try_from(map).map_err(map_err(name))
 }
 
 fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, SteeringError>

@@ -59,16 +59,27 @@ pub enum RunState {
 }
 
 /// Counters a worker publishes for the control thread. Each field has one writer (its
-/// worker), which stores with `Relaxed`; readers sum over workers.
+/// worker), which stores with `Relaxed` once per receive batch; readers sum over workers.
 #[derive(Debug, Default)]
 #[repr(align(128))]
 pub struct WorkerStats {
+    /// Datagrams received: from clients on listener sockets, from peers on relay sockets,
+    /// and from other workers (the load signal, see `load.rs`).
+    pub packets: AtomicU64,
+    /// Bytes of those datagrams.
+    pub bytes: AtomicU64,
     /// Datagrams handed to the worker that owns their allocation.
     pub handed_off: AtomicU64,
     /// Datagrams received from other workers.
     pub handed_in: AtomicU64,
+    /// Hand-offs dropped because the owner's inbox was full.
+    pub handoff_drops: AtomicU64,
     /// Live allocations of this worker.
     pub allocations: AtomicU64,
+    /// Allocations this worker created so far.
+    pub allocations_created: AtomicU64,
+    /// Allocation pins that could not be written (pin map full).
+    pub pin_failures: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -138,7 +149,6 @@ struct Core {
     /// and peer so that runs of equal-sized datagrams go out as one GSO send.
     staged: Staged,
     io_errors: RateLimitedLog,
-    handoff_drops: u64,
 }
 
 struct Worker {
@@ -189,7 +199,6 @@ impl Worker {
                 scratch: vec![0u8; PEER_HEADROOM + RECV_BUFFER_BYTES + PEER_TAILROOM]
                     .into_boxed_slice(),
                 io_errors: RateLimitedLog::default(),
-                handoff_drops: 0,
                 staged: Staged::default(),
             },
             state: setup.state,
@@ -256,7 +265,8 @@ impl Worker {
             drops = %DropSummary(c.drops),
             handed_off = core.stats.handed_off.load(Ordering::Relaxed),
             handed_in = core.stats.handed_in.load(Ordering::Relaxed),
-            handoff_drops = core.handoff_drops,
+            handoff_drops = core.stats.handoff_drops.load(Ordering::Relaxed),
+            pin_failures = core.stats.pin_failures.load(Ordering::Relaxed),
             "worker stopped"
         );
         Ok(())
@@ -295,6 +305,7 @@ impl Worker {
             let now = Instant::now();
             let unix = unix_secs();
             let port = self.core.listeners[group].local.port();
+            self.core.count_received(&meta[..count]);
             for (m, buf) in meta.iter().zip(self.buffers.iter()).take(count) {
                 let local = match m.dst_ip {
                     Some(ip) => SocketAddr::new(ip, port),
@@ -334,6 +345,7 @@ impl Worker {
                 }
             };
             let now = Instant::now();
+            self.core.count_received(&meta[..count]);
             for (m, buf) in meta.iter().zip(self.buffers.iter_mut()).take(count) {
                 if m.stride >= m.len {
                     // The usual case: one datagram, framed in place.
@@ -387,7 +399,7 @@ impl Core {
             let handoff = Handoff { group, listener: local, client, data: datagram.into() };
             match self.inboxes.get(owner).map(|inbox| inbox.try_send(handoff)) {
                 Some(Ok(())) => bump(&self.stats.handed_off, 1),
-                _ => self.handoff_drops += 1,
+                _ => bump(&self.stats.handoff_drops, 1),
             }
             return;
         }
@@ -412,6 +424,17 @@ impl Core {
         }
     }
 
+    /// Counts a receive batch in the worker's load (one store per counter per batch).
+    fn count_received(&self, meta: &[RecvMeta]) {
+        let (mut datagrams, mut bytes) = (0u64, 0u64);
+        for m in meta {
+            datagrams += m.len.div_ceil(m.stride.max(1)).max(1) as u64;
+            bytes += m.len as u64;
+        }
+        bump(&self.stats.packets, datagrams);
+        bump(&self.stats.bytes, bytes);
+    }
+
     /// Sends what the batch staged for peers (see [`Staged`]).
     fn flush_staged(&mut self) {
         self.staged.flush(&self.pool, &mut self.io_errors);
@@ -434,8 +457,12 @@ impl Core {
     /// so the next ones come straight to us, then handle it.
     fn on_handoff(&mut self, handoff: Handoff) {
         bump(&self.stats.handed_in, 1);
-        if let Some(Some(pins)) = self.flow_pins.get_mut(handoff.group) {
-            let _ = pins.pin(&FlowKey::new(handoff.client, handoff.listener.ip()));
+        bump(&self.stats.packets, 1);
+        bump(&self.stats.bytes, handoff.data.len() as u64);
+        if let Some(Some(pins)) = self.flow_pins.get_mut(handoff.group)
+            && pins.pin(&FlowKey::new(handoff.client, handoff.listener.ip())).is_err()
+        {
+            bump(&self.stats.pin_failures, 1);
         }
         self.on_client_datagram(
             Instant::now(),
@@ -455,11 +482,14 @@ impl Core {
             match event {
                 Event::AllocationCreated { five_tuple, username, relays, lifetime_secs } => {
                     self.directory.insert(five_tuple, self.index);
+                    bump(&self.stats.allocations_created, 1);
                     if let Some(group) = self.group_of(five_tuple.listener)
                         && let Some(Some(pins)) = self.flow_pins.get_mut(group)
+                        && pins
+                            .pin(&FlowKey::new(five_tuple.client, five_tuple.listener.ip()))
+                            .is_err()
                     {
-                        let _ =
-                            pins.pin(&FlowKey::new(five_tuple.client, five_tuple.listener.ip()));
+                        bump(&self.stats.pin_failures, 1);
                     }
                     let relayed: Vec<String> =
                         relays.iter().flatten().map(|r| r.addr.to_string()).collect();
