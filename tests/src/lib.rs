@@ -374,3 +374,68 @@ pub fn uclient_lost(output: &str) -> Option<u64> {
         .filter_map(|l| l.split("Total lost packets ").nth(1))
         .find_map(|rest| rest.split_whitespace().next()?.parse().ok())
 }
+
+/// Sends `count` 20-byte STUN Binding requests to `to` (IPv4 loopback), each from its own
+/// spoofed source: addresses 127.1.0.0 upwards (every 127/8 address is local) and ports
+/// spread over 1024-65535, through a raw socket (needs root). At most `per_sec` datagrams
+/// a second; stops by itself. Returns how many were sent.
+pub fn spoofed_flood(to: SocketAddr, count: u32, per_sec: u32) -> io::Result<u32> {
+    let SocketAddr::V4(to) = to else {
+        return Err(io::Error::other("spoofed_flood sends IPv4 only"));
+    };
+    // SAFETY: socket(2) with constant arguments; the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let dst = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: to.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(*to.ip()).to_be() },
+        sin_zero: [0; 8],
+    };
+    let start = Instant::now();
+    let mut packet = [0u8; 20 + 8 + 20];
+    for i in 0..count {
+        // Pace: the i-th datagram not before i / per_sec seconds.
+        let due = Duration::from_secs_f64(f64::from(i) / f64::from(per_sec.max(1)));
+        if let Some(wait) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        let src = 0x7f01_0000u32 + i / 64_000;
+        let sport = 1024 + (i % 64_000) as u16;
+        // IPv4 header (the kernel fills in the checksum and the total length).
+        packet[0] = 0x45;
+        packet[2..4].copy_from_slice(&48u16.to_be_bytes());
+        packet[6] = 0x40; // DF
+        packet[8] = 64; // TTL
+        packet[9] = libc::IPPROTO_UDP as u8;
+        packet[12..16].copy_from_slice(&src.to_be_bytes());
+        packet[16..20].copy_from_slice(&to.ip().octets());
+        // UDP header, checksum 0 (none, allowed over IPv4).
+        packet[20..22].copy_from_slice(&sport.to_be_bytes());
+        packet[22..24].copy_from_slice(&to.port().to_be_bytes());
+        packet[24..26].copy_from_slice(&28u16.to_be_bytes());
+        // STUN Binding request: type 0x0001, length 0, magic cookie, transaction id.
+        packet[28..30].copy_from_slice(&1u16.to_be_bytes());
+        packet[32..36].copy_from_slice(&0x2112_a442u32.to_be_bytes());
+        packet[36..40].copy_from_slice(&i.to_be_bytes());
+        // SAFETY: sendto with a buffer of its stated length and a sockaddr_in of its size.
+        let rc = unsafe {
+            libc::sendto(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                (&dst as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(count)
+}

@@ -168,6 +168,46 @@ fn restart_after_kill_9_removes_stale_pins_and_serves() {
     assert_eq!(report["groups"][0]["sockets"].as_array().unwrap().len(), 2);
 }
 
+#[test]
+fn after_kill_9_a_restart_on_the_same_port_relays_without_loss() {
+    let test = "after_kill_9_a_restart_on_the_same_port_relays_without_loss";
+    if !require_root(test) || !coturn_tools(test) {
+        return;
+    }
+    let root = PinRoot::new("kill-relay");
+    let peer_port = turn_tests::free_udp_port();
+    let _peer = turn_tests::start_peer(peer_port);
+    let mut first = relaying_daemon(&root, &[]);
+    let addr = first.addr();
+    let (ok, out) = relay_with_uclient(&first, peer_port, &["-n", "50", "-m", "2", "-z", "5"]);
+    assert!(ok && turn_tests::uclient_lost(&out) == Some(0), "{out}");
+    first.signal_and_wait(libc::SIGKILL, Duration::from_secs(10)).unwrap();
+    let stale = listener_dir(&root, addr);
+    assert!(stale.is_dir(), "kill -9 leaves the pins");
+
+    // Same address and port: the stale maps of the killed daemon are replaced by fresh ones
+    // and the new daemon's program steers the new group.
+    let port = addr.port().to_string();
+    let second = relaying_daemon(&root, &["--listening-port", &port]);
+    assert_eq!(second.addr(), addr);
+    assert!(second.logs().contains("removed the pins of a daemon that is no longer running"));
+    let owners = turn_server::bpffs::owners(&stale);
+    assert_eq!(owners.iter().map(|o| o.pid).collect::<Vec<_>>(), vec![second.pid()]);
+    let (ok, out) = relay_with_uclient(&second, peer_port, &["-n", "100", "-m", "4", "-z", "5"]);
+    assert!(ok, "{out}");
+    assert_eq!(turn_tests::uclient_lost(&out), Some(0), "{out}");
+    assert!(!out.contains("error"), "{out}");
+    let report = load_json(&root, &second);
+    let pinned: u64 = report["groups"][0]["sockets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["pinned_allocations"].as_u64().unwrap())
+        .sum();
+    assert!(pinned > 0, "the new daemon pins its allocations: {report}");
+    assert_eq!(report["groups"][0]["unsteered_per_sec"].as_f64(), Some(0.0), "{report}");
+}
+
 /// uclient relaying through `daemon` with `extra` options; returns (ok, output).
 fn relay_with_uclient(daemon: &Daemon, peer_port: u16, extra: &[&str]) -> (bool, String) {
     let port = daemon.addr().port().to_string();
@@ -271,4 +311,56 @@ fn a_pin_map_smaller_than_the_allocations_loses_nothing() {
     );
     assert_eq!(total("handed_off"), total("handed_in"), "every hand-off arrived");
     assert_eq!(total("handoff_drops"), 0);
+}
+
+#[test]
+fn a_flood_of_spoofed_sources_costs_live_allocations_nothing() {
+    let test = "a_flood_of_spoofed_sources_costs_live_allocations_nothing";
+    if !require_root(test) || !coturn_tools(test) {
+        return;
+    }
+    let root = PinRoot::new("flood");
+    // A memo map far smaller than the flood, so that the flood evicts all the time. (With
+    // `--steering-pin-entries 1`, so that allocations depend on memos too, this test sees
+    // thousands of hand-offs: the pins are what protects them.)
+    let mut daemon = relaying_daemon(&root, &["--steering-memo-entries", "4096"]);
+    let peer_port = turn_tests::free_udp_port();
+    let _peer = turn_tests::start_peer(peer_port);
+    let to = daemon.addr();
+    let dir = listener_dir(&root, to);
+    let maps = turn_server::steering::GroupMaps::open_pinned(&dir).unwrap();
+    let new_flows = |maps: &turn_server::steering::GroupMaps| -> u64 {
+        maps.stats().unwrap().sockets.iter().map(|s| s.new_flows).sum()
+    };
+    // 50 allocations relaying for about 8 s; the flood starts once they exist and ends
+    // well before them: 200,000 spoofed 4-tuples in about 5 s.
+    let flood = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        turn_tests::spoofed_flood(to, 200_000, 40_000)
+    });
+    let (ok, out) =
+        relay_with_uclient(&daemon, peer_port, &["-n", "800", "-m", "25", "-l", "100", "-z", "10"]);
+    let sent = flood.join().unwrap().expect("raw socket flood (root)");
+    assert_eq!(sent, 200_000);
+    assert!(ok, "{out}");
+    assert_eq!(turn_tests::uclient_lost(&out), Some(0), "{out}");
+    assert!(!out.contains("error"), "{out}");
+    // The flood went through the program: every spoofed source was a new flow.
+    let placed = new_flows(&maps);
+    assert!(placed >= 200_000, "only {placed} new flows: the flood did not reach the program");
+    let pins = maps.pin_counts().unwrap();
+    assert!(pins.memo_entries <= 4096, "{pins:?}");
+    drop(maps);
+    daemon.signal_and_wait(libc::SIGINT, Duration::from_secs(10)).unwrap();
+    let total = |field: &str| -> u64 {
+        daemon
+            .logs()
+            .lines()
+            .filter(|l| l.contains("worker stopped"))
+            .filter_map(|l| json_field(l, field)?.parse::<u64>().ok())
+            .sum()
+    };
+    assert_eq!(total("handed_off"), 0, "a live allocation's datagram was misrouted");
+    assert_eq!(total("pin_failures"), 0);
+    assert_eq!(daemon.logs().matches("allocation created").count(), 50, "{}", daemon.logs());
 }
