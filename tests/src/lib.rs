@@ -90,25 +90,23 @@ pub fn drain(
 }
 
 /// Path of the `turn-server` binary under test: `TURN_SERVER_BIN`, or the one cargo built
-/// beside this test executable (`cargo xtask test` builds it first).
+/// beside this executable (a test in `target/<profile>/deps/`, or a tool such as
+/// turn-bench in `target/<profile>/`; `cargo xtask test` builds it first).
 pub fn server_bin() -> std::path::PathBuf {
     if let Some(path) = std::env::var_os("TURN_SERVER_BIN") {
         return path.into();
     }
     let exe = std::env::current_exe().unwrap_or_default();
-    // target/<profile>/deps/<test> -> target/<profile>/turn-server
-    let bin = exe
-        .parent()
-        .and_then(std::path::Path::parent)
-        .map(|dir| dir.join("turn-server"))
-        .unwrap_or_default();
+    let dir = exe.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+    let candidates = [dir.join("turn-server"), dir.parent().unwrap_or(&dir).join("turn-server")];
+    let found = candidates.iter().find(|c| c.is_file());
     assert!(
-        bin.is_file(),
+        found.is_some(),
         "{} not found: build it with `cargo build -p turn-server` (cargo xtask test does) \
          or set TURN_SERVER_BIN",
-        bin.display()
+        candidates[1].display()
     );
-    bin
+    found.cloned().unwrap_or_default()
 }
 
 /// A running `turn-server` process on loopback, killed (and waited for) when dropped.

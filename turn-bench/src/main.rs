@@ -1,7 +1,10 @@
 //! `turn-bench`: benchmarks for turn-server.
 //!
-//! * `turn-bench balance`: busiest/mean per-socket load of a listener group through the
-//!   real kernel path, kernel hash vs the steering program in hash and p2c modes.
+//! * `turn-bench balance --daemon`: busiest/mean per-worker packet rate of the release
+//!   daemon driven by TURN clients, in the scenarios of the steering issue, hash vs p2c
+//!   (vs least) on the same seeded arrivals.
+//! * `turn-bench balance`: the steering program alone on a bare SO_REUSEPORT group, fed
+//!   loads the benchmark computes itself (a model of the daemon, not the daemon).
 //! * `turn-bench load`: relay load generator (M flows, each its own socket and allocation,
 //!   ChannelData or Send indications to an embedded peer, optional echo): delivered
 //!   packets/s, loss, fairness, round-trip latency, server CPU per relayed packet. With
@@ -15,6 +18,7 @@
 mod alloc;
 mod balance;
 mod client;
+mod daemon_balance;
 mod floor;
 mod load;
 mod net;
@@ -48,12 +52,29 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Per-socket balance of a SO_REUSEPORT group: kernel hash, program hash, program p2c.
-    /// Needs root (BPF). Loopback only.
+    /// Steering balance. With --daemon: the release turn-server driven by TURN clients
+    /// (what users run). Without: the program alone on a bare SO_REUSEPORT group with
+    /// loads the benchmark publishes itself (a model). Needs root (BPF). Loopback only.
     Balance {
-        /// Trials per case and mode.
-        #[arg(long, default_value_t = 200)]
-        trials: usize,
+        /// Through the daemon: start target/release/turn-server (or $TURN_SERVER_BIN) per
+        /// scenario and mode, drive it with TURN clients, read its per-worker counters.
+        #[arg(long)]
+        daemon: bool,
+        /// --daemon: workers of the daemon.
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+        /// --daemon: steering modes compared, in order.
+        #[arg(long, value_delimiter = ',', default_value = "hash,p2c")]
+        modes: Vec<String>,
+        /// --daemon: only these scenarios (repeat or comma-separate); all when not given.
+        #[arg(long, value_enum, value_delimiter = ',')]
+        scenario: Vec<daemon_balance::Scenario>,
+        /// --daemon: seed of the arrivals, weights and lifetimes (the same for every mode).
+        #[arg(long, default_value_t = 9)]
+        seed: u64,
+        /// Trials per case and mode (--daemon: per scenario; default depends on it).
+        #[arg(long)]
+        trials: Option<usize>,
         /// Flow arrival relative to load updates; both when not given.
         #[arg(long, value_enum)]
         arrival: Option<balance::Arrival>,
@@ -318,7 +339,11 @@ fn main() -> Result<()> {
             }
             floor::run(listen, to, threads, bounded(duration, "--duration")?, batch, buffer, json)
         }
-        Cmd::Balance { trials, arrival, case: only, json } => {
+        Cmd::Balance { daemon: true, workers, modes, scenario, seed, trials, json, .. } => {
+            run_daemon_balance(workers, &modes, &scenario, seed, trials, json)
+        }
+        Cmd::Balance { trials, arrival, case: only, json, .. } => {
+            let trials = trials.unwrap_or(200);
             let arrivals = match arrival {
                 Some(a) => vec![a],
                 None => vec![balance::Arrival::Sequential, balance::Arrival::Burst],
@@ -366,4 +391,64 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn run_daemon_balance(
+    workers: usize,
+    modes: &[String],
+    only: &[daemon_balance::Scenario],
+    seed: u64,
+    trials: Option<usize>,
+    json: bool,
+) -> Result<()> {
+    for mode in modes {
+        if !["hash", "p2c", "least", "off"].contains(&mode.as_str()) {
+            bail!("--modes: {mode:?} is not one of hash, p2c, least, off");
+        }
+    }
+    if !(1..=64).contains(&workers) {
+        bail!("--workers must be 1 to 64");
+    }
+    let scenarios: Vec<_> =
+        if only.is_empty() { daemon_balance::Scenario::ALL.to_vec() } else { only.to_vec() };
+    if !json {
+        let header: Vec<String> = modes.iter().map(|m| format!("{m} mean / p90")).collect();
+        println!("| scenario | {} | p2c target |", header.join(" | "));
+        println!("| --- |{} ---: |", " ---: |".repeat(modes.len()));
+    }
+    for scenario in scenarios {
+        let mut cells = Vec::new();
+        for mode in modes {
+            let outcome = daemon_balance::run(scenario, mode, workers, trials, seed)?;
+            if json {
+                println!("{}", serde_json::to_string(&outcome)?);
+            } else {
+                eprintln!(
+                    "turn-bench: {:?} {mode}: mean {:.3} p90 {:.3} max {:.3} over {} trials; last allocations {:?}",
+                    scenario,
+                    outcome.mean,
+                    outcome.p90,
+                    outcome.max,
+                    outcome.trials,
+                    outcome.last_allocations
+                );
+            }
+            cells.push(format!("{:.3} / {:.3}", outcome.mean, outcome.p90));
+        }
+        if !json {
+            println!(
+                "| {} | {} | <= {:.2} |",
+                scenario.label(),
+                cells.join(" | "),
+                scenario.target()
+            );
+        }
+    }
+    if !json {
+        println!(
+            "\nbusiest / mean of the {workers} workers' packet rates (the daemon's own counters), seed {seed}; \
+             trials: mean over trials, p90 of trials (churn: over 0.5 s windows)."
+        );
+    }
+    Ok(())
 }

@@ -34,7 +34,7 @@ use turn_common::SocketLoad;
 /// Time constant of the packet rate average, in seconds.
 pub const RATE_TIME_CONSTANT_SECS: f64 = 0.5;
 /// Time constant of the flow weight average, in seconds.
-pub const FLOW_WEIGHT_TIME_CONSTANT_SECS: f64 = 5.0;
+pub const FLOW_WEIGHT_TIME_CONSTANT_SECS: f64 = 2.0;
 /// How long a placement counts while no allocation follows it, in seconds.
 pub const PENDING_SECS: f64 = 1.0;
 /// Weight of a new flow before any allocation carried traffic (packets/s: an audio call,

@@ -533,12 +533,20 @@ fn render(
     md
 }
 
-/// `turn-bench balance --json`: one JSON object per (case, steering, arrival).
+/// `turn-bench balance --daemon --json`: one JSON object per (scenario, mode), each from
+/// the release daemon driven by TURN clients.
 fn run_balance(tools: &Tools, quick: bool) -> Vec<Value> {
-    let trials = if quick { "50" } else { "200" };
-    println!("xtask: bench: balance, {trials} trials per cell");
-    let out =
-        Command::new(&tools.turn_bench).args(["balance", "--trials", trials, "--json"]).output();
+    let args: &[&str] = if quick {
+        &["balance", "--daemon", "--json", "--modes", "hash,p2c", "--trials", "3"]
+    } else {
+        &["balance", "--daemon", "--json", "--modes", "hash,p2c,least"]
+    };
+    println!("xtask: bench: steering balance through the daemon ({})", args[3..].join(" "));
+    let out = Command::new(&tools.turn_bench)
+        .args(args)
+        .env("TURN_SERVER_BIN", &tools.turn_server)
+        .env("TURN_LOG", "info")
+        .output();
     match out {
         Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout)
             .lines()
@@ -547,7 +555,7 @@ fn run_balance(tools: &Tools, quick: bool) -> Vec<Value> {
         Ok(out) => {
             println!(
                 "xtask: bench:   balance failed: {}",
-                String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or("")
+                String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
             );
             Vec::new()
         }
@@ -561,49 +569,53 @@ fn run_balance(tools: &Tools, quick: bool) -> Vec<Value> {
 fn render_balance(rows: &[Value], quick: bool) -> String {
     let mut md = String::new();
     if rows.is_empty() {
-        return "### Steering balance\n\nnot measured (needs root)\n\n".into();
+        return "### Steering balance through the daemon\n\nnot measured (needs root)\n\n".into();
     }
-    let trials = rows.first().and_then(|r| r["trials"].as_u64()).unwrap_or(0);
-    let _ = writeln!(
-        md,
-        "### Steering balance (busiest / mean per socket, `turn-bench balance --trials {trials}`{})\n\n| case | arrival | kernel hash mean / p99 | program hash mean / p99 | p2c mean / p99 |\n| --- | --- | ---: | ---: | ---: |",
-        if quick { ", quick" } else { "" }
-    );
-    let mut keys: Vec<(String, String)> = Vec::new();
+    let mut modes: Vec<String> = Vec::new();
+    let mut scenarios: Vec<String> = Vec::new();
     for r in rows {
-        let key = (
-            r["case"].as_str().unwrap_or("").to_owned(),
-            r["arrival"].as_str().unwrap_or("").to_owned(),
-        );
-        if !keys.contains(&key) {
-            keys.push(key);
+        for (list, key) in [(&mut modes, "mode"), (&mut scenarios, "scenario")] {
+            let v = r[key].as_str().unwrap_or("").to_owned();
+            if !list.contains(&v) {
+                list.push(v);
+            }
         }
     }
-    for (case, arrival) in keys {
-        let cell = |steer: &str| {
-            rows.iter()
-                .find(|r| {
-                    r["case"] == case.as_str()
-                        && r["arrival"] == arrival.as_str()
-                        && r["steer"] == steer
-                })
-                .map_or("-".into(), |r| {
+    let workers = rows.first().and_then(|r| r["workers"].as_u64()).unwrap_or(0);
+    let _ = writeln!(
+        md,
+        "### Steering balance through the daemon (`turn-bench balance --daemon`{}, {workers} workers)\n",
+        if quick { " --trials 3" } else { "" }
+    );
+    let _ = writeln!(
+        md,
+        "| scenario | trials | {} |\n| --- | ---: |{}",
+        modes.iter().map(|m| format!("{m} mean / p90")).collect::<Vec<_>>().join(" | "),
+        " ---: |".repeat(modes.len())
+    );
+    for scenario in &scenarios {
+        let find = |mode: &str| {
+            rows.iter().find(|r| r["scenario"] == scenario.as_str() && r["mode"] == mode)
+        };
+        let trials = modes.iter().find_map(|m| find(m)?["trials"].as_u64()).unwrap_or(0);
+        let cells: Vec<String> = modes
+            .iter()
+            .map(|m| {
+                find(m).map_or("-".into(), |r| {
                     format!(
                         "{:.3} / {:.3}",
                         r["mean"].as_f64().unwrap_or(0.0),
-                        r["p99"].as_f64().unwrap_or(0.0)
+                        r["p90"].as_f64().unwrap_or(0.0)
                     )
                 })
-        };
-        let _ = writeln!(
-            md,
-            "| {case} | {arrival} | {} | {} | {} |",
-            cell("kernel"),
-            cell("hash"),
-            cell("p2c")
-        );
+            })
+            .collect();
+        let _ = writeln!(md, "| {scenario} | {trials} | {} |", cells.join(" | "));
     }
-    md.push('\n');
+    md.push_str(
+        "\nBusiest / mean of the workers' packet rates, read from the daemon's own counters; \
+         see the section above for the scenarios.\n\n",
+    );
     md
 }
 
@@ -613,7 +625,7 @@ fn chart(
     balance: &[Value],
 ) -> String {
     let color = |name: &str| {
-        if name.starts_with("turn-server") || name.starts_with("p2c") {
+        if name.starts_with("turn-server") || name.starts_with("p2c") || name.starts_with("least") {
             "#2b7bb9"
         } else if name.starts_with("floor") {
             "#999999"
@@ -641,23 +653,20 @@ fn chart(
             2,
         ),
     ];
-    let seq: Vec<(String, f64)> = balance
+    let bars: Vec<(String, f64)> = balance
         .iter()
-        .filter(|r| r["arrival"] == "sequential" && r["steer"] != "hash")
         .filter_map(|r| {
-            let case = r["case"].as_str()?;
-            let case = if case.starts_with("skewed") {
-                "skewed".to_owned()
-            } else {
-                case.split(',').next()?.replace(" equal flows on ", "/").replace(" sockets", "")
-            };
-            Some((format!("{} {}", r["steer"].as_str()?, case), r["mean"].as_f64()?))
+            Some((
+                format!("{} {}", r["mode"].as_str()?, r["scenario"].as_str()?),
+                r["mean"].as_f64()?,
+            ))
         })
         .collect();
-    if !seq.is_empty() {
+    if !bars.is_empty() {
         panels.push((
-            "steering balance, busiest / mean (lower is better; 1.0 is perfect)".to_owned(),
-            seq,
+            "steering balance through the daemon, busiest / mean worker (lower is better; 1.0 is perfect)"
+                .to_owned(),
+            bars,
             3,
         ));
     }
