@@ -14,13 +14,13 @@ use tokio::{
     sync::{mpsc, watch},
 };
 use tracing::{error, info, warn};
-use turn_common::Mode;
+use turn_common::{Mode, SocketLoad};
 
 use crate::{
     bpffs,
     config::{Config, SteeringMode},
     listener::{ListenerGroup, bind_group},
-    load::{LoadEstimator, WorkerReport, WorkerSample},
+    load::{LoadEstimator, WorkerSample},
     relay::RelayPool,
     setup,
     shared::{Directory, SharedQuota},
@@ -409,11 +409,12 @@ fn publish_loads(
         }
         placed_by_group.push(counts);
     }
-    let mut reports: Vec<WorkerReport> = view
+    // What each worker reports besides its score (see `SocketLoad`).
+    let mut reports: Vec<SocketLoad> = view
         .stats
         .iter()
         .zip(view.inboxes)
-        .map(|(w, inbox)| WorkerReport {
+        .map(|(w, inbox)| SocketLoad {
             allocations: w.allocations.load(Ordering::Relaxed),
             packets: w.packets.load(Ordering::Relaxed),
             bytes: w.bytes.load(Ordering::Relaxed),
@@ -422,7 +423,7 @@ fn publish_loads(
             handoff_drops: w.handoff_drops.load(Ordering::Relaxed),
             inbox_queued: (inbox.max_capacity() - inbox.capacity()) as u64,
             pin_failures: w.pin_failures.load(Ordering::Relaxed),
-            ..WorkerReport::default()
+            ..SocketLoad::default()
         })
         .collect();
     for group in groups.iter() {
@@ -448,8 +449,12 @@ fn publish_loads(
     for (group, placed) in groups.iter_mut().zip(&placed_by_group) {
         let Some(steering) = group.steering.as_mut() else { continue };
         for (i, report) in reports.iter().enumerate() {
-            let placed = placed.get(i).copied().unwrap_or(0);
-            let load = report.socket_load(loads.score(i), loads.flow_weight, placed);
+            let load = SocketLoad {
+                score: loads.score(i),
+                flow_weight: loads.flow_weight,
+                placed_seen: placed.get(i).copied().unwrap_or(0),
+                ..*report
+            };
             if let Err(e) = steering.maps_mut().set_load(i as u32, load) {
                 warn!(error = %e, "publishing load failed");
             }

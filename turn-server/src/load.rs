@@ -29,8 +29,6 @@
 
 use std::{collections::VecDeque, time::Instant};
 
-use turn_common::SocketLoad;
-
 /// Time constant of the packet rate average, in seconds.
 pub const RATE_TIME_CONSTANT_SECS: f64 = 0.5;
 /// Time constant of the flow weight average, in seconds.
@@ -185,43 +183,6 @@ impl LoadEstimator {
             flow_weight: w.round().max(1.0) as u64,
             packet_rates: self.workers.iter().map(|s| s.rate).collect(),
             pending: self.workers.iter().map(WorkerState::pending_flows).collect(),
-        }
-    }
-}
-
-/// What a worker reports besides its score, copied into its [`SocketLoad`] slot.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct WorkerReport {
-    pub allocations: u64,
-    pub packets: u64,
-    pub bytes: u64,
-    pub handed_off: u64,
-    pub handed_in: u64,
-    pub handoff_drops: u64,
-    pub inbox_queued: u64,
-    pub rx_queued_bytes: u64,
-    pub rx_drops: u64,
-    pub pin_failures: u64,
-}
-
-impl WorkerReport {
-    /// The slot value of a worker whose score is `score`, in a group whose placed counter
-    /// for it is `placed`.
-    pub fn socket_load(&self, score: u64, flow_weight: u64, placed: u64) -> SocketLoad {
-        SocketLoad {
-            score,
-            allocations: self.allocations,
-            placed_seen: placed,
-            flow_weight,
-            packets: self.packets,
-            bytes: self.bytes,
-            handed_off: self.handed_off,
-            handed_in: self.handed_in,
-            handoff_drops: self.handoff_drops,
-            inbox_queued: self.inbox_queued,
-            rx_queued_bytes: self.rx_queued_bytes,
-            rx_drops: self.rx_drops,
-            pin_failures: self.pin_failures,
         }
     }
 }
@@ -394,19 +355,5 @@ mod tests {
         let loads = s.run(8.0, &[0]);
         assert_eq!(loads.scores, vec![0]);
         assert!(loads.flow_weight >= 1);
-    }
-
-    #[test]
-    fn socket_load_carries_the_report() {
-        let report = WorkerReport {
-            allocations: 4,
-            packets: 10,
-            handed_off: 2,
-            rx_drops: 1,
-            ..WorkerReport::default()
-        };
-        let l = report.socket_load(9, 3, 11);
-        assert_eq!((l.score, l.flow_weight, l.placed_seen, l.allocations), (9, 3, 11, 4));
-        assert_eq!((l.packets, l.handed_off, l.rx_drops), (10, 2, 1));
     }
 }
