@@ -360,3 +360,25 @@ fn a_flood_of_spoofed_sources_costs_live_allocations_nothing() {
     assert_eq!(total("pin_failures"), 0);
     assert_eq!(daemon.logs().matches("allocation created").count(), 50, "{}", daemon.logs());
 }
+
+#[test]
+fn a_second_daemon_on_a_steered_listener_is_refused() {
+    if !require_root("a_second_daemon_on_a_steered_listener_is_refused") {
+        return;
+    }
+    let root = PinRoot::new("second");
+    let first = Daemon::start(&["--workers", "2", "--bpf-pin-root", root.arg()]);
+    // With SO_REUSEPORT the second bind would succeed and take half of the first one's
+    // new clients; the live owner of the listener's pins says it is taken.
+    let port = first.addr().port().to_string();
+    let out = Command::new(server_bin())
+        .args(["--listening-ip", "127.0.0.1", "--listening-port", &port, "--workers", "2"])
+        .args(["--bpf-pin-root", root.arg(), "--log-format", "json"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("already served by turn-server pid {}", first.pid())), "{err}");
+    let owners = turn_server::bpffs::owners(&listener_dir(&root, first.addr()));
+    assert_eq!(owners.iter().map(|o| o.pid).collect::<Vec<_>>(), vec![first.pid()]);
+}
