@@ -437,3 +437,52 @@ pub fn spoofed_flood(to: SocketAddr, count: u32, per_sec: u32) -> io::Result<u32
     }
     Ok(count)
 }
+
+/// A network namespace of one test, with loopback up and `addresses` on it; deleted (with
+/// whatever still runs in it having been killed by its own guards first) when dropped.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates the namespace (needs root and `ip` from iproute2).
+    pub fn new(tag: &str, addresses: &[&str]) -> Netns {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let netns = Netns { name: format!("turn-{}-{n}-{tag}", std::process::id()) };
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new("ip").args(args).output().expect("running ip");
+            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        ip(&["netns", "add", &netns.name]);
+        ip(&["-n", &netns.name, "link", "set", "lo", "up"]);
+        for a in addresses {
+            ip(&["-n", &netns.name, "addr", "add", a, "dev", "lo"]);
+        }
+        netns
+    }
+
+    /// The command prefix that runs a program inside the namespace.
+    pub fn exec(&self) -> [&str; 4] {
+        ["ip", "netns", "exec", &self.name]
+    }
+
+    /// Starts `program args` inside the namespace, output discarded.
+    pub fn spawn(&self, program: &str, args: &[&str]) -> Child {
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.name, program])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {program} in {}: {e}", self.name));
+        std::thread::sleep(Duration::from_millis(150));
+        Child(child)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}

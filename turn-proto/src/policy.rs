@@ -13,6 +13,12 @@
 //!   `198.18.0.0/15`, `fc00::/7` (ULA), `fec0::/10` (old site-local),
 //!   `100::/64` (discard);
 //! * unless `allow_link_local`: `169.254.0.0/16`, `fe80::/10`;
+//! * unless `allow_own`: the server's own addresses (`own`: its listening, relay and
+//!   external addresses, and the host's interface addresses when it listens on a
+//!   wildcard), so that a client cannot reach the services of the TURN host through its
+//!   public address (which a host firewall typically opens to the host itself). Own
+//!   loopback addresses follow `allow_loopback` instead: allowing loopback peers already
+//!   means allowing this host;
 //!
 //! and applies the same rules to IPv4 addresses embedded in IPv6 ones:
 //! IPv4-mapped `::ffff:a.b.c.d`, IPv4-translated `::ffff:0:a.b.c.d`,
@@ -22,8 +28,8 @@
 //!
 //! Operator ranges come on top, coturn style: `deny` ranges are refused,
 //! and `allow` ranges are accepted even if a `deny` range or a default rule
-//! (other than the "always" ones) would refuse them. Embedded IPv4
-//! addresses are checked against the IPv4 ranges too.
+//! (other than the "always" ones and the own-address rule) would refuse them.
+//! Embedded IPv4 addresses are checked against the IPv4 ranges too.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
@@ -128,6 +134,8 @@ pub enum DenyReason {
     Private,
     /// Link-local.
     LinkLocal,
+    /// One of the server's own addresses.
+    OwnAddress,
     /// An operator `deny` range.
     Configured,
 }
@@ -141,6 +149,10 @@ pub struct PeerPolicy {
     pub allow_private: bool,
     /// Permit link-local peers.
     pub allow_link_local: bool,
+    /// The server's own addresses, refused unless `allow_own`.
+    pub own: Vec<IpAddr>,
+    /// Permit the server's own (non-loopback) addresses as peers.
+    pub allow_own: bool,
     /// Ranges accepted even if a default rule or `deny` would refuse them.
     pub allow: Vec<IpNet>,
     /// Ranges refused.
@@ -170,6 +182,10 @@ impl PeerPolicy {
     fn check_one(&self, ip: &IpAddr) -> Result<(), DenyReason> {
         if let Some(r) = always_denied(ip) {
             return Err(r);
+        }
+        let loopback = default_category(ip) == Some(DenyReason::Loopback);
+        if !self.allow_own && !loopback && self.own.contains(ip) {
+            return Err(DenyReason::OwnAddress);
         }
         if self.allow.iter().any(|n| n.contains(ip)) {
             return Ok(());
@@ -400,6 +416,50 @@ mod tests {
         assert!(denied(&p, "::"));
         assert!(denied(&p, "255.255.255.255"));
         assert!(!denied(&p, "127.0.0.1"));
+    }
+
+    #[test]
+    fn own_addresses_are_denied_in_every_form() {
+        let own: Vec<IpAddr> = ["192.0.2.2", "203.0.113.7", "2001:db8::2", "127.0.0.1"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let p = PeerPolicy {
+            own: own.clone(),
+            // Even an operator range that covers them does not open them.
+            allow: vec!["192.0.2.0/24".parse().unwrap()],
+            ..Default::default()
+        };
+        for s in [
+            "192.0.2.2",
+            "203.0.113.7",
+            "2001:db8::2",
+            "::ffff:192.0.2.2",
+            "::ffff:0:192.0.2.2",
+            "::192.0.2.2",
+            "2002:c000:0202::1",
+            "64:ff9b::192.0.2.2",
+            "64:ff9b:1::203.0.113.7",
+            // Teredo with server 192.0.2.2, and with obfuscated client 203.0.113.7.
+            "2001:0:c000:202::1",
+            "2001:0:0808:0808:0:0:34ff:8ef8",
+        ] {
+            assert_eq!(
+                p.check_ip(&s.parse().unwrap()),
+                Err(DenyReason::OwnAddress),
+                "{s} should be denied as the server's own"
+            );
+        }
+        assert!(!denied(&p, "192.0.2.3"), "a neighbour in an allowed range");
+        assert!(!denied(&p, "8.8.8.8"));
+        // Own loopback addresses follow allow_loopback.
+        assert_eq!(p.check_ip(&"127.0.0.1".parse().unwrap()), Err(DenyReason::Loopback));
+        let p = PeerPolicy { own: own.clone(), allow_loopback: true, ..Default::default() };
+        assert!(!denied(&p, "127.0.0.1"));
+        assert!(denied(&p, "192.0.2.2"));
+        // The explicit setting opens them.
+        let p = PeerPolicy { own, allow_own: true, ..Default::default() };
+        assert!(!denied(&p, "192.0.2.2") && !denied(&p, "::ffff:192.0.2.2"));
     }
 
     #[test]

@@ -106,6 +106,10 @@ pub struct Config {
     pub allow_loopback_peers: bool,
     /// Allow private, CGNAT and ULA peers (a relay inside a private network).
     pub allow_private_peers: bool,
+    /// Allow the server's own addresses as peers (listening, relay, external, and the
+    /// host's interface addresses when listening on a wildcard). Off: a client cannot reach
+    /// the TURN host's own services through its public address.
+    pub allow_own_address_peers: bool,
     /// SOFTWARE attribute in responses ("" for none).
     pub software: String,
     /// After SIGTERM, how long live allocations may go on relaying before the daemon exits.
@@ -152,6 +156,7 @@ impl Default for Config {
             denied_peer_ips: Vec::new(),
             allow_loopback_peers: false,
             allow_private_peers: false,
+            allow_own_address_peers: false,
             software: concat!("turn-server/", env!("CARGO_PKG_VERSION")).to_owned(),
             drain_timeout_secs: 60,
             proc_user: None,

@@ -163,6 +163,9 @@ struct ServeArgs {
     /// Allow private, CGNAT and ULA peers [config: allow_private_peers].
     #[arg(long = "allow-private-peers")]
     allow_private_peers: bool,
+    /// Allow the server's own addresses as peers [config: allow_own_address_peers].
+    #[arg(long = "allow-own-address-peers")]
+    allow_own_address_peers: bool,
     /// Seconds live allocations keep relaying after SIGTERM [config: drain_timeout_secs, default 60].
     #[arg(long = "drain-timeout", value_name = "SECS")]
     drain_timeout: Option<u64>,
@@ -248,6 +251,7 @@ impl ServeArgs {
         }
         config.allow_loopback_peers |= self.allow_loopback_peers;
         config.allow_private_peers |= self.allow_private_peers;
+        config.allow_own_address_peers |= self.allow_own_address_peers;
         if let Some(secs) = self.drain_timeout {
             config.drain_timeout_secs = secs;
         }

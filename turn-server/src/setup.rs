@@ -44,15 +44,38 @@ pub fn credentials(config: &Config) -> Result<(CredentialsConfig, Option<Generat
 }
 
 /// The peer policy: safe defaults plus the configured exceptions.
-pub fn peer_policy(config: &Config) -> Result<PeerPolicy> {
+pub fn peer_policy(config: &Config, relays: &[Option<RelayAddress>; 2]) -> Result<PeerPolicy> {
     let parse = |list: &[String]| list.iter().map(|n| parse_net(n)).collect::<Result<Vec<_>>>();
     Ok(PeerPolicy {
         allow_loopback: config.allow_loopback_peers,
         allow_private: config.allow_private_peers,
         allow_link_local: false,
+        own: own_addresses(config, relays),
+        allow_own: config.allow_own_address_peers,
         allow: parse(&config.allowed_peer_ips).context("allowed_peer_ips")?,
         deny: parse(&config.denied_peer_ips).context("denied_peer_ips")?,
     })
+}
+
+/// The server's own addresses: listening (the host's interface addresses for a wildcard,
+/// as they are at start), relay and external addresses.
+pub fn own_addresses(config: &Config, relays: &[Option<RelayAddress>; 2]) -> Vec<IpAddr> {
+    let mut own: Vec<IpAddr> = Vec::new();
+    for ip in &config.listening_ips {
+        if ip.is_unspecified() {
+            own.extend(interface_addresses().into_iter().filter(|a| a.is_ipv4() == ip.is_ipv4()));
+        } else {
+            own.push(*ip);
+        }
+    }
+    for relay in relays.iter().flatten() {
+        own.extend([relay.bind, relay.advertised]);
+    }
+    own.extend(config.relay_ips.iter().chain(&config.external_ips));
+    own.retain(|ip| !ip.is_unspecified());
+    own.sort();
+    own.dedup();
+    own
 }
 
 /// The protocol core's configuration for one worker.
@@ -76,7 +99,7 @@ pub fn server_config(
         max_permissions_per_allocation: config.max_permissions_per_allocation,
         relay_ipv4: relays[0].is_some(),
         relay_ipv6: relays[1].is_some(),
-        peer_policy: peer_policy(config)?,
+        peer_policy: peer_policy(config, relays)?,
         seed,
         ..ServerConfig::default()
     })
@@ -114,31 +137,8 @@ pub fn relay_addresses(config: &Config) -> Result<[Option<RelayAddress>; 2]> {
 /// The host's main address of a family: a global one if there is one, else a private one,
 /// else loopback (from the interface list; nothing is sent).
 fn main_address(v4: bool) -> Option<IpAddr> {
-    let mut candidates = Vec::new();
-    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `list`, which we walk read-only and free once.
-    unsafe {
-        if libc::getifaddrs(&mut list) != 0 {
-            return None;
-        }
-        let mut cursor = list;
-        while !cursor.is_null() {
-            let entry = &*cursor;
-            let up = entry.ifa_flags & libc::IFF_UP as u32 != 0;
-            if up && !entry.ifa_addr.is_null() {
-                let family = i32::from((*entry.ifa_addr).sa_family);
-                if v4 && family == libc::AF_INET {
-                    let sin = &*(entry.ifa_addr as *const libc::sockaddr_in);
-                    candidates.push(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
-                } else if !v4 && family == libc::AF_INET6 {
-                    let sin6 = &*(entry.ifa_addr as *const libc::sockaddr_in6);
-                    candidates.push(IpAddr::from(sin6.sin6_addr.s6_addr));
-                }
-            }
-            cursor = entry.ifa_next;
-        }
-        libc::freeifaddrs(list);
-    }
+    let mut candidates: Vec<IpAddr> =
+        interface_addresses().into_iter().filter(|ip| ip.is_ipv4() == v4).collect();
     let rank = |ip: &IpAddr| -> u8 {
         match ip {
             IpAddr::V4(a) if a.is_loopback() => 3,
@@ -153,6 +153,36 @@ fn main_address(v4: bool) -> Option<IpAddr> {
     candidates.retain(|ip| rank(ip) < 4);
     candidates.sort_by_key(rank);
     candidates.first().copied()
+}
+
+/// The addresses of the host's interfaces that are up, both families.
+fn interface_addresses() -> Vec<IpAddr> {
+    let mut candidates = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list`, which we walk read-only and free once.
+    unsafe {
+        if libc::getifaddrs(&mut list) != 0 {
+            return candidates;
+        }
+        let mut cursor = list;
+        while !cursor.is_null() {
+            let entry = &*cursor;
+            let up = entry.ifa_flags & libc::IFF_UP as u32 != 0;
+            if up && !entry.ifa_addr.is_null() {
+                let family = i32::from((*entry.ifa_addr).sa_family);
+                if family == libc::AF_INET {
+                    let sin = &*(entry.ifa_addr as *const libc::sockaddr_in);
+                    candidates.push(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
+                } else if family == libc::AF_INET6 {
+                    let sin6 = &*(entry.ifa_addr as *const libc::sockaddr_in6);
+                    candidates.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                }
+            }
+            cursor = entry.ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    candidates
 }
 
 /// The URL clients use, for the startup banner.
@@ -230,6 +260,30 @@ mod tests {
         let config =
             Config { listening_ips: vec!["0.0.0.0".parse().unwrap()], ..Config::default() };
         assert!(relay_addresses(&config).unwrap()[0].is_some());
+    }
+
+    #[test]
+    fn own_addresses_cover_listening_relay_external_and_wildcard_interfaces() {
+        let config = Config {
+            listening_ips: vec!["192.0.2.2".parse().unwrap()],
+            relay_ips: vec!["192.0.2.3".parse().unwrap()],
+            external_ips: vec!["203.0.113.9".parse().unwrap()],
+            ..Config::default()
+        };
+        let relays = relay_addresses(&config).unwrap();
+        let own = own_addresses(&config, &relays);
+        for ip in ["192.0.2.2", "192.0.2.3", "203.0.113.9"] {
+            assert!(own.contains(&ip.parse().unwrap()), "{ip}: {own:?}");
+        }
+        let policy = peer_policy(&config, &relays).unwrap();
+        assert!(policy.check_ip(&"::ffff:203.0.113.9".parse().unwrap()).is_err());
+        assert!(policy.check_ip(&"203.0.113.10".parse().unwrap()).is_ok());
+        // A wildcard listener: every interface address of that family (loopback at least).
+        let config =
+            Config { listening_ips: vec!["0.0.0.0".parse().unwrap()], ..Config::default() };
+        let own = own_addresses(&config, &relay_addresses(&config).unwrap());
+        assert!(own.contains(&"127.0.0.1".parse().unwrap()), "{own:?}");
+        assert!(own.iter().all(|ip| ip.is_ipv4()), "{own:?}");
     }
 
     #[test]
