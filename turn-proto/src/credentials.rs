@@ -168,6 +168,17 @@ pub fn rest_expiry(username: &str) -> Option<u64> {
     }
 }
 
+/// The user part of a REST username (`expiry:user` or the legacy
+/// `user:expiry`), or `None` for a bare `expiry` or a name that is not a
+/// REST username.
+pub fn rest_user(username: &str) -> Option<&str> {
+    rest_expiry(username)?;
+    let (a, b) = username.split_once(':')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit());
+    let user = if digits(a) { b } else { a };
+    (!user.is_empty()).then_some(user)
+}
+
 /// How a configured static user authenticates.
 #[derive(Clone, PartialEq, Eq)]
 pub enum UserSecret {
@@ -204,6 +215,9 @@ pub struct CredentialsConfig {
     /// REST shared secrets (coturn `static-auth-secret`); empty disables
     /// REST credentials. Several may be listed for rotation.
     pub rest_secrets: Vec<Vec<u8>>,
+    /// Longest accepted REST credential lifetime: a username whose expiry
+    /// lies further in the future is refused (0 = no limit).
+    pub rest_max_ttl_secs: u64,
 }
 
 /// Configuration errors for credentials.
@@ -244,6 +258,7 @@ pub(crate) struct CredentialStore {
     by_name: FxHashMap<Box<str>, usize>,
     by_hash: FxHashMap<[u8; 32], usize>,
     rest_secrets: Vec<Vec<u8>>,
+    rest_max_ttl_secs: u64,
 }
 
 impl CredentialStore {
@@ -256,6 +271,7 @@ impl CredentialStore {
             by_name: FxHashMap::default(),
             by_hash: FxHashMap::default(),
             rest_secrets: Vec::new(),
+            rest_max_ttl_secs: cfg.rest_max_ttl_secs,
         };
         for u in &cfg.users {
             if u.name.is_empty() || u.name.len() > crate::stun::attr::MAX_USERNAME_LEN {
@@ -294,8 +310,23 @@ impl CredentialStore {
             return None;
         }
         match rest_expiry(name) {
-            Some(expiry) if expiry >= unix_secs => Some(Identity::Rest(name)),
+            Some(expiry)
+                if expiry >= unix_secs
+                    && (self.rest_max_ttl_secs == 0
+                        || expiry - unix_secs <= self.rest_max_ttl_secs) =>
+            {
+                Some(Identity::Rest(name))
+            }
             _ => None,
+        }
+    }
+
+    /// The key quotas count an identity under: the static user's name, or
+    /// the user part of a REST username (the whole name when it has none).
+    pub(crate) fn quota_key<'s, 'a: 's>(&'s self, id: Identity<'a>) -> &'s str {
+        match id {
+            Identity::Static(_) => self.name(id),
+            Identity::Rest(n) => rest_user(n).unwrap_or(n),
         }
     }
 
@@ -385,6 +416,38 @@ mod tests {
     }
 
     #[test]
+    fn rest_user_parts() {
+        assert_eq!(rest_user("1700000000:alice"), Some("alice"));
+        assert_eq!(rest_user("alice:1700000000"), Some("alice"));
+        assert_eq!(rest_user("1700000000"), None);
+        assert_eq!(rest_user("alice"), None);
+        assert_eq!(rest_user("1700000000:"), None);
+    }
+
+    #[test]
+    fn rest_credentials_beyond_the_longest_lifetime_are_refused() {
+        let cfg = CredentialsConfig {
+            rest_secrets: vec![b"s".to_vec()],
+            rest_max_ttl_secs: 3600,
+            ..CredentialsConfig::default()
+        };
+        let store = CredentialStore::new("r", &cfg).unwrap();
+        let now = 1_700_000_000u64;
+        assert!(store.by_username(&format!("{}:bob", now + 3600), now).is_some());
+        assert!(store.by_username(&format!("{}:bob", now + 3601), now).is_none());
+        assert!(store.by_username(&format!("{}:bob", now - 1), now).is_none(), "expired");
+        let name = format!("{}:bob", now + 60);
+        let id = store.by_username(&name, now).unwrap();
+        assert_eq!(store.quota_key(id), "bob");
+        let bare = format!("{}", now + 60);
+        let id = store.by_username(&bare, now).unwrap();
+        assert_eq!(store.quota_key(id), bare);
+        let unlimited =
+            CredentialStore::new("r", &CredentialsConfig { rest_max_ttl_secs: 0, ..cfg }).unwrap();
+        assert!(unlimited.by_username(&format!("{}:bob", now + 10 * 365 * 86400), now).is_some());
+    }
+
+    #[test]
     fn store_lookups() {
         let cfg = CredentialsConfig {
             users: vec![
@@ -392,6 +455,7 @@ mod tests {
                 StaticUser { name: "bob".into(), secret: UserSecret::Md5Key([7; 16]) },
             ],
             rest_secrets: vec![b"old".to_vec(), b"new".to_vec()],
+            ..CredentialsConfig::default()
         };
         let s = CredentialStore::new("example.org", &cfg).unwrap();
         let alice = s.by_username("alice", 0).unwrap();

@@ -28,7 +28,9 @@ fn binding_is_answered_without_authentication() {
     let r = Resp { bytes: sim.client_datagram(c.addr, &req).client_bytes().to_vec() };
     assert_eq!(r.class(), Class::SuccessResponse);
     assert_eq!(r.attr(attr::XOR_MAPPED_ADDRESS), Some(Attribute::XorMappedAddress(c.addr)));
-    assert_eq!(r.attr(attr::SOFTWARE), Some(Attribute::Software("turn-proto test")));
+    // No SOFTWARE for strangers: a 20-byte request draws 20 + 12 (+ 8 FINGERPRINT).
+    assert_eq!(r.attr(attr::SOFTWARE), None);
+    assert_eq!(r.bytes.len(), 20 + 12 + 8);
     assert!(r.msg().has_fingerprint(), "FINGERPRINT mirrored");
     assert!(!r.msg().has_message_integrity());
 
@@ -435,10 +437,51 @@ fn wrong_password_unknown_user_and_missing_attributes() {
     // Pre-hashed MD5 key user works with the legacy algorithm...
     let mut carol = Client::new("192.0.2.50:40002", "carol", "carol-pw");
     assert_eq!(carol.allocate(&mut sim).class(), Class::SuccessResponse);
-    // ...but cannot do SHA-256 (no password to derive it from).
+    // ...but cannot do SHA-256 (no password to derive it from) where it is offered.
     let mut carol2 = Client::new("192.0.2.50:40003", "carol", "carol-pw");
     carol2.mode = AuthMode::Sha256;
     assert_eq!(carol2.allocate(&mut sim).error_code(), Some(401));
+}
+
+#[test]
+fn software_only_in_authenticated_responses_and_unknown_users_cost_a_known_ones_work() {
+    let mut sim = Sim::default();
+    let mut alice = Client::alice("192.0.2.60:40000");
+    let txid = alice.next_txid();
+    let req =
+        alice.build(Method::ALLOCATE, Class::Request, txid, &[Attribute::RequestedTransport(17)]);
+    let challenge = Resp { bytes: sim.client_datagram(alice.addr, &req).client_bytes().to_vec() };
+    assert_eq!(challenge.error_code(), Some(401));
+    assert_eq!(challenge.attr(attr::SOFTWARE), None, "401 to a stranger");
+    let ok = alice.allocate(&mut sim);
+    assert_eq!(ok.attr(attr::SOFTWARE), Some(Attribute::Software("turn-proto test")));
+
+    // A wrong password for a known user and any password for an unknown one: both 401,
+    // after the same number of integrity computations.
+    let checks = |sim: &mut Sim, user: &str| {
+        let mut c = Client::new("192.0.2.61:40000", user, "not-the-password");
+        let before = sim.server.counters().integrity_checks;
+        assert_eq!(c.allocate(sim).error_code(), Some(401));
+        sim.server.counters().integrity_checks - before
+    };
+    let known = checks(&mut sim, "alice");
+    let unknown = checks(&mut sim, "mallory");
+    assert!(known > 0);
+    assert_eq!(known, unknown, "an unknown username must not answer faster");
+}
+
+#[test]
+fn an_md5_key_user_works_with_a_sha256_first_client_when_only_md5_is_offered() {
+    // What the daemon configures when a user has a pre-hashed MD5 key: only what every
+    // key can verify is offered, and an RFC 8489 client that prefers SHA-256 picks MD5.
+    let mut cfg = test_config();
+    cfg.password_algorithms = vec![turn_proto::credentials::PasswordAlgorithm::Md5];
+    let mut sim = Sim::new(cfg);
+    let mut carol = Client::new("192.0.2.50:40005", "carol", "carol-pw");
+    carol.mode = AuthMode::Sha256;
+    let r = carol.allocate(&mut sim);
+    assert_eq!(r.class(), Class::SuccessResponse, "{:?}", r.error_code());
+    assert!(r.attr(attr::MESSAGE_INTEGRITY_SHA256).is_some(), "negotiated, SHA-256 integrity");
 }
 
 #[test]
@@ -510,6 +553,28 @@ fn rest_credentials() {
     assert_eq!(late.allocate(&mut sim).class(), Class::SuccessResponse);
     sim.advance(500);
     assert_eq!(late.refresh(&mut sim, None).error_code(), Some(401));
+}
+
+#[test]
+fn rest_credentials_of_one_user_share_one_quota() {
+    let mut sim = Sim::default();
+    sim.quota = turn_proto::server::LocalQuota::new(2, 0);
+    // Three fresh credentials of "dave" (each a different `expiry:dave` string).
+    for (i, expiry) in [UNIX0 + 600, UNIX0 + 601, UNIX0 + 602].into_iter().enumerate() {
+        let mut c =
+            rest_client(&format!("192.0.2.70:{}", 41000 + i), expiry, "dave", b"new-secret");
+        let r = c.allocate(&mut sim);
+        if i < 2 {
+            assert_eq!(r.class(), Class::SuccessResponse, "credential {i}");
+        } else {
+            assert_eq!(r.error_code(), Some(486), "the third counts against dave's quota");
+        }
+    }
+    assert_eq!(sim.quota.in_use_by("dave"), 2);
+    // Another user is not affected; 0 total means unlimited.
+    let mut erin = rest_client("192.0.2.70:42000", UNIX0 + 600, "erin", b"new-secret");
+    assert_eq!(erin.allocate(&mut sim).class(), Class::SuccessResponse);
+    assert_eq!(sim.quota.in_use(), 3);
 }
 
 #[test]

@@ -13,6 +13,12 @@ use turn_proto::{
     policy::IpNet,
 };
 
+/// Allocations one user may hold by default: enough for any person's calls, too few for
+/// one leaked credential to exhaust the relay ports.
+pub const DEFAULT_USER_QUOTA: usize = 100;
+/// Allocations the whole server holds by default (about 100 kB of memory per 1,000).
+pub const DEFAULT_TOTAL_QUOTA: usize = 100_000;
+
 /// How new client flows are placed on the workers' listener sockets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -92,10 +98,14 @@ pub struct Config {
     pub channel_lifetime_secs: u32,
     /// Nonce lifetime; an older nonce gets 438 Stale Nonce.
     pub nonce_lifetime_secs: u64,
-    /// Allocations per user across all workers (0 = unlimited).
+    /// Allocations per user across all workers (0 = unlimited). A REST username
+    /// `expiry:user` counts as `user`.
     pub user_quota: usize,
     /// Allocations in total across all workers (0 = unlimited).
     pub total_quota: usize,
+    /// Longest accepted lifetime of a REST credential: a username whose expiry is
+    /// further in the future is refused (0 = no limit).
+    pub rest_max_ttl_secs: u64,
     /// Permissions per allocation.
     pub max_permissions_per_allocation: usize,
     /// Peer addresses allowed even where a default rule denies them (CIDR or address).
@@ -149,8 +159,9 @@ impl Default for Config {
             permission_lifetime_secs: 300,
             channel_lifetime_secs: 600,
             nonce_lifetime_secs: 600,
-            user_quota: 0,
-            total_quota: 0,
+            user_quota: DEFAULT_USER_QUOTA,
+            total_quota: DEFAULT_TOTAL_QUOTA,
+            rest_max_ttl_secs: 86_400,
             max_permissions_per_allocation: 64,
             allowed_peer_ips: Vec::new(),
             denied_peer_ips: Vec::new(),

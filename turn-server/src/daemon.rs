@@ -53,6 +53,12 @@ pub fn run(config: Config) -> Result<()> {
     };
 
     let (credentials, generated) = setup::credentials(&config)?;
+    if setup::password_algorithms(&credentials).len() == 1 {
+        info!(
+            "a user has a pre-hashed MD5 key: offering only the MD5 password algorithm \
+             (such a key cannot verify SHA-256)"
+        );
+    }
     let relay_addresses = setup::relay_addresses(&config)?;
     let nonce_secret: [u8; 32] = rand::random();
     // Check the protocol configuration once, before binding anything.

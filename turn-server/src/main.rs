@@ -145,10 +145,14 @@ struct ServeArgs {
     /// Longest allocation lifetime in seconds [config: max_lifetime_secs, default 3600].
     #[arg(long = "max-allocate-lifetime", value_name = "SECS")]
     max_allocate_lifetime: Option<u32>,
-    /// Allocations per user across workers, 0 = unlimited [config: user_quota].
+    /// Allocations per user across workers, 0 = unlimited [config: user_quota, default 100].
     #[arg(long = "user-quota", value_name = "N")]
     user_quota: Option<usize>,
-    /// Allocations in total, 0 = unlimited [config: total_quota].
+    /// Longest accepted REST credential lifetime in seconds, 0 = no limit
+    /// [config: rest_max_ttl_secs, default 86400].
+    #[arg(long = "rest-max-ttl", value_name = "SECS")]
+    rest_max_ttl: Option<u64>,
+    /// Allocations in total, 0 = unlimited [config: total_quota, default 100000].
     #[arg(long = "total-quota", value_name = "N")]
     total_quota: Option<usize>,
     /// Peer address or CIDR range allowed despite the default rules; repeat [config: allowed_peer_ips].
@@ -239,6 +243,9 @@ impl ServeArgs {
         }
         if let Some(n) = self.user_quota {
             config.user_quota = n;
+        }
+        if let Some(secs) = self.rest_max_ttl {
+            config.rest_max_ttl_secs = secs;
         }
         if let Some(n) = self.total_quota {
             config.total_quota = n;

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use anyhow::{Context, Result, bail};
 use rand::{Rng, distr::Alphanumeric};
 use turn_proto::{
-    credentials::{CredentialsConfig, StaticUser, UserSecret},
+    credentials::{CredentialsConfig, PasswordAlgorithm, StaticUser, UserSecret},
     policy::PeerPolicy,
     server::ServerConfig,
 };
@@ -29,8 +29,9 @@ pub fn credentials(config: &Config) -> Result<(CredentialsConfig, Option<Generat
     let users = config.users.iter().map(|u| parse_user(u)).collect::<Result<Vec<_>>>()?;
     let rest_secrets: Vec<Vec<u8>> =
         config.static_auth_secrets.iter().map(|s| s.as_bytes().to_vec()).collect();
+    let rest_max_ttl_secs = config.rest_max_ttl_secs;
     if !users.is_empty() || !rest_secrets.is_empty() {
-        return Ok((CredentialsConfig { users, rest_secrets }, None));
+        return Ok((CredentialsConfig { users, rest_secrets, rest_max_ttl_secs }, None));
     }
     let mut rng = rand::rng();
     let suffix: String = (&mut rng).sample_iter(Alphanumeric).take(6).map(char::from).collect();
@@ -40,7 +41,7 @@ pub fn credentials(config: &Config) -> Result<(CredentialsConfig, Option<Generat
         name: generated.username.clone(),
         secret: UserSecret::Password(generated.password.clone()),
     };
-    Ok((CredentialsConfig { users: vec![user], rest_secrets }, Some(generated)))
+    Ok((CredentialsConfig { users: vec![user], rest_secrets, rest_max_ttl_secs }, Some(generated)))
 }
 
 /// The peer policy: safe defaults plus the configured exceptions.
@@ -78,6 +79,18 @@ pub fn own_addresses(config: &Config, relays: &[Option<RelayAddress>; 2]) -> Vec
     own
 }
 
+/// The password algorithms to offer (RFC 8489 PASSWORD-ALGORITHMS): SHA-256 then MD5,
+/// unless a user has only a pre-hashed MD5 key, which cannot verify SHA-256: then MD5
+/// only, so that a client preferring SHA-256 is not offered what its key cannot do.
+pub fn password_algorithms(credentials: &CredentialsConfig) -> Vec<PasswordAlgorithm> {
+    let md5_keys = credentials.users.iter().any(|u| matches!(u.secret, UserSecret::Md5Key(_)));
+    if md5_keys {
+        vec![PasswordAlgorithm::Md5]
+    } else {
+        vec![PasswordAlgorithm::Sha256, PasswordAlgorithm::Md5]
+    }
+}
+
 /// The protocol core's configuration for one worker.
 pub fn server_config(
     config: &Config,
@@ -97,6 +110,7 @@ pub fn server_config(
         permission_lifetime_secs: config.permission_lifetime_secs,
         channel_lifetime_secs: config.channel_lifetime_secs,
         max_permissions_per_allocation: config.max_permissions_per_allocation,
+        password_algorithms: password_algorithms(credentials),
         relay_ipv4: relays[0].is_some(),
         relay_ipv6: relays[1].is_some(),
         peer_policy: peer_policy(config, relays)?,
@@ -284,6 +298,20 @@ mod tests {
         let own = own_addresses(&config, &relay_addresses(&config).unwrap());
         assert!(own.contains(&"127.0.0.1".parse().unwrap()), "{own:?}");
         assert!(own.iter().all(|ip| ip.is_ipv4()), "{own:?}");
+    }
+
+    #[test]
+    fn md5_keys_limit_the_offered_algorithms() {
+        let with = |users: &[&str]| {
+            let config = Config {
+                users: users.iter().map(|u| u.to_string()).collect(),
+                ..Config::default()
+            };
+            password_algorithms(&credentials(&config).unwrap().0)
+        };
+        assert_eq!(with(&["a:pw"]), vec![PasswordAlgorithm::Sha256, PasswordAlgorithm::Md5]);
+        let md5 = "carol:0x0123456789abcdef0123456789abcdef";
+        assert_eq!(with(&["a:pw", md5]), vec![PasswordAlgorithm::Md5]);
     }
 
     #[test]

@@ -105,6 +105,10 @@ fn start(server: &Server, tools: &Tools, peer_port: u16) -> Result<Running> {
                 "--realm",
                 REALM,
                 "--allow-loopback-peers",
+                // One benchmark user holds thousands of allocations (coturn's default
+                // is unlimited too).
+                "--user-quota",
+                "0",
             ])
             .args([
                 "--bpf-pin-root",

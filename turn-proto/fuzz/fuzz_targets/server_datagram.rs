@@ -184,6 +184,7 @@ fuzz_target!(|data: &[u8]| {
                 StaticUser { name: "bob".into(), secret: UserSecret::Password("pw2".into()) },
             ],
             rest_secrets: vec![b"secret".to_vec()],
+            ..CredentialsConfig::default()
         },
         nonce_secret: [1; 32],
         max_permissions_per_allocation: 4,

@@ -97,6 +97,8 @@ pub struct Counters {
     pub auth_challenges: u64,
     /// 401 for unknown users, wrong realm or bad MESSAGE-INTEGRITY.
     pub auth_failures: u64,
+    /// MESSAGE-INTEGRITY(-SHA256) computations while authenticating.
+    pub integrity_checks: u64,
     /// 438 answers.
     pub stale_nonces: u64,
     /// Requests answered from the retransmission cache.

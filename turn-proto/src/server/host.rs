@@ -62,7 +62,10 @@ pub struct QuotaExceeded;
 
 /// Allocation quotas shared across workers (the daemon implements this
 /// with atomics). `try_acquire` is called once per allocation before relay
-/// sockets are requested; `release` once when it goes away.
+/// sockets are requested; `release` once when it goes away. `user` is the
+/// quota key: the static user's name, or the user part of a REST username
+/// (`expiry:user` counts as `user`, so that fresh credentials of one user
+/// share one quota).
 pub trait Quota {
     /// Take one allocation for `user`.
     fn try_acquire(&self, user: &str) -> Result<(), QuotaExceeded>;
@@ -82,8 +85,9 @@ impl Quota for Unlimited {
     fn release(&self, _user: &str) {}
 }
 
-/// A single-threaded quota: at most `per_user` allocations per username and
-/// `total` overall. Useful for tests and single-worker deployments.
+/// A single-threaded quota: at most `per_user` allocations per user and
+/// `total` overall, 0 meaning unlimited (as everywhere in this project).
+/// Useful for tests and single-worker deployments.
 #[derive(Debug, Default)]
 pub struct LocalQuota {
     per_user: usize,
@@ -113,7 +117,7 @@ impl Quota for LocalQuota {
         let mut st = self.state.borrow_mut();
         let (total, per_user) = &mut *st;
         let cur = per_user.get(user).copied().unwrap_or(0);
-        if *total >= self.total || cur >= self.per_user {
+        if (self.total > 0 && *total >= self.total) || (self.per_user > 0 && cur >= self.per_user) {
             return Err(QuotaExceeded);
         }
         *total += 1;

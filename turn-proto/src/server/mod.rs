@@ -215,6 +215,8 @@ pub struct Server {
     nonces: NonceMinter,
     /// Encoded PASSWORD-ALGORITHMS value (empty: negotiation disabled).
     password_algorithms: Vec<u8>,
+    /// Key an unknown username is checked against, so that it costs a known one's work.
+    decoy_key: Key,
     table: Table,
     cache: RetransmitCache,
     events: VecDeque<Event>,
@@ -266,6 +268,12 @@ impl Server {
             creds,
             nonces,
             password_algorithms,
+            decoy_key: crate::credentials::long_term_key(
+                PasswordAlgorithm::Md5,
+                "",
+                &cfg.realm,
+                &format!("{:x}", cfg.seed),
+            ),
             cfg,
         })
     }
@@ -377,7 +385,7 @@ impl Server {
         for r in a.relays.iter().flatten() {
             relays.release(r.id);
         }
-        quota.release(&a.username);
+        quota.release(&a.quota_key);
         match reason {
             DeleteReason::Expired => self.counters.allocations_expired += 1,
             DeleteReason::ClientRequest => self.counters.allocations_deleted += 1,
@@ -537,7 +545,9 @@ impl Server {
         }
     }
 
-    /// Encode a response: `body`, then SOFTWARE, integrity and FINGERPRINT.
+    /// Encode a response: `body`, then SOFTWARE (authenticated responses only: an
+    /// unauthenticated request must not draw a response several times its size, and
+    /// strangers need not learn the version), integrity and FINGERPRINT.
     fn write_response(
         &self,
         out: &mut [u8],
@@ -547,7 +557,9 @@ impl Server {
     ) -> Result<usize, EncodeError> {
         let mut enc = MessageEncoder::new(out, signer.method, class, &signer.txid)?;
         body(&mut enc)?;
-        if let Some(sw) = &self.cfg.software {
+        if let Some(sw) = &self.cfg.software
+            && signer.integrity.is_some()
+        {
             enc.raw(attr::SOFTWARE, sw.as_bytes())?;
         }
         match signer.integrity {
@@ -663,19 +675,26 @@ impl Server {
             (None, Some(h)) => self.creds.by_userhash(h),
             (None, None) => None,
         };
-        let Some(identity) = identity else {
-            self.counters.auth_failures += 1;
-            return Err(Rejection::Unauthenticated);
-        };
         // "If the MESSAGE-INTEGRITY-SHA256 attribute is present, compute
         // [it] ... Otherwise ... MESSAGE-INTEGRITY ... [mismatch:] 401".
-        let key = self.creds.find_key(identity, algorithm, |k| {
+        let integrity_checks = &mut self.counters.integrity_checks;
+        let mut verify = |k: &[u8]| {
+            *integrity_checks += 1;
             if has_mi256 {
                 msg.verify_message_integrity_sha256(k)
             } else {
                 msg.verify_message_integrity(k)
             }
-        });
+        };
+        let Some(identity) = identity else {
+            // An unknown user costs what a known one with a wrong password costs (one
+            // key derivation and one integrity check), so that response times do not
+            // tell which usernames exist.
+            let _ = verify(self.decoy_key.as_bytes());
+            self.counters.auth_failures += 1;
+            return Err(Rejection::Unauthenticated);
+        };
+        let key = self.creds.find_key(identity, algorithm, verify);
         let Some(key) = key else {
             self.counters.auth_failures += 1;
             return Err(Rejection::Unauthenticated);
@@ -962,7 +981,8 @@ impl Server {
         // Step 10: "the server MAY choose to reject the request with a 486
         // (Allocation Quota Reached) error".
         let username: Box<str> = username.into();
-        if quota.try_acquire(&username).is_err() {
+        let quota_key: Box<str> = self.creds.quota_key(auth.identity).into();
+        if quota.try_acquire(&quota_key).is_err() {
             self.counters.quota_rejections += 1;
             return Err(TurnError::Code(486));
         }
@@ -1006,7 +1026,7 @@ impl Server {
             }
         }
         if granted.iter().all(Option::is_none) {
-            quota.release(&username);
+            quota.release(&quota_key);
             // Both failed: 440 only if every family was unsupported.
             let code = if failures.iter().flatten().all(|&c| c == 440) { 440 } else { 508 };
             return Err(TurnError::Code(code));
@@ -1021,8 +1041,14 @@ impl Server {
             None
         };
         let lifetime_secs = self.granted_lifetime(requested_lifetime);
-        let mut alloc =
-            table::Allocation::new(ft, username.clone(), granted, now + secs(lifetime_secs), txid);
+        let mut alloc = table::Allocation::new(
+            ft,
+            username.clone(),
+            quota_key,
+            granted,
+            now + secs(lifetime_secs),
+            txid,
+        );
         alloc.address_error = address_error;
         alloc.dont_fragment = dont_fragment;
         self.table.insert(alloc);

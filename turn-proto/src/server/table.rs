@@ -72,6 +72,8 @@ pub struct Allocation {
     pub five_tuple: FiveTuple,
     /// Username that created it (later requests must use the same, 441).
     pub username: Box<str>,
+    /// What its quota was charged under (the user part of a REST username).
+    pub quota_key: Box<str>,
     /// Relayed addresses: `[IPv4, IPv6]`.
     pub relays: [Option<RelaySocket>; 2],
     /// Allocation expiry.
@@ -101,6 +103,7 @@ impl Allocation {
     pub(crate) fn new(
         five_tuple: FiveTuple,
         username: Box<str>,
+        quota_key: Box<str>,
         relays: [Option<RelaySocket>; 2],
         expires_at: Instant,
         allocate_txid: TransactionId,
@@ -108,6 +111,7 @@ impl Allocation {
         Allocation {
             five_tuple,
             username,
+            quota_key,
             relays,
             expires_at,
             permissions: Vec::new(),

@@ -106,6 +106,7 @@ pub fn test_config() -> ServerConfig {
                 },
             ],
             rest_secrets: vec![b"old-secret".to_vec(), b"new-secret".to_vec()],
+            ..CredentialsConfig::default()
         },
         nonce_secret: [42; 32],
         ..ServerConfig::default()
@@ -232,7 +233,8 @@ pub enum AuthMode {
     /// RFC 5389 style: USERNAME, MD5 key, MESSAGE-INTEGRITY, ignore
     /// PASSWORD-ALGORITHMS.
     Legacy,
-    /// RFC 8489: echo PASSWORD-ALGORITHMS, pick SHA-256, MESSAGE-INTEGRITY-SHA256.
+    /// RFC 8489: echo PASSWORD-ALGORITHMS, pick SHA-256 when the server
+    /// offers it (else MD5), MESSAGE-INTEGRITY-SHA256.
     Sha256,
     /// RFC 8489 with USERHASH instead of USERNAME.
     Sha256UserHash,
@@ -280,9 +282,14 @@ impl Client {
     }
 
     pub fn algorithm(&self) -> PasswordAlgorithm {
+        let sha256_offered = self.algorithms.as_ref().is_none_or(|list| {
+            list.chunks(4)
+                .any(|a| a.get(..2) == Some(&PasswordAlgorithm::Sha256.code().to_be_bytes()))
+        });
         match self.mode {
             AuthMode::Legacy => PasswordAlgorithm::Md5,
-            _ => PasswordAlgorithm::Sha256,
+            _ if sha256_offered => PasswordAlgorithm::Sha256,
+            _ => PasswordAlgorithm::Md5,
         }
     }
 
@@ -320,7 +327,7 @@ impl Client {
                     if let Some(list) = &self.algorithms {
                         enc.raw(attr::PASSWORD_ALGORITHMS, list).unwrap();
                     }
-                    Attribute::PasswordAlgorithm(PasswordAlgorithm::Sha256.code(), &[])
+                    Attribute::PasswordAlgorithm(self.algorithm().code(), &[])
                         .encode(&mut enc)
                         .unwrap();
                 }
