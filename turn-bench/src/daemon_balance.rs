@@ -294,6 +294,10 @@ impl Bench {
             root.arg(),
             "--drain-timeout",
             "0",
+            // Every client comes from 127.0.0.1: 64 first requests within 2 s would meet
+            // the per-source limit of unauthenticated answers and wait for a retransmission.
+            "--unauthenticated-responses-per-sec",
+            "0",
         ]);
         let server = daemon.addr();
         let dir = turn_server::bpffs::listener_dir(&root.0, server);

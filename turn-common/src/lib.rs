@@ -162,6 +162,10 @@ pub struct SocketLoad {
     pub rx_drops: u64,
     /// Allocation pins the daemon could not write (pin map full), monotonic.
     pub pin_failures: u64,
+    /// Failed authentications (unknown user, wrong password or realm), monotonic.
+    pub auth_failures: u64,
+    /// Requests a per-source limit left unanswered or unverified, monotonic.
+    pub rate_limited: u64,
 }
 
 impl SocketLoad {
@@ -269,7 +273,7 @@ mod user {
 }
 
 const _: () = assert!(core::mem::size_of::<SteeringConfig>() == 16);
-const _: () = assert!(core::mem::size_of::<SocketLoad>() == 13 * 8);
+const _: () = assert!(core::mem::size_of::<SocketLoad>() == 15 * 8);
 const _: () = assert!(core::mem::size_of::<SocketStats>() == 7 * 8);
 const _: () = assert!(core::mem::size_of::<FlowMemo>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 36);

@@ -101,8 +101,8 @@ impl Nonce {
 /// Result of checking a nonce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NonceCheck {
-    /// Valid and fresh.
-    Valid,
+    /// Valid and fresh, issued at this wall time (UNIX seconds).
+    Valid { issued: u64 },
     /// Expired, forged, or for another client: answer 438.
     Stale,
 }
@@ -199,7 +199,7 @@ impl NonceMinter {
         {
             return NonceCheck::Stale;
         }
-        NonceCheck::Valid
+        NonceCheck::Valid { issued }
     }
 }
 
@@ -230,8 +230,8 @@ mod tests {
             let n = m.issue(1000, client());
             assert!(n.as_bytes().len() <= 40);
             assert!(n.as_bytes().iter().all(|b| b.is_ascii_graphic()));
-            assert_eq!(m.check(n.as_bytes(), 1000, client()), NonceCheck::Valid);
-            assert_eq!(m.check(n.as_bytes(), 1599, client()), NonceCheck::Valid);
+            assert_eq!(m.check(n.as_bytes(), 1000, client()), NonceCheck::Valid { issued: 1000 });
+            assert_eq!(m.check(n.as_bytes(), 1599, client()), NonceCheck::Valid { issued: 1000 });
             assert_eq!(m.check(n.as_bytes(), 1600, client()), NonceCheck::Stale);
             // Bound to the client's address and port.
             let other: SocketAddr = "198.51.100.7:4001".parse().unwrap();

@@ -954,3 +954,140 @@ fn icmp_from_peer_becomes_data_indication() {
     assert_eq!(r.all_xor(attr::XOR_PEER_ADDRESS), vec![peer(PEER)]);
     assert!(r.attr(attr::DATA).is_none());
 }
+
+#[test]
+fn a_replayed_allocate_does_not_recreate_a_deleted_allocation() {
+    let mut sim = Sim::default();
+    let mut alice = Client::alice("192.0.2.80:40000");
+    // Learn the nonce (401), then capture the authenticated Allocate an eavesdropper sees.
+    let _ = alice.allocate(&mut sim);
+    assert_eq!(alice.refresh(&mut sim, Some(0)).lifetime(), Some(0));
+    let txid = alice.next_txid();
+    let captured = alice.build(
+        Method::ALLOCATE,
+        Class::Request,
+        txid,
+        &[Attribute::RequestedTransport(attr::PROTOCOL_UDP)],
+    );
+    let r = Resp { bytes: sim.client_datagram(alice.addr, &captured).client_bytes().to_vec() };
+    // (The nonce predates the deletion, so even this first use is treated as a possible
+    // replay: 438 with a nonce from after the deletion.)
+    assert_eq!(r.error_code(), Some(438));
+    alice.learn(&r);
+    let ok = alice.allocate(&mut sim);
+    assert_eq!(ok.class(), Class::SuccessResponse);
+    // The client deletes it; minutes later (past the retransmission cache, within the
+    // nonce's life) an attacker replays the request that created it, from the same
+    // (spoofed) 5-tuple.
+    let creating = alice.build(
+        Method::ALLOCATE,
+        Class::Request,
+        turn_proto::stun::TransactionId([0x77; 12]),
+        &[Attribute::RequestedTransport(attr::PROTOCOL_UDP)],
+    );
+    assert_eq!(alice.refresh(&mut sim, Some(0)).lifetime(), Some(0));
+    let events = sim.events();
+    assert!(events.iter().any(|e| matches!(e, Event::AllocationDeleted { .. })), "{events:?}");
+    sim.advance(120);
+    let before = sim.server.counters().allocations_created;
+    for _ in 0..3 {
+        let r = Resp { bytes: sim.client_datagram(alice.addr, &creating).client_bytes().to_vec() };
+        assert_eq!(r.error_code(), Some(438), "a replay must not allocate");
+    }
+    assert_eq!(sim.server.counters().allocations_created, before);
+    assert_eq!(sim.server.allocation_count(), 0);
+    assert_eq!(sim.quota.in_use_by("alice"), 0, "nobody's quota is charged");
+    assert!(sim.server.counters().replays_refused >= 3);
+    // The real client, with the fresh nonce, allocates again.
+    let r = Resp { bytes: sim.client_datagram(alice.addr, &creating).client_bytes().to_vec() };
+    alice.learn(&r);
+    assert_eq!(alice.allocate(&mut sim).class(), Class::SuccessResponse);
+}
+
+#[test]
+fn unauthenticated_answers_are_rate_limited_per_source_with_bounded_memory() {
+    let mut sim = Sim::default();
+    let c = Client::alice("192.0.2.90:40000");
+    let unsigned = |c: &mut Client, i: u8| {
+        c.build(
+            Method::ALLOCATE,
+            Class::Request,
+            turn_proto::stun::TransactionId([i; 12]),
+            &[Attribute::RequestedTransport(attr::PROTOCOL_UDP)],
+        )
+    };
+    let mut c = c;
+    let answered = (0..100u8)
+        .filter(|&i| {
+            let req = unsigned(&mut c, i);
+            matches!(sim.client_datagram(c.addr, &req), Out::ToClient { .. })
+        })
+        .count();
+    assert_eq!(answered, 40, "the default burst of 401s per source");
+    assert_eq!(sim.server.counters().rate_limited_responses, 60);
+    assert_eq!(sim.server.counters().drops[DropReason::RateLimited as usize], 60);
+    // Another source is answered; a second later the first has 20 more.
+    let mut other = Client::alice("192.0.2.91:40000");
+    let req = unsigned(&mut other, 1);
+    assert!(matches!(sim.client_datagram(other.addr, &req), Out::ToClient { .. }));
+    sim.advance(1);
+    let again = (0..100u8)
+        .filter(|&i| {
+            let req = unsigned(&mut c, i);
+            matches!(sim.client_datagram(c.addr, &req), Out::ToClient { .. })
+        })
+        .count();
+    assert_eq!(again, 20);
+}
+
+#[test]
+fn password_guessing_is_throttled_per_source() {
+    let mut sim = Sim::default();
+    let mut guesser = Client::new("192.0.2.95:40000", "alice", "guess");
+    let first = guesser.allocate(&mut sim);
+    assert_eq!(first.error_code(), Some(401));
+    // Ten failures (the burst, the first included), then signed requests from that source
+    // are dropped without being verified, whatever the password.
+    let mut answered = 1;
+    let mut checks = sim.server.counters().integrity_checks;
+    for i in 0..50u8 {
+        let req = guesser.build(
+            Method::ALLOCATE,
+            Class::Request,
+            turn_proto::stun::TransactionId([i; 12]),
+            &[Attribute::RequestedTransport(attr::PROTOCOL_UDP)],
+        );
+        if matches!(sim.client_datagram(guesser.addr, &req), Out::ToClient { .. }) {
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 10, "the burst of failed authentications");
+    checks = sim.server.counters().integrity_checks - checks;
+    assert_eq!(checks, 9, "throttled requests are not verified");
+    assert_eq!(sim.server.counters().rate_limited_auth, 41);
+    // Even the right password from that address waits (its signed request is dropped)...
+    let mut right = Client::alice("192.0.2.95:40001");
+    let challenge = right.build(
+        Method::ALLOCATE,
+        Class::Request,
+        right.clone().next_txid(),
+        &[Attribute::RequestedTransport(attr::PROTOCOL_UDP)],
+    );
+    right.learn(&Resp {
+        bytes: sim.client_datagram(right.addr, &challenge).client_bytes().to_vec(),
+    });
+    let signed = right.build(
+        Method::ALLOCATE,
+        Class::Request,
+        right.clone().next_txid(),
+        &[Attribute::RequestedTransport(attr::PROTOCOL_UDP)],
+    );
+    assert!(matches!(sim.client_datagram(right.addr, &signed), Out::None));
+    assert_eq!(sim.server.allocation_count(), 0);
+    // ...one second, for one attempt; other sources are never affected.
+    let mut elsewhere = Client::alice("192.0.2.96:40000");
+    assert_eq!(elsewhere.allocate(&mut sim).class(), Class::SuccessResponse);
+    sim.advance(1);
+    let mut later = Client::alice("192.0.2.95:40002");
+    assert_eq!(later.allocate(&mut sim).class(), Class::SuccessResponse);
+}

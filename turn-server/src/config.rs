@@ -106,6 +106,12 @@ pub struct Config {
     /// Longest accepted lifetime of a REST credential: a username whose expiry is
     /// further in the future is refused (0 = no limit).
     pub rest_max_ttl_secs: u64,
+    /// Unauthenticated responses (401, 400, 438) per second per source address, bursts of
+    /// twice that (0 = no limit); beyond, requests go unanswered (counted).
+    pub unauthenticated_responses_per_sec: u32,
+    /// Failed authentications per second per source address, bursts of ten (0 = no
+    /// limit); beyond, that address's signed requests are dropped unverified (counted).
+    pub failed_auth_per_sec: u32,
     /// Permissions per allocation.
     pub max_permissions_per_allocation: usize,
     /// Peer addresses allowed even where a default rule denies them (CIDR or address).
@@ -162,6 +168,8 @@ impl Default for Config {
             user_quota: DEFAULT_USER_QUOTA,
             total_quota: DEFAULT_TOTAL_QUOTA,
             rest_max_ttl_secs: 86_400,
+            unauthenticated_responses_per_sec: 20,
+            failed_auth_per_sec: 1,
             max_permissions_per_allocation: 64,
             allowed_peer_ips: Vec::new(),
             denied_peer_ips: Vec::new(),

@@ -429,6 +429,8 @@ fn publish_loads(
             handoff_drops: w.handoff_drops.load(Ordering::Relaxed),
             inbox_queued: (inbox.max_capacity() - inbox.capacity()) as u64,
             pin_failures: w.pin_failures.load(Ordering::Relaxed),
+            auth_failures: w.auth_failures.load(Ordering::Relaxed),
+            rate_limited: w.rate_limited.load(Ordering::Relaxed),
             ..SocketLoad::default()
         })
         .collect();

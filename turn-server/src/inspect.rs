@@ -55,6 +55,10 @@ pub struct SocketRow {
     pub rx_drops: u64,
     /// Allocation pins that could not be written (pin map full), since start.
     pub pin_failures: u64,
+    /// Failed authentications, and requests per-source limits left unanswered or
+    /// unverified, since start.
+    pub auth_failures: u64,
+    pub rate_limited: u64,
 }
 
 /// A listener group.
@@ -186,6 +190,8 @@ pub fn sample(pid: u32, listeners: &[LiveListener], interval: Duration) -> Resul
                     rx_queued_bytes: load.rx_queued_bytes,
                     rx_drops: load.rx_drops,
                     pin_failures: load.pin_failures,
+                    auth_failures: load.auth_failures,
+                    rate_limited: load.rate_limited,
                 }
             })
             .collect();
@@ -229,11 +235,11 @@ impl LoadReport {
             ));
             out.push_str(
                 "worker  allocs  pinned  memos  packets/s  share   score  new/s  handed off/in  \
-                 hand-off drops  inbox  rx queue B  rx drops\n",
+                 hand-off drops  inbox  rx queue B  rx drops  auth fails  rate-limited\n",
             );
             for s in &g.sockets {
                 out.push_str(&format!(
-                    "{:>6}  {:>6}  {:>6}  {:>5}  {:>9.0}  {:>4.1}%  {:>6}  {:>5.0}  {:>13}  {:>14}  {:>5}  {:>10}  {:>8}\n",
+                    "{:>6}  {:>6}  {:>6}  {:>5}  {:>9.0}  {:>4.1}%  {:>6}  {:>5.0}  {:>13}  {:>14}  {:>5}  {:>10}  {:>8}  {:>10}  {:>12}\n",
                     s.worker,
                     s.allocations,
                     s.pinned_allocations,
@@ -247,6 +253,8 @@ impl LoadReport {
                     s.inbox_queued,
                     s.rx_queued_bytes,
                     s.rx_drops,
+                    s.auth_failures,
+                    s.rate_limited,
                 ));
             }
             match g.imbalance {
@@ -311,6 +319,8 @@ mod tests {
             rx_queued_bytes: 0,
             rx_drops: 7,
             pin_failures: 0,
+            auth_failures: 3,
+            rate_limited: 11,
         }
     }
 

@@ -148,6 +148,14 @@ struct ServeArgs {
     /// Allocations per user across workers, 0 = unlimited [config: user_quota, default 100].
     #[arg(long = "user-quota", value_name = "N")]
     user_quota: Option<usize>,
+    /// 401/400/438 answers per second per source address, 0 = no limit
+    /// [config: unauthenticated_responses_per_sec, default 20].
+    #[arg(long = "unauthenticated-responses-per-sec", value_name = "N")]
+    unauthenticated_responses_per_sec: Option<u32>,
+    /// Failed authentications per second per source address, 0 = no limit
+    /// [config: failed_auth_per_sec, default 1].
+    #[arg(long = "failed-auth-per-sec", value_name = "N")]
+    failed_auth_per_sec: Option<u32>,
     /// Longest accepted REST credential lifetime in seconds, 0 = no limit
     /// [config: rest_max_ttl_secs, default 86400].
     #[arg(long = "rest-max-ttl", value_name = "SECS")]
@@ -243,6 +251,12 @@ impl ServeArgs {
         }
         if let Some(n) = self.user_quota {
             config.user_quota = n;
+        }
+        if let Some(n) = self.unauthenticated_responses_per_sec {
+            config.unauthenticated_responses_per_sec = n;
+        }
+        if let Some(n) = self.failed_auth_per_sec {
+            config.failed_auth_per_sec = n;
         }
         if let Some(secs) = self.rest_max_ttl {
             config.rest_max_ttl_secs = secs;

@@ -114,6 +114,10 @@ pub fn server_config(
         relay_ipv4: relays[0].is_some(),
         relay_ipv6: relays[1].is_some(),
         peer_policy: peer_policy(config, relays)?,
+        unauthenticated_responses_per_sec: config.unauthenticated_responses_per_sec,
+        unauthenticated_responses_burst: config.unauthenticated_responses_per_sec.saturating_mul(2),
+        failed_auth_per_sec: config.failed_auth_per_sec,
+        failed_auth_burst: config.failed_auth_per_sec.saturating_mul(2).max(10),
         seed,
         ..ServerConfig::default()
     })

@@ -80,6 +80,10 @@ pub struct WorkerStats {
     pub allocations_created: AtomicU64,
     /// Allocation pins that could not be written (pin map full).
     pub pin_failures: AtomicU64,
+    /// The protocol core's failed authentications.
+    pub auth_failures: AtomicU64,
+    /// Requests the protocol core's per-source limits left unanswered or unverified.
+    pub rate_limited: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -262,6 +266,9 @@ impl Worker {
             to_peer = c.to_peer,
             to_client = c.channel_data_to_client + c.data_indications_to_client,
             dropped = c.drops.iter().sum::<u64>(),
+            auth_failures = c.auth_failures,
+            rate_limited = c.rate_limited_responses + c.rate_limited_auth,
+            replays_refused = c.replays_refused,
             drops = %DropSummary(c.drops),
             handed_off = core.stats.handed_off.load(Ordering::Relaxed),
             handed_in = core.stats.handed_in.load(Ordering::Relaxed),
@@ -522,6 +529,11 @@ impl Core {
             }
         }
         self.stats.allocations.store(self.server.allocation_count() as u64, Ordering::Relaxed);
+        let c = self.server.counters();
+        self.stats.auth_failures.store(c.auth_failures, Ordering::Relaxed);
+        self.stats
+            .rate_limited
+            .store(c.rate_limited_responses + c.rate_limited_auth, Ordering::Relaxed);
         if self.pool.bind_errors > 0 {
             warn!(count = self.pool.bind_errors, "relay sockets could not be created");
             self.pool.bind_errors = 0;

@@ -105,9 +105,12 @@ fn start(server: &Server, tools: &Tools, peer_port: u16) -> Result<Running> {
                 "--realm",
                 REALM,
                 "--allow-loopback-peers",
-                // One benchmark user holds thousands of allocations (coturn's default
-                // is unlimited too).
+                // One benchmark user holds thousands of allocations, and every client
+                // comes from 127.0.0.1: no per-user quota and no per-source limit (coturn
+                // has neither by default).
                 "--user-quota",
+                "0",
+                "--unauthenticated-responses-per-sec",
                 "0",
             ])
             .args([

@@ -66,6 +66,21 @@ pub struct ServerConfig {
     pub retransmit_cache_ttl_secs: u32,
     /// Pending [`Event`](super::Event)s kept before the oldest are dropped.
     pub event_queue_capacity: usize,
+    /// 5-tuples of recently ended allocations remembered against replayed Allocate
+    /// requests (bounded; see `replay.rs`). Default 16384.
+    pub replay_tombstones: usize,
+    /// Unauthenticated responses (401, 400, 438) per second and source address, and the
+    /// burst allowed (0: no limit). Default 20 and 40.
+    pub unauthenticated_responses_per_sec: u32,
+    pub unauthenticated_responses_burst: u32,
+    /// Failed authentications per second and source address, and the burst; beyond,
+    /// signed requests from that source are dropped unverified (0: no limit). Default 1
+    /// and 10.
+    pub failed_auth_per_sec: u32,
+    pub failed_auth_burst: u32,
+    /// Buckets of each per-source limiter (a fixed table, whatever the number of
+    /// sources; colliding sources share one). Default 16384.
+    pub source_limit_slots: usize,
     /// Seed for the transaction IDs of Data indications (not security
     /// relevant; give each worker a different random value).
     pub seed: u64,
@@ -96,6 +111,12 @@ impl Default for ServerConfig {
             retransmit_cache_entries: 4096,
             retransmit_cache_ttl_secs: 40,
             event_queue_capacity: 4096,
+            replay_tombstones: 16_384,
+            unauthenticated_responses_per_sec: 20,
+            unauthenticated_responses_burst: 40,
+            failed_auth_per_sec: 1,
+            failed_auth_burst: 10,
+            source_limit_slots: 16_384,
             seed: 0x5eed,
         }
     }

@@ -36,11 +36,15 @@ pub enum DropReason {
     PayloadTooLarge,
     /// The caller's buffer is too small for the output.
     BufferTooSmall,
+    /// An unauthenticated response (401, 400, 438) its source had no share left for.
+    RateLimited,
+    /// A signed request from a source that failed authentication too often lately.
+    AuthThrottled,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 15;
+    pub const COUNT: usize = 17;
     /// All reasons, in index order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::NotTurn,
@@ -58,6 +62,8 @@ impl DropReason {
         DropReason::UnknownRelay,
         DropReason::PayloadTooLarge,
         DropReason::BufferTooSmall,
+        DropReason::RateLimited,
+        DropReason::AuthThrottled,
     ];
 
     /// A stable snake_case name for metrics.
@@ -78,6 +84,8 @@ impl DropReason {
             DropReason::UnknownRelay => "unknown_relay",
             DropReason::PayloadTooLarge => "payload_too_large",
             DropReason::BufferTooSmall => "buffer_too_small",
+            DropReason::RateLimited => "rate_limited",
+            DropReason::AuthThrottled => "auth_throttled",
         }
     }
 }
@@ -99,6 +107,12 @@ pub struct Counters {
     pub auth_failures: u64,
     /// MESSAGE-INTEGRITY(-SHA256) computations while authenticating.
     pub integrity_checks: u64,
+    /// Unauthenticated responses not sent: the source had no share left.
+    pub rate_limited_responses: u64,
+    /// Signed requests dropped unverified: the source failed authentication too often.
+    pub rate_limited_auth: u64,
+    /// Allocates refused as possible replays (438 with a fresh nonce).
+    pub replays_refused: u64,
     /// 438 answers.
     pub stale_nonces: u64,
     /// Requests answered from the retransmission cache.

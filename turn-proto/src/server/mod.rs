@@ -18,6 +18,8 @@ mod cache;
 mod config;
 mod counters;
 mod host;
+mod limiter;
+mod replay;
 mod table;
 
 use std::collections::VecDeque;
@@ -141,6 +143,8 @@ struct Auth<'a> {
     identity: Identity<'a>,
     key: Key,
     kind: IntegrityKind,
+    /// When the request's nonce was issued (UNIX seconds).
+    nonce_issued: u64,
 }
 
 /// Why authentication failed (RFC 8489 §9.2.4).
@@ -219,6 +223,15 @@ pub struct Server {
     decoy_key: Key,
     table: Table,
     cache: RetransmitCache,
+    /// 5-tuples whose allocation ended recently (replayed Allocates, see `replay.rs`).
+    tombstones: replay::Tombstones,
+    /// Unauthenticated responses (401, 400, 438) per source address.
+    unauthenticated: limiter::SourceLimiter,
+    /// Failed authentications per source address.
+    failed_auth: limiter::SourceLimiter,
+    /// The last (monotonic, wall) time pair seen, to date events that come without a
+    /// wall time (expiry).
+    wall: Option<(Instant, u64)>,
     events: VecDeque<Event>,
     counters: Counters,
     rng: u64,
@@ -262,6 +275,20 @@ impl Server {
                 cfg.retransmit_cache_entries,
                 secs(cfg.retransmit_cache_ttl_secs),
             ),
+            tombstones: replay::Tombstones::new(cfg.replay_tombstones, cfg.nonce_lifetime_secs),
+            unauthenticated: limiter::SourceLimiter::new(
+                cfg.source_limit_slots,
+                cfg.unauthenticated_responses_per_sec,
+                cfg.unauthenticated_responses_burst,
+                cfg.seed ^ 0x51ed_270b_27c1_4a57,
+            ),
+            failed_auth: limiter::SourceLimiter::new(
+                cfg.source_limit_slots,
+                cfg.failed_auth_per_sec,
+                cfg.failed_auth_burst,
+                cfg.seed ^ 0x2545_f491_4f6c_dd1d,
+            ),
+            wall: None,
             events: VecDeque::new(),
             counters: Counters::default(),
             rng: cfg.seed ^ 0x9E37_79B9_7F4A_7C15,
@@ -351,7 +378,7 @@ impl Server {
         while let Some(idx) = self.table.pop_due(now) {
             let expired = self.table.get(idx).is_some_and(|a| a.expires_at <= now);
             if expired {
-                self.delete_allocation(idx, DeleteReason::Expired, relays, quota);
+                self.delete_allocation(idx, DeleteReason::Expired, Some(now), relays, quota);
                 continue;
             }
             if let Some(a) = self.table.get_mut(idx) {
@@ -369,19 +396,35 @@ impl Server {
         Q: Quota + ?Sized,
     {
         for idx in self.table.live_indices() {
-            self.delete_allocation(idx, DeleteReason::Shutdown, relays, quota);
+            self.delete_allocation(idx, DeleteReason::Shutdown, None, relays, quota);
         }
         self.table.trim_stale();
     }
 
-    fn delete_allocation<R, Q>(&mut self, idx: u32, reason: DeleteReason, relays: &mut R, quota: &Q)
-    where
+    /// The wall time (UNIX seconds) at monotonic time `now`, from the last pair seen.
+    fn wall_at(&self, now: Instant) -> u64 {
+        self.wall.map_or(0, |(at, unix)| unix + now.saturating_duration_since(at).as_secs())
+    }
+
+    /// Deletes allocation `idx`; `ended` (None at shutdown) dates its tombstone.
+    fn delete_allocation<R, Q>(
+        &mut self,
+        idx: u32,
+        reason: DeleteReason,
+        ended: Option<Instant>,
+        relays: &mut R,
+        quota: &Q,
+    ) where
         R: RelayAllocator + ?Sized,
         Q: Quota + ?Sized,
     {
         let Some(a) = self.table.remove(idx) else {
             return;
         };
+        if let Some(now) = ended {
+            let unix = self.wall_at(now);
+            self.tombstones.record(a.five_tuple, unix);
+        }
         for r in a.relays.iter().flatten() {
             relays.release(r.id);
         }
@@ -424,6 +467,7 @@ impl Server {
         Q: Quota + ?Sized,
     {
         let ft = FiveTuple { client, listener };
+        self.wall = Some((now, unix_secs));
         match datagram.first().map(|b| b >> 6) {
             Some(0b01) => self.client_channel_data(now, ft, datagram),
             Some(0b00) => match Message::parse(datagram) {
@@ -502,8 +546,7 @@ impl Server {
                 // Unknown method: 400 (RFC 8489 §6.3.1).
                 self.counters.requests += 1;
                 let signer = self.unsigned(&msg);
-                let r = self.write_error(out, &signer, 400, |_| Ok(()));
-                self.respond(ft, out, r)
+                self.reject(now, unix_secs, ft, &signer, Rejection::BadRequest, out)
             }
             (Class::Indication, Method::SEND) => self.send_indication(now, ft, &msg),
             (Class::Indication, Method::BINDING) => self.dropped(DropReason::BindingIndication),
@@ -608,6 +651,7 @@ impl Server {
         &mut self,
         msg: &Message<'a>,
         client: SocketAddr,
+        now: Instant,
         unix_secs: u64,
     ) -> Result<Auth<'a>, Rejection> {
         let has_mi = msg.has_message_integrity();
@@ -662,7 +706,7 @@ impl Server {
         }
         // A request for another realm cannot be verified: challenge again.
         if realm != self.cfg.realm.as_bytes() {
-            self.counters.auth_failures += 1;
+            self.auth_failed(client, now);
             return Err(Rejection::Unauthenticated);
         }
         // "If the value of the USERNAME or USERHASH attribute is not valid,
@@ -691,26 +735,53 @@ impl Server {
             // key derivation and one integrity check), so that response times do not
             // tell which usernames exist.
             let _ = verify(self.decoy_key.as_bytes());
-            self.counters.auth_failures += 1;
+            self.auth_failed(client, now);
             return Err(Rejection::Unauthenticated);
         };
         let key = self.creds.find_key(identity, algorithm, verify);
         let Some(key) = key else {
-            self.counters.auth_failures += 1;
+            self.auth_failed(client, now);
             return Err(Rejection::Unauthenticated);
         };
         // "If the NONCE is no longer valid, ... 438 (Stale Nonce)."
-        if self.nonces.check(nonce, unix_secs, client) == NonceCheck::Stale {
+        let NonceCheck::Valid { issued: nonce_issued } =
+            self.nonces.check(nonce, unix_secs, client)
+        else {
             self.counters.stale_nonces += 1;
             return Err(Rejection::StaleNonce);
-        }
+        };
         // "Any response generated by the server MUST include the
         // MESSAGE-INTEGRITY-SHA256 attribute ... unless the request was
         // processed as though PASSWORD-ALGORITHM was MD5 [legacy], [then]
         // MESSAGE-INTEGRITY". A legacy request that only carries
         // MESSAGE-INTEGRITY-SHA256 gets that back (mirroring the client).
         let kind = if negotiated || !has_mi { IntegrityKind::Sha256 } else { IntegrityKind::Sha1 };
-        Ok(Auth { identity, key, kind })
+        Ok(Auth { identity, key, kind, nonce_issued })
+    }
+
+    /// Counts a failed authentication against its source (password guessing).
+    fn auth_failed(&mut self, client: SocketAddr, now: Instant) {
+        self.counters.auth_failures += 1;
+        let _ = self.failed_auth.allow(&client.ip(), now);
+    }
+
+    /// Answers an unauthenticated or failed request (401, 400, 438), unless its source
+    /// already drew its share of such answers.
+    fn reject<'a>(
+        &mut self,
+        now: Instant,
+        unix_secs: u64,
+        ft: FiveTuple,
+        signer: &Signer,
+        rej: Rejection,
+        out: &'a mut [u8],
+    ) -> Output<'a> {
+        if !self.unauthenticated.allow(&ft.client.ip(), now) {
+            self.counters.rate_limited_responses += 1;
+            return self.dropped(DropReason::RateLimited);
+        }
+        let r = self.write_rejection(out, signer, rej, ft, unix_secs);
+        self.respond(ft, out, r)
     }
 
     fn write_rejection(
@@ -718,7 +789,7 @@ impl Server {
         out: &mut [u8],
         signer: &Signer,
         rej: Rejection,
-        client: SocketAddr,
+        ft: FiveTuple,
         unix_secs: u64,
     ) -> Result<usize, EncodeError> {
         let code = match rej {
@@ -726,7 +797,8 @@ impl Server {
             Rejection::Unauthenticated => 401,
             Rejection::StaleNonce => 438,
         };
-        let nonce = self.nonces.issue(unix_secs, client);
+        // After the 5-tuple's tombstone, if any, so that a real client's retry is taken.
+        let nonce = self.nonces.issue(self.tombstones.nonce_time(&ft, unix_secs), ft.client);
         self.write_error(out, signer, code, |enc| {
             enc.raw(attr::REALM, self.cfg.realm.as_bytes())?;
             enc.raw(attr::NONCE, nonce.as_bytes())?;
@@ -765,13 +837,25 @@ impl Server {
             return self.dropped(DropReason::BufferTooSmall);
         }
         let mut signer = self.unsigned(msg);
-        let auth = match self.authenticate(msg, ft.client, unix_secs) {
+        // A source that keeps failing authentication is not even verified for a while.
+        let signed = msg.has_message_integrity() || msg.has_message_integrity_sha256();
+        if signed && self.failed_auth.exhausted(&ft.client.ip(), now) {
+            self.counters.rate_limited_auth += 1;
+            return self.dropped(DropReason::AuthThrottled);
+        }
+        let auth = match self.authenticate(msg, ft.client, now, unix_secs) {
             Ok(a) => a,
-            Err(rej) => {
-                let r = self.write_rejection(out, &signer, rej, ft.client, unix_secs);
-                return self.respond(ft, out, r);
-            }
+            Err(rej) => return self.reject(now, unix_secs, ft, &signer, rej, out),
         };
+        // A replayed Allocate for a 5-tuple whose allocation ended since its nonce was
+        // issued: 438 with a nonce from after the end (see `replay.rs`).
+        if msg.method() == Method::ALLOCATE
+            && self.table.index_of(&ft).is_none()
+            && self.tombstones.refuses(&ft, auth.nonce_issued)
+        {
+            self.counters.replays_refused += 1;
+            return self.reject(now, unix_secs, ft, &signer, Rejection::StaleNonce, out);
+        }
         signer.integrity = Some((auth.key, auth.kind));
         // RFC 8489 §6.3.1: unknown comprehension-required attributes -> 420.
         let unknown = msg.unknown_comprehension_required::<16>();
@@ -881,7 +965,7 @@ impl Server {
         if let Some(idx) = self.table.index_of(&ft)
             && self.table.get(idx).is_some_and(|a| a.expires_at <= now)
         {
-            self.delete_allocation(idx, DeleteReason::Expired, relays, quota);
+            self.delete_allocation(idx, DeleteReason::Expired, Some(now), relays, quota);
         }
         let username = self.creds.name(auth.identity);
         // Step 2: "checks if the 5-tuple is currently in use by an existing
@@ -1126,7 +1210,13 @@ impl Server {
                         relays.release(r.id);
                     }
                 }
-                _ => self.delete_allocation(idx, DeleteReason::ClientRequest, relays, quota),
+                _ => self.delete_allocation(
+                    idx,
+                    DeleteReason::ClientRequest,
+                    Some(now),
+                    relays,
+                    quota,
+                ),
             }
             return Ok(Reply::Refresh { lifetime_secs: 0 });
         }
