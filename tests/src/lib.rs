@@ -373,11 +373,25 @@ pub fn uclient_lost(output: &str) -> Option<u64> {
         .find_map(|rest| rest.split_whitespace().next()?.parse().ok())
 }
 
-/// Sends `count` 20-byte STUN Binding requests to `to` (IPv4 loopback), each from its own
-/// spoofed source: addresses 127.1.0.0 upwards (every 127/8 address is local) and ports
-/// spread over 1024-65535, through a raw socket (needs root). At most `per_sec` datagrams
-/// a second; stops by itself. Returns how many were sent.
+/// What each datagram of a [`spoofed_flood`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flood {
+    /// A 20-byte STUN Binding request (answered with the reflexive address).
+    Binding,
+    /// A 28-byte unauthenticated Allocate request (answered with 401).
+    Allocate,
+}
+
+/// Sends `count` STUN requests to `to` (IPv4 loopback), each from its own spoofed source:
+/// addresses 127.1.0.0 upwards (every 127/8 address is local) and ports spread over
+/// 1024-65535, through a raw socket (needs root). At most `per_sec` datagrams a second;
+/// stops by itself. Returns how many were sent.
 pub fn spoofed_flood(to: SocketAddr, count: u32, per_sec: u32) -> io::Result<u32> {
+    spoofed_requests(to, count, per_sec, Flood::Binding)
+}
+
+/// [`spoofed_flood`] with the request of your choice.
+pub fn spoofed_requests(to: SocketAddr, count: u32, per_sec: u32, kind: Flood) -> io::Result<u32> {
     let SocketAddr::V4(to) = to else {
         return Err(io::Error::other("spoofed_flood sends IPv4 only"));
     };
@@ -395,7 +409,9 @@ pub fn spoofed_flood(to: SocketAddr, count: u32, per_sec: u32) -> io::Result<u32
         sin_zero: [0; 8],
     };
     let start = Instant::now();
-    let mut packet = [0u8; 20 + 8 + 20];
+    let stun_len = if kind == Flood::Allocate { 28 } else { 20 };
+    let mut storage = [0u8; 20 + 8 + 28];
+    let packet = &mut storage[..20 + 8 + stun_len];
     for i in 0..count {
         // Pace: the i-th datagram not before i / per_sec seconds.
         let due = Duration::from_secs_f64(f64::from(i) / f64::from(per_sec.max(1)));
@@ -406,7 +422,7 @@ pub fn spoofed_flood(to: SocketAddr, count: u32, per_sec: u32) -> io::Result<u32
         let sport = 1024 + (i % 64_000) as u16;
         // IPv4 header (the kernel fills in the checksum and the total length).
         packet[0] = 0x45;
-        packet[2..4].copy_from_slice(&48u16.to_be_bytes());
+        packet[2..4].copy_from_slice(&((28 + stun_len) as u16).to_be_bytes());
         packet[6] = 0x40; // DF
         packet[8] = 64; // TTL
         packet[9] = libc::IPPROTO_UDP as u8;
@@ -415,11 +431,17 @@ pub fn spoofed_flood(to: SocketAddr, count: u32, per_sec: u32) -> io::Result<u32
         // UDP header, checksum 0 (none, allowed over IPv4).
         packet[20..22].copy_from_slice(&sport.to_be_bytes());
         packet[22..24].copy_from_slice(&to.port().to_be_bytes());
-        packet[24..26].copy_from_slice(&28u16.to_be_bytes());
-        // STUN Binding request: type 0x0001, length 0, magic cookie, transaction id.
-        packet[28..30].copy_from_slice(&1u16.to_be_bytes());
+        packet[24..26].copy_from_slice(&((8 + stun_len) as u16).to_be_bytes());
+        // STUN request: type, length, magic cookie, transaction id (and for Allocate
+        // REQUESTED-TRANSPORT UDP).
+        let (typ, body) = if kind == Flood::Allocate { (3u16, 8u16) } else { (1, 0) };
+        packet[28..30].copy_from_slice(&typ.to_be_bytes());
+        packet[30..32].copy_from_slice(&body.to_be_bytes());
         packet[32..36].copy_from_slice(&0x2112_a442u32.to_be_bytes());
         packet[36..40].copy_from_slice(&i.to_be_bytes());
+        if kind == Flood::Allocate {
+            packet[48..56].copy_from_slice(&[0x00, 0x19, 0x00, 0x04, 17, 0, 0, 0]);
+        }
         // SAFETY: sendto with a buffer of its stated length and a sockaddr_in of its size.
         let rc = unsafe {
             libc::sendto(
@@ -485,4 +507,104 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).output();
     }
+}
+
+/// A minimal TURN client for abuse tests: Allocate requests with long-term credentials
+/// (MD5 key, MESSAGE-INTEGRITY) from its own UDP socket.
+pub struct StunClient {
+    pub sock: UdpSocket,
+    server: SocketAddr,
+    user: String,
+    password: String,
+    realm: Option<String>,
+    nonce: Option<Vec<u8>>,
+    next: u32,
+}
+
+impl StunClient {
+    /// A client bound to `ip` (any port), talking to `server`.
+    pub fn new(ip: &str, server: SocketAddr, user: &str, password: &str) -> StunClient {
+        let sock = UdpSocket::bind(format!("{ip}:0")).unwrap();
+        StunClient {
+            sock,
+            server,
+            user: user.into(),
+            password: password.into(),
+            realm: None,
+            nonce: None,
+            next: 0,
+        }
+    }
+
+    /// Sends an Allocate, signed once a realm and nonce are known.
+    pub fn send_allocate(&mut self) {
+        use turn_proto::stun::{Class, MessageEncoder, Method, TransactionId, attr};
+        self.next += 1;
+        let mut tid = [0x5a; 12];
+        tid[..4].copy_from_slice(&self.next.to_be_bytes());
+        let mut buf = [0u8; 512];
+        let mut enc =
+            MessageEncoder::new(&mut buf, Method::ALLOCATE, Class::Request, &TransactionId(tid))
+                .unwrap();
+        enc.raw(attr::REQUESTED_TRANSPORT, &[attr::PROTOCOL_UDP, 0, 0, 0]).unwrap();
+        if let (Some(realm), Some(nonce)) = (&self.realm, &self.nonce) {
+            let key = turn_proto::credentials::long_term_key(
+                turn_proto::credentials::PasswordAlgorithm::Md5,
+                &self.user,
+                realm,
+                &self.password,
+            );
+            enc.raw(attr::USERNAME, self.user.as_bytes()).unwrap();
+            enc.raw(attr::REALM, realm.as_bytes()).unwrap();
+            enc.raw(attr::NONCE, nonce).unwrap();
+            enc.message_integrity(key.as_bytes()).unwrap();
+        }
+        let n = enc.finish();
+        let _ = self.sock.send_to(&buf[..n], self.server);
+    }
+
+    /// The next answer's error code (0 for a success) within `timeout`, learning the
+    /// realm and nonce from a 401 or 438.
+    pub fn receive(&mut self, timeout: Duration) -> Option<u16> {
+        use turn_proto::stun::{Class, Message, attr};
+        self.sock.set_read_timeout(Some(timeout)).unwrap();
+        let mut buf = [0u8; 1500];
+        let n = self.sock.recv(&mut buf).ok()?;
+        let msg = Message::parse(&buf[..n]).ok()?;
+        if msg.class() == Class::SuccessResponse {
+            return Some(0);
+        }
+        let code = msg.get(attr::ERROR_CODE).and_then(|v| attr::decode_error_code(v).ok())?.0;
+        if let Some(realm) = msg.get(attr::REALM) {
+            self.realm = Some(String::from_utf8_lossy(realm).into_owned());
+        }
+        if let Some(nonce) = msg.get(attr::NONCE) {
+            self.nonce = Some(nonce.to_vec());
+        }
+        Some(code)
+    }
+
+    /// Allocates: the 401 round, then the signed request. Returns the final code (0 for
+    /// a success), or None when an answer does not come within `timeout`.
+    pub fn allocate(&mut self, timeout: Duration) -> Option<u16> {
+        for _ in 0..3 {
+            self.send_allocate();
+            match self.receive(timeout)? {
+                401 if self.nonce.is_some() && self.next == 1 => continue,
+                438 => continue,
+                code => return Some(code),
+            }
+        }
+        None
+    }
+}
+
+/// The resident memory of process `pid`, in bytes (VmRSS).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }

@@ -95,3 +95,115 @@ fn the_servers_own_addresses_are_not_peers_by_default() {
     assert!(ok, "{out}");
     assert_eq!(turn_tests::uclient_lost(&out), Some(0), "{out}");
 }
+
+fn relaying_daemon(extra: &[&str]) -> Daemon {
+    let mut args = vec![
+        "--workers",
+        "2",
+        "--realm",
+        "test",
+        "--user",
+        "alice:secret",
+        "--user",
+        "bob:builder",
+        "--allow-loopback-peers",
+    ];
+    args.extend_from_slice(extra);
+    Daemon::start(&args)
+}
+
+fn uclient(daemon: &Daemon, peer_port: u16, user: &str, extra: &[&str]) -> (bool, String) {
+    let port = daemon.addr().port().to_string();
+    let peer = peer_port.to_string();
+    let (name, password) = user.split_once(':').unwrap();
+    let mut args =
+        vec!["-c", "-p", &port, "-e", "127.0.0.1", "-r", &peer, "-u", name, "-w", password];
+    args.extend_from_slice(extra);
+    args.push("127.0.0.1");
+    run_tool("turnutils_uclient", &args, UCLIENT)
+}
+
+#[test]
+fn a_flood_of_unauthenticated_requests_keeps_memory_bounded_and_relaying_lossless() {
+    let test = "a_flood_of_unauthenticated_requests_keeps_memory_bounded_and_relaying_lossless";
+    if !require_root(test) || !require_tool(test, "turnutils_uclient", "coturn") {
+        return;
+    }
+    let daemon = relaying_daemon(&[]);
+    let peer_port = turn_tests::free_udp_port();
+    let _peer = turn_tests::start_peer(peer_port);
+    // Warm up (first allocations, buffers), then take the baseline.
+    let (ok, out) =
+        uclient(&daemon, peer_port, "alice:secret", &["-n", "20", "-m", "2", "-z", "5"]);
+    assert!(ok && turn_tests::uclient_lost(&out) == Some(0), "{out}");
+    let before = turn_tests::rss_bytes(daemon.pid());
+    // 100,000 unauthenticated Allocates, each from its own spoofed source address and
+    // port, in about 4 s, while a real client relays.
+    let to = daemon.addr();
+    let flood = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        turn_tests::spoofed_requests(to, 100_000, 25_000, turn_tests::Flood::Allocate)
+    });
+    let (ok, out) = uclient(
+        &daemon,
+        peer_port,
+        "alice:secret",
+        &["-n", "500", "-m", "4", "-l", "100", "-z", "10"],
+    );
+    assert_eq!(flood.join().unwrap().expect("raw socket (root)"), 100_000);
+    assert!(ok, "{out}");
+    assert_eq!(turn_tests::uclient_lost(&out), Some(0), "{out}");
+    let after = turn_tests::rss_bytes(daemon.pid());
+    // Nothing is kept per source: 100,000 sources may not cost 100 bytes each.
+    let grown = after.saturating_sub(before);
+    eprintln!("RSS {before} -> {after} bytes over 100,000 sources");
+    assert!(grown < 10 << 20, "RSS grew by {grown} bytes ({before} -> {after})");
+}
+
+#[test]
+fn password_guessing_is_throttled_and_others_are_served() {
+    let test = "password_guessing_is_throttled_and_others_are_served";
+    if !require_root(test) {
+        return;
+    }
+    let daemon = relaying_daemon(&[]);
+    let mut guesser = turn_tests::StunClient::new("127.0.0.1", daemon.addr(), "alice", "guess");
+    assert_eq!(guesser.allocate(Duration::from_secs(2)), Some(401));
+    // 40 more guesses at once: at most the burst (10 failures, the first included) are
+    // even answered; the rest are dropped unverified.
+    for _ in 0..40 {
+        guesser.send_allocate();
+    }
+    let mut answered = 0;
+    while guesser.receive(Duration::from_millis(300)).is_some() {
+        answered += 1;
+    }
+    eprintln!("{answered} of 40 guesses answered");
+    assert!(answered <= 10, "{answered} guesses answered");
+    assert!(answered >= 5, "the burst is answered: {answered}");
+    // Someone else (another address) is served at once, with the right password.
+    let mut bob = turn_tests::StunClient::new("127.0.0.2", daemon.addr(), "bob", "builder");
+    assert_eq!(bob.allocate(Duration::from_secs(2)), Some(0));
+    let mut alice = turn_tests::StunClient::new("127.0.0.3", daemon.addr(), "alice", "secret");
+    assert_eq!(alice.allocate(Duration::from_secs(2)), Some(0));
+}
+
+#[test]
+fn one_users_quota_leaves_the_others_served() {
+    let test = "one_users_quota_leaves_the_others_served";
+    if !require_root(test) {
+        return;
+    }
+    let daemon = relaying_daemon(&["--user-quota", "3"]);
+    let mut alices: Vec<_> = (0..5)
+        .map(|_| turn_tests::StunClient::new("127.0.0.1", daemon.addr(), "alice", "secret"))
+        .collect();
+    let codes: Vec<_> = alices.iter_mut().map(|c| c.allocate(Duration::from_secs(2))).collect();
+    assert_eq!(codes, vec![Some(0), Some(0), Some(0), Some(486), Some(486)]);
+    let mut bobs: Vec<_> = (0..3)
+        .map(|_| turn_tests::StunClient::new("127.0.0.2", daemon.addr(), "bob", "builder"))
+        .collect();
+    for bob in &mut bobs {
+        assert_eq!(bob.allocate(Duration::from_secs(2)), Some(0), "bob is not alice");
+    }
+}
