@@ -207,3 +207,48 @@ fn one_users_quota_leaves_the_others_served() {
         assert_eq!(bob.allocate(Duration::from_secs(2)), Some(0), "bob is not alice");
     }
 }
+
+#[test]
+fn one_workers_allocations_may_take_every_relay_port() {
+    let test = "one_workers_allocations_may_take_every_relay_port";
+    if !require_root(test) {
+        return;
+    }
+    // Six relay ports below the ephemeral range (no other test or process takes them).
+    let lo = 20_000 + (std::process::id() % 1000) as u16 * 8;
+    let (lo_s, hi_s) = (lo.to_string(), (lo + 5).to_string());
+    let root = turn_tests::PinRoot::new("ports");
+    let daemon = relaying_daemon(&[
+        "--min-port",
+        &lo_s,
+        "--max-port",
+        &hi_s,
+        "--bpf-pin-root",
+        root.arg(),
+        "--steering",
+        "p2c",
+    ]);
+    let dir = turn_server::bpffs::listener_dir(&root.0, daemon.addr());
+    let maps = turn_server::steering::GroupMaps::open_pinned(&dir).unwrap();
+    // Find clients the program placed on worker 0: their first request is remembered there.
+    let mut on_worker: [Vec<turn_tests::StunClient>; 2] = [Vec::new(), Vec::new()];
+    for _ in 0..200 {
+        if on_worker[0].len() >= 7 && !on_worker[1].is_empty() {
+            break;
+        }
+        let mut c = turn_tests::StunClient::new("127.0.0.1", daemon.addr(), "alice", "secret");
+        c.send_allocate();
+        assert_eq!(c.receive(Duration::from_secs(2)), Some(401));
+        let key = turn_common::FlowKey::new(c.sock.local_addr().unwrap(), daemon.addr().ip());
+        let slot = maps.memo(&key).expect("every first request is remembered").slot as usize;
+        on_worker[slot].push(c);
+    }
+    assert!(on_worker[0].len() >= 7, "not enough clients placed on worker 0");
+    // Worker 0 alone takes all six ports (with a fixed share per worker it had three)...
+    for (i, c) in on_worker[0].iter_mut().take(6).enumerate() {
+        assert_eq!(c.allocate(Duration::from_secs(2)), Some(0), "allocation {i} on worker 0");
+    }
+    // ...and then there are none left for anyone: 508.
+    assert_eq!(on_worker[0][6].allocate(Duration::from_secs(2)), Some(508));
+    assert_eq!(on_worker[1][0].allocate(Duration::from_secs(2)), Some(508));
+}

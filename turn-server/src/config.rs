@@ -226,9 +226,6 @@ impl Config {
                 self.max_port
             );
         }
-        if usize::from(self.max_port - self.min_port) + 1 < self.worker_count() {
-            bail!("min_port/max_port: the range needs at least one port per worker");
-        }
         if self.default_lifetime_secs == 0 || self.default_lifetime_secs > self.max_lifetime_secs {
             bail!("default_lifetime_secs: must be at least 1 and at most max_lifetime_secs");
         }
@@ -248,12 +245,11 @@ impl Config {
         if self.static_auth_secrets.iter().any(String::is_empty) {
             bail!("static_auth_secrets: a secret is empty");
         }
-        for (key, ips) in [("relay_ips", &self.relay_ips), ("external_ips", &self.external_ips)] {
-            if ips.iter().filter(|ip| ip.is_ipv4()).count() > 1
-                || ips.iter().filter(|ip| ip.is_ipv6()).count() > 1
-            {
-                bail!("{key}: at most one address per family");
-            }
+        let mut relays = self.relay_ips.clone();
+        relays.sort();
+        relays.dedup();
+        if relays.len() != self.relay_ips.len() {
+            bail!("relay_ips: an address is listed twice");
         }
         for ip in &self.relay_ips {
             if ip.is_unspecified() {
@@ -305,12 +301,17 @@ impl Config {
 
     /// Entries of the allocation pin map: `steering_pin_entries`, or as many allocations
     /// as the daemon can hold: every allocation takes at least one relay port of one
-    /// family, so at most two port ranges' worth, and at most `total_quota`.
+    /// address, so at most a port range per relay address (one per family when none is
+    /// configured), and at most `total_quota`.
     pub fn allocation_pin_entries(&self) -> u32 {
         if self.steering_pin_entries > 0 {
             return self.steering_pin_entries;
         }
-        let ports = (u32::from(self.max_port) - u32::from(self.min_port) + 1) * 2;
+        let per_family =
+            |v4: bool| self.relay_ips.iter().filter(|ip| ip.is_ipv4() == v4).count().max(1);
+        let addresses = (per_family(true) + per_family(false)) as u32;
+        let ports =
+            (u32::from(self.max_port) - u32::from(self.min_port) + 1).saturating_mul(addresses);
         match u32::try_from(self.total_quota) {
             Ok(quota) if quota > 0 => ports.min(quota),
             _ => ports,
@@ -451,6 +452,11 @@ mod tests {
         let c = Config::from_toml("steering_pin_entries = 7\ntotal_quota = 300\n").unwrap();
         assert_eq!(c.allocation_pin_entries(), 7);
         assert_eq!(Config::default().allocation_pin_entries(), 2 * 16384);
+        let c = Config::from_toml(
+            "min_port = 50000\nmax_port = 50999\nrelay_ips = [\"127.0.0.2\", \"127.0.0.3\", \"127.0.0.4\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.allocation_pin_entries(), 4000, "3 IPv4 relay addresses, 1 IPv6");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::{
     config::{Config, SteeringMode},
     listener::{ListenerGroup, bind_group},
     load::{LoadEstimator, WorkerSample},
-    relay::RelayPool,
+    relay::{RelayAddresses, RelayPool, RelayPorts},
     setup,
     shared::{Directory, SharedQuota},
     steering::{Steering, SteeringOptions},
@@ -103,6 +103,7 @@ pub fn run(config: Config) -> Result<()> {
 
     let (state_tx, state_rx) = watch::channel(RunState::Running);
     let quota = Arc::new(SharedQuota::new(config.user_quota, config.total_quota));
+    let relay_ports = RelayPorts::new(&relay_addresses, config.min_port, config.max_port);
     let directory = Arc::new(Directory::default());
     let (senders, receivers): (Vec<_>, Vec<_>) =
         (0..workers).map(|_| mpsc::channel(INBOX_CAPACITY)).unzip();
@@ -130,13 +131,7 @@ pub fn run(config: Config) -> Result<()> {
             listeners,
             flow_pins,
             server,
-            relays: RelayPool::new(
-                relay_addresses,
-                config.min_port,
-                config.max_port,
-                index,
-                workers,
-            )?,
+            relays: RelayPool::new(Arc::clone(&relay_ports))?,
             quota: Arc::clone(&quota),
             directory: Arc::clone(&directory),
             inboxes: Arc::clone(&inboxes),
@@ -291,14 +286,14 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 fn print_generated(
     config: &Config,
     groups: &[SteeredGroup],
-    relays: &[Option<crate::relay::RelayAddress>; 2],
+    relays: &RelayAddresses,
     user: &setup::GeneratedUser,
 ) {
     let mut urls: Vec<String> = Vec::new();
     for group in groups {
         let ip = if group.local.ip().is_unspecified() {
             let slot = usize::from(group.local.is_ipv6());
-            relays[slot].map_or(group.local.ip(), |r| r.advertised)
+            relays[slot].first().map_or(group.local.ip(), |r| r.advertised)
         } else {
             group.local.ip()
         };

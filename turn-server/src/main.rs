@@ -130,10 +130,12 @@ struct ServeArgs {
     /// Shared secret of TURN REST credentials; repeat for rotation [config: static_auth_secrets].
     #[arg(long = "static-auth-secret", value_name = "SECRET")]
     static_auth_secret: Vec<String>,
-    /// Local address relay sockets bind to, one per family [config: relay_ips].
+    /// Local address relay sockets bind to; repeat, several per family are used in turn
+    /// [config: relay_ips].
     #[arg(long = "relay-ip", value_name = "IP")]
     relay_ip: Vec<IpAddr>,
-    /// Relayed address told to clients (behind NAT), one per family [config: external_ips].
+    /// Relayed address told to clients (behind NAT), one per relay address of its family
+    /// [config: external_ips].
     #[arg(short = 'X', long = "external-ip", value_name = "IP")]
     external_ip: Vec<IpAddr>,
     /// Lowest relay port [config: min_port, default 49152].

@@ -1,11 +1,20 @@
-//! Relay sockets: one UDP socket per relayed address of an allocation, bound in the
-//! worker's own slice of the relay port range (workers never contend for a port), kept in
-//! a slab and watched by the worker's epoll set.
+//! Relay sockets: one UDP socket per relayed address of an allocation, kept in the
+//! worker's slab and watched by the worker's epoll set.
+//!
+//! Ports come from [`RelayPorts`], shared by all workers: one port set per relay address,
+//! several addresses per family used in turn. An allocation takes a port under a short
+//! lock (a cold path, once per allocation), so a worker never answers 508 while any worker
+//! could still bind a port, and one machine holds as many allocations as its relay
+//! addresses have ports.
 
 use std::{
     io,
     net::{IpAddr, SocketAddr, UdpSocket},
     os::fd::AsRawFd,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
 use quinn_udp::UdpSocketState;
@@ -28,11 +37,153 @@ pub struct RelayAddress {
     pub advertised: IpAddr,
 }
 
+/// Relay addresses per family: `[IPv4, IPv6]`, each used in turn.
+pub type RelayAddresses = [Vec<RelayAddress>; 2];
+
+fn family_index(family: Family) -> usize {
+    match family {
+        Family::V4 => 0,
+        Family::V6 => 1,
+    }
+}
+
+/// Which port of which address an allocation holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortLease {
+    family: usize,
+    address: usize,
+    pub port: u16,
+}
+
+struct PortSet {
+    in_use: Vec<bool>,
+    free: usize,
+    cursor: usize,
+}
+
+struct AddressPorts {
+    address: RelayAddress,
+    ports: Mutex<PortSet>,
+}
+
+/// The relay ports of every relay address, shared by the workers.
+pub struct RelayPorts {
+    families: [Vec<AddressPorts>; 2],
+    /// Next address to try, per family (round robin).
+    turn: [AtomicUsize; 2],
+    first_port: u16,
+}
+
+impl RelayPorts {
+    /// Ports `min_port..=max_port` on each of `addresses`.
+    pub fn new(addresses: &RelayAddresses, min_port: u16, max_port: u16) -> Arc<RelayPorts> {
+        let len = usize::from(max_port.saturating_sub(min_port)) + 1;
+        // Start at a different point at every start, so that a restart does not reuse the
+        // ports its predecessor's clients were just told about.
+        let start = (std::process::id() as usize).wrapping_mul(2_654_435_761) % len;
+        let set = |address: &RelayAddress| AddressPorts {
+            address: *address,
+            ports: Mutex::new(PortSet { in_use: vec![false; len], free: len, cursor: start }),
+        };
+        Arc::new(RelayPorts {
+            families: [
+                addresses[0].iter().map(set).collect(),
+                addresses[1].iter().map(set).collect(),
+            ],
+            turn: [AtomicUsize::new(0), AtomicUsize::new(0)],
+            first_port: min_port,
+        })
+    }
+
+    /// True when relays of `family` can be made at all.
+    pub fn supports(&self, family: Family) -> bool {
+        !self.families[family_index(family)].is_empty()
+    }
+
+    /// Ports no allocation holds, per family.
+    pub fn free_ports(&self) -> [usize; 2] {
+        let count = |list: &Vec<AddressPorts>| {
+            list.iter().map(|a| a.ports.lock().map_or(0, |p| p.free)).sum()
+        };
+        [count(&self.families[0]), count(&self.families[1])]
+    }
+
+    /// Binds a socket on a free port of the next address of `family` (the others when it
+    /// is full). `bind_errors` counts failures other than a port taken by someone else.
+    fn bind(
+        &self,
+        family: Family,
+        even: bool,
+        bind_errors: &mut u64,
+    ) -> Result<(UdpSocket, PortLease, RelayAddress), RelayError> {
+        let f = family_index(family);
+        let list = &self.families[f];
+        if list.is_empty() {
+            return Err(RelayError::FamilyNotSupported);
+        }
+        let first = self.turn[f].fetch_add(1, Ordering::Relaxed);
+        for k in 0..list.len() {
+            let index = (first + k) % list.len();
+            let entry = &list[index];
+            // A poisoned lock means a worker panicked while holding it: skip the address.
+            let Ok(mut set) = entry.ports.lock() else { continue };
+            let len = set.in_use.len();
+            if set.free == 0 {
+                continue;
+            }
+            for step in 0..len {
+                let i = (set.cursor + step) % len;
+                let port = self.first_port + i as u16;
+                if set.in_use[i] || (even && port % 2 == 1) {
+                    continue;
+                }
+                let addr = SocketAddr::new(entry.address.bind, port);
+                let socket = match udp_socket(addr) {
+                    Ok(s) => s,
+                    Err(_) => {
+                        *bind_errors += 1;
+                        return Err(RelayError::InsufficientCapacity);
+                    }
+                };
+                match socket.bind(&addr.into()) {
+                    Ok(()) => {
+                        set.in_use[i] = true;
+                        set.free -= 1;
+                        set.cursor = (i + 1) % len;
+                        let lease = PortLease { family: f, address: index, port };
+                        return Ok((socket.into(), lease, entry.address));
+                    }
+                    // Someone outside the daemon holds it: try the next one.
+                    Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
+                    Err(_) => {
+                        *bind_errors += 1;
+                        return Err(RelayError::InsufficientCapacity);
+                    }
+                }
+            }
+        }
+        Err(RelayError::InsufficientCapacity)
+    }
+
+    fn release(&self, lease: PortLease) {
+        let Some(entry) = self.families.get(lease.family).and_then(|l| l.get(lease.address)) else {
+            return;
+        };
+        if let Ok(mut set) = entry.ports.lock()
+            && let Some(used) = set.in_use.get_mut(usize::from(lease.port - self.first_port))
+            && *used
+        {
+            *used = false;
+            set.free += 1;
+        }
+    }
+}
+
 /// A live relay socket.
 pub struct Relay {
     pub socket: UdpSocket,
     generation: u32,
-    port: u16,
+    lease: PortLease,
 }
 
 /// The relay sockets of one worker.
@@ -42,11 +193,7 @@ pub struct RelayPool {
     /// (an IPv6 one with UDP_GRO, which flips a kernel static key: a text patch and an IPI
     /// on every CPU, twice) per allocation.
     pub state: UdpSocketState,
-    families: [Option<RelayAddress>; 2],
-    first_port: u16,
-    /// Ports of this worker's slice that one of its relays holds.
-    in_use: Vec<bool>,
-    cursor: usize,
+    ports: Arc<RelayPorts>,
     slots: Vec<Option<Relay>>,
     generations: Vec<u32>,
     free: Vec<u32>,
@@ -57,33 +204,14 @@ pub struct RelayPool {
     pub bind_errors: u64,
 }
 
-fn family_index(family: Family) -> usize {
-    match family {
-        Family::V4 => 0,
-        Family::V6 => 1,
-    }
-}
-
 impl RelayPool {
-    /// A pool for worker `index` of `workers`, using its share of `min_port..=max_port`.
-    pub fn new(
-        families: [Option<RelayAddress>; 2],
-        min_port: u16,
-        max_port: u16,
-        index: usize,
-        workers: usize,
-    ) -> io::Result<Self> {
-        let (first, last) = port_slice(min_port, max_port, index, workers);
-        let len = usize::from(last - first) + 1;
+    /// A worker's pool, taking its ports from the shared `ports`.
+    pub fn new(ports: Arc<RelayPorts>) -> io::Result<Self> {
         let probe = UdpSocket::bind("127.0.0.1:0").or_else(|_| UdpSocket::bind("[::1]:0"))?;
         let state = UdpSocketState::new((&probe).into())?;
         Ok(Self {
             state,
-            families,
-            first_port: first,
-            in_use: vec![false; len],
-            // Start each worker at a different point so restarts do not reuse ports at once.
-            cursor: (std::process::id() as usize).wrapping_mul(2_654_435_761) % len,
+            ports,
             slots: Vec::new(),
             generations: Vec::new(),
             free: Vec::new(),
@@ -116,38 +244,6 @@ impl RelayPool {
         (u64::from(relay.generation) == id.0 >> 32).then_some(relay)
     }
 
-    fn bind(&mut self, ip: IpAddr, even: bool) -> Result<(UdpSocket, u16), RelayError> {
-        let len = self.in_use.len();
-        for step in 0..len {
-            let i = (self.cursor + step) % len;
-            let port = self.first_port + i as u16;
-            if self.in_use[i] || (even && port % 2 == 1) {
-                continue;
-            }
-            let socket = match udp_socket(SocketAddr::new(ip, port)) {
-                Ok(s) => s,
-                Err(_) => {
-                    self.bind_errors += 1;
-                    return Err(RelayError::InsufficientCapacity);
-                }
-            };
-            match socket.bind(&SocketAddr::new(ip, port).into()) {
-                Ok(()) => {
-                    self.in_use[i] = true;
-                    self.cursor = (i + 1) % len;
-                    return Ok((socket.into(), port));
-                }
-                // Someone outside the daemon holds it: try the next one.
-                Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
-                Err(_) => {
-                    self.bind_errors += 1;
-                    return Err(RelayError::InsufficientCapacity);
-                }
-            }
-        }
-        Err(RelayError::InsufficientCapacity)
-    }
-
     /// Creates a relay socket and registers it in `epoll`.
     pub fn allocate_in(
         &mut self,
@@ -157,10 +253,8 @@ impl RelayPool {
         if self.draining {
             return Err(RelayError::InsufficientCapacity);
         }
-        let Some(address) = self.families[family_index(request.family)] else {
-            return Err(RelayError::FamilyNotSupported);
-        };
-        let (socket, port) = self.bind(address.bind, request.even_port)?;
+        let (socket, lease, address) =
+            self.ports.bind(request.family, request.even_port, &mut self.bind_errors)?;
         let slot = match self.free.pop() {
             Some(slot) => slot,
             None => {
@@ -171,22 +265,16 @@ impl RelayPool {
         };
         if epoll.add(socket.as_raw_fd(), RELAY_TOKEN | u64::from(slot)).is_err() {
             self.free.push(slot);
-            self.release_port(port);
+            self.ports.release(lease);
             return Err(RelayError::InsufficientCapacity);
         }
         let generation = self.generations[slot as usize];
-        self.slots[slot as usize] = Some(Relay { socket, generation, port });
+        self.slots[slot as usize] = Some(Relay { socket, generation, lease });
         self.live += 1;
         Ok((
             RelayId(u64::from(generation) << 32 | u64::from(slot)),
-            SocketAddr::new(address.advertised, port),
+            SocketAddr::new(address.advertised, lease.port),
         ))
-    }
-
-    fn release_port(&mut self, port: u16) {
-        if let Some(used) = self.in_use.get_mut(usize::from(port.wrapping_sub(self.first_port))) {
-            *used = false;
-        }
     }
 
     /// Closes a relay socket (closing removes it from the epoll set).
@@ -201,7 +289,8 @@ impl RelayPool {
             return;
         }
         if let Some(relay) = self.slots[slot].take() {
-            self.release_port(relay.port);
+            drop(relay.socket);
+            self.ports.release(relay.lease);
             self.generations[slot] = self.generations[slot].wrapping_add(1);
             self.free.push(slot as u32);
             self.live -= 1;
@@ -228,37 +317,10 @@ impl RelayAllocator for Relays<'_> {
     }
 }
 
-/// Worker `index`'s share of `min..=max`: contiguous, sizes differing by at most one.
-pub fn port_slice(min: u16, max: u16, index: usize, workers: usize) -> (u16, u16) {
-    let total = usize::from(max - min) + 1;
-    let workers = workers.clamp(1, total);
-    let index = index.min(workers - 1);
-    let base = total / workers;
-    let extra = total % workers;
-    let start = index * base + index.min(extra);
-    let len = base + usize::from(index < extra);
-    (min + start as u16, min + (start + len - 1) as u16)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use turn_proto::server::FiveTuple;
-
-    #[test]
-    fn port_slices_cover_the_range_without_overlap() {
-        for workers in 1..=7 {
-            let mut next = 49152u32;
-            for i in 0..workers {
-                let (a, b) = port_slice(49152, 65535, i, workers);
-                assert_eq!(u32::from(a), next);
-                assert!(b >= a);
-                next = u32::from(b) + 1;
-            }
-            assert_eq!(next, 65536);
-        }
-        assert_eq!(port_slice(5000, 5000, 3, 4), (5000, 5000));
-    }
 
     fn request(family: Family, even: bool) -> RelayRequest<'static> {
         RelayRequest {
@@ -273,27 +335,30 @@ mod tests {
         }
     }
 
+    fn address(bind: &str, advertised: &str) -> RelayAddress {
+        RelayAddress { bind: bind.parse().unwrap(), advertised: advertised.parse().unwrap() }
+    }
+
+    /// A private range of `n` ports for one test.
+    fn range(base: u16, n: u16) -> (u16, u16) {
+        let lo = base + (std::process::id() % 1000) as u16 * 16;
+        (lo, lo + n - 1)
+    }
+
     #[test]
-    fn allocates_in_its_slice_registers_and_releases() {
+    fn allocates_registers_and_releases() {
         let epoll = Epoll::new().unwrap();
-        let v4 = RelayAddress {
-            bind: "127.0.0.1".parse().unwrap(),
-            advertised: "192.0.2.7".parse().unwrap(),
-        };
-        // A private high range for this test, split in 2; this is worker 1.
-        let lo = 40_000 + (std::process::id() % 1000) as u16 * 8;
-        let hi = lo + 15;
-        let mut pool = RelayPool::new([Some(v4), None], lo, hi, 1, 2).unwrap();
-        let (first, last) = port_slice(lo, hi, 1, 2);
+        let v4 = address("127.0.0.1", "192.0.2.7");
+        let (lo, hi) = range(40_000, 16);
+        let ports = RelayPorts::new(&[vec![v4], vec![]], lo, hi);
+        let mut pool = RelayPool::new(Arc::clone(&ports)).unwrap();
         let (id, addr) = pool.allocate_in(&epoll, &request(Family::V4, true)).unwrap();
         assert_eq!(addr.ip(), v4.advertised);
-        assert!(
-            (first..=last).contains(&addr.port()) && addr.port() % 2 == 0,
-            "{addr} not in {first}-{last}"
-        );
+        assert!((lo..=hi).contains(&addr.port()) && addr.port() % 2 == 0, "{addr}");
         let relay = pool.get(id).unwrap();
         assert_eq!(relay.socket.local_addr().unwrap().port(), addr.port());
         assert_eq!(pool.len(), 1);
+        assert_eq!(ports.free_ports(), [15, 0]);
         assert_eq!(
             pool.allocate_in(&epoll, &request(Family::V6, false)).unwrap_err(),
             RelayError::FamilyNotSupported
@@ -301,8 +366,10 @@ mod tests {
         pool.release(id);
         assert!(pool.get(id).is_none());
         assert!(pool.is_empty());
+        assert_eq!(ports.free_ports(), [16, 0]);
         // A stale id is ignored, and the slot is reused under a new generation.
         pool.release(id);
+        assert_eq!(ports.free_ports(), [16, 0]);
         let (id2, _) = pool.allocate_in(&epoll, &request(Family::V4, false)).unwrap();
         assert_ne!(id2, id);
         pool.draining = true;
@@ -313,19 +380,45 @@ mod tests {
     }
 
     #[test]
-    fn a_full_slice_is_insufficient_capacity() {
+    fn a_worker_takes_every_free_port_not_just_a_share() {
         let epoll = Epoll::new().unwrap();
-        let v4 = RelayAddress {
-            bind: "127.0.0.1".parse().unwrap(),
-            advertised: "127.0.0.1".parse().unwrap(),
-        };
-        let port = 41_000 + (std::process::id() % 1000) as u16 * 4;
-        let mut pool = RelayPool::new([Some(v4), None], port, port + 1, 0, 1).unwrap();
-        let a = pool.allocate_in(&epoll, &request(Family::V4, false));
-        let b = pool.allocate_in(&epoll, &request(Family::V4, false));
-        // Ports held by another process are skipped, so at most two succeed.
-        let c = pool.allocate_in(&epoll, &request(Family::V4, false));
-        assert!(a.is_ok() || b.is_ok());
-        assert_eq!(c.unwrap_err(), RelayError::InsufficientCapacity);
+        let (lo, hi) = range(41_000, 4);
+        let ports = RelayPorts::new(&[vec![address("127.0.0.1", "127.0.0.1")], vec![]], lo, hi);
+        let mut busy = RelayPool::new(Arc::clone(&ports)).unwrap();
+        let mut idle = RelayPool::new(Arc::clone(&ports)).unwrap();
+        // One worker gets all four ports (ports held by another process are skipped).
+        let got: Vec<_> = (0..4)
+            .filter_map(|_| busy.allocate_in(&epoll, &request(Family::V4, false)).ok())
+            .collect();
+        assert!(got.len() >= 3, "{got:?}");
+        assert_eq!(
+            idle.allocate_in(&epoll, &request(Family::V4, false)).unwrap_err(),
+            RelayError::InsufficientCapacity,
+            "all taken"
+        );
+        // A port one worker gives back serves another.
+        busy.release(got[0].0);
+        assert!(idle.allocate_in(&epoll, &request(Family::V4, false)).is_ok());
+    }
+
+    #[test]
+    fn several_addresses_of_a_family_are_used_in_turn() {
+        let epoll = Epoll::new().unwrap();
+        let (lo, hi) = range(42_000, 2);
+        let a = address("127.0.0.2", "127.0.0.2");
+        let b = address("127.0.0.3", "127.0.0.3");
+        let ports = RelayPorts::new(&[vec![a, b], vec![]], lo, hi);
+        let mut pool = RelayPool::new(ports).unwrap();
+        let ips: Vec<IpAddr> = (0..4)
+            .map(|_| pool.allocate_in(&epoll, &request(Family::V4, false)).unwrap().1.ip())
+            .collect();
+        assert_eq!(ips.iter().filter(|ip| **ip == a.advertised).count(), 2, "{ips:?}");
+        assert_eq!(ips.iter().filter(|ip| **ip == b.advertised).count(), 2, "{ips:?}");
+        assert_ne!(ips[0], ips[1], "in turn: {ips:?}");
+        // Two addresses of two ports hold four allocations, then 508.
+        assert_eq!(
+            pool.allocate_in(&epoll, &request(Family::V4, false)).unwrap_err(),
+            RelayError::InsufficientCapacity
+        );
     }
 }

@@ -14,7 +14,7 @@ use turn_proto::{
 
 use crate::{
     config::{Config, lookup_id, parse_net, parse_user},
-    relay::RelayAddress,
+    relay::{RelayAddress, RelayAddresses},
 };
 
 /// Credentials generated because none were configured.
@@ -45,7 +45,7 @@ pub fn credentials(config: &Config) -> Result<(CredentialsConfig, Option<Generat
 }
 
 /// The peer policy: safe defaults plus the configured exceptions.
-pub fn peer_policy(config: &Config, relays: &[Option<RelayAddress>; 2]) -> Result<PeerPolicy> {
+pub fn peer_policy(config: &Config, relays: &RelayAddresses) -> Result<PeerPolicy> {
     let parse = |list: &[String]| list.iter().map(|n| parse_net(n)).collect::<Result<Vec<_>>>();
     Ok(PeerPolicy {
         allow_loopback: config.allow_loopback_peers,
@@ -60,7 +60,7 @@ pub fn peer_policy(config: &Config, relays: &[Option<RelayAddress>; 2]) -> Resul
 
 /// The server's own addresses: listening (the host's interface addresses for a wildcard,
 /// as they are at start), relay and external addresses.
-pub fn own_addresses(config: &Config, relays: &[Option<RelayAddress>; 2]) -> Vec<IpAddr> {
+pub fn own_addresses(config: &Config, relays: &RelayAddresses) -> Vec<IpAddr> {
     let mut own: Vec<IpAddr> = Vec::new();
     for ip in &config.listening_ips {
         if ip.is_unspecified() {
@@ -95,7 +95,7 @@ pub fn password_algorithms(credentials: &CredentialsConfig) -> Vec<PasswordAlgor
 pub fn server_config(
     config: &Config,
     credentials: &CredentialsConfig,
-    relays: &[Option<RelayAddress>; 2],
+    relays: &RelayAddresses,
     nonce_secret: [u8; 32],
     seed: u64,
 ) -> Result<ServerConfig> {
@@ -111,8 +111,8 @@ pub fn server_config(
         channel_lifetime_secs: config.channel_lifetime_secs,
         max_permissions_per_allocation: config.max_permissions_per_allocation,
         password_algorithms: password_algorithms(credentials),
-        relay_ipv4: relays[0].is_some(),
-        relay_ipv6: relays[1].is_some(),
+        relay_ipv4: !relays[0].is_empty(),
+        relay_ipv6: !relays[1].is_empty(),
         peer_policy: peer_policy(config, relays)?,
         unauthenticated_responses_per_sec: config.unauthenticated_responses_per_sec,
         unauthenticated_responses_burst: config.unauthenticated_responses_per_sec.saturating_mul(2),
@@ -125,28 +125,41 @@ pub fn server_config(
 
 /// Where relays of each family (`[IPv4, IPv6]`) are bound and what clients are told.
 ///
-/// Per family: the configured relay address; else a specific listening address; else,
-/// when listening on that family's wildcard, the host's main address of that family.
-/// The advertised address is the configured external address of that family, if any.
-pub fn relay_addresses(config: &Config) -> Result<[Option<RelayAddress>; 2]> {
-    let mut out = [None, None];
+/// Per family: the configured relay addresses (several are used in turn); else a specific
+/// listening address; else, when listening on that family's wildcard, the host's main
+/// address of that family. The advertised address is the configured external address of
+/// that family: one for a single relay address, or one per relay address, paired in order.
+pub fn relay_addresses(config: &Config) -> Result<RelayAddresses> {
+    let mut out: RelayAddresses = [Vec::new(), Vec::new()];
     for (slot, v4) in [(0usize, true), (1, false)] {
         let family = |ip: &&IpAddr| ip.is_ipv4() == v4;
         let listening: Vec<&IpAddr> = config.listening_ips.iter().filter(family).collect();
-        let bind = match config.relay_ips.iter().find(family) {
-            Some(ip) => Some(*ip),
-            None => match listening.iter().find(|ip| !ip.is_unspecified()) {
-                Some(ip) => Some(**ip),
-                None if !listening.is_empty() => main_address(v4),
-                None => None,
-            },
+        let configured: Vec<IpAddr> = config.relay_ips.iter().filter(family).copied().collect();
+        let binds = if !configured.is_empty() {
+            configured
+        } else {
+            match listening.iter().find(|ip| !ip.is_unspecified()) {
+                Some(ip) => vec![**ip],
+                None if !listening.is_empty() => main_address(v4).into_iter().collect(),
+                None => Vec::new(),
+            }
         };
-        if let Some(bind) = bind {
-            let advertised = config.external_ips.iter().find(family).copied().unwrap_or(bind);
-            out[slot] = Some(RelayAddress { bind, advertised });
+        let external: Vec<IpAddr> = config.external_ips.iter().filter(family).copied().collect();
+        if !external.is_empty() && external.len() != binds.len() {
+            bail!(
+                "external_ips: {} {} address(es) for {} relay address(es) of that family; give \
+                 one per relay address (paired in order), or none",
+                external.len(),
+                if v4 { "IPv4" } else { "IPv6" },
+                binds.len()
+            );
+        }
+        for (i, bind) in binds.iter().enumerate() {
+            let advertised = external.get(i).copied().unwrap_or(*bind);
+            out[slot].push(RelayAddress { bind: *bind, advertised });
         }
     }
-    if out.iter().all(Option::is_none) {
+    if out.iter().all(Vec::is_empty) {
         bail!("no relay address: set relay_ips (--relay-ip) to an address of this host");
     }
     Ok(out)
@@ -263,8 +276,8 @@ mod tests {
         let config =
             Config { listening_ips: vec!["127.0.0.1".parse().unwrap()], ..Config::default() };
         let r = relay_addresses(&config).unwrap();
-        assert_eq!(r[0].unwrap().bind, "127.0.0.1".parse::<IpAddr>().unwrap());
-        assert!(r[1].is_none(), "no IPv6 listener, no IPv6 relay");
+        assert_eq!(r[0][0].bind, "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert!(r[1].is_empty(), "no IPv6 listener, no IPv6 relay");
         let config = Config {
             listening_ips: vec!["127.0.0.1".parse().unwrap()],
             relay_ips: vec!["127.0.0.2".parse().unwrap()],
@@ -272,12 +285,34 @@ mod tests {
             ..Config::default()
         };
         let r = relay_addresses(&config).unwrap();
-        assert_eq!(r[0].unwrap().bind, "127.0.0.2".parse::<IpAddr>().unwrap());
-        assert_eq!(r[0].unwrap().advertised, "203.0.113.9".parse::<IpAddr>().unwrap());
+        assert_eq!(r[0][0].bind, "127.0.0.2".parse::<IpAddr>().unwrap());
+        assert_eq!(r[0][0].advertised, "203.0.113.9".parse::<IpAddr>().unwrap());
         // The wildcard finds some address of this host.
         let config =
             Config { listening_ips: vec!["0.0.0.0".parse().unwrap()], ..Config::default() };
-        assert!(relay_addresses(&config).unwrap()[0].is_some());
+        assert_eq!(relay_addresses(&config).unwrap()[0].len(), 1);
+        // Several relay addresses, each with its external address.
+        let ips = |list: &[&str]| list.iter().map(|s| s.parse().unwrap()).collect::<Vec<_>>();
+        let config = Config {
+            listening_ips: ips(&["127.0.0.1"]),
+            relay_ips: ips(&["127.0.0.2", "127.0.0.3", "::1"]),
+            external_ips: ips(&["203.0.113.2", "203.0.113.3"]),
+            ..Config::default()
+        };
+        let r = relay_addresses(&config).unwrap();
+        let pairs: Vec<_> =
+            r[0].iter().map(|a| (a.bind.to_string(), a.advertised.to_string())).collect();
+        assert_eq!(
+            pairs,
+            vec![
+                ("127.0.0.2".into(), "203.0.113.2".into()),
+                ("127.0.0.3".into(), "203.0.113.3".into())
+            ]
+        );
+        assert_eq!(r[1].len(), 1);
+        let config = Config { external_ips: ips(&["203.0.113.2"]), ..config };
+        let err = relay_addresses(&config).unwrap_err();
+        assert!(format!("{err:#}").contains("one per relay address"), "{err:#}");
     }
 
     #[test]

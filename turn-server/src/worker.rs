@@ -743,7 +743,8 @@ mod tests {
             advertised: "127.0.0.1".parse().unwrap(),
         };
         let lo = 42_000 + (std::process::id() % 1000) as u16 * 8;
-        let mut pool = RelayPool::new([Some(v4), None], lo, lo + 7, 0, 1).unwrap();
+        let ports = crate::relay::RelayPorts::new(&[vec![v4], vec![]], lo, lo + 7);
+        let mut pool = RelayPool::new(ports).unwrap();
         let request = RelayRequest {
             family: Family::V4,
             even_port: false,
