@@ -538,15 +538,55 @@ impl StunClient {
 
     /// Sends an Allocate, signed once a realm and nonce are known.
     pub fn send_allocate(&mut self) {
-        use turn_proto::stun::{Class, MessageEncoder, Method, TransactionId, attr};
+        use turn_proto::stun::{Method, attr};
+        self.send(Method::ALLOCATE, turn_proto::stun::Class::Request, &|enc| {
+            enc.raw(attr::REQUESTED_TRANSPORT, &[attr::PROTOCOL_UDP, 0, 0, 0]).unwrap();
+        });
+    }
+
+    /// Sends a CreatePermission for `peer` (signed).
+    pub fn send_create_permission(&mut self, peer: SocketAddr) {
+        use turn_proto::stun::{Class, Method, attr};
+        self.send(Method::CREATE_PERMISSION, Class::Request, &|enc| {
+            enc.xor_address(attr::XOR_PEER_ADDRESS, peer).unwrap();
+        });
+    }
+
+    /// Sends `data` to `peer` in a Send indication.
+    pub fn send_indication(&mut self, peer: SocketAddr, data: &[u8]) {
+        use turn_proto::stun::{Class, Method, attr};
+        self.send(Method::SEND, Class::Indication, &|enc| {
+            enc.xor_address(attr::XOR_PEER_ADDRESS, peer).unwrap();
+            enc.raw(attr::DATA, data).unwrap();
+        });
+    }
+
+    /// The next datagram from the server within `timeout`.
+    pub fn receive_raw(&mut self, timeout: Duration) -> Option<Vec<u8>> {
+        self.sock.set_read_timeout(Some(timeout)).unwrap();
+        let mut buf = [0u8; 1500];
+        let n = self.sock.recv(&mut buf).ok()?;
+        Some(buf[..n].to_vec())
+    }
+
+    fn send(
+        &mut self,
+        method: turn_proto::stun::Method,
+        class: turn_proto::stun::Class,
+        body: &dyn Fn(&mut turn_proto::stun::MessageEncoder<'_>),
+    ) {
+        use turn_proto::stun::{Class, MessageEncoder, TransactionId, attr};
         self.next += 1;
         let mut tid = [0x5a; 12];
         tid[..4].copy_from_slice(&self.next.to_be_bytes());
-        let mut buf = [0u8; 512];
-        let mut enc =
-            MessageEncoder::new(&mut buf, Method::ALLOCATE, Class::Request, &TransactionId(tid))
-                .unwrap();
-        enc.raw(attr::REQUESTED_TRANSPORT, &[attr::PROTOCOL_UDP, 0, 0, 0]).unwrap();
+        let mut buf = [0u8; 1500];
+        let mut enc = MessageEncoder::new(&mut buf, method, class, &TransactionId(tid)).unwrap();
+        body(&mut enc);
+        if class != Class::Request {
+            let n = enc.finish();
+            let _ = self.sock.send_to(&buf[..n], self.server);
+            return;
+        }
         if let (Some(realm), Some(nonce)) = (&self.realm, &self.nonce) {
             let key = turn_proto::credentials::long_term_key(
                 turn_proto::credentials::PasswordAlgorithm::Md5,

@@ -252,3 +252,39 @@ fn one_workers_allocations_may_take_every_relay_port() {
     assert_eq!(on_worker[0][6].allocate(Duration::from_secs(2)), Some(508));
     assert_eq!(on_worker[1][0].allocate(Duration::from_secs(2)), Some(508));
 }
+
+#[test]
+fn icmp_errors_from_peers_reach_the_client_as_data_indications() {
+    let test = "icmp_errors_from_peers_reach_the_client_as_data_indications";
+    if !require_root(test) {
+        return;
+    }
+    use turn_proto::stun::{Class, Message, Method, attr};
+    let daemon = relaying_daemon(&[]);
+    let mut c = turn_tests::StunClient::new("127.0.0.1", daemon.addr(), "alice", "secret");
+    assert_eq!(c.allocate(Duration::from_secs(2)), Some(0));
+    // A peer port nobody listens on: the kernel answers ICMP port unreachable.
+    let closed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    c.send_create_permission(closed);
+    assert_eq!(c.receive(Duration::from_secs(2)), Some(0));
+    c.send_indication(closed, b"anyone there?");
+    let bytes = c.receive_raw(Duration::from_secs(2)).expect("a Data indication with ICMP");
+    let msg = Message::parse(&bytes).unwrap();
+    assert_eq!((msg.class(), msg.method()), (Class::Indication, Method::DATA));
+    let icmp = msg.get(attr::ICMP).expect("ICMP attribute");
+    // RFC 8656 §18.13: 2 reserved bytes, type, code, 4 bytes of error data.
+    assert_eq!((icmp[2], icmp[3]), (3, 3), "destination/port unreachable: {icmp:?}");
+    let tid = msg.transaction_id();
+    let peer = attr::decode_xor_address(msg.get(attr::XOR_PEER_ADDRESS).unwrap(), &tid).unwrap();
+    assert_eq!(peer, closed);
+    assert!(msg.get(attr::DATA).is_none(), "an ICMP report carries no data");
+    // The relay keeps working after it: a real peer gets the next datagram.
+    let live = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    live.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    c.send_create_permission(live.local_addr().unwrap());
+    assert_eq!(c.receive(Duration::from_secs(2)), Some(0));
+    c.send_indication(live.local_addr().unwrap(), b"hello");
+    let mut buf = [0u8; 64];
+    let n = live.recv(&mut buf).expect("relayed after the ICMP error");
+    assert_eq!(&buf[..n], b"hello");
+}

@@ -147,6 +147,9 @@ impl RelayPorts {
                 };
                 match socket.bind(&addr.into()) {
                     Ok(()) => {
+                        // ICMP errors from peers reach the socket's error queue (see
+                        // `read_icmp`); best effort: without it they are not forwarded.
+                        let _ = enable_recverr(&socket, addr.is_ipv6());
                         set.in_use[i] = true;
                         set.free -= 1;
                         set.cursor = (i + 1) % len;
@@ -177,6 +180,146 @@ impl RelayPorts {
             set.free += 1;
         }
     }
+}
+
+fn enable_recverr(socket: &socket2::Socket, v6: bool) -> io::Result<()> {
+    let (level, name) = if v6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVERR)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_RECVERR)
+    };
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt with a c_int value of its size on a socket we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// An ICMP error a peer (or a router on the way) sent about a datagram we relayed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IcmpError {
+    /// The peer the datagram was sent to.
+    pub peer: SocketAddr,
+    /// ICMP (or ICMPv6) type and code.
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    /// The error's extra data (the next-hop MTU for "fragmentation needed").
+    pub info: u32,
+}
+
+/// Reads one entry of `socket`'s error queue (`MSG_ERRQUEUE`): `Ok(None)` for an entry
+/// that is not an ICMP error (a local one), `Err(WouldBlock)` when the queue is empty.
+///
+/// By hand: quinn-udp reads data, not the error queue, and socket2 has no recvmsg with
+/// control messages for it.
+pub fn read_icmp(socket: &UdpSocket) -> io::Result<Option<IcmpError>> {
+    // struct sock_extended_err (linux/errqueue.h).
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct SockExtendedErr {
+        ee_errno: u32,
+        ee_origin: u8,
+        ee_type: u8,
+        ee_code: u8,
+        ee_pad: u8,
+        ee_info: u32,
+        ee_data: u32,
+    }
+    const SO_EE_ORIGIN_ICMP: u8 = 2;
+    const SO_EE_ORIGIN_ICMP6: u8 = 3;
+    // SAFETY: all-zero bytes are a valid sockaddr_storage.
+    let mut name: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut control = [0u64; 64];
+    let mut data = [0u8; 64];
+    let mut iov = libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: data.len() };
+    // SAFETY: all-zero bytes are a valid msghdr; the pointers set below outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&mut name as *mut libc::sockaddr_storage).cast();
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: a valid msghdr whose buffers are all live and of the stated sizes.
+    let rc = unsafe {
+        libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT)
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let Some(peer) = sockaddr_to_std(&name) else { return Ok(None) };
+    // SAFETY: CMSG_* walk the control buffer the kernel filled, within msg_controllen.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            let c = &*cmsg;
+            let recverr = (c.cmsg_level == libc::IPPROTO_IP && c.cmsg_type == libc::IP_RECVERR)
+                || (c.cmsg_level == libc::IPPROTO_IPV6 && c.cmsg_type == libc::IPV6_RECVERR);
+            if recverr
+                && c.cmsg_len as usize
+                    >= libc::CMSG_LEN(std::mem::size_of::<SockExtendedErr>() as u32) as usize
+            {
+                let err = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<SockExtendedErr>());
+                if err.ee_origin == SO_EE_ORIGIN_ICMP || err.ee_origin == SO_EE_ORIGIN_ICMP6 {
+                    return Ok(Some(IcmpError {
+                        peer,
+                        icmp_type: err.ee_type,
+                        icmp_code: err.ee_code,
+                        info: err.ee_info,
+                    }));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok(None)
+}
+
+fn sockaddr_to_std(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match i32::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says it is a sockaddr_in, which fits in the storage.
+            let sin =
+                unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::new(
+                IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()),
+                u16::from_be(sin.sin_port),
+            ))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 = unsafe {
+                &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            Some(SocketAddr::new(
+                IpAddr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// True for the errors an ICMP message leaves on a socket with IP_RECVERR: the next call
+/// on it reports them once; they say nothing about that call itself.
+pub fn is_icmp_report(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNREFUSED
+                | libc::EHOSTUNREACH
+                | libc::ENETUNREACH
+                | libc::EPROTO
+                | libc::EMSGSIZE
+        )
+    )
 }
 
 /// A live relay socket.
@@ -399,6 +542,36 @@ mod tests {
         // A port one worker gives back serves another.
         busy.release(got[0].0);
         assert!(idle.allocate_in(&epoll, &request(Family::V4, false)).is_ok());
+    }
+
+    #[test]
+    fn an_unreachable_peer_port_comes_back_as_an_icmp_error() {
+        let epoll = Epoll::new().unwrap();
+        let (lo, hi) = range(43_000, 2);
+        let ports = RelayPorts::new(&[vec![address("127.0.0.1", "127.0.0.1")], vec![]], lo, hi);
+        let mut pool = RelayPool::new(ports).unwrap();
+        let (id, _) = pool.allocate_in(&epoll, &request(Family::V4, false)).unwrap();
+        let relay = pool.get(id).unwrap();
+        assert_eq!(read_icmp(&relay.socket).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        // A port nobody listens on (bound, then closed).
+        let closed = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        relay.socket.send_to(b"hello", closed).unwrap();
+        let mut got = None;
+        for _ in 0..100 {
+            match read_icmp(&relay.socket) {
+                Ok(e) => {
+                    got = e;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let icmp = got.expect("ICMP port unreachable");
+        assert_eq!((icmp.icmp_type, icmp.icmp_code), (3, 3));
+        assert_eq!(icmp.peer, closed);
     }
 
     #[test]

@@ -34,7 +34,7 @@ use turn_proto::server::{
 
 use crate::{
     epoll::Epoll,
-    relay::{RELAY_TOKEN, RelayPool, Relays},
+    relay::{self, RELAY_TOKEN, RelayPool, Relays},
     shared::{Directory, SharedQuota},
     steering::FlowPins,
 };
@@ -45,6 +45,8 @@ const RECV_BUFFER_BYTES: usize = 64 * 1024;
 const BATCHES_PER_TURN: usize = 4;
 /// Epoll events fetched at once.
 const EVENTS: usize = 256;
+/// ICMP errors read from one relay socket's error queue before other sockets get a turn.
+const ICMP_PER_TURN: usize = 64;
 /// Datagrams waiting to be handed to a worker; more are dropped (and counted).
 pub const INBOX_CAPACITY: usize = 4096;
 
@@ -239,7 +241,7 @@ impl Worker {
                         continue;
                     }
                     for event in &events[..n] {
-                        self.on_readable(event.u64);
+                        self.on_readable(event.u64, event.events);
                     }
                     self.core.after_batch();
                 }
@@ -279,9 +281,13 @@ impl Worker {
         Ok(())
     }
 
-    fn on_readable(&mut self, token: u64) {
+    fn on_readable(&mut self, token: u64, events: u32) {
         if token & RELAY_TOKEN != 0 {
-            self.drain_relay((token & 0xffff_ffff) as u32);
+            let slot = (token & 0xffff_ffff) as u32;
+            if events & libc::EPOLLERR as u32 != 0 {
+                self.core.drain_icmp(slot);
+            }
+            self.drain_relay(slot);
         } else if (token as usize) < self.core.listeners.len() {
             self.drain_listener(token as usize);
         }
@@ -346,6 +352,12 @@ impl Worker {
             let count = match received {
                 Ok(count) => count,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                // An ICMP error reported once on the next call (IP_RECVERR): the error
+                // queue has it; the data behind it is still there.
+                Err(e) if relay::is_icmp_report(&e) => {
+                    self.core.drain_icmp(slot);
+                    continue;
+                }
                 Err(e) => {
                     self.core.io_errors.log("relay receive", &e);
                     return;
@@ -458,6 +470,33 @@ impl Core {
     ) {
         let output = self.server.handle_peer_datagram(now, id, peer, buf, len);
         send(&self.listeners, &self.pool, &mut self.io_errors, output);
+    }
+
+    /// Forwards the ICMP errors queued on relay `slot` to the clients whose permissions
+    /// cover the peer (RFC 8656 §11.6: a Data indication with an ICMP attribute).
+    fn drain_icmp(&mut self, slot: u32) {
+        for _ in 0..ICMP_PER_TURN {
+            let Some((id, relay)) = self.pool.by_slot(slot) else { return };
+            let icmp = match relay::read_icmp(&relay.socket) {
+                Ok(Some(icmp)) => icmp,
+                Ok(None) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    self.io_errors.log("relay error queue", &e);
+                    return;
+                }
+            };
+            let output = self.server.handle_peer_icmp(
+                Instant::now(),
+                id,
+                icmp.peer,
+                icmp.icmp_type,
+                icmp.icmp_code,
+                icmp.info,
+                &mut self.out,
+            );
+            send(&self.listeners, &self.pool, &mut self.io_errors, output);
+        }
     }
 
     /// A datagram another worker received for one of our allocations: pin its flow here
@@ -590,10 +629,23 @@ fn send(
                 segment_size: None,
                 src_ip: None,
             };
-            if let Err(e) = pool.state.try_send((&r.socket).into(), &transmit) {
+            if let Err(e) = try_send_to_peer(pool, &r.socket, &transmit) {
                 io_errors.log("send to peer", &e);
             }
         }
+    }
+}
+
+/// Sends on a relay socket; an ICMP error reported by this call concerns an earlier
+/// datagram (IP_RECVERR), so the send is tried once more.
+fn try_send_to_peer(
+    pool: &RelayPool,
+    socket: &UdpSocket,
+    transmit: &Transmit<'_>,
+) -> io::Result<()> {
+    match pool.state.try_send(socket.into(), transmit) {
+        Err(e) if relay::is_icmp_report(&e) => pool.state.try_send(socket.into(), transmit),
+        other => other,
     }
 }
 
@@ -660,7 +712,7 @@ impl Staged {
                     segment_size: (end - i > 1).then_some(segment),
                     src_ip: None,
                 };
-                if let Err(e) = pool.state.try_send((&r.socket).into(), &transmit) {
+                if let Err(e) = try_send_to_peer(pool, &r.socket, &transmit) {
                     io_errors.log("send to peer", &e);
                 }
             }
