@@ -519,6 +519,8 @@ pub struct StunClient {
     realm: Option<String>,
     nonce: Option<Vec<u8>>,
     next: u32,
+    /// The last request sent, as bytes (what an eavesdropper could capture).
+    pub last_sent: Vec<u8>,
 }
 
 impl StunClient {
@@ -533,7 +535,21 @@ impl StunClient {
             realm: None,
             nonce: None,
             next: 0,
+            last_sent: Vec::new(),
         }
+    }
+
+    /// Sends a Refresh with `lifetime` (0 deletes the allocation), signed.
+    pub fn send_refresh(&mut self, lifetime: u32) {
+        use turn_proto::stun::{Class, Method, attr};
+        self.send(Method::REFRESH, Class::Request, &|enc| {
+            enc.u32(attr::LIFETIME, lifetime).unwrap();
+        });
+    }
+
+    /// Sends `bytes` as they are, from this client's socket.
+    pub fn send_bytes(&self, bytes: &[u8]) {
+        let _ = self.sock.send_to(bytes, self.server);
     }
 
     /// Sends an Allocate, signed once a realm and nonce are known.
@@ -600,6 +616,7 @@ impl StunClient {
             enc.message_integrity(key.as_bytes()).unwrap();
         }
         let n = enc.finish();
+        self.last_sent = buf[..n].to_vec();
         let _ = self.sock.send_to(&buf[..n], self.server);
     }
 

@@ -288,3 +288,33 @@ fn icmp_errors_from_peers_reach_the_client_as_data_indications() {
     let n = live.recv(&mut buf).expect("relayed after the ICMP error");
     assert_eq!(&buf[..n], b"hello");
 }
+
+#[test]
+fn a_replayed_allocate_neither_recreates_nor_charges() {
+    let test = "a_replayed_allocate_neither_recreates_nor_charges";
+    if !require_root(test) {
+        return;
+    }
+    let root = turn_tests::PinRoot::new("replay");
+    let daemon = relaying_daemon(&["--user-quota", "1", "--bpf-pin-root", root.arg()]);
+    let mut alice = turn_tests::StunClient::new("127.0.0.1", daemon.addr(), "alice", "secret");
+    assert_eq!(alice.allocate(Duration::from_secs(2)), Some(0));
+    let captured = alice.last_sent.clone();
+    alice.send_refresh(0);
+    assert_eq!(alice.receive(Duration::from_secs(2)), Some(0), "deleted");
+    // An attacker replays the captured Allocate from the client's own 5-tuple, several
+    // times. Within the retransmission window the server repeats its old answer; later
+    // (tested with simulated time in turn-proto's scenarios) it answers 438. Either way
+    // no allocation comes back and nobody's quota is charged.
+    for _ in 0..3 {
+        alice.send_bytes(&captured);
+        let _ = alice.receive(Duration::from_millis(500));
+    }
+    let mut other = turn_tests::StunClient::new("127.0.0.2", daemon.addr(), "alice", "secret");
+    assert_eq!(other.allocate(Duration::from_secs(2)), Some(0), "alice's one allocation is free");
+    let dir = turn_server::bpffs::listener_dir(&root.0, daemon.addr());
+    let maps = turn_server::steering::GroupMaps::open_pinned(&dir).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let live: u64 = maps.loads().unwrap().iter().map(|l| l.allocations).sum();
+    assert_eq!(live, 1, "only the new allocation lives");
+}

@@ -181,6 +181,13 @@ enum Cmd {
         /// Seconds to keep the allocations after measuring, before deleting them.
         #[arg(long, default_value_t = 0.0)]
         hold: f64,
+        /// Refresh every allocation once after the hold (refreshes/s, CPU per refresh).
+        #[arg(long)]
+        refresh: bool,
+        /// Send indications per second through the held allocations (in turn) to an
+        /// embedded peer during the hold; each allocation gets a permission for it.
+        #[arg(long, default_value_t = 0.0)]
+        trickle: f64,
         #[arg(long)]
         json: bool,
     },
@@ -305,6 +312,8 @@ fn main() -> Result<()> {
             in_flight,
             settle,
             hold,
+            refresh,
+            trickle,
             json,
         } => {
             let report = alloc::run(alloc::AllocArgs {
@@ -317,6 +326,8 @@ fn main() -> Result<()> {
                 in_flight,
                 settle: bounded(settle, "--settle")?,
                 hold: bounded(hold, "--hold")?,
+                refresh,
+                trickle,
             })?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);

@@ -106,6 +106,18 @@ pub fn raise_nofile(need: u64) -> Result<u64> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return Err(io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
     }
+    if lim.rlim_max < need {
+        // Root may raise the hard limit too, up to fs.nr_open.
+        let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(lim.rlim_max);
+        let want = libc::rlimit { rlim_cur: need.min(nr_open), rlim_max: need.min(nr_open) };
+        // SAFETY: a valid rlimit; without the privilege the call fails and nothing changes.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
+            lim = want;
+        }
+    }
     if lim.rlim_cur < need && lim.rlim_cur < lim.rlim_max {
         let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
         // SAFETY: a valid rlimit no larger than the hard limit.

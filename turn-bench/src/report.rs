@@ -267,6 +267,14 @@ pub struct AllocReport {
     pub delete_cpu: Option<CpuDelta>,
     pub cpu_us_per_delete: Option<f64>,
     pub rss_after_kb: Option<u64>,
+    /// `--refresh`: every allocation refreshed once.
+    pub refresh: Option<PhaseReport>,
+    pub refreshes_per_s: Option<f64>,
+    pub refresh_cpu: Option<CpuDelta>,
+    pub cpu_us_per_refresh: Option<f64>,
+    /// `--trickle`: Send indications sent during the hold, and how many the peer got.
+    pub trickle_sent: u64,
+    pub trickle_received: u64,
 }
 
 impl AllocReport {
@@ -306,6 +314,26 @@ impl AllocReport {
                 s,
                 "             (user-space memory only, kernel socket memory excluded; meaningful on a freshly started server: freed memory is rarely returned to the OS)"
             );
+        }
+        if self.trickle_sent > 0 {
+            let _ = writeln!(
+                s,
+                "  trickle    {} Send indications, {} reached the peer ({:.3}% lost)",
+                self.trickle_sent,
+                self.trickle_received,
+                pct(self.trickle_sent.saturating_sub(self.trickle_received), self.trickle_sent)
+            );
+        }
+        if let (Some(r), Some(rate)) = (&self.refresh, self.refreshes_per_s) {
+            let _ = writeln!(s, "  refresh    {} ({rate:.0}/s)", phase(r));
+            if let Some(c) = &self.refresh_cpu {
+                let _ = writeln!(
+                    s,
+                    "  server CPU {} us = {} us per refresh",
+                    c.cpu_us,
+                    self.cpu_us_per_refresh.map_or("n/a".into(), |v| format!("{v:.1}"))
+                );
+            }
         }
         let _ = writeln!(s, "  delete     {} ({:.0}/s)", phase(&self.delete), self.deletes_per_s);
         if let Some(c) = &self.delete_cpu {

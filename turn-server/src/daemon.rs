@@ -60,6 +60,15 @@ pub fn run(config: Config) -> Result<()> {
         );
     }
     let relay_addresses = setup::relay_addresses(&config)?;
+    let (fd_limit, fds_wanted) = setup::raise_fd_limit(&relay_addresses, &config);
+    if fd_limit < fds_wanted {
+        warn!(
+            limit = fd_limit,
+            wanted = fds_wanted,
+            "the open-file limit (RLIMIT_NOFILE) is below what the relay ports can use: \
+             allocations beyond it get 508; raise LimitNOFILE or ulimit -n"
+        );
+    }
     let nonce_secret: [u8; 32] = rand::random();
     // Check the protocol configuration once, before binding anything.
     turn_proto::server::Server::new(setup::server_config(

@@ -216,6 +216,41 @@ fn interface_addresses() -> Vec<IpAddr> {
     candidates
 }
 
+/// Raises the open-file limit so that every relay port can hold a socket: the soft limit
+/// up to the hard one, and (with the privilege, as root) the hard one up to
+/// `fs.nr_open`. Returns the limit now and how many descriptors the relays could use.
+pub fn raise_fd_limit(relays: &RelayAddresses, config: &Config) -> (u64, u64) {
+    let ports = u64::from(config.max_port) - u64::from(config.min_port) + 1;
+    let sockets = ports * relays.iter().map(Vec::len).sum::<usize>() as u64;
+    let quota = config.total_quota as u64;
+    // Two relay sockets at most per allocation (dual-stack), plus listeners and the rest.
+    let capped = if quota > 0 { sockets.min(quota * 2) } else { sockets };
+    let need = capped + 4096;
+    // SAFETY: plain struct out-parameter.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: `lim` is a valid rlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return (0, need);
+    }
+    if lim.rlim_cur >= need {
+        return (lim.rlim_cur, need);
+    }
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(lim.rlim_max);
+    for want in [need.min(nr_open).max(lim.rlim_max), lim.rlim_max] {
+        let soft = need.min(want);
+        let new = libc::rlimit { rlim_cur: soft, rlim_max: want };
+        // SAFETY: a valid rlimit; raising the hard limit fails without the privilege, and
+        // then the soft limit up to the current hard one is tried.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0 {
+            return (soft, need);
+        }
+    }
+    (lim.rlim_cur, need)
+}
+
 /// The URL clients use, for the startup banner.
 pub fn turn_url(addr: SocketAddr) -> String {
     match addr {
