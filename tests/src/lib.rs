@@ -364,6 +364,20 @@ pub fn run_tool(tool: &str, args: &[&str], timeout: Duration) -> (bool, String) 
     (status.is_some_and(|s| s.success()), text)
 }
 
+/// coturn's `turnutils_uclient` against the TURN server `server` (on 127.0.0.1), relaying
+/// to a peer on 127.0.0.1:`peer_port`, with `extra` options (credentials, counts); returns
+/// its exit status success and output. `-c`: no RTCP allocations (they would ask for
+/// EVEN-PORT reservations, which this server declines with 508 as RFC 8656 allows).
+pub fn uclient(server: SocketAddr, peer_port: u16, extra: &[&str]) -> (bool, String) {
+    let port = server.port().to_string();
+    let peer = peer_port.to_string();
+    let host = server.ip().to_string();
+    let mut args = vec!["-c", "-p", &port, "-e", "127.0.0.1", "-r", &peer];
+    args.extend_from_slice(extra);
+    args.push(&host);
+    run_tool("turnutils_uclient", &args, Duration::from_secs(60))
+}
+
 /// The lost-packet figure from turnutils_uclient's summary ("Total lost packets N").
 pub fn uclient_lost(output: &str) -> Option<u64> {
     output

@@ -113,14 +113,10 @@ fn relaying_daemon(extra: &[&str]) -> Daemon {
 }
 
 fn uclient(daemon: &Daemon, peer_port: u16, user: &str, extra: &[&str]) -> (bool, String) {
-    let port = daemon.addr().port().to_string();
-    let peer = peer_port.to_string();
     let (name, password) = user.split_once(':').unwrap();
-    let mut args =
-        vec!["-c", "-p", &port, "-e", "127.0.0.1", "-r", &peer, "-u", name, "-w", password];
+    let mut args = vec!["-u", name, "-w", password];
     args.extend_from_slice(extra);
-    args.push("127.0.0.1");
-    run_tool("turnutils_uclient", &args, UCLIENT)
+    turn_tests::uclient(daemon.addr(), peer_port, &args)
 }
 
 #[test]

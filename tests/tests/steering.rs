@@ -208,15 +208,11 @@ fn after_kill_9_a_restart_on_the_same_port_relays_without_loss() {
     assert_eq!(report["groups"][0]["unsteered_per_sec"].as_f64(), Some(0.0), "{report}");
 }
 
-/// uclient relaying through `daemon` with `extra` options; returns (ok, output).
+/// uclient as alice relaying through `daemon` with `extra` options; returns (ok, output).
 fn relay_with_uclient(daemon: &Daemon, peer_port: u16, extra: &[&str]) -> (bool, String) {
-    let port = daemon.addr().port().to_string();
-    let peer = peer_port.to_string();
-    let mut args =
-        vec!["-c", "-p", &port, "-e", "127.0.0.1", "-r", &peer, "-u", "alice", "-w", "secret"];
+    let mut args = vec!["-u", "alice", "-w", "secret"];
     args.extend_from_slice(extra);
-    args.push("127.0.0.1");
-    turn_tests::run_tool("turnutils_uclient", &args, Duration::from_secs(60))
+    turn_tests::uclient(daemon.addr(), peer_port, &args)
 }
 
 /// A 2-worker p2c daemon with a user and loopback peers allowed, pinned under `root`.

@@ -23,14 +23,7 @@ fn port_args(daemon: &Daemon) -> String {
 
 /// turnutils_uclient against `daemon` with `extra` options, relaying to the peer.
 fn uclient(daemon: &Daemon, peer_port: u16, extra: &[&str]) -> (bool, String) {
-    let port = port_args(daemon);
-    let peer = peer_port.to_string();
-    // -c: no RTCP allocations (they would ask for EVEN-PORT reservations, which this
-    // server declines with 508 as RFC 8656 allows).
-    let mut args = vec!["-c", "-p", &port, "-e", "127.0.0.1", "-r", &peer];
-    args.extend_from_slice(extra);
-    args.push("127.0.0.1");
-    run_tool("turnutils_uclient", &args, UCLIENT)
+    turn_tests::uclient(daemon.addr(), peer_port, extra)
 }
 
 /// Like [`uclient`], in a thread (for what happens to the daemon meanwhile).
@@ -39,16 +32,11 @@ fn uclient_in_background(
     peer_port: u16,
     extra: &[&str],
 ) -> std::thread::JoinHandle<(bool, String)> {
-    let port = port_args(daemon);
-    let mut args: Vec<String> =
-        ["-c", "-p", &port, "-e", "127.0.0.1", "-r", &peer_port.to_string()]
-            .map(String::from)
-            .to_vec();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args.push("127.0.0.1".into());
+    let server = daemon.addr();
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     std::thread::spawn(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        run_tool("turnutils_uclient", &args, UCLIENT)
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        turn_tests::uclient(server, peer_port, &extra)
     })
 }
 
