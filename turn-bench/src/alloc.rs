@@ -126,12 +126,7 @@ pub fn run(a: AllocArgs) -> Result<AllocReport> {
         time_limit: Duration::from_secs(30) + Duration::from_millis(20) * a.count as u32,
         sock_opts: opts,
     };
-    let peer = net::udp_socket(
-        "127.0.0.1:0".parse()?,
-        None,
-        SockOpts { buffer: Some(8 << 20), ..SockOpts::default() },
-    )?;
-    peer.set_nonblocking(true)?;
+    let peer = net::peer_socket()?;
     let peer_addr = peer.local_addr()?;
     let with_permission = a.trickle > 0.0;
     let plan = move |_| {

@@ -304,12 +304,7 @@ impl Bench {
         let maps = turn_server::steering::GroupMaps::open_pinned(&dir)
             .map_err(|e| anyhow::anyhow!("{}", turn_server::daemon::error_chain(&e)))
             .with_context(|| format!("opening the daemon's steering maps in {}", dir.display()))?;
-        let peer = net::udp_socket(
-            "127.0.0.1:0".parse()?,
-            None,
-            SockOpts { buffer: Some(8 << 20), ..SockOpts::default() },
-        )?;
-        peer.set_nonblocking(true)?;
+        let peer = net::peer_socket()?;
         Ok(Bench {
             daemon,
             _root: root,

@@ -97,43 +97,28 @@ fn setsockopt_int(
     if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
-/// Raise this process's open-file limit so that `need` descriptors fit (up to the hard
-/// limit). Returns the new soft limit; an error if `need` cannot fit.
+/// A non-blocking peer socket on 127.0.0.1 (any port) with large buffers.
+pub fn peer_socket() -> Result<UdpSocket> {
+    let peer = udp_socket(
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
+        None,
+        SockOpts { buffer: Some(8 << 20), ..SockOpts::default() },
+    )?;
+    peer.set_nonblocking(true)?;
+    Ok(peer)
+}
+
+/// Raise this process's open-file limit so that `need` descriptors fit (the daemon's own
+/// rule: soft up to hard, hard up to fs.nr_open with the privilege). Returns the new soft
+/// limit; an error if `need` cannot fit.
 pub fn raise_nofile(need: u64) -> Result<u64> {
-    // SAFETY: plain struct out-parameter.
-    let mut lim: libc::rlimit = unsafe { zeroed() };
-    // SAFETY: `lim` is a valid rlimit to fill.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
-    }
-    if lim.rlim_max < need {
-        // Root may raise the hard limit too, up to fs.nr_open.
-        let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .unwrap_or(lim.rlim_max);
-        let want = libc::rlimit { rlim_cur: need.min(nr_open), rlim_max: need.min(nr_open) };
-        // SAFETY: a valid rlimit; without the privilege the call fails and nothing changes.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
-            lim = want;
-        }
-    }
-    if lim.rlim_cur < need && lim.rlim_cur < lim.rlim_max {
-        let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
-        // SAFETY: a valid rlimit no larger than the hard limit.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } != 0 {
-            return Err(io::Error::last_os_error()).context("setrlimit(RLIMIT_NOFILE)");
-        }
-        lim.rlim_cur = lim.rlim_max;
-    }
-    if lim.rlim_cur < need {
+    let (soft, hard) = turn_server::setup::raise_nofile(need);
+    if soft < need {
         bail!(
-            "need about {need} open files but RLIMIT_NOFILE is {} (hard {}); raise it (ulimit -Hn) or use fewer sockets",
-            lim.rlim_cur,
-            lim.rlim_max
+            "need about {need} open files but RLIMIT_NOFILE is {soft} (hard {hard}); raise it (ulimit -Hn) or use fewer sockets"
         );
     }
-    Ok(lim.rlim_cur)
+    Ok(soft)
 }
 
 fn storage_to_addr(s: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {

@@ -216,9 +216,8 @@ fn interface_addresses() -> Vec<IpAddr> {
     candidates
 }
 
-/// Raises the open-file limit so that every relay port can hold a socket: the soft limit
-/// up to the hard one, and (with the privilege, as root) the hard one up to
-/// `fs.nr_open`. Returns the limit now and how many descriptors the relays could use.
+/// Raises the open-file limit so that every relay port can hold a socket. Returns the limit
+/// now and how many descriptors the relays could use.
 pub fn raise_fd_limit(relays: &RelayAddresses, config: &Config) -> (u64, u64) {
     let ports = u64::from(config.max_port) - u64::from(config.min_port) + 1;
     let sockets = ports * relays.iter().map(Vec::len).sum::<usize>() as u64;
@@ -226,29 +225,34 @@ pub fn raise_fd_limit(relays: &RelayAddresses, config: &Config) -> (u64, u64) {
     // Two relay sockets at most per allocation (dual-stack), plus listeners and the rest.
     let capped = if quota > 0 { sockets.min(quota * 2) } else { sockets };
     let need = capped + 4096;
+    (raise_nofile(need).0, need)
+}
+
+/// Raises RLIMIT_NOFILE towards `need`: the soft limit up to the hard one, and (with the
+/// privilege, as root) the hard one up to `fs.nr_open`. Returns (soft, hard) now.
+pub fn raise_nofile(need: u64) -> (u64, u64) {
     // SAFETY: plain struct out-parameter.
     let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
     // SAFETY: `lim` is a valid rlimit to fill.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return (0, need);
+        return (0, 0);
     }
     if lim.rlim_cur >= need {
-        return (lim.rlim_cur, need);
+        return (lim.rlim_cur, lim.rlim_max);
     }
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
         .unwrap_or(lim.rlim_max);
-    for want in [need.min(nr_open).max(lim.rlim_max), lim.rlim_max] {
-        let soft = need.min(want);
-        let new = libc::rlimit { rlim_cur: soft, rlim_max: want };
+    for hard in [need.min(nr_open).max(lim.rlim_max), lim.rlim_max] {
+        let new = libc::rlimit { rlim_cur: need.min(hard), rlim_max: hard };
         // SAFETY: a valid rlimit; raising the hard limit fails without the privilege, and
         // then the soft limit up to the current hard one is tried.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0 {
-            return (soft, need);
+            return (new.rlim_cur, new.rlim_max);
         }
     }
-    (lim.rlim_cur, need)
+    (lim.rlim_cur, lim.rlim_max)
 }
 
 /// The URL clients use, for the startup banner.
