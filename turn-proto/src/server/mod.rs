@@ -467,7 +467,6 @@ impl Server {
         Q: Quota + ?Sized,
     {
         let ft = FiveTuple { client, listener };
-        self.wall = Some((now, unix_secs));
         match datagram.first().map(|b| b >> 6) {
             Some(0b01) => self.client_channel_data(now, ft, datagram),
             Some(0b00) => match Message::parse(datagram) {
@@ -533,6 +532,9 @@ impl Server {
         R: RelayAllocator + ?Sized,
         Q: Quota + ?Sized,
     {
+        // Wall time for events that come without it (tombstones of expiring allocations):
+        // noted on the control path only, not for every ChannelData.
+        self.wall = Some((now, unix_secs));
         match (msg.class(), msg.method()) {
             (Class::Request, Method::BINDING) => self.binding(ft, &msg, out),
             (
