@@ -1,0 +1,201 @@
+//! Long-term credential authentication of requests (RFC 8489 §9.2.4) and the answers to
+//! requests that fail it (401, 400, 438), limited per source address.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use super::responses::{IntegrityKind, Signer, code};
+use super::{DropReason, FiveTuple, Output, Server};
+use crate::credentials::{Identity, Key, PasswordAlgorithm};
+use crate::nonce::{NonceCheck, SecurityFeatures};
+use crate::stun::attr;
+use crate::stun::attr::Attribute;
+use crate::stun::{EncodeError, Message};
+
+/// A successfully authenticated request.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Auth<'a> {
+    pub(super) identity: Identity<'a>,
+    pub(super) key: Key,
+    pub(super) kind: IntegrityKind,
+    /// When the request's nonce was issued (UNIX seconds).
+    pub(super) nonce_issued: u64,
+}
+
+/// Why authentication failed (RFC 8489 §9.2.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Rejection {
+    /// 401 with REALM, NONCE, PASSWORD-ALGORITHMS.
+    Unauthenticated,
+    /// 400 without credentials attributes.
+    BadRequest,
+    /// 438 with a fresh NONCE.
+    StaleNonce,
+}
+
+impl Server {
+    /// Long-term credential checks, in the order of RFC 8489 §9.2.4.
+    pub(super) fn authenticate<'a>(
+        &mut self,
+        msg: &Message<'a>,
+        client: SocketAddr,
+        now: Instant,
+        unix_secs: u64,
+    ) -> Result<Auth<'a>, Rejection> {
+        let has_mi = msg.has_message_integrity();
+        let has_mi256 = msg.has_message_integrity_sha256();
+        // §9.2.4: "If the message does not contain a MESSAGE-INTEGRITY or
+        // MESSAGE-INTEGRITY-SHA256 attribute, the server MUST generate an
+        // error response with an error code of 401".
+        if !has_mi && !has_mi256 {
+            self.counters.auth_challenges += 1;
+            return Err(Rejection::Unauthenticated);
+        }
+        // "... but is missing either the USERNAME or USERHASH, REALM, or
+        // NONCE attribute, the server MUST generate ... 400".
+        let username = msg.get(attr::USERNAME);
+        let userhash = msg.get(attr::USERHASH);
+        let (Some(realm), Some(nonce)) = (msg.get(attr::REALM), msg.get(attr::NONCE)) else {
+            return Err(Rejection::BadRequest);
+        };
+        if username.is_none() && userhash.is_none() {
+            return Err(Rejection::BadRequest);
+        }
+        // "If the NONCE attribute starts with the 'nonce cookie' with the
+        // STUN Security Feature 'Password algorithms' bit set to 1 ..."
+        let mut algorithm = PasswordAlgorithm::Md5;
+        let mut negotiated = false;
+        if SecurityFeatures::from_nonce(nonce).is_some_and(|f| f.password_algorithms) {
+            match (msg.get(attr::PASSWORD_ALGORITHMS), msg.get(attr::PASSWORD_ALGORITHM)) {
+                // "... neither ... then the request is processed as though
+                // PASSWORD-ALGORITHM were MD5."
+                (None, None) => {}
+                // "Otherwise, unless (1) both are present, (2)
+                // PASSWORD-ALGORITHMS matches the value sent [by us], and (3)
+                // PASSWORD-ALGORITHM matches one of the entries ... 400."
+                (Some(list), Some(chosen)) => {
+                    if list != self.password_algorithms.as_slice() {
+                        return Err(Rejection::BadRequest);
+                    }
+                    let Ok(Attribute::PasswordAlgorithm(code, _)) =
+                        Attribute::decode(attr::PASSWORD_ALGORITHM, chosen, &msg.transaction_id())
+                    else {
+                        return Err(Rejection::BadRequest);
+                    };
+                    let offered = self.cfg.password_algorithms.iter().any(|a| a.code() == code);
+                    match PasswordAlgorithm::from_code(code) {
+                        Some(a) if offered => algorithm = a,
+                        _ => return Err(Rejection::BadRequest),
+                    }
+                    negotiated = true;
+                }
+                _ => return Err(Rejection::BadRequest),
+            }
+        }
+        // A request for another realm cannot be verified: challenge again.
+        if realm != self.cfg.realm.as_bytes() {
+            self.auth_failed(client, now);
+            return Err(Rejection::Unauthenticated);
+        }
+        // "If the value of the USERNAME or USERHASH attribute is not valid,
+        // ... 401".
+        let identity = match (username, userhash) {
+            (Some(u), _) => std::str::from_utf8(u)
+                .ok()
+                .filter(|u| u.len() <= attr::MAX_USERNAME_LEN)
+                .and_then(|u| self.creds.by_username(u, unix_secs)),
+            (None, Some(h)) => self.creds.by_userhash(h),
+            (None, None) => None,
+        };
+        // "If the MESSAGE-INTEGRITY-SHA256 attribute is present, compute
+        // [it] ... Otherwise ... MESSAGE-INTEGRITY ... [mismatch:] 401".
+        let integrity_checks = &mut self.counters.integrity_checks;
+        let mut verify = |k: &[u8]| {
+            *integrity_checks += 1;
+            if has_mi256 {
+                msg.verify_message_integrity_sha256(k)
+            } else {
+                msg.verify_message_integrity(k)
+            }
+        };
+        let Some(identity) = identity else {
+            // An unknown user costs what a known one with a wrong password costs (one
+            // key derivation and one integrity check), so that response times do not
+            // tell which usernames exist.
+            let _ = verify(self.decoy_key.as_bytes());
+            self.auth_failed(client, now);
+            return Err(Rejection::Unauthenticated);
+        };
+        let key = self.creds.find_key(identity, algorithm, verify);
+        let Some(key) = key else {
+            self.auth_failed(client, now);
+            return Err(Rejection::Unauthenticated);
+        };
+        // "If the NONCE is no longer valid, ... 438 (Stale Nonce)."
+        let NonceCheck::Valid { issued: nonce_issued } =
+            self.nonces.check(nonce, unix_secs, client)
+        else {
+            self.counters.stale_nonces += 1;
+            return Err(Rejection::StaleNonce);
+        };
+        // "Any response generated by the server MUST include the
+        // MESSAGE-INTEGRITY-SHA256 attribute ... unless the request was
+        // processed as though PASSWORD-ALGORITHM was MD5 [legacy], [then]
+        // MESSAGE-INTEGRITY". A legacy request that only carries
+        // MESSAGE-INTEGRITY-SHA256 gets that back (mirroring the client).
+        let kind = if negotiated || !has_mi { IntegrityKind::Sha256 } else { IntegrityKind::Sha1 };
+        Ok(Auth { identity, key, kind, nonce_issued })
+    }
+
+    /// Counts a failed authentication against its source (password guessing).
+    pub(super) fn auth_failed(&mut self, client: SocketAddr, now: Instant) {
+        self.counters.auth_failures += 1;
+        let _ = self.failed_auth.allow(&client.ip(), now);
+    }
+
+    /// Answers an unauthenticated or failed request (401, 400, 438), unless its source
+    /// already drew its share of such answers.
+    pub(super) fn reject<'a>(
+        &mut self,
+        now: Instant,
+        unix_secs: u64,
+        ft: FiveTuple,
+        signer: &Signer,
+        rej: Rejection,
+        out: &'a mut [u8],
+    ) -> Output<'a> {
+        if !self.unauthenticated.allow(&ft.client.ip(), now) {
+            self.counters.rate_limited_responses += 1;
+            return self.dropped(DropReason::RateLimited);
+        }
+        let r = self.write_rejection(out, signer, rej, ft, unix_secs);
+        self.respond(ft, out, r)
+    }
+
+    pub(super) fn write_rejection(
+        &self,
+        out: &mut [u8],
+        signer: &Signer,
+        rej: Rejection,
+        ft: FiveTuple,
+        unix_secs: u64,
+    ) -> Result<usize, EncodeError> {
+        let code = match rej {
+            Rejection::BadRequest => {
+                return self.write_error(out, signer, code::BAD_REQUEST, |_| Ok(()));
+            }
+            Rejection::Unauthenticated => code::UNAUTHENTICATED,
+            Rejection::StaleNonce => code::STALE_NONCE,
+        };
+        // After the 5-tuple's tombstone, if any, so that a real client's retry is taken.
+        let nonce = self.nonces.issue(self.tombstones.nonce_time(&ft, unix_secs), ft.client);
+        self.write_error(out, signer, code, |enc| {
+            enc.raw(attr::REALM, self.cfg.realm.as_bytes())?;
+            enc.raw(attr::NONCE, nonce.as_bytes())?;
+            if !self.password_algorithms.is_empty() {
+                enc.raw(attr::PASSWORD_ALGORITHMS, &self.password_algorithms)?;
+            }
+            Ok(())
+        })
+    }
+}
