@@ -92,15 +92,17 @@ fn bench(c: &mut Criterion) {
     let mut out = [0u8; 2048];
     c.bench_function("server/binding_request_to_response", |b| {
         b.iter(|| {
-            let o = sim.server.handle_client_datagram(
-                sim.now,
-                sim.unix,
-                sim.listener,
-                client,
-                black_box(&plain),
+            let input = turn_proto::server::ClientInput {
+                now: sim.now,
+                unix_secs: sim.unix,
+                five_tuple: sim.five_tuple(client),
+                conn: turn_proto::server::ClientConn(0),
+                data: black_box(&plain),
+            };
+            let o = sim.server.handle_client_message(
+                input,
                 &mut out,
-                &mut sim.relays,
-                &sim.quota,
+                &mut turn_proto::server::Host { relays: &mut sim.relays, quota: &sim.quota },
             );
             black_box(matches!(o, turn_proto::Output::ToClient { .. }))
         })

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use common::{Client, Sim};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use turn_proto::Output;
-use turn_proto::server::{LocalQuota, PEER_HEADROOM, PEER_TAILROOM};
+use turn_proto::server::{ClientConn, ClientInput, Host, LocalQuota, PEER_HEADROOM, PEER_TAILROOM};
 use turn_proto::stun::attr::Attribute;
 use turn_proto::stun::{Class, Family, Method};
 
@@ -48,6 +48,7 @@ fn setup() -> (Sim, Client, SocketAddr) {
 
 fn bench(c: &mut Criterion) {
     let (mut sim, client, peer) = setup();
+    let five_tuple = sim.five_tuple(client.addr);
     let relay = common::relay_of(&sim, &client, Family::V4);
     let payload = vec![0xABu8; PAYLOAD];
 
@@ -59,15 +60,17 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     g.bench_function("channel_data_client_to_peer_decision", |b| {
         b.iter(|| {
-            let o = sim.server.handle_client_datagram(
-                sim.now,
-                sim.unix,
-                sim.listener,
-                client.addr,
-                black_box(&cd),
+            let input = ClientInput {
+                now: sim.now,
+                unix_secs: sim.unix,
+                five_tuple,
+                conn: ClientConn(0),
+                data: black_box(&cd),
+            };
+            let o = sim.server.handle_client_message(
+                input,
                 &mut out,
-                &mut sim.relays,
-                &sim.quota,
+                &mut Host { relays: &mut sim.relays, quota: &sim.quota },
             );
             match o {
                 Output::ToPeer { relay, peer, data, .. } => black_box((relay, peer, data.len())),
@@ -124,15 +127,17 @@ fn bench(c: &mut Criterion) {
     );
     g.bench_function("send_indication_client_to_peer_decision", |b| {
         b.iter(|| {
-            let o = sim.server.handle_client_datagram(
-                sim.now,
-                sim.unix,
-                sim.listener,
-                client.addr,
-                black_box(&send),
+            let input = ClientInput {
+                now: sim.now,
+                unix_secs: sim.unix,
+                five_tuple,
+                conn: ClientConn(0),
+                data: black_box(&send),
+            };
+            let o = sim.server.handle_client_message(
+                input,
                 &mut out,
-                &mut sim.relays,
-                &sim.quota,
+                &mut Host { relays: &mut sim.relays, quota: &sim.quota },
             );
             match o {
                 Output::ToPeer { data, .. } => black_box(data.len()),

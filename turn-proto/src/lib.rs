@@ -13,7 +13,7 @@
 //!   and borrows attributes from it (zero copy); [`stun::MessageEncoder`]
 //!   writes into a caller buffer. MESSAGE-INTEGRITY(-SHA256) and
 //!   FINGERPRINT in [`stun::integrity`]. [`channel_data`] frames
-//!   ChannelData.
+//!   ChannelData; [`framing`] cuts a TCP/TLS stream into messages.
 //! * [`credentials`]: long-term keys (MD5 and SHA-256), USERHASH,
 //!   SASLprep, and coturn-compatible REST credentials. [`nonce`]: stateless
 //!   nonces (an HMAC over time and client address; nothing stored for
@@ -28,18 +28,27 @@
 //!
 //! ```text
 //! loop {
-//!     wait for: listener datagram | relay datagram | poll_timeout()
-//!     listener datagram  -> handle_client_datagram(now, unix_secs, listener, client, dgram, out, relays, quota)
+//!     wait for: listener datagram | stream bytes | relay datagram | poll_timeout()
+//!     listener datagram  -> handle_client_message(ClientInput { now, unix_secs, five_tuple, conn, data }, out, host)
+//!     stream bytes       -> for each complete frame (framing::Frames): handle_client_message(..)
+//!     stream closed      -> handle_connection_closed(now, five_tuple, host)
 //!     relay datagram     -> handle_peer_datagram(now, relay_id, peer, buf /* payload at PEER_HEADROOM */, len)
-//!     deadline           -> handle_timeout(now, relays, quota)
-//!     execute the Output: ToClient { client, listener, data } | ToPeer { relay, peer, data, .. } | None
+//!     deadline           -> handle_timeout(now, host)
+//!     execute the Output: ToClient { five_tuple, conn, data } | ToPeer { relay, peer, data, .. } | None
 //!     drain poll_event() for logs; export counters()
 //! }
 //! ```
 //!
+//! A [`server::FiveTuple`] carries its [`server::Transport`] (UDP, TCP or TLS) and every
+//! client message comes with the caller's [`server::ClientConn`]: the socket or
+//! connection to answer on, which every [`server::Output::ToClient`] names again. Over
+//! TCP and TLS, [`framing`] cuts the byte stream into messages, ChannelData to the client
+//! is padded to four bytes, and an allocation ends with its connection.
+//!
 //! Relay sockets are requested through [`server::RelayAllocator`]
 //! (synchronous: bind and return an id and address) and quotas through
-//! [`server::Quota`] (shared across workers by the daemon). Every input
+//! [`server::Quota`] (shared across workers by the daemon), both lent for one call in a
+//! [`server::Host`]. Every input
 //! that is not answered is counted in [`server::Counters`] by
 //! [`server::DropReason`]; no input from the network can panic the server
 //! or grow its memory without bound (caps on allocations, permissions,
@@ -56,9 +65,13 @@
 
 pub mod channel_data;
 pub mod credentials;
+pub mod framing;
 pub mod nonce;
 pub mod policy;
 pub mod server;
 pub mod stun;
 
-pub use server::{Event, FiveTuple, Output, Quota, RelayAllocator, RelayId, Server, ServerConfig};
+pub use server::{
+    ClientConn, ClientInput, Event, FiveTuple, Host, Output, Quota, RelayAllocator, RelayId,
+    Server, ServerConfig, Transport,
+};

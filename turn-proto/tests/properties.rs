@@ -360,3 +360,80 @@ fn huge_peer_datagram_is_dropped_not_truncated() {
     assert_eq!(sim.peer_datagram(relay, p, &payload), Out::None);
     assert_eq!(sim.server.counters().dropped(turn_proto::server::DropReason::PayloadTooLarge), 1);
 }
+
+/// A frame of a stream: a Binding request with `n` bytes of SOFTWARE, or a padded
+/// ChannelData message with `n` bytes of payload.
+fn stream_frame(stun: bool, n: usize, fill: u8) -> Vec<u8> {
+    if stun {
+        let mut buf = vec![0u8; 64 + n];
+        let mut enc = MessageEncoder::new(
+            &mut buf,
+            Method::BINDING,
+            Class::Request,
+            &TransactionId([fill; 12]),
+        )
+        .unwrap();
+        enc.raw(attr::SOFTWARE, &vec![b'a'; n]).unwrap();
+        let len = enc.finish();
+        buf.truncate(len);
+        buf
+    } else {
+        let mut buf = vec![0u8; 8 + n];
+        let len = channel_data::encode(&mut buf, 0x4000 | u16::from(fill), &vec![fill; n]).unwrap();
+        buf.truncate(len.div_ceil(4) * 4);
+        buf
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+    /// However a stream of frames is cut into reads, a reader that keeps the unconsumed
+    /// bytes and takes the complete frames gets exactly the frames that were sent.
+    #[test]
+    fn frames_survive_any_split_of_the_stream(
+        frames in proptest::collection::vec((any::<bool>(), 0usize..200, any::<u8>()), 1..12),
+        cuts in proptest::collection::vec(1usize..64, 1..40),
+    ) {
+        use turn_proto::framing::{FrameKind, Frames};
+        let sent: Vec<Vec<u8>> =
+            frames.iter().map(|&(stun, n, fill)| stream_frame(stun, n, fill)).collect();
+        let stream: Vec<u8> = sent.concat();
+        let mut received: Vec<Vec<u8>> = Vec::new();
+        let mut pending: Vec<u8> = Vec::new();
+        let mut at = 0;
+        let mut cut = cuts.iter().cycle();
+        while at < stream.len() {
+            let n = (*cut.next().unwrap()).min(stream.len() - at);
+            pending.extend_from_slice(&stream[at..at + n]);
+            at += n;
+            let mut it = Frames::new(&pending);
+            for (kind, frame) in it.by_ref() {
+                prop_assert_eq!(kind == FrameKind::Stun, Message::parse(frame).is_ok());
+                if kind == FrameKind::ChannelData {
+                    prop_assert!(ChannelData::parse(frame).is_ok());
+                }
+                received.push(frame.to_vec());
+            }
+            prop_assert_eq!(it.error(), None);
+            let used = it.consumed();
+            pending.drain(..used);
+        }
+        prop_assert!(pending.is_empty());
+        prop_assert_eq!(received, sent);
+    }
+
+    /// Arbitrary bytes never make the framer panic, claim more than it was given, or
+    /// return a frame shorter than a header.
+    #[test]
+    fn framer_is_total_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+        let mut it = turn_proto::framing::Frames::new(&bytes);
+        let mut total = 0;
+        for (_, frame) in it.by_ref() {
+            prop_assert!(frame.len() >= 4);
+            total += frame.len();
+        }
+        prop_assert_eq!(total, it.consumed());
+        prop_assert!(it.consumed() <= bytes.len());
+    }
+}

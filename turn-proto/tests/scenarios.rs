@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use turn_proto::server::{DeleteReason, DropReason, Event, RelayError, ServerConfig};
+use turn_proto::server::{DeleteReason, DropReason, Event, RelayError, ServerConfig, Transport};
 use turn_proto::stun::attr::{self, Attribute};
 use turn_proto::stun::{Class, Family, Method};
 
@@ -869,15 +869,17 @@ fn malformed_input_is_counted_not_answered() {
     assert_eq!(sim.server.counters().dropped(DropReason::UnknownRelay), 1);
     // Output buffer too small is a counted drop.
     let mut out = [0u8; 10];
-    let o = sim.server.handle_client_datagram(
-        sim.now,
-        sim.unix,
-        sim.listener,
-        c,
-        &req,
+    let input = turn_proto::server::ClientInput {
+        now: sim.now,
+        unix_secs: sim.unix,
+        five_tuple: sim.five_tuple(c),
+        conn: Sim::conn_of(c),
+        data: &req,
+    };
+    let o = sim.server.handle_client_message(
+        input,
         &mut out,
-        &mut sim.relays,
-        &sim.quota,
+        &mut turn_proto::server::Host { relays: &mut sim.relays, quota: &sim.quota },
     );
     assert_eq!(o, turn_proto::server::Output::None);
     assert_eq!(sim.server.counters().dropped(DropReason::BufferTooSmall), 1);
@@ -907,7 +909,8 @@ fn release_all_on_shutdown() {
     let _a = allocated(&mut sim, "192.0.2.50:40000");
     let _b = allocated(&mut sim, "192.0.2.50:40001");
     sim.events();
-    sim.server.release_all(&mut sim.relays, &sim.quota);
+    sim.server
+        .release_all(&mut turn_proto::server::Host { relays: &mut sim.relays, quota: &sim.quota });
     assert!(sim.relays.live.is_empty());
     assert_eq!(sim.quota.in_use(), 0);
     assert_eq!(sim.events().len(), 2);
@@ -943,10 +946,12 @@ fn icmp_from_peer_becomes_data_indication() {
     let mut c = allocated(&mut sim, "192.0.2.50:40000");
     let relay = relay_of(&sim, &c, Family::V4);
     let mut out = [0u8; 256];
-    let o = sim.server.handle_peer_icmp(sim.now, relay, peer(PEER), 3, 3, 0, &mut out);
+    let icmp =
+        |info| turn_proto::server::PeerIcmp { peer: peer(PEER), icmp_type: 3, icmp_code: 3, info };
+    let o = sim.server.handle_peer_icmp(sim.now, relay, icmp(0), &mut out);
     assert_eq!(o, turn_proto::server::Output::None, "no permission yet");
     assert_eq!(c.create_permission(&mut sim, &[peer(PEER)]).class(), Class::SuccessResponse);
-    let o = sim.server.handle_peer_icmp(sim.now, relay, peer(PEER), 3, 3, 1400, &mut out);
+    let o = sim.server.handle_peer_icmp(sim.now, relay, icmp(1400), &mut out);
     let turn_proto::server::Output::ToClient { data, .. } = o else { panic!("{o:?}") };
     let r = Resp { bytes: data.to_vec() };
     assert_eq!(r.class(), Class::Indication);
@@ -1090,4 +1095,101 @@ fn password_guessing_is_throttled_per_source() {
     sim.advance(1);
     let mut later = Client::alice("192.0.2.95:40002");
     assert_eq!(later.allocate(&mut sim).class(), Class::SuccessResponse);
+}
+
+#[test]
+fn over_tcp_channel_data_to_the_client_is_padded_with_zeros_and_data_indications_stay_aligned() {
+    for transport in [Transport::Tcp, Transport::Tls, Transport::Udp] {
+        let mut sim = Sim::default();
+        sim.transport = transport;
+        let mut c = allocated(&mut sim, "192.0.2.50:40000");
+        assert_eq!(c.channel_bind(&mut sim, 0x4001, peer(PEER)).class(), Class::SuccessResponse);
+        let relay = relay_of(&sim, &c, Family::V4);
+        for len in 0..9usize {
+            let payload: Vec<u8> = (1..=len as u8).collect();
+            let Out::ToClient { data, .. } = sim.peer_datagram(relay, peer(PEER), &payload) else {
+                panic!("{transport:?} {len}: not relayed")
+            };
+            // Header, payload, then (on streams only) zeros up to a multiple of four: the
+            // buffer around the payload is 0xEE, so stale bytes would show.
+            let mut want = vec![0x40, 0x01, 0, len as u8];
+            want.extend(&payload);
+            if transport.is_stream() {
+                want.resize(want.len().div_ceil(4) * 4, 0);
+            }
+            assert_eq!(data, want, "{transport:?} {len}");
+            // On a stream the frame is exactly what framing expects.
+            if transport.is_stream() {
+                assert_eq!(turn_proto::framing::frame_len(&data).unwrap().unwrap().1, want.len());
+            }
+        }
+        // Data indications are padded whatever the transport (attribute padding).
+        assert_eq!(c.create_permission(&mut sim, &[peer(PEER2)]).class(), Class::SuccessResponse);
+        let Out::ToClient { data, .. } = sim.peer_datagram(relay, peer(PEER2), b"abc") else {
+            panic!("{transport:?}: Data indication not sent")
+        };
+        assert_eq!(data.len() % 4, 0);
+        assert_eq!(data_indication(&data), (peer(PEER2), b"abc".to_vec()));
+    }
+}
+
+#[test]
+fn over_tcp_padded_channel_data_from_the_client_reaches_the_peer_without_its_padding() {
+    let mut sim = Sim::default();
+    sim.transport = Transport::Tcp;
+    let mut c = allocated(&mut sim, "192.0.2.50:40000");
+    assert_eq!(c.channel_bind(&mut sim, 0x4001, peer(PEER)).class(), Class::SuccessResponse);
+    let frame = [0x40, 0x01, 0x00, 0x05, b'h', b'e', b'l', b'l', b'o', 0, 0, 0];
+    assert_eq!(turn_proto::framing::frame_len(&frame).unwrap().unwrap().1, frame.len());
+    match sim.client_datagram(c.addr, &frame) {
+        Out::ToPeer { data, peer: to, .. } => {
+            assert_eq!(data, b"hello");
+            assert_eq!(to, peer(PEER));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_closed_connection_deletes_its_allocation_and_frees_relays_and_quota() {
+    let mut sim = Sim::default();
+    sim.transport = Transport::Tcp;
+    let c = allocated(&mut sim, "192.0.2.50:40000");
+    let other = allocated(&mut sim, "192.0.2.50:40001");
+    assert_eq!((sim.relays.live.len(), sim.quota.in_use()), (2, 2));
+    sim.events();
+    sim.close_connection(c.addr);
+    assert_eq!(sim.server.allocation_count(), 1);
+    assert_eq!((sim.relays.live.len(), sim.quota.in_use()), (1, 1));
+    assert!(sim.server.allocation(&sim.five_tuple(c.addr)).is_none());
+    assert!(sim.server.allocation(&sim.five_tuple(other.addr)).is_some());
+    let events = sim.events();
+    assert!(
+        matches!(
+            events.as_slice(),
+            [Event::AllocationDeleted { reason: DeleteReason::ConnectionClosed, conn, .. }]
+                if *conn == Sim::conn_of(c.addr)
+        ),
+        "{events:?}"
+    );
+    assert_eq!(sim.server.counters().allocations_closed, 1);
+    // Closing a connection without an allocation (or twice) changes nothing.
+    sim.close_connection(c.addr);
+    sim.close_connection("192.0.2.99:1".parse().unwrap());
+    assert_eq!(sim.server.allocation_count(), 1);
+    assert!(sim.events().is_empty());
+}
+
+#[test]
+fn the_same_address_over_udp_and_tcp_is_two_five_tuples() {
+    let mut sim = Sim::default();
+    let udp = allocated(&mut sim, "192.0.2.50:40000");
+    sim.transport = Transport::Tcp;
+    // Same client address and port, same listener address, other transport: a new
+    // allocation, not a 437.
+    let tcp = allocated(&mut sim, "192.0.2.50:40000");
+    assert_eq!(sim.server.allocation_count(), 2);
+    sim.close_connection(tcp.addr);
+    sim.transport = Transport::Udp;
+    assert!(sim.server.allocation(&sim.five_tuple(udp.addr)).is_some(), "UDP one stays");
 }

@@ -470,10 +470,10 @@ mod tests {
             family,
             even_port: even,
             dont_fragment: false,
-            five_tuple: FiveTuple {
-                client: "127.0.0.1:1".parse().unwrap(),
-                listener: "127.0.0.1:2".parse().unwrap(),
-            },
+            five_tuple: FiveTuple::udp(
+                "127.0.0.1:1".parse().unwrap(),
+                "127.0.0.1:2".parse().unwrap(),
+            ),
             username: "u",
         }
     }

@@ -136,10 +136,7 @@ mod tests {
     #[test]
     fn directory_owner_and_guarded_remove() {
         let d = Directory::default();
-        let ft = FiveTuple {
-            client: "10.0.0.1:5000".parse().unwrap(),
-            listener: "10.0.0.2:3478".parse().unwrap(),
-        };
+        let ft = FiveTuple::udp("10.0.0.1:5000".parse().unwrap(), "10.0.0.2:3478".parse().unwrap());
         assert_eq!(d.owner(&ft), None);
         d.insert(ft, 3);
         assert_eq!(d.owner(&ft), Some(3));

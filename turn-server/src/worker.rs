@@ -28,8 +28,8 @@ use tokio::{
 use tracing::{debug, info, info_span, warn};
 use turn_common::FlowKey;
 use turn_proto::server::{
-    DeleteReason, DropReason, Event, FiveTuple, Output, PEER_HEADROOM, PEER_TAILROOM, RelayId,
-    Server,
+    ClientConn, ClientInput, DropReason, Event, FiveTuple, Host, Output, PEER_HEADROOM,
+    PEER_TAILROOM, PeerIcmp, RelayId, Server,
 };
 
 use crate::{
@@ -253,14 +253,15 @@ impl Worker {
                     let now = Instant::now();
                     let core = &mut self.core;
                     let mut relays = Relays { pool: &mut core.pool, epoll: core.epoll.get_ref() };
-                    core.server.handle_timeout(now, &mut relays, &*core.quota);
+                    let mut host = Host { relays: &mut relays, quota: &*core.quota };
+                    core.server.handle_timeout(now, &mut host);
                     core.after_batch();
                 }
             }
         }
         let core = &mut self.core;
         let mut relays = Relays { pool: &mut core.pool, epoll: core.epoll.get_ref() };
-        core.server.release_all(&mut relays, &*core.quota);
+        core.server.release_all(&mut Host { relays: &mut relays, quota: &*core.quota });
         core.after_batch();
         let c = core.server.counters();
         info!(
@@ -409,7 +410,7 @@ impl Core {
         datagram: &[u8],
         route: bool,
     ) {
-        let five_tuple = FiveTuple { client, listener: local };
+        let five_tuple = FiveTuple::udp(client, local);
         if route
             && self.server.allocation(&five_tuple).is_none()
             && let Some(owner) = self.directory.owner(&five_tuple)
@@ -423,15 +424,17 @@ impl Core {
             return;
         }
         let mut relays = Relays { pool: &mut self.pool, epoll: self.epoll.get_ref() };
-        let output = self.server.handle_client_datagram(
+        let input = ClientInput {
             now,
-            unix,
-            local,
-            client,
-            datagram,
+            unix_secs: unix,
+            five_tuple,
+            conn: ClientConn(group as u64),
+            data: datagram,
+        };
+        let output = self.server.handle_client_message(
+            input,
             &mut self.out,
-            &mut relays,
-            &*self.quota,
+            &mut Host { relays: &mut relays, quota: &*self.quota },
         );
         match output {
             Output::ToPeer { relay, peer, data, dont_fragment: false }
@@ -486,15 +489,13 @@ impl Core {
                     return;
                 }
             };
-            let output = self.server.handle_peer_icmp(
-                Instant::now(),
-                id,
-                icmp.peer,
-                icmp.icmp_type,
-                icmp.icmp_code,
-                icmp.info,
-                &mut self.out,
-            );
+            let report = PeerIcmp {
+                peer: icmp.peer,
+                icmp_type: icmp.icmp_type,
+                icmp_code: icmp.icmp_code,
+                info: icmp.info,
+            };
+            let output = self.server.handle_peer_icmp(Instant::now(), id, report, &mut self.out);
             send(&self.listeners, &self.pool, &mut self.io_errors, output);
         }
     }
@@ -526,11 +527,10 @@ impl Core {
     fn after_batch(&mut self) {
         while let Some(event) = self.server.poll_event() {
             match event {
-                Event::AllocationCreated { five_tuple, username, relays, lifetime_secs } => {
+                Event::AllocationCreated { five_tuple, conn, username, relays, lifetime_secs } => {
                     self.directory.insert(five_tuple, self.index);
                     bump(&self.stats.allocations_created, 1);
-                    if let Some(group) = self.group_of(five_tuple.listener)
-                        && let Some(Some(pins)) = self.flow_pins.get_mut(group)
+                    if let Some(Some(pins)) = self.flow_pins.get_mut(conn.0 as usize)
                         && pins
                             .pin(&FlowKey::new(five_tuple.client, five_tuple.listener.ip()))
                             .is_err()
@@ -551,19 +551,12 @@ impl Core {
                 Event::AllocationRefreshed { five_tuple, username, lifetime_secs } => {
                     debug!(user = %username, client = %five_tuple.client, lifetime_secs, "allocation refreshed");
                 }
-                Event::AllocationDeleted { five_tuple, username, reason } => {
+                Event::AllocationDeleted { five_tuple, conn, username, reason } => {
                     self.directory.remove(&five_tuple, self.index);
-                    if let Some(group) = self.group_of(five_tuple.listener)
-                        && let Some(Some(pins)) = self.flow_pins.get_mut(group)
-                    {
+                    if let Some(Some(pins)) = self.flow_pins.get_mut(conn.0 as usize) {
                         pins.unpin(&FlowKey::new(five_tuple.client, five_tuple.listener.ip()));
                     }
-                    let reason = match reason {
-                        DeleteReason::Expired => "expired",
-                        DeleteReason::ClientRequest => "client request",
-                        DeleteReason::Shutdown => "shutdown",
-                    };
-                    info!(user = %username, client = %five_tuple.client, reason, "allocation deleted");
+                    info!(user = %username, client = %five_tuple.client, reason = reason.name(), "allocation deleted");
                 }
             }
         }
@@ -578,22 +571,6 @@ impl Core {
             self.pool.bind_errors = 0;
         }
     }
-
-    fn group_of(&self, local: SocketAddr) -> Option<usize> {
-        listener_index(&self.listeners, local)
-    }
-}
-
-/// The listener group a local address belongs to: the exact address, or the wildcard
-/// listener of its family on its port.
-fn listener_index(listeners: &[Listener], local: SocketAddr) -> Option<usize> {
-    listeners.iter().position(|l| l.local == local).or_else(|| {
-        listeners.iter().position(|l| {
-            l.local.ip().is_unspecified()
-                && l.local.is_ipv4() == local.is_ipv4()
-                && l.local.port() == local.port()
-        })
-    })
 }
 
 /// Executes the protocol core's output.
@@ -605,16 +582,15 @@ fn send(
 ) {
     match output {
         Output::None => {}
-        Output::ToClient { client, listener, data } => {
-            let Some(i) = listener_index(listeners, listener) else { return };
-            let l = &listeners[i];
+        Output::ToClient { five_tuple, conn, data } => {
+            let Some(l) = listeners.get(conn.0 as usize) else { return };
             let transmit = Transmit {
-                destination: client,
+                destination: five_tuple.client,
                 ecn: None,
                 contents: data,
                 segment_size: None,
                 // From a wildcard listener, answer from the address the client used.
-                src_ip: l.local.ip().is_unspecified().then_some(listener.ip()),
+                src_ip: l.local.ip().is_unspecified().then_some(five_tuple.listener.ip()),
             };
             if let Err(e) = l.state.try_send((&l.socket).into(), &transmit) {
                 io_errors.log("send to client", &e);
@@ -801,10 +777,10 @@ mod tests {
             family: Family::V4,
             even_port: false,
             dont_fragment: false,
-            five_tuple: FiveTuple {
-                client: "127.0.0.1:1".parse().unwrap(),
-                listener: "127.0.0.1:2".parse().unwrap(),
-            },
+            five_tuple: FiveTuple::udp(
+                "127.0.0.1:1".parse().unwrap(),
+                "127.0.0.1:2".parse().unwrap(),
+            ),
             username: "u",
         };
         let mut relays = Relays { pool: &mut pool, epoll: &epoll };

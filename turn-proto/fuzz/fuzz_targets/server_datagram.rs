@@ -9,7 +9,11 @@
 //! * 3: advance time by `bytes[0] * 8` seconds and fire timers;
 //! * 4 / 5: request from A (alice) / C (bob) whose attributes are the
 //!   fuzzer's bytes, correctly authenticated by this harness so that the
-//!   TURN handlers behind authentication are reached.
+//!   TURN handlers behind authentication are reached;
+//! * 6: A's connection closes (its allocation must go).
+//!
+//! Inputs of odd length run with every client on TCP (ChannelData to clients padded,
+//! allocations tied to connections), even ones on UDP.
 //!
 //! Afterwards every relay and quota unit must be released exactly once.
 #![no_main]
@@ -25,8 +29,9 @@ use turn_proto::credentials::{
     CredentialsConfig, PasswordAlgorithm, StaticUser, UserSecret, long_term_key,
 };
 use turn_proto::server::{
-    Output, PEER_HEADROOM, PEER_TAILROOM, Quota, QuotaExceeded, RelayAllocator, RelayError,
-    RelayId, RelayRequest, Server, ServerConfig,
+    ClientConn, ClientInput, FiveTuple, Host, Output, PEER_HEADROOM, PEER_TAILROOM, Quota,
+    QuotaExceeded, RelayAllocator, RelayError, RelayId, RelayRequest, Server, ServerConfig,
+    Transport,
 };
 use turn_proto::stun::attr;
 use turn_proto::stun::{Class, Family, Message, MessageEncoder, Method, TransactionId};
@@ -94,22 +99,24 @@ struct World {
     now: Instant,
     unix: u64,
     listener: SocketAddr,
+    transport: Transport,
     out: Vec<u8>,
 }
 
 impl World {
     fn client(&mut self, from: SocketAddr, d: &[u8]) -> Option<Vec<u8>> {
-        match self.server.handle_client_datagram(
-            self.now,
-            self.unix,
-            self.listener,
-            from,
-            d,
-            &mut self.out,
-            &mut self.relays,
-            &self.quota,
-        ) {
-            Output::ToClient { data, .. } => {
+        let five_tuple = self.five_tuple(from);
+        let input = ClientInput {
+            now: self.now,
+            unix_secs: self.unix,
+            five_tuple,
+            conn: ClientConn(u64::from(from.port())),
+            data: d,
+        };
+        let mut host = Host { relays: &mut self.relays, quota: &self.quota };
+        match self.server.handle_client_message(input, &mut self.out, &mut host) {
+            Output::ToClient { five_tuple: to, conn, data } => {
+                assert_eq!((to, conn), (five_tuple, ClientConn(u64::from(from.port()))));
                 let m = Message::parse(data).expect("server output parses");
                 assert!(matches!(m.class(), Class::SuccessResponse | Class::ErrorResponse));
                 Some(data.to_vec())
@@ -120,6 +127,10 @@ impl World {
             }
             Output::None => None,
         }
+    }
+
+    fn five_tuple(&self, client: SocketAddr) -> FiveTuple {
+        FiveTuple { client, listener: self.listener, transport: self.transport }
     }
 
     /// Send a request with `body` as attributes, authenticated as `p`.
@@ -200,6 +211,7 @@ fuzz_target!(|data: &[u8]| {
         now: Instant::now(),
         unix: 1_700_000_000,
         listener: "192.0.2.10:3478".parse().expect("addr"),
+        transport: if data.len() % 2 == 1 { Transport::Tcp } else { Transport::Udp },
         out: vec![0u8; 2048],
     };
     let peer1: SocketAddr = "198.51.100.20:5000".parse().expect("addr");
@@ -236,7 +248,7 @@ fuzz_target!(|data: &[u8]| {
         let len = (usize::from(rest[1]) << 8 | usize::from(rest[2])).min(rest.len() - 3);
         let chunk = &rest[3..3 + len];
         rest = &rest[3 + len..];
-        match kind % 6 {
+        match kind % 7 {
             0 => {
                 let _ = w.client(a.addr, chunk);
             }
@@ -255,16 +267,27 @@ fuzz_target!(|data: &[u8]| {
                 let payload = chunk.get(1..).unwrap_or(&[]);
                 let mut buf = vec![0u8; PEER_HEADROOM + payload.len() + PEER_TAILROOM];
                 buf[PEER_HEADROOM..PEER_HEADROOM + payload.len()].copy_from_slice(payload);
-                let _ = w.server.handle_peer_datagram(w.now, relay, peer, &mut buf, payload.len());
+                if let Output::ToClient { five_tuple, data, .. } =
+                    w.server.handle_peer_datagram(w.now, relay, peer, &mut buf, payload.len())
+                {
+                    assert!(!five_tuple.transport.is_stream() || data.len() % 4 == 0, "unpadded");
+                }
             }
             3 => {
                 let secs = u64::from(chunk.first().copied().unwrap_or(1)) * 8;
                 w.now += Duration::from_secs(secs);
                 w.unix += secs;
-                w.server.handle_timeout(w.now, &mut w.relays, &w.quota);
+                w.server
+                    .handle_timeout(w.now, &mut Host { relays: &mut w.relays, quota: &w.quota });
                 if let Some(d) = w.server.poll_timeout() {
                     assert!(d > w.now, "timer left in the past");
                 }
+            }
+            6 => {
+                let ft = w.five_tuple(a.addr);
+                let mut host = Host { relays: &mut w.relays, quota: &w.quota };
+                w.server.handle_connection_closed(w.now, &ft, &mut host);
+                assert!(w.server.allocation(&ft).is_none(), "allocation outlived its connection");
             }
             k => {
                 let sel = chunk.first().copied().unwrap_or(0);
@@ -284,7 +307,7 @@ fuzz_target!(|data: &[u8]| {
         while w.server.poll_event().is_some() {}
     }
     assert!(w.server.timer_entries() <= 2 * w.server.allocation_count() + 65);
-    w.server.release_all(&mut w.relays, &w.quota);
+    w.server.release_all(&mut Host { relays: &mut w.relays, quota: &w.quota });
     assert!(w.relays.live.is_empty(), "relay leaked");
     assert_eq!(w.quota.held.get(), 0, "quota leaked");
     assert_eq!(w.server.allocation_count(), 0);

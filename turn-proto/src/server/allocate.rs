@@ -8,8 +8,8 @@ use super::responses::{BAD_REQUEST, Reply, TurnError, code};
 use super::table;
 use super::table::family_index;
 use super::{
-    DeleteReason, Event, FiveTuple, Quota, RelayAllocator, RelayError, RelayRequest, RelaySocket,
-    Server, secs,
+    Ctx, DeleteReason, Event, FiveTuple, Host, Quota, RelayAllocator, RelayError, RelayRequest,
+    RelaySocket, Server, secs,
 };
 use crate::stun::attr;
 use crate::stun::attr::Attribute;
@@ -60,24 +60,23 @@ impl Server {
     /// RFC 8656 §7.2, Receiving an Allocate Request.
     pub(super) fn allocate<R, Q>(
         &mut self,
-        now: Instant,
-        ft: FiveTuple,
+        cx: &Ctx,
         msg: &Message<'_>,
         auth: &Auth<'_>,
-        relays: &mut R,
-        quota: &Q,
+        host: &mut Host<'_, R, Q>,
     ) -> Result<Reply, TurnError>
     where
         R: RelayAllocator + ?Sized,
         Q: Quota + ?Sized,
     {
+        let (now, ft) = (cx.now, cx.ft);
         let txid = msg.transaction_id();
         // An allocation whose lifetime ran out but whose timer has not
         // fired yet is gone for every purpose.
         if let Some(idx) = self.table.index_of(&ft)
             && self.table.get(idx).is_some_and(|a| a.expires_at <= now)
         {
-            self.delete_allocation(idx, DeleteReason::Expired, Some(now), relays, quota);
+            self.delete_allocation(idx, DeleteReason::Expired, Some(now), host);
         }
         let username = self.creds.name(auth.identity);
         // Step 2: "checks if the 5-tuple is currently in use by an existing
@@ -180,7 +179,7 @@ impl Server {
         // (Allocation Quota Reached) error".
         let username: Box<str> = username.into();
         let quota_key: Box<str> = self.creds.quota_key(auth.identity).into();
-        if quota.try_acquire(&quota_key).is_err() {
+        if host.quota.try_acquire(&quota_key).is_err() {
             self.counters.quota_rejections += 1;
             return Err(TurnError::Code(code::ALLOCATION_QUOTA_REACHED));
         }
@@ -202,7 +201,7 @@ impl Server {
                 continue;
             }
             request.family = family;
-            match relays.allocate(&request) {
+            match host.relays.allocate(&request) {
                 Ok((id, addr)) => {
                     let clash = self.table.relay_in_use(&id)
                         || granted.iter().flatten().any(|r| r.id == id);
@@ -224,7 +223,7 @@ impl Server {
             }
         }
         if granted.iter().all(Option::is_none) {
-            quota.release(&quota_key);
+            host.quota.release(&quota_key);
             // Both failed: 440 only if every family was unsupported.
             let code =
                 if failures.iter().flatten().all(|&c| c == code::ADDRESS_FAMILY_NOT_SUPPORTED) {
@@ -246,6 +245,7 @@ impl Server {
         let lifetime_secs = self.granted_lifetime(requested_lifetime);
         let mut alloc = table::Allocation::new(
             ft,
+            cx.conn,
             username.clone(),
             quota_key,
             granted,
@@ -258,6 +258,7 @@ impl Server {
         self.counters.allocations_created += 1;
         self.push_event(Event::AllocationCreated {
             five_tuple: ft,
+            conn: cx.conn,
             username,
             relays: granted,
             lifetime_secs,
@@ -277,8 +278,7 @@ impl Server {
         ft: FiveTuple,
         msg: &Message<'_>,
         auth: &Auth<'_>,
-        relays: &mut R,
-        quota: &Q,
+        host: &mut Host<'_, R, Q>,
     ) -> Result<Reply, TurnError>
     where
         R: RelayAllocator + ?Sized,
@@ -326,16 +326,10 @@ impl Server {
             match requested_family {
                 Some(f) if other_remains => {
                     if let Some(r) = self.table.remove_relay(idx, f) {
-                        relays.release(r.id);
+                        host.relays.release(r.id);
                     }
                 }
-                _ => self.delete_allocation(
-                    idx,
-                    DeleteReason::ClientRequest,
-                    Some(now),
-                    relays,
-                    quota,
-                ),
+                _ => self.delete_allocation(idx, DeleteReason::ClientRequest, Some(now), host),
             }
             return Ok(Reply::Refresh { lifetime_secs: 0 });
         }

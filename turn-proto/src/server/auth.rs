@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::responses::{IntegrityKind, Signer, code};
-use super::{DropReason, FiveTuple, Output, Server};
+use super::{Ctx, DropReason, FiveTuple, Output, Server};
 use crate::credentials::{Identity, Key, PasswordAlgorithm};
 use crate::nonce::{NonceCheck, SecurityFeatures};
 use crate::stun::attr;
@@ -157,19 +157,17 @@ impl Server {
     /// already drew its share of such answers.
     pub(super) fn reject<'a>(
         &mut self,
-        now: Instant,
-        unix_secs: u64,
-        ft: FiveTuple,
+        cx: &Ctx,
         signer: &Signer,
         rej: Rejection,
         out: &'a mut [u8],
     ) -> Output<'a> {
-        if !self.unauthenticated.allow(&ft.client.ip(), now) {
+        if !self.unauthenticated.allow(&cx.ft.client.ip(), cx.now) {
             self.counters.rate_limited_responses += 1;
             return self.dropped(DropReason::RateLimited);
         }
-        let r = self.write_rejection(out, signer, rej, ft, unix_secs);
-        self.respond(ft, out, r)
+        let r = self.write_rejection(out, signer, rej, cx.ft, cx.unix_secs);
+        self.respond(cx, out, r)
     }
 
     pub(super) fn write_rejection(

@@ -94,10 +94,7 @@ mod tests {
     fn bounded_and_expiring() {
         // Tests need some Instant as the origin of simulated time.
         let t0 = Instant::now();
-        let ft = FiveTuple {
-            client: "192.0.2.1:1".parse().unwrap(),
-            listener: "192.0.2.2:3478".parse().unwrap(),
-        };
+        let ft = FiveTuple::udp("192.0.2.1:1".parse().unwrap(), "192.0.2.2:3478".parse().unwrap());
         let mut c = RetransmitCache::new(2, Duration::from_secs(40));
         c.insert(ft, TransactionId([1; 12]), t0, b"one");
         c.insert(ft, TransactionId([2; 12]), t0, b"two");

@@ -125,6 +125,8 @@ pub struct Counters {
     pub allocations_deleted: u64,
     /// Allocations expired.
     pub allocations_expired: u64,
+    /// Allocations deleted because their TCP or TLS connection closed.
+    pub allocations_closed: u64,
     /// 486 (quota) answers.
     pub quota_rejections: u64,
     /// Relay socket requests the caller refused.

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use super::{DropReason, FiveTuple, Output, PEER_HEADROOM, RelayId, Server};
+use super::{DropReason, FiveTuple, Output, PEER_HEADROOM, PeerIcmp, RelayId, Server};
 use crate::channel_data;
 use crate::stun::attr::{self, Attribute};
 use crate::stun::message::pad4;
@@ -82,7 +82,9 @@ impl Server {
     /// `buf.len() >= PEER_HEADROOM + len + PEER_TAILROOM`. The server writes
     /// the ChannelData header (4 bytes) or the Data indication header (36
     /// or 48 bytes) right in front of the payload and padding behind it,
-    /// and returns [`Output::ToClient`] with the framed slice of `buf`.
+    /// and returns [`Output::ToClient`] with the framed slice of `buf`. For a client on
+    /// TCP or TLS a ChannelData message is padded with zeros to a multiple of four bytes
+    /// (RFC 8656 §12.5; the length field gives the payload's length, not the padding).
     pub fn handle_peer_datagram<'a>(
         &mut self,
         now: Instant,
@@ -106,7 +108,7 @@ impl Server {
         if !a.has_permission(&peer.ip(), now) {
             return self.dropped(DropReason::NoPermission);
         }
-        let ft = a.five_tuple;
+        let (ft, conn) = (a.five_tuple, a.conn);
         // "If relaying is permitted, then the server checks if there is a
         // channel bound to the peer ... [then] ChannelData" (§12.6).
         if let Some(ch) = a.active_channel_for_peer(&peer, now) {
@@ -115,16 +117,20 @@ impl Server {
                 return self.dropped(DropReason::PayloadTooLarge);
             };
             let start = PEER_HEADROOM - channel_data::CHANNEL_DATA_HEADER_LEN;
+            // "Over TCP and TLS-over-TCP, the ChannelData message MUST be padded to a
+            // multiple of four bytes in order to ensure the alignment of subsequent
+            // messages." (§12.5) Over UDP the padding is optional: none is sent.
+            let framed_end = if ft.transport.is_stream() { PEER_HEADROOM + pad4(len) } else { end };
+            if buf.len() < framed_end {
+                return self.dropped(DropReason::BufferTooSmall);
+            }
             let mut head = [0u8; 4];
             channel_data::write_header(&mut head, number, len16);
             buf[start..PEER_HEADROOM].copy_from_slice(&head);
+            buf[end..framed_end].fill(0);
             self.counters.channel_data_to_client += 1;
             let buf: &'a [u8] = buf;
-            return Output::ToClient {
-                client: ft.client,
-                listener: ft.listener,
-                data: &buf[start..end],
-            };
+            return Output::ToClient { five_tuple: ft, conn, data: &buf[start..framed_end] };
         }
         // "... no channel is bound to the peer, then the server forms and
         // sends a Data indication" with XOR-PEER-ADDRESS and DATA.
@@ -156,7 +162,7 @@ impl Server {
         buf[end..padded_end].fill(0);
         self.counters.data_indications_to_client += 1;
         let buf: &'a [u8] = buf;
-        Output::ToClient { client: ft.client, listener: ft.listener, data: &buf[start..padded_end] }
+        Output::ToClient { five_tuple: ft, conn, data: &buf[start..padded_end] }
     }
 
     /// Report an ICMP error the relay socket received for traffic to
@@ -164,17 +170,14 @@ impl Server {
     /// Data indication with ICMP and XOR-PEER-ADDRESS (and no DATA),
     /// written into `out`. Optional: daemons that do not read socket error
     /// queues never call it.
-    #[allow(clippy::too_many_arguments)]
     pub fn handle_peer_icmp<'a>(
         &mut self,
         now: Instant,
         relay: RelayId,
-        peer: SocketAddr,
-        icmp_type: u8,
-        icmp_code: u8,
-        error_data: u32,
+        icmp: PeerIcmp,
         out: &'a mut [u8],
     ) -> Output<'a> {
+        let peer = icmp.peer;
         let Some(a) = self.table.index_of_relay(&relay).and_then(|i| self.table.get(i)) else {
             return self.dropped(DropReason::UnknownRelay);
         };
@@ -186,11 +189,11 @@ impl Server {
         if !a.has_permission(&peer.ip(), now) {
             return self.dropped(DropReason::NoPermission);
         }
-        let ft = a.five_tuple;
+        let (ft, conn) = (a.five_tuple, a.conn);
         let txid = self.next_txid();
         let r = (|| {
             let mut enc = MessageEncoder::new(out, Method::DATA, Class::Indication, &txid)?;
-            Attribute::Icmp { typ: icmp_type, code: icmp_code, data: error_data }
+            Attribute::Icmp { typ: icmp.icmp_type, code: icmp.icmp_code, data: icmp.info }
                 .encode(&mut enc)?;
             enc.xor_address(attr::XOR_PEER_ADDRESS, peer)?;
             Ok::<usize, EncodeError>(enc.finish())
@@ -198,7 +201,7 @@ impl Server {
         match r {
             Ok(n) => {
                 let out: &'a [u8] = out;
-                Output::ToClient { client: ft.client, listener: ft.listener, data: &out[..n] }
+                Output::ToClient { five_tuple: ft, conn, data: &out[..n] }
             }
             Err(_) => self.dropped(DropReason::BufferTooSmall),
         }

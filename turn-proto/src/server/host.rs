@@ -55,6 +55,20 @@ pub trait RelayAllocator {
     fn release(&mut self, id: RelayId);
 }
 
+/// What the caller lends the server for one call: its relay sockets and its quotas.
+pub struct Host<'h, R: RelayAllocator + ?Sized, Q: Quota + ?Sized> {
+    /// Creates and releases relay sockets.
+    pub relays: &'h mut R,
+    /// Allocation quotas.
+    pub quota: &'h Q,
+}
+
+impl<R: RelayAllocator + ?Sized, Q: Quota + ?Sized> std::fmt::Debug for Host<'_, R, Q> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host").finish_non_exhaustive()
+    }
+}
+
 /// A quota refused the allocation (answered with 486).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("allocation quota reached")]

@@ -1,10 +1,11 @@
-//! The TURN server state machine (RFC 8656 over UDP, RFC 8489 long-term
-//! credentials).
+//! The TURN server state machine (RFC 8656 with clients over UDP, TCP or TLS, relays
+//! over UDP; RFC 8489 long-term credentials).
 //!
 //! A [`Server`] owns one allocation table and is driven by its caller:
 //!
-//! * [`Server::handle_client_datagram`] for every datagram a listener
-//!   socket receives (STUN or ChannelData);
+//! * [`Server::handle_client_message`] for every datagram a listener
+//!   socket receives and every frame of a TCP or TLS stream (STUN or ChannelData);
+//! * [`Server::handle_connection_closed`] when a client's TCP or TLS connection ends;
 //! * [`Server::handle_peer_datagram`] for every datagram a relay socket
 //!   receives;
 //! * [`Server::poll_timeout`] / [`Server::handle_timeout`] for expiry;
@@ -51,9 +52,12 @@ use std::time::{Duration, Instant};
 pub use config::{ConfigError, ServerConfig};
 pub use counters::{Counters, DropReason};
 pub use host::{
-    LocalQuota, Quota, QuotaExceeded, RelayAllocator, RelayError, RelayId, RelayRequest, Unlimited,
+    Host, LocalQuota, Quota, QuotaExceeded, RelayAllocator, RelayError, RelayId, RelayRequest,
+    Unlimited,
 };
-pub use table::{Allocation, ChannelBinding, FiveTuple, Permission, RelaySocket};
+pub use table::{
+    Allocation, ChannelBinding, ClientConn, FiveTuple, Permission, RelaySocket, Transport,
+};
 
 use crate::credentials::{CredentialStore, Key, PasswordAlgorithm};
 use crate::nonce::{NonceMinter, SecurityFeatures};
@@ -74,7 +78,7 @@ pub const PEER_HEADROOM: usize = 48;
 /// DATA attribute.
 pub const PEER_TAILROOM: usize = 3;
 /// Recommended size of the `out` buffer of
-/// [`Server::handle_client_datagram`]; responses are far smaller.
+/// [`Server::handle_client_message`]; responses are far smaller.
 pub const RECOMMENDED_OUT_LEN: usize = 2048;
 
 /// What the caller must do after a `handle_*` call.
@@ -82,12 +86,14 @@ pub const RECOMMENDED_OUT_LEN: usize = 2048;
 pub enum Output<'a> {
     /// Nothing to send (answered nothing, or a counted drop).
     None,
-    /// Send `data` to `client` from the listener socket bound to `listener`.
+    /// Send `data` to the client of `five_tuple`, through `conn`: over UDP from the
+    /// listener socket (from `five_tuple.listener`'s address when that socket is bound to
+    /// a wildcard), over TCP and TLS as the next bytes of the connection's stream.
     ToClient {
-        /// Destination.
-        client: SocketAddr,
-        /// Local listener address to send from.
-        listener: SocketAddr,
+        /// The client's 5-tuple.
+        five_tuple: FiveTuple,
+        /// The caller's handle on its socket or connection (as it gave it).
+        conn: ClientConn,
         /// The bytes (in the caller's `out` buffer, or in the peer buffer
         /// for peer data).
         data: &'a [u8],
@@ -115,6 +121,50 @@ pub enum DeleteReason {
     ClientRequest,
     /// [`Server::release_all`].
     Shutdown,
+    /// The client's TCP or TLS connection closed ([`Server::handle_connection_closed`]):
+    /// an allocation over a stream lives as long as its connection (RFC 8656 §3.1).
+    ConnectionClosed,
+}
+
+impl DeleteReason {
+    /// A lowercase name for logs and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DeleteReason::Expired => "expired",
+            DeleteReason::ClientRequest => "client request",
+            DeleteReason::Shutdown => "shutdown",
+            DeleteReason::ConnectionClosed => "connection closed",
+        }
+    }
+}
+
+/// A message from a client: one UDP datagram, or one frame of a TCP or TLS stream (a STUN
+/// message, or a ChannelData message with its padding; see [`crate::framing`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientInput<'a> {
+    /// Monotonic time.
+    pub now: Instant,
+    /// Wall time in UNIX seconds (nonces, REST credential expiry).
+    pub unix_secs: u64,
+    /// Who sent it, to which local address, over which transport.
+    pub five_tuple: FiveTuple,
+    /// The caller's handle on the socket or connection it came in on.
+    pub conn: ClientConn,
+    /// The message.
+    pub data: &'a [u8],
+}
+
+/// An ICMP error a relay socket received about a datagram sent to a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerIcmp {
+    /// The peer the datagram was sent to.
+    pub peer: SocketAddr,
+    /// ICMP (or ICMPv6) type.
+    pub icmp_type: u8,
+    /// ICMP (or ICMPv6) code.
+    pub icmp_code: u8,
+    /// The error's extra data (the next-hop MTU for "fragmentation needed").
+    pub info: u32,
 }
 
 /// Log-worthy events.
@@ -124,6 +174,8 @@ pub enum Event {
     AllocationCreated {
         /// Its 5-tuple.
         five_tuple: FiveTuple,
+        /// The caller's handle on its socket or connection.
+        conn: ClientConn,
         /// Username.
         username: Box<str>,
         /// Relayed addresses `[IPv4, IPv6]`.
@@ -144,6 +196,8 @@ pub enum Event {
     AllocationDeleted {
         /// Its 5-tuple.
         five_tuple: FiveTuple,
+        /// The caller's handle on its socket or connection.
+        conn: ClientConn,
         /// Username.
         username: Box<str>,
         /// Why.
@@ -183,6 +237,15 @@ impl std::fmt::Debug for Server {
             .field("allocations", &self.table.len())
             .finish_non_exhaustive()
     }
+}
+
+/// The context of one client message, passed down the handlers.
+#[derive(Debug, Clone, Copy)]
+struct Ctx {
+    now: Instant,
+    unix_secs: u64,
+    ft: FiveTuple,
+    conn: ClientConn,
 }
 
 fn secs(s: u32) -> Duration {
@@ -308,7 +371,7 @@ impl Server {
 
     /// Expire allocations, permissions and channels due at `now`; releases
     /// relays and quota of expired allocations.
-    pub fn handle_timeout<R, Q>(&mut self, now: Instant, relays: &mut R, quota: &Q)
+    pub fn handle_timeout<R, Q>(&mut self, now: Instant, host: &mut Host<'_, R, Q>)
     where
         R: RelayAllocator + ?Sized,
         Q: Quota + ?Sized,
@@ -317,7 +380,7 @@ impl Server {
         while let Some(idx) = self.table.pop_due(now) {
             let expired = self.table.get(idx).is_some_and(|a| a.expires_at <= now);
             if expired {
-                self.delete_allocation(idx, DeleteReason::Expired, Some(now), relays, quota);
+                self.delete_allocation(idx, DeleteReason::Expired, Some(now), host);
                 continue;
             }
             if let Some(a) = self.table.get_mut(idx) {
@@ -329,13 +392,32 @@ impl Server {
     }
 
     /// Delete every allocation, releasing relays and quota (shutdown).
-    pub fn release_all<R, Q>(&mut self, relays: &mut R, quota: &Q)
+    pub fn release_all<R, Q>(&mut self, host: &mut Host<'_, R, Q>)
     where
         R: RelayAllocator + ?Sized,
         Q: Quota + ?Sized,
     {
         for idx in self.table.live_indices() {
-            self.delete_allocation(idx, DeleteReason::Shutdown, None, relays, quota);
+            self.delete_allocation(idx, DeleteReason::Shutdown, None, host);
+        }
+        self.table.trim_stale();
+    }
+
+    /// The client's TCP or TLS connection of `five_tuple` closed: its allocation, if it
+    /// has one, is deleted and its relays and quota released (RFC 8656 §3.1: over a
+    /// stream, the allocation lives as long as the connection). Call it once per closed
+    /// connection, whatever the reason.
+    pub fn handle_connection_closed<R, Q>(
+        &mut self,
+        now: Instant,
+        five_tuple: &FiveTuple,
+        host: &mut Host<'_, R, Q>,
+    ) where
+        R: RelayAllocator + ?Sized,
+        Q: Quota + ?Sized,
+    {
+        if let Some(idx) = self.table.index_of(five_tuple) {
+            self.delete_allocation(idx, DeleteReason::ConnectionClosed, Some(now), host);
         }
         self.table.trim_stale();
     }
@@ -351,8 +433,7 @@ impl Server {
         idx: u32,
         reason: DeleteReason,
         ended: Option<Instant>,
-        relays: &mut R,
-        quota: &Q,
+        host: &mut Host<'_, R, Q>,
     ) where
         R: RelayAllocator + ?Sized,
         Q: Quota + ?Sized,
@@ -365,51 +446,44 @@ impl Server {
             self.tombstones.record(a.five_tuple, unix);
         }
         for r in a.relays.iter().flatten() {
-            relays.release(r.id);
+            host.relays.release(r.id);
         }
-        quota.release(&a.quota_key);
+        host.quota.release(&a.quota_key);
         match reason {
             DeleteReason::Expired => self.counters.allocations_expired += 1,
             DeleteReason::ClientRequest => self.counters.allocations_deleted += 1,
+            DeleteReason::ConnectionClosed => self.counters.allocations_closed += 1,
             DeleteReason::Shutdown => {}
         }
         self.push_event(Event::AllocationDeleted {
             five_tuple: a.five_tuple,
+            conn: a.conn,
             username: a.username,
             reason,
         });
     }
 
-    /// Handle a datagram received from a client on a listener socket.
+    /// Handle a message from a client: a datagram received on a listener socket, or one
+    /// frame of a TCP or TLS stream.
     ///
-    /// * `now`: monotonic time; `unix_secs`: wall time (nonces, REST expiry).
-    /// * `listener`: the local address it arrived on; `client`: its source.
-    /// * `out`: where responses are written ([`RECOMMENDED_OUT_LEN`]).
-    ///
-    /// ChannelData and Send indications produce [`Output::ToPeer`] whose
-    /// payload borrows `datagram`; requests produce [`Output::ToClient`]
-    /// pointing into `out`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn handle_client_datagram<'a, R, Q>(
+    /// `out` is where responses are written ([`RECOMMENDED_OUT_LEN`]). ChannelData and
+    /// Send indications produce [`Output::ToPeer`] whose payload borrows `input.data`;
+    /// requests produce [`Output::ToClient`] pointing into `out`.
+    pub fn handle_client_message<'a, R, Q>(
         &mut self,
-        now: Instant,
-        unix_secs: u64,
-        listener: SocketAddr,
-        client: SocketAddr,
-        datagram: &'a [u8],
+        input: ClientInput<'a>,
         out: &'a mut [u8],
-        relays: &mut R,
-        quota: &Q,
+        host: &mut Host<'_, R, Q>,
     ) -> Output<'a>
     where
         R: RelayAllocator + ?Sized,
         Q: Quota + ?Sized,
     {
-        let ft = FiveTuple { client, listener };
-        match datagram.first().map(|b| b >> 6) {
-            Some(0b01) => self.client_channel_data(now, ft, datagram),
-            Some(0b00) => match Message::parse(datagram) {
-                Ok(msg) => self.client_stun(now, unix_secs, ft, msg, out, relays, quota),
+        let ClientInput { now, unix_secs, five_tuple: ft, conn, data } = input;
+        match data.first().map(|b| b >> 6) {
+            Some(0b01) => self.client_channel_data(now, ft, data),
+            Some(0b00) => match Message::parse(data) {
+                Ok(msg) => self.client_stun(Ctx { now, unix_secs, ft, conn }, msg, out, host),
                 Err(_) => self.dropped(DropReason::MalformedStun),
             },
             _ => self.dropped(DropReason::NotTurn),
@@ -422,16 +496,12 @@ impl Server {
         Output::None
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn client_stun<'a, R, Q>(
         &mut self,
-        now: Instant,
-        unix_secs: u64,
-        ft: FiveTuple,
+        cx: Ctx,
         msg: Message<'a>,
         out: &'a mut [u8],
-        relays: &mut R,
-        quota: &Q,
+        host: &mut Host<'_, R, Q>,
     ) -> Output<'a>
     where
         R: RelayAllocator + ?Sized,
@@ -439,23 +509,23 @@ impl Server {
     {
         // Wall time for events that come without it (tombstones of expiring allocations):
         // noted on the control path only, not for every ChannelData.
-        self.wall = Some((now, unix_secs));
+        self.wall = Some((cx.now, cx.unix_secs));
         match (msg.class(), msg.method()) {
-            (Class::Request, Method::BINDING) => self.binding(ft, &msg, out),
+            (Class::Request, Method::BINDING) => self.binding(&cx, &msg, out),
             (
                 Class::Request,
                 Method::ALLOCATE
                 | Method::REFRESH
                 | Method::CREATE_PERMISSION
                 | Method::CHANNEL_BIND,
-            ) => self.turn_request(now, unix_secs, ft, &msg, out, relays, quota),
+            ) => self.turn_request(&cx, &msg, out, host),
             (Class::Request, _) => {
                 // Unknown method: 400 (RFC 8489 §6.3.1).
                 self.counters.requests += 1;
                 let signer = self.unsigned(&msg);
-                self.reject(now, unix_secs, ft, &signer, Rejection::BadRequest, out)
+                self.reject(&cx, &signer, Rejection::BadRequest, out)
             }
-            (Class::Indication, Method::SEND) => self.send_indication(now, ft, &msg),
+            (Class::Indication, Method::SEND) => self.send_indication(cx.now, cx.ft, &msg),
             (Class::Indication, Method::BINDING) => self.dropped(DropReason::BindingIndication),
             (Class::Indication, _) => self.dropped(DropReason::UnknownIndication),
             _ => self.dropped(DropReason::UnexpectedClass),
@@ -464,38 +534,35 @@ impl Server {
 
     /// RFC 8489 §6.3.1: Binding requests are answered without
     /// authentication with the client's reflexive address.
-    fn binding<'a>(&mut self, ft: FiveTuple, msg: &Message<'a>, out: &'a mut [u8]) -> Output<'a> {
+    fn binding<'a>(&mut self, cx: &Ctx, msg: &Message<'a>, out: &'a mut [u8]) -> Output<'a> {
         self.counters.requests += 1;
         self.counters.binding_requests += 1;
         let signer = self.unsigned(msg);
         let unknown = msg.unknown_comprehension_required::<16>();
         let r = if unknown.is_empty() {
             self.write_response(out, &signer, Class::SuccessResponse, |enc| {
-                enc.xor_address(attr::XOR_MAPPED_ADDRESS, ft.client)
+                enc.xor_address(attr::XOR_MAPPED_ADDRESS, cx.ft.client)
             })
         } else {
             self.write_error(out, &signer, code::UNKNOWN_ATTRIBUTE, |enc| {
                 enc.unknown_attributes(unknown.as_slice())
             })
         };
-        self.respond(ft, out, r)
+        self.respond(cx, out, r)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn turn_request<'a, R, Q>(
         &mut self,
-        now: Instant,
-        unix_secs: u64,
-        ft: FiveTuple,
+        cx: &Ctx,
         msg: &Message<'a>,
         out: &'a mut [u8],
-        relays: &mut R,
-        quota: &Q,
+        host: &mut Host<'_, R, Q>,
     ) -> Output<'a>
     where
         R: RelayAllocator + ?Sized,
         Q: Quota + ?Sized,
     {
+        let (now, ft) = (cx.now, cx.ft);
         self.counters.requests += 1;
         let txid = msg.transaction_id();
         // Retransmission: answer with the very same bytes.
@@ -504,7 +571,7 @@ impl Server {
             if let Some(dst) = out.get_mut(..n) {
                 dst.copy_from_slice(bytes);
                 self.counters.retransmits_answered += 1;
-                return self.respond(ft, out, Ok(n));
+                return self.respond(cx, out, Ok(n));
             }
             return self.dropped(DropReason::BufferTooSmall);
         }
@@ -515,9 +582,9 @@ impl Server {
             self.counters.rate_limited_auth += 1;
             return self.dropped(DropReason::AuthThrottled);
         }
-        let auth = match self.authenticate(msg, ft.client, now, unix_secs) {
+        let auth = match self.authenticate(msg, ft.client, now, cx.unix_secs) {
             Ok(a) => a,
-            Err(rej) => return self.reject(now, unix_secs, ft, &signer, rej, out),
+            Err(rej) => return self.reject(cx, &signer, rej, out),
         };
         // A replayed Allocate for a 5-tuple whose allocation ended since its nonce was
         // issued: 438 with a nonce from after the end (see `replay.rs`).
@@ -526,7 +593,7 @@ impl Server {
             && self.tombstones.refuses(&ft, auth.nonce_issued)
         {
             self.counters.replays_refused += 1;
-            return self.reject(now, unix_secs, ft, &signer, Rejection::StaleNonce, out);
+            return self.reject(cx, &signer, Rejection::StaleNonce, out);
         }
         signer.integrity = Some((auth.key, auth.kind));
         // RFC 8489 §6.3.1: unknown comprehension-required attributes -> 420.
@@ -535,8 +602,8 @@ impl Server {
             Err(TurnError::Unknown(unknown))
         } else {
             match msg.method() {
-                Method::ALLOCATE => self.allocate(now, ft, msg, &auth, relays, quota),
-                Method::REFRESH => self.refresh(now, ft, msg, &auth, relays, quota),
+                Method::ALLOCATE => self.allocate(cx, msg, &auth, host),
+                Method::REFRESH => self.refresh(now, ft, msg, &auth, host),
                 Method::CREATE_PERMISSION => self.create_permission(now, ft, msg, &auth),
                 _ => self.channel_bind(now, ft, msg, &auth),
             }
@@ -545,6 +612,6 @@ impl Server {
         if let Some(bytes) = r.ok().and_then(|n| out.get(..n)) {
             self.cache.insert(ft, txid, now, bytes);
         }
-        self.respond(ft, out, r)
+        self.respond(cx, out, r)
     }
 }

@@ -100,10 +100,10 @@ mod tests {
     use super::*;
 
     fn ft(port: u16) -> FiveTuple {
-        FiveTuple {
-            client: format!("192.0.2.1:{port}").parse().unwrap(),
-            listener: "192.0.2.2:3478".parse().unwrap(),
-        }
+        FiveTuple::udp(
+            format!("192.0.2.1:{port}").parse().unwrap(),
+            "192.0.2.2:3478".parse().unwrap(),
+        )
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use super::{DropReason, FiveTuple, Output, Server};
+use super::{Ctx, DropReason, Output, Server};
 use crate::credentials::Key;
 use crate::stun::attr;
 use crate::stun::{
@@ -115,7 +115,7 @@ impl Server {
 
     pub(super) fn respond<'a>(
         &mut self,
-        ft: FiveTuple,
+        cx: &Ctx,
         out: &'a mut [u8],
         r: Result<usize, EncodeError>,
     ) -> Output<'a> {
@@ -127,9 +127,7 @@ impl Server {
                     self.counters.error_responses += 1;
                 }
                 match out.get(..n) {
-                    Some(data) => {
-                        Output::ToClient { client: ft.client, listener: ft.listener, data }
-                    }
+                    Some(data) => Output::ToClient { five_tuple: cx.ft, conn: cx.conn, data },
                     None => self.dropped(DropReason::BufferTooSmall),
                 }
             }

@@ -24,15 +24,63 @@ use rustc_hash::FxHashMap;
 use super::host::RelayId;
 use crate::stun::{Family, TransactionId};
 
-/// The 5-tuple of an allocation (RFC 8656 §2): client address, server
-/// (listener) address, and transport, which is always UDP here.
+/// The transport between a client and the server (RFC 8656 §3.1: UDP, TCP, or TLS over
+/// TCP). Relaying to peers is always UDP here; this is only how the client talks to us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum Transport {
+    /// Datagrams on a listener socket.
+    #[default]
+    Udp,
+    /// A TCP connection (a stream of framed messages, RFC 8656 §12.5 padding).
+    Tcp,
+    /// TLS over TCP.
+    Tls,
+}
+
+impl Transport {
+    /// True for TCP and TLS: messages are framed in a byte stream, ChannelData is padded
+    /// to a multiple of four bytes, and the allocation ends with its connection.
+    #[inline]
+    pub const fn is_stream(self) -> bool {
+        !matches!(self, Transport::Udp)
+    }
+
+    /// A lowercase name (`udp`, `tcp`, `tls`) for logs and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+        }
+    }
+}
+
+/// The 5-tuple of an allocation (RFC 8656 §2): client address, server (listener) address,
+/// and the transport between them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FiveTuple {
     /// Client's transport address as seen by the server.
     pub client: SocketAddr,
     /// Server's local transport address the client talks to.
     pub listener: SocketAddr,
+    /// UDP, TCP or TLS.
+    pub transport: Transport,
 }
+
+impl FiveTuple {
+    /// A UDP 5-tuple.
+    pub const fn udp(client: SocketAddr, listener: SocketAddr) -> FiveTuple {
+        FiveTuple { client, listener, transport: Transport::Udp }
+    }
+}
+
+/// The caller's handle on how a client is reached: for UDP the listener socket a
+/// datagram came in on, for TCP and TLS the connection. Opaque to the server: it is
+/// given with every client message, kept with the allocation, and returned in every
+/// [`Output::ToClient`](super::Output::ToClient), so the caller finds the socket or
+/// connection to send on without a lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct ClientConn(pub u64);
 
 /// A relayed transport address of an allocation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +118,8 @@ pub struct ChannelBinding {
 pub struct Allocation {
     /// Its 5-tuple.
     pub five_tuple: FiveTuple,
+    /// How the client is reached (the connection, for TCP and TLS).
+    pub conn: ClientConn,
     /// Username that created it (later requests must use the same, 441).
     pub username: Box<str>,
     /// What its quota was charged under (the user part of a REST username).
@@ -102,6 +152,7 @@ pub(crate) const fn family_index(f: Family) -> usize {
 impl Allocation {
     pub(crate) fn new(
         five_tuple: FiveTuple,
+        conn: ClientConn,
         username: Box<str>,
         quota_key: Box<str>,
         relays: [Option<RelaySocket>; 2],
@@ -110,6 +161,7 @@ impl Allocation {
     ) -> Self {
         Allocation {
             five_tuple,
+            conn,
             username,
             quota_key,
             relays,

@@ -11,8 +11,9 @@ use turn_proto::credentials::{
     rest_password, user_hash,
 };
 use turn_proto::server::{
-    Event, LocalQuota, Output, PEER_HEADROOM, PEER_TAILROOM, RelayAllocator, RelayError, RelayId,
-    RelayRequest, Server, ServerConfig,
+    ClientConn, ClientInput, Event, FiveTuple, Host, LocalQuota, Output, PEER_HEADROOM,
+    PEER_TAILROOM, RelayAllocator, RelayError, RelayId, RelayRequest, Server, ServerConfig,
+    Transport,
 };
 use turn_proto::stun::attr::{self, Attribute};
 use turn_proto::stun::{Class, Family, Message, MessageEncoder, Method, TransactionId};
@@ -40,7 +41,9 @@ impl Out {
 fn own(o: Output<'_>) -> Out {
     match o {
         Output::None => Out::None,
-        Output::ToClient { client, data, .. } => Out::ToClient { client, data: data.to_vec() },
+        Output::ToClient { five_tuple, data, .. } => {
+            Out::ToClient { client: five_tuple.client, data: data.to_vec() }
+        }
         Output::ToPeer { relay, peer, data, dont_fragment } => {
             Out::ToPeer { relay, peer, data: data.to_vec(), dont_fragment }
         }
@@ -121,6 +124,8 @@ pub struct Sim {
     pub now: Instant,
     pub unix: u64,
     pub listener: SocketAddr,
+    /// How clients reach the server (UDP unless a test says otherwise).
+    pub transport: Transport,
 }
 
 impl Sim {
@@ -133,6 +138,7 @@ impl Sim {
             now: Instant::now(),
             unix: UNIX0,
             listener: "192.0.2.10:3478".parse().unwrap(),
+            transport: Transport::Udp,
         }
     }
 
@@ -149,27 +155,32 @@ impl Sim {
                 break;
             }
             let d = d.max(self.now);
-            self.server.handle_timeout(d, &mut self.relays, &self.quota);
+            self.server
+                .handle_timeout(d, &mut Host { relays: &mut self.relays, quota: &self.quota });
         }
         self.now = end;
         self.unix += secs;
-        self.server.handle_timeout(self.now, &mut self.relays, &self.quota);
+        self.server
+            .handle_timeout(self.now, &mut Host { relays: &mut self.relays, quota: &self.quota });
     }
 
     pub fn client_datagram(&mut self, client: SocketAddr, datagram: &[u8]) -> Out {
         let mut out = [0u8; 2048];
-        let o = self.server.handle_client_datagram(
-            self.now,
-            self.unix,
-            self.listener,
-            client,
-            datagram,
+        let input = ClientInput {
+            now: self.now,
+            unix_secs: self.unix,
+            five_tuple: self.five_tuple(client),
+            conn: Sim::conn_of(client),
+            data: datagram,
+        };
+        let o = self.server.handle_client_message(
+            input,
             &mut out,
-            &mut self.relays,
-            &self.quota,
+            &mut Host { relays: &mut self.relays, quota: &self.quota },
         );
-        if let Output::ToClient { client: c, .. } = o {
-            assert_eq!(c, client);
+        if let Output::ToClient { five_tuple, conn, .. } = o {
+            assert_eq!(five_tuple, self.five_tuple(client));
+            assert_eq!(conn, Sim::conn_of(client), "the client's own connection");
         }
         own(o)
     }
@@ -179,6 +190,26 @@ impl Sim {
         buf[PEER_HEADROOM..PEER_HEADROOM + payload.len()].copy_from_slice(payload);
         let o = self.server.handle_peer_datagram(self.now, relay, peer, &mut buf, payload.len());
         own(o)
+    }
+
+    /// The 5-tuple of `client` talking to this server.
+    pub fn five_tuple(&self, client: SocketAddr) -> FiveTuple {
+        FiveTuple { client, listener: self.listener, transport: self.transport }
+    }
+
+    /// The connection handle the simulated daemon gives `client` (one per client).
+    pub fn conn_of(client: SocketAddr) -> ClientConn {
+        ClientConn(u64::from(client.port()) << 8 | 7)
+    }
+
+    /// The client's TCP or TLS connection closed.
+    pub fn close_connection(&mut self, client: SocketAddr) {
+        let ft = self.five_tuple(client);
+        self.server.handle_connection_closed(
+            self.now,
+            &ft,
+            &mut Host { relays: &mut self.relays, quota: &self.quota },
+        );
     }
 
     pub fn events(&mut self) -> Vec<Event> {
@@ -435,7 +466,7 @@ impl Client {
 
 /// The relay id the fake allocator gave an allocation.
 pub fn relay_of(sim: &Sim, client: &Client, family: Family) -> RelayId {
-    let ft = turn_proto::server::FiveTuple { client: client.addr, listener: sim.listener };
+    let ft = sim.five_tuple(client.addr);
     sim.server
         .allocation(&ft)
         .and_then(|a| a.relay_for(family))
