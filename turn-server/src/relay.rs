@@ -23,10 +23,7 @@ use turn_proto::{
     stun::Family,
 };
 
-use crate::{epoll::Epoll, listener::udp_socket};
-
-/// Epoll tokens of relay sockets have this bit set; the rest is the slab slot.
-pub const RELAY_TOKEN: u64 = 1 << 63;
+use crate::{epoll::Epoll, listener::udp_socket, worker::Source};
 
 /// Where relays of one family are bound and what address clients are told.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -406,7 +403,7 @@ impl RelayPool {
                 (self.slots.len() - 1) as u32
             }
         };
-        if epoll.add(socket.as_raw_fd(), RELAY_TOKEN | u64::from(slot)).is_err() {
+        if epoll.add(socket.as_raw_fd(), Source::Relay(slot).token()).is_err() {
             self.free.push(slot);
             self.ports.release(lease);
             return Err(RelayError::InsufficientCapacity);

@@ -1,0 +1,396 @@
+//! A worker: one OS thread, one current_thread tokio runtime, one socket of every listener
+//! group, its own `turn_proto::Server` (allocation table), the relay sockets of its
+//! allocations, and one epoll set watched by the runtime (no task per socket).
+//!
+//! * `source.rs`: the event sources in the epoll set, by token; with the inbox and the
+//!   timer, everything the run loop waits on.
+//! * `udp.rs`: UDP listener and relay sockets (batched receives, ICMP errors).
+//! * `sink.rs`: the one place outputs are executed (staged GSO sends to peers, sends to
+//!   clients).
+//!
+//! The per-packet path (receive a batch, hand each datagram to the protocol core, send what
+//! it returns) takes no lock, touches no shared map and does not allocate. Shared state is
+//! touched only for datagrams of a 5-tuple this worker does not own (the directory) and
+//! when allocations come and go (quotas, directory, flow pins).
+
+mod sink;
+mod source;
+mod udp;
+
+pub use source::Source;
+
+use std::{
+    io,
+    net::{SocketAddr, UdpSocket},
+    os::fd::AsRawFd,
+    rc::Rc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use quinn_udp::UdpSocketState;
+use tokio::{
+    io::unix::AsyncFd,
+    sync::{mpsc, watch},
+};
+use tracing::{debug, info, info_span, warn};
+use turn_common::FlowKey;
+use turn_proto::server::{DropReason, Event, Host, PEER_HEADROOM, PEER_TAILROOM, Server};
+
+use self::{
+    sink::Sink,
+    udp::{Listener, UdpFrom},
+};
+use crate::{
+    epoll::Epoll,
+    relay::{RelayPool, Relays},
+    shared::{Directory, SharedQuota},
+    steering::FlowPins,
+};
+
+/// Largest datagram (or GRO batch of datagrams) one receive buffer holds.
+const RECV_BUFFER_BYTES: usize = 64 * 1024;
+/// Batches taken from one socket before the next ready socket gets its turn.
+const BATCHES_PER_TURN: usize = 4;
+/// Epoll events fetched at once.
+const EVENTS: usize = 256;
+/// ICMP errors read from one relay socket's error queue before other sockets get a turn.
+const ICMP_PER_TURN: usize = 64;
+/// Datagrams waiting to be handed to a worker; more are dropped (and counted).
+pub const INBOX_CAPACITY: usize = 4096;
+
+/// What the control thread asks of the workers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    /// No new allocations (Allocate gets 508); existing ones keep relaying.
+    Draining,
+    /// Release everything and exit.
+    Stop,
+}
+
+/// Counters a worker publishes for the control thread. Each field has one writer (its
+/// worker), which stores with `Relaxed` once per receive batch; readers sum over workers.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct WorkerStats {
+    /// Datagrams received: from clients on listener sockets, from peers on relay sockets,
+    /// and from other workers (the load signal, see `load.rs`).
+    pub packets: AtomicU64,
+    /// Bytes of those datagrams.
+    pub bytes: AtomicU64,
+    /// Datagrams handed to the worker that owns their allocation.
+    pub handed_off: AtomicU64,
+    /// Datagrams received from other workers.
+    pub handed_in: AtomicU64,
+    /// Hand-offs dropped because the owner's inbox was full.
+    pub handoff_drops: AtomicU64,
+    /// Live allocations of this worker.
+    pub allocations: AtomicU64,
+    /// Allocations this worker created so far.
+    pub allocations_created: AtomicU64,
+    /// Allocation pins that could not be written (pin map full).
+    pub pin_failures: AtomicU64,
+    /// The protocol core's failed authentications.
+    pub auth_failures: AtomicU64,
+    /// Requests the protocol core's per-source limits left unanswered or unverified.
+    pub rate_limited: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, by: u64) {
+    // Single writer: a plain load/store pair, no locked read-modify-write.
+    counter.store(counter.load(Ordering::Relaxed).wrapping_add(by), Ordering::Relaxed);
+}
+
+/// A datagram that reached a worker which does not own its allocation.
+#[derive(Debug)]
+pub struct Handoff {
+    pub group: usize,
+    pub listener: SocketAddr,
+    pub client: SocketAddr,
+    pub data: Box<[u8]>,
+}
+
+/// What a worker is given when it starts.
+pub struct WorkerSetup {
+    pub index: usize,
+    /// One socket per listener group, in group order.
+    pub listeners: Vec<UdpSocket>,
+    /// Per listener group: this worker's handle on the group's flow pins (None: no steering).
+    pub flow_pins: Vec<Option<FlowPins>>,
+    pub server: Server,
+    pub relays: RelayPool,
+    pub quota: Arc<SharedQuota>,
+    pub directory: Arc<Directory>,
+    /// Every worker's inbox, by worker index.
+    pub inboxes: Arc<[mpsc::Sender<Handoff>]>,
+    pub inbox: mpsc::Receiver<Handoff>,
+    pub stats: Arc<WorkerStats>,
+    pub state: watch::Receiver<RunState>,
+}
+
+/// Starts a worker thread.
+pub fn spawn(setup: WorkerSetup) -> io::Result<JoinHandle<anyhow::Result<()>>> {
+    std::thread::Builder::new().name(format!("worker-{}", setup.index)).spawn(move || {
+        let span = info_span!("worker", index = setup.index);
+        let _enter = span.enter();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(async move { Worker::new(setup)?.run().await })
+    })
+}
+
+/// Everything but the receive buffers, so that a datagram borrowed from a buffer can be
+/// handled with `&mut Core`.
+struct Core {
+    index: usize,
+    flow_pins: Vec<Option<FlowPins>>,
+    server: Server,
+    pool: RelayPool,
+    quota: Arc<SharedQuota>,
+    directory: Arc<Directory>,
+    inboxes: Arc<[mpsc::Sender<Handoff>]>,
+    stats: Arc<WorkerStats>,
+    epoll: Rc<AsyncFd<Epoll>>,
+    out: Box<[u8]>,
+    scratch: Box<[u8]>,
+    sink: Sink,
+}
+
+struct Worker {
+    core: Core,
+    state: watch::Receiver<RunState>,
+    inbox: mpsc::Receiver<Handoff>,
+    buffers: Vec<Box<[u8]>>,
+}
+
+fn unix_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl Worker {
+    fn new(setup: WorkerSetup) -> anyhow::Result<Self> {
+        let epoll = Epoll::new()?;
+        let mut listeners = Vec::with_capacity(setup.listeners.len());
+        for (i, socket) in setup.listeners.into_iter().enumerate() {
+            socket.set_nonblocking(true)?;
+            let state = UdpSocketState::new((&socket).into())?;
+            epoll.add(socket.as_raw_fd(), Source::UdpListener(i as u32).token())?;
+            let local = socket.local_addr()?;
+            listeners.push(Listener { socket, state, local });
+        }
+        // SAFETY: `Epoll` owns its fd and never replaces or closes it while it lives.
+        let epoll = unsafe {
+            AsyncFd::register_with_interest(epoll, tokio::io::Interest::READABLE)
+                .map_err(|e| e.into_parts().1)?
+        };
+        Ok(Self {
+            core: Core {
+                index: setup.index,
+                flow_pins: setup.flow_pins,
+                server: setup.server,
+                pool: setup.relays,
+                quota: setup.quota,
+                directory: setup.directory,
+                inboxes: setup.inboxes,
+                stats: setup.stats,
+                epoll: Rc::new(epoll),
+                out: vec![0u8; turn_proto::server::RECOMMENDED_OUT_LEN].into_boxed_slice(),
+                scratch: vec![0u8; PEER_HEADROOM + RECV_BUFFER_BYTES + PEER_TAILROOM]
+                    .into_boxed_slice(),
+                sink: Sink::new(listeners),
+            },
+            state: setup.state,
+            inbox: setup.inbox,
+            buffers: (0..quinn_udp::BATCH_SIZE)
+                .map(|_| {
+                    vec![0u8; PEER_HEADROOM + RECV_BUFFER_BYTES + PEER_TAILROOM].into_boxed_slice()
+                })
+                .collect(),
+        })
+    }
+
+    async fn run(mut self) -> anyhow::Result<()> {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; EVENTS];
+        let epoll = Rc::clone(&self.core.epoll);
+        loop {
+            match *self.state.borrow() {
+                RunState::Stop => break,
+                RunState::Draining => self.core.pool.draining = true,
+                RunState::Running => self.core.pool.draining = false,
+            }
+            let deadline = self.core.server.poll_timeout();
+            tokio::select! {
+                changed = self.state.changed() => {
+                    if changed.is_err() {
+                        break; // the control thread is gone
+                    }
+                }
+                guard = epoll.readable() => {
+                    let mut guard = guard?;
+                    let n = guard.get_inner().poll_ready(&mut events)?;
+                    if n == 0 {
+                        guard.clear_ready();
+                        continue;
+                    }
+                    for event in &events[..n] {
+                        self.on_readable(event.u64, event.events);
+                    }
+                    self.core.after_batch();
+                }
+                Some(handoff) = self.inbox.recv() => {
+                    self.core.on_handoff(handoff);
+                    self.core.after_batch();
+                }
+                () = sleep_until(deadline) => {
+                    let now = Instant::now();
+                    let core = &mut self.core;
+                    let mut relays = Relays { pool: &mut core.pool, epoll: core.epoll.get_ref() };
+                    let mut host = Host { relays: &mut relays, quota: &*core.quota };
+                    core.server.handle_timeout(now, &mut host);
+                    core.after_batch();
+                }
+            }
+        }
+        let core = &mut self.core;
+        let mut relays = Relays { pool: &mut core.pool, epoll: core.epoll.get_ref() };
+        core.server.release_all(&mut Host { relays: &mut relays, quota: &*core.quota });
+        core.after_batch();
+        let c = core.server.counters();
+        info!(
+            allocations_created = c.allocations_created,
+            to_peer = c.to_peer,
+            to_client = c.channel_data_to_client + c.data_indications_to_client,
+            dropped = c.drops.iter().sum::<u64>(),
+            auth_failures = c.auth_failures,
+            rate_limited = c.rate_limited_responses + c.rate_limited_auth,
+            replays_refused = c.replays_refused,
+            drops = %DropSummary(c.drops),
+            handed_off = core.stats.handed_off.load(Ordering::Relaxed),
+            handed_in = core.stats.handed_in.load(Ordering::Relaxed),
+            handoff_drops = core.stats.handoff_drops.load(Ordering::Relaxed),
+            pin_failures = core.stats.pin_failures.load(Ordering::Relaxed),
+            "worker stopped"
+        );
+        Ok(())
+    }
+
+    /// Dispatches one epoll event to the source its token names.
+    fn on_readable(&mut self, token: u64, events: u32) {
+        match Source::from_token(token) {
+            Some(Source::UdpListener(group))
+                if (group as usize) < self.core.sink.listeners.len() =>
+            {
+                self.drain_listener(group as usize);
+            }
+            Some(Source::Relay(slot)) => {
+                if events & libc::EPOLLERR as u32 != 0 {
+                    self.core.drain_icmp(slot);
+                }
+                self.drain_relay(slot);
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Core {
+    /// A datagram another worker received for one of our allocations: pin its flow here
+    /// so the next ones come straight to us, then handle it.
+    fn on_handoff(&mut self, handoff: Handoff) {
+        bump(&self.stats.handed_in, 1);
+        bump(&self.stats.packets, 1);
+        bump(&self.stats.bytes, handoff.data.len() as u64);
+        if let Some(Some(pins)) = self.flow_pins.get_mut(handoff.group)
+            && pins.pin(&FlowKey::new(handoff.client, handoff.listener.ip())).is_err()
+        {
+            bump(&self.stats.pin_failures, 1);
+        }
+        let from =
+            UdpFrom { group: handoff.group, local: handoff.listener, client: handoff.client };
+        self.on_client_datagram(Instant::now(), unix_secs(), from, &handoff.data, false);
+        self.sink.flush(&self.pool);
+    }
+
+    /// Book-keeping after a batch: allocation events (logs, directory, pins, counts).
+    fn after_batch(&mut self) {
+        while let Some(event) = self.server.poll_event() {
+            match event {
+                Event::AllocationCreated { five_tuple, conn, username, relays, lifetime_secs } => {
+                    self.directory.insert(five_tuple, self.index);
+                    bump(&self.stats.allocations_created, 1);
+                    if let Some(Some(pins)) = self.flow_pins.get_mut(conn.0 as usize)
+                        && pins
+                            .pin(&FlowKey::new(five_tuple.client, five_tuple.listener.ip()))
+                            .is_err()
+                    {
+                        bump(&self.stats.pin_failures, 1);
+                    }
+                    let relayed: Vec<String> =
+                        relays.iter().flatten().map(|r| r.addr.to_string()).collect();
+                    info!(
+                        user = %username,
+                        client = %five_tuple.client,
+                        listener = %five_tuple.listener,
+                        relay = %relayed.join(","),
+                        lifetime_secs,
+                        "allocation created"
+                    );
+                }
+                Event::AllocationRefreshed { five_tuple, username, lifetime_secs } => {
+                    debug!(user = %username, client = %five_tuple.client, lifetime_secs, "allocation refreshed");
+                }
+                Event::AllocationDeleted { five_tuple, conn, username, reason } => {
+                    self.directory.remove(&five_tuple, self.index);
+                    if let Some(Some(pins)) = self.flow_pins.get_mut(conn.0 as usize) {
+                        pins.unpin(&FlowKey::new(five_tuple.client, five_tuple.listener.ip()));
+                    }
+                    info!(user = %username, client = %five_tuple.client, reason = reason.name(), "allocation deleted");
+                }
+            }
+        }
+        self.stats.allocations.store(self.server.allocation_count() as u64, Ordering::Relaxed);
+        let c = self.server.counters();
+        self.stats.auth_failures.store(c.auth_failures, Ordering::Relaxed);
+        self.stats
+            .rate_limited
+            .store(c.rate_limited_responses + c.rate_limited_auth, Ordering::Relaxed);
+        if self.pool.bind_errors > 0 {
+            warn!(count = self.pool.bind_errors, "relay sockets could not be created");
+            self.pool.bind_errors = 0;
+        }
+    }
+}
+
+/// Drop counters by reason, for the log.
+struct DropSummary([u64; DropReason::COUNT]);
+
+impl std::fmt::Display for DropSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut first = true;
+        for (i, count) in self.0.iter().enumerate() {
+            if *count > 0 {
+                if !first {
+                    f.write_str(",")?;
+                }
+                first = false;
+                write!(
+                    f,
+                    "{:?}={count}",
+                    DropReason::ALL.get(i).copied().unwrap_or(DropReason::NotTurn)
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
