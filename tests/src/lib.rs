@@ -11,6 +11,7 @@ use std::{
 };
 
 use socket2::{Domain, Protocol, Socket, Type};
+pub use turn_launch::{Daemon, PinRoot, json_field, server_bin};
 
 /// True when this process runs in CI (`CI=true`), where nothing may be skipped.
 pub fn in_ci() -> bool {
@@ -87,191 +88,6 @@ pub fn drain(
         }
     }
     got
-}
-
-/// Path of the `turn-server` binary under test: `TURN_SERVER_BIN`, or the one cargo built
-/// beside this executable (a test in `target/<profile>/deps/`, or a tool such as
-/// turn-bench in `target/<profile>/`; `cargo xtask test` builds it first).
-pub fn server_bin() -> std::path::PathBuf {
-    if let Some(path) = std::env::var_os("TURN_SERVER_BIN") {
-        return path.into();
-    }
-    let exe = std::env::current_exe().unwrap_or_default();
-    let dir = exe.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
-    let candidates = [dir.join("turn-server"), dir.parent().unwrap_or(&dir).join("turn-server")];
-    let found = candidates.iter().find(|c| c.is_file());
-    assert!(
-        found.is_some(),
-        "{} not found: build it with `cargo build -p turn-server` (cargo xtask test does) \
-         or set TURN_SERVER_BIN",
-        candidates[1].display()
-    );
-    found.cloned().unwrap_or_default()
-}
-
-/// A running `turn-server` process on loopback, killed (and waited for) when dropped.
-pub struct Daemon {
-    child: Option<std::process::Child>,
-    /// Listening addresses, in the order the daemon logged them.
-    pub listening: Vec<SocketAddr>,
-    logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl Daemon {
-    /// Starts the daemon with JSON logs, port 0 (the kernel picks a free port: no port is
-    /// shared between tests) on 127.0.0.1 unless `args` say otherwise, and waits until it
-    /// listens on every address.
-    pub fn start(args: &[&str]) -> Daemon {
-        Self::start_as(&[], args)
-    }
-
-    /// Like [`Daemon::start`], with the daemon run through `wrapper` (e.g. `setpriv ...`).
-    pub fn start_as(wrapper: &[&str], args: &[&str]) -> Daemon {
-        use std::io::BufRead;
-        let mut cmd = match wrapper.split_first() {
-            Some((program, rest)) => {
-                let mut cmd = std::process::Command::new(program);
-                cmd.args(rest).arg(server_bin());
-                cmd
-            }
-            None => std::process::Command::new(server_bin()),
-        };
-        cmd.args(["--log-format", "json"]);
-        if !args.iter().any(|a| *a == "--listening-port" || *a == "-p") {
-            cmd.args(["--listening-port", "0"]);
-        }
-        if !args.iter().any(|a| *a == "--listening-ip" || *a == "-L") {
-            cmd.args(["--listening-ip", "127.0.0.1"]);
-        }
-        let expected_groups =
-            args.iter().filter(|a| **a == "--listening-ip" || **a == "-L").count().max(1);
-        cmd.args(args)
-            .env("TURN_LOG", std::env::var("TURN_LOG").unwrap_or_else(|_| "info".into()))
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let mut child = cmd.spawn().expect("starting turn-server");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        for reader in [Box::new(stderr) as Box<dyn io::Read + Send>, Box::new(stdout)] {
-            let logs = std::sync::Arc::clone(&logs);
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in io::BufReader::new(reader).lines().map_while(Result::ok) {
-                    logs.lock().map(|mut l| l.push(line.clone())).ok();
-                    let _ = tx.send(line);
-                }
-            });
-        }
-        let mut daemon = Daemon { child: Some(child), listening: Vec::new(), logs };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while daemon.listening.len() < expected_groups {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(addr) = json_field(&line, "listen")
-                        .filter(|_| line.contains("listening (UDP)"))
-                        .and_then(|a| a.parse().ok())
-                    {
-                        daemon.listening.push(addr);
-                    }
-                }
-                Err(_) => {
-                    panic!("turn-server did not start listening; its output:\n{}", daemon.logs())
-                }
-            }
-        }
-        daemon
-    }
-
-    /// The first listening address.
-    pub fn addr(&self) -> SocketAddr {
-        self.listening[0]
-    }
-
-    /// Everything the daemon printed so far.
-    pub fn logs(&self) -> String {
-        self.logs.lock().map(|l| l.join("\n")).unwrap_or_default()
-    }
-
-    /// The daemon's process id.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, std::process::Child::id)
-    }
-
-    /// Sends `signal` and waits (at most `timeout`) for the process to exit.
-    pub fn signal_and_wait(
-        &mut self,
-        signal: i32,
-        timeout: Duration,
-    ) -> Option<std::process::ExitStatus> {
-        let child = self.child.as_mut()?;
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(child.id() as i32, signal) };
-        self.wait_exit(timeout)
-    }
-}
-
-impl Daemon {
-    /// Waits (at most `timeout`) for the process to exit by itself.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let child = self.child.as_mut()?;
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                self.child = None;
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// The string value of `"key":"value"` in a JSON log line (tracing's JSON format puts
-/// event fields under "fields").
-pub fn json_field(line: &str, key: &str) -> Option<String> {
-    let value: serde_json::Value = serde_json::from_str(line).ok()?;
-    let field = value.get("fields").and_then(|f| f.get(key)).or_else(|| value.get(key))?;
-    Some(match field {
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    })
-}
-
-/// A private bpffs directory for one test's daemon pins, removed when dropped.
-pub struct PinRoot(pub std::path::PathBuf);
-
-impl PinRoot {
-    /// A fresh directory name under /sys/fs/bpf (the daemon creates it, mounting bpffs if
-    /// needed); `tag` names the test.
-    pub fn new(tag: &str) -> PinRoot {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        PinRoot(format!("/sys/fs/bpf/turn-test-{}-{n}-{tag}", std::process::id()).into())
-    }
-
-    /// The path as a string, for command lines.
-    pub fn arg(&self) -> &str {
-        self.0.to_str().unwrap_or_default()
-    }
-}
-
-impl Drop for PinRoot {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Sends `per_flow` datagrams of `size` bytes from each of `flows` fresh sockets to `to`,
@@ -523,15 +339,14 @@ impl Drop for Netns {
     }
 }
 
-/// A minimal TURN client for abuse tests: Allocate requests with long-term credentials
-/// (MD5 key, MESSAGE-INTEGRITY) from its own UDP socket.
+/// A TURN client over one UDP socket for abuse tests: requests sent one at a time without
+/// waiting (so that a test can replay or flood), answers read when the test wants them.
+/// The protocol side is the project's one TURN client ([`turn_proto::client::Signer`]:
+/// long-term credentials, MD5 key, MESSAGE-INTEGRITY).
 pub struct StunClient {
     pub sock: UdpSocket,
     server: SocketAddr,
-    user: String,
-    password: String,
-    realm: Option<String>,
-    nonce: Option<Vec<u8>>,
+    signer: turn_proto::client::Signer,
     next: u32,
     /// The last request sent, as bytes (what an eavesdropper could capture).
     pub last_sent: Vec<u8>,
@@ -540,25 +355,17 @@ pub struct StunClient {
 impl StunClient {
     /// A client bound to `ip` (any port), talking to `server`.
     pub fn new(ip: &str, server: SocketAddr, user: &str, password: &str) -> StunClient {
+        use turn_proto::client::{AuthMode, Credentials, Signer};
         let sock = UdpSocket::bind(format!("{ip}:0")).unwrap();
-        StunClient {
-            sock,
-            server,
-            user: user.into(),
-            password: password.into(),
-            realm: None,
-            nonce: None,
-            next: 0,
-            last_sent: Vec::new(),
-        }
+        let creds = Credentials::new(user, password, None).unwrap();
+        let signer = Signer::new(std::sync::Arc::new(creds), AuthMode::Legacy);
+        StunClient { sock, server, signer, next: 0, last_sent: Vec::new() }
     }
 
     /// Sends a Refresh with `lifetime` (0 deletes the allocation), signed.
     pub fn send_refresh(&mut self, lifetime: u32) {
-        use turn_proto::stun::{Class, Method, attr};
-        self.send(Method::REFRESH, Class::Request, &|enc| {
-            enc.u32(attr::LIFETIME, lifetime).unwrap();
-        });
+        use turn_proto::stun::{Class, Method, attr::Attribute};
+        self.send(Method::REFRESH, Class::Request, &[Attribute::Lifetime(lifetime)]);
     }
 
     /// Sends `bytes` as they are, from this client's socket.
@@ -568,27 +375,22 @@ impl StunClient {
 
     /// Sends an Allocate, signed once a realm and nonce are known.
     pub fn send_allocate(&mut self) {
-        use turn_proto::stun::{Method, attr};
-        self.send(Method::ALLOCATE, turn_proto::stun::Class::Request, &|enc| {
-            enc.raw(attr::REQUESTED_TRANSPORT, &[attr::PROTOCOL_UDP, 0, 0, 0]).unwrap();
-        });
+        use turn_proto::stun::{Class, Method, attr, attr::Attribute};
+        let transport = Attribute::RequestedTransport(attr::PROTOCOL_UDP);
+        self.send(Method::ALLOCATE, Class::Request, &[transport]);
     }
 
     /// Sends a CreatePermission for `peer` (signed).
     pub fn send_create_permission(&mut self, peer: SocketAddr) {
-        use turn_proto::stun::{Class, Method, attr};
-        self.send(Method::CREATE_PERMISSION, Class::Request, &|enc| {
-            enc.xor_address(attr::XOR_PEER_ADDRESS, peer).unwrap();
-        });
+        use turn_proto::stun::{Class, Method, attr::Attribute};
+        self.send(Method::CREATE_PERMISSION, Class::Request, &[Attribute::XorPeerAddress(peer)]);
     }
 
     /// Sends `data` to `peer` in a Send indication.
     pub fn send_indication(&mut self, peer: SocketAddr, data: &[u8]) {
-        use turn_proto::stun::{Class, Method, attr};
-        self.send(Method::SEND, Class::Indication, &|enc| {
-            enc.xor_address(attr::XOR_PEER_ADDRESS, peer).unwrap();
-            enc.raw(attr::DATA, data).unwrap();
-        });
+        use turn_proto::stun::{Class, Method, attr::Attribute};
+        let attrs = [Attribute::XorPeerAddress(peer), Attribute::Data(data)];
+        self.send(Method::SEND, Class::Indication, &attrs);
     }
 
     /// The next datagram from the server within `timeout`.
@@ -603,33 +405,15 @@ impl StunClient {
         &mut self,
         method: turn_proto::stun::Method,
         class: turn_proto::stun::Class,
-        body: &dyn Fn(&mut turn_proto::stun::MessageEncoder<'_>),
+        attrs: &[turn_proto::stun::attr::Attribute<'_>],
     ) {
-        use turn_proto::stun::{Class, MessageEncoder, TransactionId, attr};
+        use turn_proto::stun::TransactionId;
         self.next += 1;
         let mut tid = [0x5a; 12];
         tid[..4].copy_from_slice(&self.next.to_be_bytes());
         let mut buf = [0u8; 1500];
-        let mut enc = MessageEncoder::new(&mut buf, method, class, &TransactionId(tid)).unwrap();
-        body(&mut enc);
-        if class != Class::Request {
-            let n = enc.finish();
-            let _ = self.sock.send_to(&buf[..n], self.server);
-            return;
-        }
-        if let (Some(realm), Some(nonce)) = (&self.realm, &self.nonce) {
-            let key = turn_proto::credentials::long_term_key(
-                turn_proto::credentials::PasswordAlgorithm::Md5,
-                &self.user,
-                realm,
-                &self.password,
-            );
-            enc.raw(attr::USERNAME, self.user.as_bytes()).unwrap();
-            enc.raw(attr::REALM, realm.as_bytes()).unwrap();
-            enc.raw(attr::NONCE, nonce).unwrap();
-            enc.message_integrity(key.as_bytes()).unwrap();
-        }
-        let n = enc.finish();
+        let n =
+            self.signer.encode(&mut buf, method, class, &TransactionId(tid), attrs, false).unwrap();
         self.last_sent = buf[..n].to_vec();
         let _ = self.sock.send_to(&buf[..n], self.server);
     }
@@ -637,21 +421,14 @@ impl StunClient {
     /// The next answer's error code (0 for a success) within `timeout`, learning the
     /// realm and nonce from a 401 or 438.
     pub fn receive(&mut self, timeout: Duration) -> Option<u16> {
-        use turn_proto::stun::{Class, Message, attr};
-        self.sock.set_read_timeout(Some(timeout)).unwrap();
-        let mut buf = [0u8; 1500];
-        let n = self.sock.recv(&mut buf).ok()?;
-        let msg = Message::parse(&buf[..n]).ok()?;
+        use turn_proto::stun::{Class, Message};
+        let bytes = self.receive_raw(timeout)?;
+        let msg = Message::parse(&bytes).ok()?;
         if msg.class() == Class::SuccessResponse {
             return Some(0);
         }
-        let code = msg.get(attr::ERROR_CODE).and_then(|v| attr::decode_error_code(v).ok())?.0;
-        if let Some(realm) = msg.get(attr::REALM) {
-            self.realm = Some(String::from_utf8_lossy(realm).into_owned());
-        }
-        if let Some(nonce) = msg.get(attr::NONCE) {
-            self.nonce = Some(nonce.to_vec());
-        }
+        let (code, _) = turn_proto::client::error_code(&msg)?;
+        self.signer.learn(&msg);
         Some(code)
     }
 
@@ -661,7 +438,7 @@ impl StunClient {
         for _ in 0..3 {
             self.send_allocate();
             match self.receive(timeout)? {
-                401 if self.nonce.is_some() && self.next == 1 => continue,
+                401 if self.signer.ready() && self.next == 1 => continue,
                 438 => continue,
                 code => return Some(code),
             }

@@ -8,9 +8,9 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, bail};
+use turn_proto::client::{Client, Credentials, Request};
 
 use crate::{
-    client::{ClientFlow, Credentials, Request},
     net::{self, SockOpts},
     procfs::{self, CpuSample, Proc},
     report::{AllocReport, PhaseReport},
@@ -112,7 +112,7 @@ pub fn run(a: AllocArgs) -> Result<AllocReport> {
     for i in 0..a.count {
         let sock = net::udp_socket(net::any_port_like(a.server), Some(a.server), opts)
             .with_context(|| format!("socket {i} of {}", a.count))?;
-        eps.push(Endpoint { sock, client: ClientFlow::new(i as u32, creds.clone()) });
+        eps.push(Endpoint { sock, client: Client::new(i as u32, rand::random(), creds.clone()) });
     }
     let pid = a.server_pid.map(Proc::Pid);
     let rss = |p: Option<Proc>| p.map(|p| p.rss_kb()).transpose();

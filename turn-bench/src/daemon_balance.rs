@@ -24,11 +24,9 @@ use anyhow::{Context, Result, bail};
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::SliceRandom};
 use serde::Serialize;
 use turn_proto::channel_data;
+use turn_proto::client::{Client, Credentials, Progress, Request};
 
-use crate::{
-    client::{ClientFlow, Credentials, Progress, Request},
-    net::{self, Epoll, SockOpts},
-};
+use crate::net::{self, Epoll, SockOpts};
 
 const USER: &str = "bench";
 const PASSWORD: &str = "bench";
@@ -240,7 +238,7 @@ struct Session {
     plan: FlowPlan,
     end: Option<Instant>,
     sock: UdpSocket,
-    client: ClientFlow,
+    client: Client,
     state: State,
     script: VecDeque<Request>,
     in_flight: Option<Request>,
@@ -267,8 +265,8 @@ struct TrialResult {
 
 /// The daemon under test and what the client side shares.
 struct Bench {
-    daemon: turn_tests::Daemon,
-    _root: turn_tests::PinRoot,
+    daemon: turn_launch::Daemon,
+    _root: turn_launch::PinRoot,
     maps: turn_server::steering::GroupMaps,
     server: SocketAddr,
     peer: UdpSocket,
@@ -278,9 +276,9 @@ struct Bench {
 
 impl Bench {
     fn start(workers: usize, mode: &str) -> Result<Bench> {
-        let root = turn_tests::PinRoot::new("balance");
+        let root = turn_launch::PinRoot::new("balance");
         let workers = workers.to_string();
-        let daemon = turn_tests::Daemon::start(&[
+        let daemon = turn_launch::Daemon::start(&[
             "--workers",
             &workers,
             "--steering",
@@ -338,7 +336,7 @@ impl Bench {
         )?;
         sock.set_nonblocking(true)?;
         self.next_index += 1;
-        let mut client = ClientFlow::new(self.next_index, Arc::clone(&self.creds));
+        let mut client = Client::new(self.next_index, rand::random(), Arc::clone(&self.creds));
         client.start(Request::Allocate, now)?;
         let _ = sock.send(client.request_bytes());
         Ok(Session {
@@ -542,7 +540,7 @@ fn run_trial(bench: &mut Bench, trial: &Trial) -> Result<TrialResult> {
                 match s.sock.recv(&mut buf) {
                     Ok(n) if n >= 4 && (0x40..0x80).contains(&buf[0]) => s.received_down += 1,
                     Ok(n) => {
-                        let progress = s.client.on_datagram(&buf[..n], now);
+                        let progress = s.client.on_message(&buf[..n], now);
                         on_progress(s, progress, peer_addr, now)?;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,

@@ -12,13 +12,13 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail};
+use turn_proto::client::{Client, Credentials, Request};
 use turn_proto::{
     channel_data::{self, ChannelData},
     stun::{Class, Message, MessageEncoder, Method, TransactionId, attr},
 };
 
 use crate::{
-    client::{ClientFlow, Credentials, Request},
     net::{self, Batch, Dest, Epoll, SockOpts},
     pacing::{self, TokenBucket},
     payload::{self, Stamp, Window, clock_ns},
@@ -378,7 +378,7 @@ pub fn run(a: LoadArgs) -> Result<LoadReport> {
     for i in 0..a.flows {
         let sock = net::udp_socket(net::any_port_like(target), Some(target), opts)
             .with_context(|| format!("socket of flow {i}"))?;
-        eps.push(Endpoint { sock, client: ClientFlow::new(i as u32, creds.clone()) });
+        eps.push(Endpoint { sock, client: Client::new(i as u32, rand::random(), creds.clone()) });
     }
     let channel_of = |i: usize| channel_data::MIN_CHANNEL + (i % 0x4000) as u16;
     let framing = match (turn, a.send_indications) {

@@ -17,7 +17,6 @@
 
 mod alloc;
 mod balance;
-mod client;
 mod daemon_balance;
 mod floor;
 mod load;

@@ -1,7 +1,7 @@
-//! Drives many [`ClientFlow`]s over their sockets: a bounded number of transactions in
+//! Drives many [`Client`]s over their sockets: a bounded number of transactions in
 //! flight, `poll` with timeouts, retransmissions; every flow's script of requests runs in
-//! order. Terminates by itself: each request is bounded by [`client::MAX_TRIES`] x
-//! [`client::RTO`] per authentication round, and the whole run by `time_limit`.
+//! order. Terminates by itself: each request is bounded by [`MAX_TRIES`](turn_proto::client::MAX_TRIES) x
+//! [`RTO`](turn_proto::client::RTO) per authentication round, and the whole run by `time_limit`.
 
 use std::{
     io,
@@ -11,16 +11,14 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail};
+use turn_proto::client::{Client, ControlStats, Progress, Reply, Request};
 
-use crate::{
-    client::{ClientFlow, ControlStats, Progress, Reply, Request},
-    net::{self, SockOpts},
-};
+use crate::net::{self, SockOpts};
 
 /// One flow's socket (connected to the server) and client state.
 pub struct Endpoint {
     pub sock: UdpSocket,
-    pub client: ClientFlow,
+    pub client: Client,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -152,7 +150,7 @@ fn run(
             if readable {
                 loop {
                     match ep.sock.recv(&mut buf) {
-                        Ok(n) => match ep.client.on_datagram(&buf[..n], now) {
+                        Ok(n) => match ep.client.on_message(&buf[..n], now) {
                             Progress::Ignored => {}
                             Progress::Send => send(ep),
                             done @ (Progress::Done(_) | Progress::Failed(_) | Progress::Rebind) => {

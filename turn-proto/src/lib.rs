@@ -64,6 +64,7 @@
 //! header (or the Data indication header) in front of it.
 
 pub mod channel_data;
+pub mod client;
 pub mod credentials;
 pub mod framing;
 pub mod nonce;

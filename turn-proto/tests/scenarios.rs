@@ -387,11 +387,11 @@ fn permission_and_channel_expiry_and_holddown() {
 fn stale_nonce_gets_438_and_a_fresh_nonce() {
     let mut sim = Sim::default();
     let mut c = allocated(&mut sim, "192.0.2.50:40000");
-    let old = c.nonce.clone().unwrap();
+    let old = c.signer.nonce.clone().unwrap();
     sim.advance(601); // nonce lifetime 600 s; allocation lifetime 600 s too
     let mut d = Client::alice("192.0.2.50:40001");
-    d.realm = c.realm.clone();
-    d.nonce = Some(old.clone());
+    d.signer.realm = c.signer.realm.clone();
+    d.signer.nonce = Some(old.clone());
     // Nonces are bound to the client address: another client gets 438.
     let txid = d.next_txid();
     let req = d.build(Method::ALLOCATE, Class::Request, txid, &[Attribute::RequestedTransport(17)]);
@@ -402,7 +402,7 @@ fn stale_nonce_gets_438_and_a_fresh_nonce() {
     // The client helper retries with the new nonce.
     let r = c.allocate(&mut sim);
     assert_eq!(r.class(), Class::SuccessResponse);
-    assert_ne!(c.nonce.clone().unwrap(), old);
+    assert_ne!(c.signer.nonce.clone().unwrap(), old);
     assert!(sim.server.counters().stale_nonces >= 2);
 }
 
@@ -439,7 +439,7 @@ fn wrong_password_unknown_user_and_missing_attributes() {
     assert_eq!(carol.allocate(&mut sim).class(), Class::SuccessResponse);
     // ...but cannot do SHA-256 (no password to derive it from) where it is offered.
     let mut carol2 = Client::new("192.0.2.50:40003", "carol", "carol-pw");
-    carol2.mode = AuthMode::Sha256;
+    carol2.signer.mode = AuthMode::Sha256;
     assert_eq!(carol2.allocate(&mut sim).error_code(), Some(401));
 }
 
@@ -478,7 +478,7 @@ fn an_md5_key_user_works_with_a_sha256_first_client_when_only_md5_is_offered() {
     cfg.password_algorithms = vec![turn_proto::credentials::PasswordAlgorithm::Md5];
     let mut sim = Sim::new(cfg);
     let mut carol = Client::new("192.0.2.50:40005", "carol", "carol-pw");
-    carol.mode = AuthMode::Sha256;
+    carol.signer.mode = AuthMode::Sha256;
     let r = carol.allocate(&mut sim);
     assert_eq!(r.class(), Class::SuccessResponse, "{:?}", r.error_code());
     assert!(r.attr(attr::MESSAGE_INTEGRITY_SHA256).is_some(), "negotiated, SHA-256 integrity");
@@ -488,7 +488,7 @@ fn an_md5_key_user_works_with_a_sha256_first_client_when_only_md5_is_offered() {
 fn sha256_negotiation_and_userhash() {
     let mut sim = Sim::default();
     let mut c = Client::alice("192.0.2.50:40000");
-    c.mode = AuthMode::Sha256;
+    c.signer.mode = AuthMode::Sha256;
     let r = c.allocate(&mut sim);
     assert_eq!(r.class(), Class::SuccessResponse);
     assert!(r.msg().has_message_integrity_sha256());
@@ -497,20 +497,20 @@ fn sha256_negotiation_and_userhash() {
 
     // USERHASH (static users only).
     let mut h = Client::alice("192.0.2.50:40001");
-    h.mode = AuthMode::Sha256UserHash;
+    h.signer.mode = AuthMode::Sha256UserHash;
     let r = h.allocate(&mut sim);
     assert_eq!(r.class(), Class::SuccessResponse);
     assert!(h.verify(&r));
 
     // PASSWORD-ALGORITHMS not matching what the server sent: 400.
     let mut m = Client::alice("192.0.2.50:40002");
-    m.mode = AuthMode::Sha256;
+    m.signer.mode = AuthMode::Sha256;
     let _ = m.allocate(&mut sim);
-    m.algorithms = Some(vec![0, 2, 0, 0]);
+    m.signer.algorithms = Some(vec![0, 2, 0, 0]);
     let r = m.refresh(&mut sim, None);
     assert_eq!(r.error_code(), Some(400));
     // PASSWORD-ALGORITHM without PASSWORD-ALGORITHMS: 400.
-    m.algorithms = None;
+    m.signer.algorithms = None;
     assert_eq!(m.refresh(&mut sim, None).error_code(), Some(400));
 }
 
@@ -522,8 +522,8 @@ fn negotiation_disabled_uses_plain_nonces() {
     let mut c = Client::alice("192.0.2.50:40000");
     let r = c.allocate(&mut sim);
     assert_eq!(r.class(), Class::SuccessResponse);
-    assert!(!c.nonce.as_ref().unwrap().starts_with(b"obMatJos2"));
-    assert!(c.algorithms.is_none());
+    assert!(!c.signer.nonce.as_ref().unwrap().starts_with(b"obMatJos2"));
+    assert!(c.signer.algorithms.is_none());
 }
 
 #[test]
@@ -539,7 +539,7 @@ fn rest_credentials() {
     let name = format!("{expiry}");
     let pw = turn_proto::credentials::rest_password(b"new-secret", &name);
     let mut b = Client::new("192.0.2.50:40002", &name, &pw);
-    b.mode = AuthMode::Sha256;
+    b.signer.mode = AuthMode::Sha256;
     assert_eq!(b.allocate(&mut sim).class(), Class::SuccessResponse);
     // Unknown secret.
     let mut x = rest_client("192.0.2.50:40003", expiry, "eve", b"guess");

@@ -178,6 +178,9 @@ pub fn run(config: Config) -> Result<()> {
     if let Some(user) = &generated {
         print_generated(&config, &groups, &relay_addresses, user);
     }
+    // Every listener is bound, steering attached and the workers run: scripts (and the
+    // test harness) wait for this line.
+    info!(workers, "ready");
 
     let drain = Duration::from_secs(config.drain_timeout_secs);
     let workers_view = WorkersView { stats: &stats, inboxes: &inboxes };

@@ -42,26 +42,50 @@ enum Kind {
     Floor,
 }
 
-/// A running server, stopped (SIGTERM, then SIGKILL) when dropped.
+/// A running server, stopped (SIGINT, then SIGKILL) when dropped.
 struct Running {
-    child: Child,
+    process: Process,
     addr: String,
     pin_root: Option<PathBuf>,
 }
 
+enum Process {
+    /// turn-server, through the launcher the tests use; its log goes to `log` at the end.
+    TurnServer { daemon: turn_launch::Daemon, log: PathBuf },
+    /// coturn, pion or the floor.
+    Other(Child),
+}
+
+impl Running {
+    fn pid(&self) -> u32 {
+        match &self.process {
+            Process::TurnServer { daemon, .. } => daemon.pid(),
+            Process::Other(child) => child.id(),
+        }
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
+        match &mut self.process {
+            Process::TurnServer { daemon, log } => {
+                daemon.stop();
+                let _ = std::fs::write(log, daemon.logs());
             }
-            std::thread::sleep(Duration::from_millis(20));
+            Process::Other(child) => {
+                // SAFETY: kill(2) on our own child.
+                unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < deadline {
+                    if let Ok(Some(_)) = child.try_wait() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
         if let Some(root) = &self.pin_root {
             let _ = std::fs::remove_dir_all(root);
         }
@@ -83,46 +107,53 @@ pub struct Tools {
 fn start(server: &Server, tools: &Tools, peer_port: u16) -> Result<Running> {
     let port = free_port()?;
     let addr = format!("127.0.0.1:{port}");
-    let log = std::fs::File::create(tools.out_dir.join(format!("{}.log", server.name)))?;
-    let mut pin_root = None;
+    let log_path = tools.out_dir.join(format!("{}.log", server.name));
+    if matches!(server.kind, Kind::TurnP2c | Kind::TurnHash) {
+        let root = PathBuf::from(format!("/sys/fs/bpf/turn-xtask-bench-{}", std::process::id()));
+        let steering = if server.kind == Kind::TurnP2c { "p2c" } else { "hash" };
+        let threads = server.threads.to_string();
+        let port_arg = port.to_string();
+        let user = format!("{USER}:{PASSWORD}");
+        let args = [
+            "-L",
+            "127.0.0.1",
+            "-p",
+            &port_arg,
+            "--workers",
+            &threads,
+            "--steering",
+            steering,
+            "--user",
+            &user,
+            "--realm",
+            REALM,
+            "--allow-loopback-peers",
+            // One benchmark user holds thousands of allocations, and every client comes
+            // from 127.0.0.1: no per-user quota and no per-source limit (coturn has neither
+            // by default).
+            "--user-quota",
+            "0",
+            "--unauthenticated-responses-per-sec",
+            "0",
+            "--bpf-pin-root",
+            root.to_str().unwrap_or_default(),
+            "--drain-timeout",
+            "0",
+        ];
+        let mut launch = turn_launch::Launch::new(&args);
+        launch.bin = tools.turn_server.clone();
+        // Startup lines only: no log line per allocation during the measurements.
+        launch.log_level = Some("warn,turn_server::daemon=info".into());
+        let daemon = launch.start().with_context(|| format!("starting {}", server.name))?;
+        return Ok(Running {
+            process: Process::TurnServer { daemon, log: log_path },
+            addr,
+            pin_root: Some(root),
+        });
+    }
+    let log = std::fs::File::create(&log_path)?;
     let mut cmd = match server.kind {
-        Kind::TurnP2c | Kind::TurnHash => {
-            let root =
-                PathBuf::from(format!("/sys/fs/bpf/turn-xtask-bench-{}", std::process::id()));
-            let mut c = Command::new(&tools.turn_server);
-            c.args([
-                "-L",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "--workers",
-                &server.threads.to_string(),
-            ])
-            .args(["--steering", if server.kind == Kind::TurnP2c { "p2c" } else { "hash" }])
-            .args([
-                "--user",
-                &format!("{USER}:{PASSWORD}"),
-                "--realm",
-                REALM,
-                "--allow-loopback-peers",
-                // One benchmark user holds thousands of allocations, and every client
-                // comes from 127.0.0.1: no per-user quota and no per-source limit (coturn
-                // has neither by default).
-                "--user-quota",
-                "0",
-                "--unauthenticated-responses-per-sec",
-                "0",
-            ])
-            .args([
-                "--bpf-pin-root",
-                root.to_str().unwrap_or_default(),
-                "--drain-timeout",
-                "0",
-            ]);
-            pin_root = Some(root);
-            c.env("TURN_LOG", "warn");
-            c
-        }
+        Kind::TurnP2c | Kind::TurnHash => bail!("{} is started above", server.name),
         Kind::Coturn => {
             let mut c = Command::new("turnserver");
             c.args(["-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1"])
@@ -173,11 +204,11 @@ fn start(server: &Server, tools: &Tools, peer_port: u16) -> Result<Running> {
         .stderr(log)
         .spawn()
         .with_context(|| format!("starting {}", server.name))?;
-    let mut running = Running { child, addr, pin_root };
+    let mut running = Running { process: Process::Other(child), addr, pin_root: None };
     // Wait until something answers on the port (or the process died).
     let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Ok(Some(status)) = running.child.try_wait() {
+    while let Process::Other(child) = &mut running.process {
+        if let Ok(Some(status)) = child.try_wait() {
             bail!(
                 "{} exited at start ({status}); see {}/{}.log",
                 server.name,
@@ -302,7 +333,7 @@ fn measure(
     running: &Running,
     peer_port: u16,
 ) -> Result<Value> {
-    let pid = running.child.id().to_string();
+    let pid = running.pid().to_string();
     let mut cmd = Command::new(&tools.turn_bench);
     if case.alloc {
         cmd.args([

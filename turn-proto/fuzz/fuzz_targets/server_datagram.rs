@@ -25,9 +25,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use turn_proto::credentials::{
-    CredentialsConfig, PasswordAlgorithm, StaticUser, UserSecret, long_term_key,
-};
+use std::sync::Arc;
+
+use turn_proto::client::{AuthMode, Credentials, Signer};
+use turn_proto::credentials::{CredentialsConfig, StaticUser, UserSecret};
 use turn_proto::server::{
     ClientConn, ClientInput, FiveTuple, Host, Output, PEER_HEADROOM, PEER_TAILROOM, Quota,
     QuotaExceeded, RelayAllocator, RelayError, RelayId, RelayRequest, Server, ServerConfig,
@@ -86,10 +87,20 @@ impl Quota for CountQuota {
 
 struct Peer {
     addr: SocketAddr,
-    user: &'static str,
-    password: &'static str,
-    nonce: Vec<u8>,
+    /// The project's TURN client signer (its realm and nonce start wrong on purpose:
+    /// the first request draws a 438 that teaches the real ones).
+    signer: Signer,
     counter: u32,
+}
+
+impl Peer {
+    fn new(addr: &str, user: &str, password: &str) -> Peer {
+        let creds = Credentials { username: user.into(), password: password.into(), realm: None };
+        let mut signer = Signer::new(Arc::new(creds), AuthMode::Legacy);
+        signer.realm = Some(REALM.into());
+        signer.nonce = Some(b"x".to_vec());
+        Peer { addr: addr.parse().expect("addr"), signer, counter: 0 }
+    }
 }
 
 struct World {
@@ -149,24 +160,14 @@ impl World {
         let mut enc =
             MessageEncoder::new(&mut buf, method, Class::Request, &TransactionId(tid)).ok()?;
         enc.append_encoded(body).ok()?;
-        enc.raw(attr::USERNAME, p.user.as_bytes()).ok()?;
-        enc.raw(attr::REALM, REALM.as_bytes()).ok()?;
-        enc.raw(attr::NONCE, &p.nonce).ok()?;
-        let alg = if sha256 { PasswordAlgorithm::Sha256 } else { PasswordAlgorithm::Md5 };
-        let key = long_term_key(alg, p.user, REALM, p.password);
-        if sha256 {
-            enc.raw(attr::PASSWORD_ALGORITHMS, &[0, 2, 0, 0, 0, 1, 0, 0]).ok()?;
-            enc.raw(attr::PASSWORD_ALGORITHM, &[0, 2, 0, 0]).ok()?;
-            enc.message_integrity_sha256(key.as_bytes()).ok()?;
-        } else {
-            enc.message_integrity(key.as_bytes()).ok()?;
-        }
+        p.signer.mode = if sha256 { AuthMode::Sha256 } else { AuthMode::Legacy };
+        p.signer.sign(&mut enc).ok()?;
         let n = enc.finish();
         let resp = self.client(p.addr, &buf[..n]);
         if let Some(r) = &resp {
             let m = Message::parse(r).expect("parses");
-            if let Some(nonce) = m.get(attr::NONCE) {
-                p.nonce = nonce.to_vec();
+            if m.get(attr::NONCE).is_some() {
+                p.signer.learn(&m);
             }
         }
         resp
@@ -216,20 +217,8 @@ fuzz_target!(|data: &[u8]| {
     };
     let peer1: SocketAddr = "198.51.100.20:5000".parse().expect("addr");
     let peer2: SocketAddr = "198.51.100.21:6000".parse().expect("addr");
-    let mut a = Peer {
-        addr: "192.0.2.50:40000".parse().expect("addr"),
-        user: "alice",
-        password: "pw",
-        nonce: b"x".to_vec(),
-        counter: 0,
-    };
-    let mut c = Peer {
-        addr: "192.0.2.51:40000".parse().expect("addr"),
-        user: "bob",
-        password: "pw2",
-        nonce: b"x".to_vec(),
-        counter: 0,
-    };
+    let mut a = Peer::new("192.0.2.50:40000", "alice", "pw");
+    let mut c = Peer::new("192.0.2.51:40000", "bob", "pw2");
     let b_addr: SocketAddr = "192.0.2.52:40000".parse().expect("addr");
 
     // Prime: 438 (bad nonce) teaches the nonce, then Allocate, ChannelBind, CreatePermission.

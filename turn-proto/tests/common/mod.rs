@@ -6,9 +6,11 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use turn_proto::client::{Credentials, Signer};
 use turn_proto::credentials::{
-    CredentialsConfig, Key, PasswordAlgorithm, StaticUser, UserSecret, long_term_key,
-    rest_password, user_hash,
+    CredentialsConfig, Key, PasswordAlgorithm, StaticUser, UserSecret, long_term_key, rest_password,
 };
 use turn_proto::server::{
     ClientConn, ClientInput, Event, FiveTuple, Host, LocalQuota, Output, PEER_HEADROOM,
@@ -16,7 +18,7 @@ use turn_proto::server::{
     Transport,
 };
 use turn_proto::stun::attr::{self, Attribute};
-use turn_proto::stun::{Class, Family, Message, MessageEncoder, Method, TransactionId};
+use turn_proto::stun::{Class, Family, Message, Method, TransactionId};
 
 pub const REALM: &str = "example.org";
 pub const UNIX0: u64 = 1_700_000_000;
@@ -258,43 +260,25 @@ impl Resp {
     }
 }
 
-/// How the test client authenticates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthMode {
-    /// RFC 5389 style: USERNAME, MD5 key, MESSAGE-INTEGRITY, ignore
-    /// PASSWORD-ALGORITHMS.
-    Legacy,
-    /// RFC 8489: echo PASSWORD-ALGORITHMS, pick SHA-256 when the server
-    /// offers it (else MD5), MESSAGE-INTEGRITY-SHA256.
-    Sha256,
-    /// RFC 8489 with USERHASH instead of USERNAME.
-    Sha256UserHash,
-}
+pub use turn_proto::client::AuthMode;
 
-/// A minimal TURN client.
+/// The test client: the project's one TURN client ([`Signer`]) at one address, building
+/// requests with any attributes (negative tests included).
 #[derive(Debug, Clone)]
 pub struct Client {
     pub addr: SocketAddr,
-    pub username: String,
-    pub password: String,
-    pub mode: AuthMode,
-    pub realm: Option<String>,
-    pub nonce: Option<Vec<u8>>,
-    pub algorithms: Option<Vec<u8>>,
+    pub signer: Signer,
     pub counter: u64,
     pub fingerprint: bool,
 }
 
 impl Client {
     pub fn new(addr: &str, username: &str, password: &str) -> Client {
+        let creds =
+            Credentials { username: username.into(), password: password.into(), realm: None };
         Client {
             addr: addr.parse().unwrap(),
-            username: username.into(),
-            password: password.into(),
-            mode: AuthMode::Legacy,
-            realm: None,
-            nonce: None,
-            algorithms: None,
+            signer: Signer::new(Arc::new(creds), AuthMode::Legacy),
             counter: 0,
             fingerprint: false,
         }
@@ -312,23 +296,11 @@ impl Client {
         TransactionId(t)
     }
 
-    pub fn algorithm(&self) -> PasswordAlgorithm {
-        let sha256_offered = self.algorithms.as_ref().is_none_or(|list| {
-            list.chunks(4)
-                .any(|a| a.get(..2) == Some(&PasswordAlgorithm::Sha256.code().to_be_bytes()))
-        });
-        match self.mode {
-            AuthMode::Legacy => PasswordAlgorithm::Md5,
-            _ if sha256_offered => PasswordAlgorithm::Sha256,
-            _ => PasswordAlgorithm::Md5,
-        }
-    }
-
     pub fn key(&self) -> Key {
-        long_term_key(self.algorithm(), &self.username, REALM, &self.password)
+        self.signer.key()
     }
 
-    /// Build a request; authenticated once realm and nonce are known.
+    /// Build a message; a request is signed once realm and nonce are known.
     pub fn build(
         &self,
         method: Method,
@@ -337,67 +309,21 @@ impl Client {
         attrs: &[Attribute<'_>],
     ) -> Vec<u8> {
         let mut buf = vec![0u8; 4096];
-        let mut enc = MessageEncoder::new(&mut buf, method, class, &txid).unwrap();
-        for a in attrs {
-            a.encode(&mut enc).unwrap();
-        }
-        if class == Class::Request
-            && let (Some(realm), Some(nonce)) = (&self.realm, &self.nonce)
-        {
-            {
-                match self.mode {
-                    AuthMode::Sha256UserHash => {
-                        let h = user_hash(&self.username, REALM);
-                        enc.raw(attr::USERHASH, &h).unwrap();
-                    }
-                    _ => enc.raw(attr::USERNAME, self.username.as_bytes()).unwrap(),
-                }
-                enc.raw(attr::REALM, realm.as_bytes()).unwrap();
-                enc.raw(attr::NONCE, nonce).unwrap();
-                if self.mode != AuthMode::Legacy {
-                    if let Some(list) = &self.algorithms {
-                        enc.raw(attr::PASSWORD_ALGORITHMS, list).unwrap();
-                    }
-                    Attribute::PasswordAlgorithm(self.algorithm().code(), &[])
-                        .encode(&mut enc)
-                        .unwrap();
-                }
-                match self.mode {
-                    AuthMode::Legacy => enc.message_integrity(self.key().as_bytes()).unwrap(),
-                    _ => enc.message_integrity_sha256(self.key().as_bytes()).unwrap(),
-                }
-            }
-        }
-        if self.fingerprint {
-            enc.fingerprint().unwrap();
-        }
-        let n = enc.finish();
+        let n =
+            self.signer.encode(&mut buf, method, class, &txid, attrs, self.fingerprint).unwrap();
         buf.truncate(n);
         buf
     }
 
     /// Learn realm/nonce/algorithms from a 401/438.
     pub fn learn(&mut self, r: &Resp) {
-        let m = r.msg();
-        if let Some(v) = m.get(attr::REALM) {
-            self.realm = Some(String::from_utf8(v.to_vec()).unwrap());
-        }
-        if let Some(v) = m.get(attr::NONCE) {
-            self.nonce = Some(v.to_vec());
-        }
-        if let Some(v) = m.get(attr::PASSWORD_ALGORITHMS) {
-            self.algorithms = Some(v.to_vec());
-        }
+        self.signer.learn(&r.msg());
     }
 
-    /// Check a response's integrity with our key.
+    /// True when a response carries an integrity attribute that our key verifies.
     pub fn verify(&self, r: &Resp) -> bool {
         let m = r.msg();
-        if m.has_message_integrity_sha256() {
-            m.verify_message_integrity_sha256(self.key().as_bytes())
-        } else {
-            m.verify_message_integrity(self.key().as_bytes())
-        }
+        (m.has_message_integrity() || m.has_message_integrity_sha256()) && self.signer.verify(&m)
     }
 
     /// Send a request, doing the 401/438 dance as a real client would.
@@ -410,7 +336,7 @@ impl Client {
             let r = Resp { bytes: out.client_bytes().to_vec() };
             assert_eq!(r.msg().transaction_id(), txid);
             match r.error_code() {
-                Some(401) if self.nonce.is_none() => self.learn(&r),
+                Some(401) if self.signer.nonce.is_none() => self.learn(&r),
                 Some(438) => self.learn(&r),
                 _ => {
                     if r.msg().has_message_integrity() || r.msg().has_message_integrity_sha256() {
