@@ -83,7 +83,7 @@ fn load_cli_shows_every_worker_while_traffic_flows() {
     // The table for people names the same listener.
     let text = cli(&["load", "--interval", "0.1", "--pin-root", root.arg()]);
     let text = String::from_utf8_lossy(&text.stdout);
-    assert!(text.contains(&format!("listener {to} steering p2c (2 sockets")), "{text}");
+    assert!(text.contains(&format!("listener udp {to} steering p2c (2 sockets")), "{text}");
     assert!(text.contains("imbalance (busiest / mean)"), "{text}");
 }
 
@@ -151,18 +151,26 @@ fn restart_after_kill_9_removes_stale_pins_and_serves() {
     let root = PinRoot::new("kill");
     let mut first = Daemon::start(&["--workers", "2", "--bpf-pin-root", root.arg()]);
     let stale = listener_dir(&root, first.addr());
+    let stale_tcp = turn_server::bpffs::group_dir(
+        &root.0,
+        turn_server::bpffs::Protocol::Tcp,
+        first.addrs("tcp")[0],
+    );
     first.signal_and_wait(libc::SIGKILL, Duration::from_secs(10)).unwrap();
-    assert!(stale.is_dir(), "kill -9 leaves pins behind");
+    assert!(stale.is_dir() && stale_tcp.is_dir(), "kill -9 leaves pins behind");
 
     let second = Daemon::start(&["--workers", "2", "--bpf-pin-root", root.arg()]);
-    assert!(!stale.exists(), "stale pins of the killed daemon are removed");
-    let removed = second
+    assert!(!stale.exists() && !stale_tcp.exists(), "stale pins of the killed daemon are removed");
+    let mut removed = second
         .logs()
         .lines()
         .filter(|l| l.contains("removed the pins of a daemon that is no longer running"))
         .filter_map(|l| json_field(l, "dir"))
         .collect::<Vec<_>>();
-    assert_eq!(removed, vec![stale.display().to_string()]);
+    removed.sort();
+    let mut expected = vec![stale.display().to_string(), stale_tcp.display().to_string()];
+    expected.sort();
+    assert_eq!(removed, expected);
     assert!(Path::new(&listener_dir(&root, second.addr())).is_dir());
     let report = load_json(&root, &second);
     assert_eq!(report["groups"][0]["sockets"].as_array().unwrap().len(), 2);

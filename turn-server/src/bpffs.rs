@@ -70,22 +70,46 @@ fn start_time(pid: u32) -> io::Result<u64> {
         .ok_or_else(|| io::Error::other(format!("/proc/{pid}/stat has no start time")))
 }
 
-/// The directory of one listener group's pins. bpffs refuses names with a dot, so the
-/// dots of an IPv4 address are written `_`.
+/// The protocol of a listener group (TLS listeners are TCP groups on their own port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Protocol {
+    Udp,
+    Tcp,
+}
+
+impl Protocol {
+    /// `udp` or `tcp`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Protocol::Udp => "udp",
+            Protocol::Tcp => "tcp",
+        }
+    }
+}
+
+/// The directory of one UDP listener group's pins (see [`group_dir`]).
 pub fn listener_dir(root: &Path, local: SocketAddr) -> PathBuf {
+    group_dir(root, Protocol::Udp, local)
+}
+
+/// The directory of one listener group's pins: `<protocol>-<address>-<port>`. bpffs
+/// refuses names with a dot, so the dots of an IPv4 address are written `_`.
+pub fn group_dir(root: &Path, protocol: Protocol, local: SocketAddr) -> PathBuf {
     root.join(LAYOUT).join(format!(
-        "udp-{}-{}",
+        "{}-{}-{}",
+        protocol.name(),
         local.ip().to_string().replace('.', "_"),
         local.port()
     ))
 }
 
-/// The listener address a listener directory stands for.
+/// The protocol and address a listener directory stands for, as `udp 192.0.2.1:3478`.
 pub fn listener_name(dir: &Path) -> String {
     let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("?");
-    match name.strip_prefix("udp-").and_then(|rest| rest.rsplit_once('-')) {
-        Some((ip, port)) if ip.contains(':') => format!("[{ip}]:{port}"),
-        Some((ip, port)) => format!("{}:{port}", ip.replace('_', ".")),
+    let Some((protocol, rest)) = name.split_once('-') else { return name.to_owned() };
+    match rest.rsplit_once('-') {
+        Some((ip, port)) if ip.contains(':') => format!("{protocol} [{ip}]:{port}"),
+        Some((ip, port)) => format!("{protocol} {}:{port}", ip.replace('_', ".")),
         None => name.to_owned(),
     }
 }
@@ -207,7 +231,10 @@ pub fn live_listeners(root: &Path) -> Vec<LiveListener> {
                 .collect()
         })
         .unwrap_or_default();
-    found.sort_by(|a, b| a.dir.cmp(&b.dir));
+    // UDP groups first (the ones allocations are pinned in), then by name.
+    found.sort_by_key(|l| {
+        (!l.dir.file_name().is_some_and(|n| n.to_string_lossy().starts_with("udp-")), l.dir.clone())
+    });
     found
 }
 
@@ -243,10 +270,13 @@ mod tests {
         let root = Path::new("/sys/fs/bpf/turn-server");
         let dir = listener_dir(root, "127.0.0.1:3478".parse().unwrap());
         assert_eq!(dir, Path::new("/sys/fs/bpf/turn-server/v2/udp-127_0_0_1-3478"));
-        assert_eq!(listener_name(&dir), "127.0.0.1:3478");
+        assert_eq!(listener_name(&dir), "udp 127.0.0.1:3478");
+        let tcp = group_dir(root, Protocol::Tcp, "127.0.0.1:5349".parse().unwrap());
+        assert_eq!(listener_name(&tcp), "tcp 127.0.0.1:5349");
+        assert_ne!(tcp.file_name(), dir.file_name());
         let dir6 = listener_dir(root, "[::1]:3478".parse().unwrap());
         assert!(dir6.ends_with("udp-::1-3478"));
-        assert_eq!(listener_name(&dir6), "[::1]:3478");
+        assert_eq!(listener_name(&dir6), "udp [::1]:3478");
     }
 
     #[test]

@@ -47,12 +47,47 @@ pub enum LogFormat {
     Json,
 }
 
+/// Connections all workers hold at once by default (TCP and TLS together).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Connections one source address holds at once by default: room for a large office
+/// behind one NAT address, too few for one address to take the whole server.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 1_000;
+
 /// The whole configuration. Keys are the TOML keys (snake_case).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// UDP port for STUN/TURN (default 3478).
+    /// Port for STUN/TURN over UDP and TCP (default 3478).
     pub listening_port: u16,
+    /// Port for TURN over TLS (default 5349; 443 is common where only HTTPS passes).
+    pub tls_listening_port: u16,
+    /// No UDP listener.
+    pub no_udp: bool,
+    /// No TCP listener.
+    pub no_tcp: bool,
+    /// No TLS listener (there is none anyway without `cert` and `pkey`).
+    pub no_tls: bool,
+    /// TLS certificate chain, PEM (leaf first). With `pkey`, enables the TLS listener.
+    pub cert: Option<PathBuf>,
+    /// TLS private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub pkey: Option<PathBuf>,
+    /// TCP and TLS connections held at once, across workers (0 = unlimited).
+    pub max_connections: usize,
+    /// TCP and TLS connections one source address holds at once (0 = unlimited).
+    pub max_connections_per_ip: usize,
+    /// Seconds a TLS client has to complete its handshake.
+    pub tls_handshake_timeout_secs: u64,
+    /// Seconds a TCP or TLS connection has (after the TLS handshake) to send its first
+    /// valid STUN message.
+    pub stream_first_message_timeout_secs: u64,
+    /// Seconds a TCP or TLS connection has, from its start, to create an allocation.
+    pub stream_allocation_timeout_secs: u64,
+    /// Seconds a TCP or TLS connection whose allocation ended may stay without one while
+    /// it sends nothing.
+    pub stream_idle_timeout_secs: u64,
+    /// Bytes waiting to be written to one TCP or TLS client at most; more is dropped (a
+    /// slow reader loses packets, it does not stall the worker).
+    pub stream_write_buffer_bytes: usize,
     /// Addresses to listen on (default: all IPv4 and all IPv6 addresses).
     pub listening_ips: Vec<IpAddr>,
     /// Worker threads, each with one socket per listening address (0 = one per CPU).
@@ -142,6 +177,19 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listening_port: 3478,
+            tls_listening_port: 5349,
+            no_udp: false,
+            no_tcp: false,
+            no_tls: false,
+            cert: None,
+            pkey: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+            tls_handshake_timeout_secs: 10,
+            stream_first_message_timeout_secs: 10,
+            stream_allocation_timeout_secs: 30,
+            stream_idle_timeout_secs: 60,
+            stream_write_buffer_bytes: 64 * 1024,
             listening_ips: vec![
                 IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
                 IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
@@ -205,6 +253,44 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         if self.listening_ips.is_empty() {
             bail!("listening_ips: at least one address is needed");
+        }
+        match (&self.cert, &self.pkey) {
+            (Some(_), None) => bail!("cert: given without pkey (the certificate's private key)"),
+            (None, Some(_)) => bail!("pkey: given without cert (the certificate chain)"),
+            _ => {}
+        }
+        if self.no_udp && self.no_tcp && !self.tls_enabled() {
+            bail!(
+                "no_udp and no_tcp leave nothing to listen on (TLS needs cert and pkey, \
+                 and no_tls unset)"
+            );
+        }
+        if !self.no_tcp
+            && self.tls_enabled()
+            && self.listening_port != 0
+            && self.tls_listening_port == self.listening_port
+        {
+            bail!(
+                "tls_listening_port: {} is also the TCP listening port; give TLS its own port \
+                 (or set no_tcp)",
+                self.tls_listening_port
+            );
+        }
+        for (key, value) in [
+            ("tls_handshake_timeout_secs", self.tls_handshake_timeout_secs),
+            ("stream_first_message_timeout_secs", self.stream_first_message_timeout_secs),
+            ("stream_allocation_timeout_secs", self.stream_allocation_timeout_secs),
+            ("stream_idle_timeout_secs", self.stream_idle_timeout_secs),
+        ] {
+            if value == 0 {
+                bail!("{key}: must be at least 1");
+            }
+        }
+        if self.stream_write_buffer_bytes < 64 * 1024 {
+            bail!(
+                "stream_write_buffer_bytes: at least 65536 (one message of the largest size \
+                 must fit)"
+            );
         }
         if self.workers > turn_common::MAX_SOCKETS as usize {
             bail!(
@@ -286,6 +372,12 @@ impl Config {
     /// The admin group's id, if one is configured.
     pub fn admin_gid(&self) -> Result<Option<u32>> {
         self.admin_group.as_deref().map(|g| lookup_id(g, false)).transpose()
+    }
+
+    /// True when the TLS listener is served: a certificate and key are configured and
+    /// `no_tls` is not set.
+    pub fn tls_enabled(&self) -> bool {
+        !self.no_tls && self.cert.is_some() && self.pkey.is_some()
     }
 
     /// Worker count with 0 resolved to the number of CPUs.
@@ -470,6 +562,30 @@ mod tests {
     }
 
     #[test]
+    fn stream_settings_are_checked() {
+        let c = Config::from_toml("cert = \"/c.pem\"\npkey = \"/k.pem\"\n").unwrap();
+        assert!(c.tls_enabled());
+        assert!(!Config::default().tls_enabled(), "no certificate, no TLS");
+        let c = Config::from_toml("cert = \"/c\"\npkey = \"/k\"\nno_tls = true\n").unwrap();
+        assert!(!c.tls_enabled());
+        let err = Config::from_toml("cert = \"/c.pem\"\n").unwrap_err();
+        assert!(format!("{err:#}").contains("pkey"), "{err:#}");
+        let err = Config::from_toml("pkey = \"/k.pem\"\n").unwrap_err();
+        assert!(format!("{err:#}").contains("cert"), "{err:#}");
+        let err = Config::from_toml("no_udp = true\nno_tcp = true\n").unwrap_err();
+        assert!(format!("{err:#}").contains("nothing to listen on"), "{err:#}");
+        let err = Config::from_toml(
+            "cert = \"/c\"\npkey = \"/k\"\nlistening_port = 443\ntls_listening_port = 443\n",
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("tls_listening_port"), "{err:#}");
+        let err = Config::from_toml("tls_handshake_timeout_secs = 0\n").unwrap_err();
+        assert!(format!("{err:#}").contains("tls_handshake_timeout_secs"), "{err:#}");
+        let err = Config::from_toml("stream_write_buffer_bytes = 1000\n").unwrap_err();
+        assert!(format!("{err:#}").contains("stream_write_buffer_bytes"), "{err:#}");
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let err = Config::from_toml("listening_prot = 1\n").unwrap_err().to_string();
         assert!(err.contains("listening_prot"), "{err}");
@@ -499,6 +615,8 @@ mod doc_tests {
             admin_group: Some("0".into()),
             proc_user: Some("0".into()),
             proc_group: Some("0".into()),
+            cert: Some("c".into()),
+            pkey: Some("k".into()),
             ..Config::default()
         })
         .unwrap();

@@ -2,8 +2,8 @@
 //! the control loop (signals, load publishing, eBPF logs) until it is told to stop.
 
 use std::{
-    net::{SocketAddr, UdpSocket},
-    os::fd::AsFd,
+    net::{SocketAddr, TcpListener, UdpSocket},
+    os::fd::{AsFd, AsRawFd, OwnedFd},
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
@@ -15,29 +15,42 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 use turn_common::{Mode, SocketLoad};
+use turn_proto::server::Transport;
 
 use crate::{
-    bpffs,
+    bpffs::{self, Protocol},
     config::{Config, SteeringMode},
-    listener::{ListenerGroup, bind_group},
+    listener::{ListenerGroup, TcpGroup, bind_group, bind_tcp_group},
     load::{LoadEstimator, WorkerSample},
     relay::{RelayAddresses, RelayPool, RelayPorts},
     setup,
-    shared::{Directory, SharedQuota},
+    shared::{ConnectionLimits, Directory, SharedQuota},
     steering::{Steering, SteeringOptions},
-    worker::{self, INBOX_CAPACITY, RunState, WorkerSetup, WorkerStats},
+    tls::TlsCerts,
+    worker::{self, INBOX_CAPACITY, RunState, StreamSettings, WorkerSetup, WorkerStats},
 };
 
 /// How often the control thread publishes worker loads to the steering maps.
 const LOAD_PUBLISH_INTERVAL: Duration = Duration::from_millis(50);
 
+/// How often the control thread looks at the TLS certificate files for a change.
+const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
 /// A listener group with its steering program, if any.
 struct SteeredGroup {
     local: SocketAddr,
+    /// UDP, TCP or TLS (a TCP group on the TLS port).
+    transport: Transport,
     steering: Option<Steering>,
     /// Second handles on the group's sockets (worker order): socket 0 detaches the program
     /// at shutdown, all of them report their receive queues.
-    members: Vec<UdpSocket>,
+    members: Vec<OwnedFd>,
+}
+
+/// What each worker gets of the listener groups.
+struct WorkerSockets {
+    udp: Vec<UdpSocket>,
+    streams: Vec<(TcpListener, Transport)>,
 }
 
 /// Runs the daemon until SIGINT or SIGTERM. Returns once every worker has stopped and
@@ -49,7 +62,11 @@ pub fn run(config: Config) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let signals = {
         let _context = runtime.enter();
-        Signals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? }
+        Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        }
     };
 
     let (credentials, generated) = setup::credentials(&config)?;
@@ -80,25 +97,69 @@ pub fn run(config: Config) -> Result<()> {
     )?)
     .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
 
+    // TLS first: a bad certificate is a clear error before anything is bound.
+    let tls = match (&config.cert, &config.pkey) {
+        (Some(cert), Some(key)) if config.tls_enabled() => Some(TlsCerts::load(cert, key)?),
+        _ => None,
+    };
+    if tls.is_none() && !config.no_tls {
+        info!("TLS listener off: no certificate configured (--cert and --pkey)");
+    }
+    let streams = StreamSettings {
+        tls: tls.as_ref().map(TlsCerts::server_config).transpose()?,
+        handshake_timeout: Duration::from_secs(config.tls_handshake_timeout_secs),
+        first_message_timeout: Duration::from_secs(config.stream_first_message_timeout_secs),
+        allocation_timeout: Duration::from_secs(config.stream_allocation_timeout_secs),
+        idle_timeout: Duration::from_secs(config.stream_idle_timeout_secs),
+        write_buffer: config.stream_write_buffer_bytes,
+    };
+
     let pin_root = prepare_pins(&config);
     let mut groups = Vec::new();
-    let mut worker_sockets: Vec<Vec<UdpSocket>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut worker_sockets: Vec<WorkerSockets> =
+        (0..workers).map(|_| WorkerSockets { udp: Vec::new(), streams: Vec::new() }).collect();
     for ip in &config.listening_ips {
-        let addr = SocketAddr::new(*ip, config.listening_port);
-        if let Some(root) = &pin_root
-            && addr.port() != 0
-        {
-            refuse_if_steered(root, addr)?;
+        let mut wanted = Vec::new();
+        if !config.no_udp {
+            wanted.push((Transport::Udp, config.listening_port));
         }
-        let ListenerGroup { local, sockets } = bind_group(addr, workers)
-            .with_context(|| format!("listening on {addr} with {workers} sockets"))?;
-        let members = sockets.iter().map(UdpSocket::try_clone).collect::<Result<Vec<_>, _>>()?;
-        let pin_dir = pin_root.as_deref().map(|root| bpffs::listener_dir(root, local));
-        let steering = attach_steering(&config, local, &sockets, pin_dir)?;
-        for (i, socket) in sockets.into_iter().enumerate() {
-            worker_sockets[i].push(socket);
+        if !config.no_tcp {
+            wanted.push((Transport::Tcp, config.listening_port));
         }
-        groups.push(SteeredGroup { local, steering, members });
+        if tls.is_some() {
+            wanted.push((Transport::Tls, config.tls_listening_port));
+        }
+        for (transport, port) in wanted {
+            let addr = SocketAddr::new(*ip, port);
+            let protocol = if transport == Transport::Udp { Protocol::Udp } else { Protocol::Tcp };
+            if let Some(root) = &pin_root
+                && addr.port() != 0
+            {
+                refuse_if_steered(root, protocol, addr)?;
+            }
+            let what =
+                || format!("listening on {} {addr} with {workers} sockets", transport.name());
+            let (local, members) = if transport == Transport::Udp {
+                let ListenerGroup { local, sockets } =
+                    bind_group(addr, workers).with_context(what)?;
+                let members = dup_all(&sockets)?;
+                for (i, socket) in sockets.into_iter().enumerate() {
+                    worker_sockets[i].udp.push(socket);
+                }
+                (local, members)
+            } else {
+                let TcpGroup { local, listeners } =
+                    bind_tcp_group(addr, workers).with_context(what)?;
+                let members = dup_all(&listeners)?;
+                for (i, listener) in listeners.into_iter().enumerate() {
+                    worker_sockets[i].streams.push((listener, transport));
+                }
+                (local, members)
+            };
+            let pin_dir = pin_root.as_deref().map(|root| bpffs::group_dir(root, protocol, local));
+            let steering = attach_steering(&config, local, protocol, &members, pin_dir)?;
+            groups.push(SteeredGroup { local, transport, steering, members });
+        }
     }
 
     let (uid, gid) = (setup::run_as_uid(&config)?, config.admin_gid()?);
@@ -119,11 +180,15 @@ pub fn run(config: Config) -> Result<()> {
     let inboxes: Arc<[mpsc::Sender<worker::Handoff>]> = senders.into();
     let mut handles = Vec::with_capacity(workers);
     let mut stats = Vec::with_capacity(workers);
-    for ((index, listeners), inbox) in worker_sockets.into_iter().enumerate().zip(receivers) {
+    let limits =
+        Arc::new(ConnectionLimits::new(config.max_connections, config.max_connections_per_ip));
+    for ((index, sockets), inbox) in worker_sockets.into_iter().enumerate().zip(receivers) {
         let worker_stats = Arc::new(WorkerStats::default());
         stats.push(Arc::clone(&worker_stats));
+        // Allocation pins exist for UDP groups only (a connection needs none).
         let flow_pins = groups
             .iter()
+            .filter(|g| g.transport == Transport::Udp)
             .map(|g| g.steering.as_ref().map(|s| s.flow_pins(index as u32)).transpose())
             .collect::<Result<Vec<_>, _>>()?;
         let server_config = setup::server_config(
@@ -137,7 +202,10 @@ pub fn run(config: Config) -> Result<()> {
             turn_proto::server::Server::new(server_config).map_err(|e| anyhow::anyhow!("{e}"))?;
         handles.push(worker::spawn(WorkerSetup {
             index,
-            listeners,
+            listeners: sockets.udp,
+            stream_listeners: sockets.streams,
+            streams: streams.clone(),
+            limits: Arc::clone(&limits),
             flow_pins,
             server,
             relays: RelayPool::new(Arc::clone(&relay_ports))?,
@@ -165,15 +233,28 @@ pub fn run(config: Config) -> Result<()> {
             .steering
             .as_ref()
             .map_or("off (kernel hash)", |s| s.mode().map_or("unknown", crate::inspect::mode_name));
-        info!(
-            listen = %group.local,
-            workers,
-            steering = mode,
-            %realm,
-            relay = %relays.join(", "),
-            ports = %format!("{}-{}", config.min_port, config.max_port),
-            "listening (UDP)"
-        );
+        let url = client_url(group, &relay_addresses);
+        let fields = (workers, mode, &realm, relays.join(", "));
+        let ports = format!("{}-{}", config.min_port, config.max_port);
+        macro_rules! listening {
+            ($message:literal) => {
+                info!(
+                    listen = %group.local,
+                    %url,
+                    workers = fields.0,
+                    steering = fields.1,
+                    realm = %fields.2,
+                    relay = %fields.3,
+                    %ports,
+                    $message
+                )
+            };
+        }
+        match group.transport {
+            Transport::Udp => listening!("listening (UDP)"),
+            Transport::Tcp => listening!("listening (TCP)"),
+            Transport::Tls => listening!("listening (TLS)"),
+        }
     }
     if let Some(user) = &generated {
         print_generated(&config, &groups, &relay_addresses, user);
@@ -191,14 +272,20 @@ pub fn run(config: Config) -> Result<()> {
         &mut groups,
         &workers_view,
         &handles,
+        tls.as_deref(),
     ));
 
     let _ = state_tx.send(RunState::Stop);
     for group in groups.drain(..) {
         if let (Some(steering), Some(member)) = (group.steering, group.members.first()) {
+            let transport = group.transport.name();
             match steering.detach(member.as_fd()) {
-                Ok(()) => info!(listen = %group.local, "steering program detached, pins removed"),
-                Err(e) => warn!(listen = %group.local, error = %e, "detaching steering failed"),
+                Ok(()) => {
+                    info!(listen = %group.local, transport, "steering program detached, pins removed")
+                }
+                Err(e) => {
+                    warn!(listen = %group.local, transport, error = %e, "detaching steering failed")
+                }
             }
         }
     }
@@ -232,12 +319,13 @@ fn prepare_pins(config: &Config) -> Option<std::path::PathBuf> {
 
 /// Refuses to join a listener group that another live turn-server steers: with
 /// SO_REUSEPORT, binding would succeed and split that daemon's clients between the two.
-fn refuse_if_steered(root: &std::path::Path, addr: SocketAddr) -> Result<()> {
-    let dir = bpffs::listener_dir(root, addr);
+fn refuse_if_steered(root: &std::path::Path, protocol: Protocol, addr: SocketAddr) -> Result<()> {
+    let dir = bpffs::group_dir(root, protocol, addr);
     if let Some(other) = bpffs::owners(&dir).into_iter().find(bpffs::Owner::is_alive) {
         bail!(
-            "{addr} is already served by turn-server pid {} (its steering maps are in {}); \
-             stop it first or choose another --listening-port",
+            "{} {addr} is already served by turn-server pid {} (its steering maps are in {}); \
+             stop it first or choose another port",
+            protocol.name(),
             other.pid,
             dir.display()
         );
@@ -245,10 +333,22 @@ fn refuse_if_steered(root: &std::path::Path, addr: SocketAddr) -> Result<()> {
     Ok(())
 }
 
+/// Second handles on a group's sockets.
+fn dup_all<S: AsFd>(sockets: &[S]) -> Result<Vec<OwnedFd>> {
+    sockets
+        .iter()
+        .map(|s| s.as_fd().try_clone_to_owned().context("duplicating a listener socket"))
+        .collect()
+}
+
+/// The steering program of one listener group (UDP or TCP: the program reads the source
+/// port where both headers keep it; a TCP group is steered once per connection, at its
+/// SYN, and needs no allocation pins).
 fn attach_steering(
     config: &Config,
     local: SocketAddr,
-    sockets: &[UdpSocket],
+    protocol: Protocol,
+    sockets: &[OwnedFd],
     pin_dir: Option<std::path::PathBuf>,
 ) -> Result<Option<Steering>> {
     let mode = match config.steering {
@@ -257,8 +357,9 @@ fn attach_steering(
         SteeringMode::Least => Mode::Least,
         SteeringMode::Hash => Mode::Hash,
     };
+    let alloc_entries = if protocol == Protocol::Udp { config.allocation_pin_entries() } else { 1 };
     let options = SteeringOptions {
-        alloc_entries: config.allocation_pin_entries(),
+        alloc_entries,
         memo_entries: config.steering_memo_entries,
         memo_ttl_ms: config.steering_memo_ttl_ms,
         pin_dir,
@@ -294,6 +395,18 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// The URL a client uses for a listener group (RFC 7065): `turn:` over UDP and TCP,
+/// `turns:` over TLS. A wildcard listener is named by the relay's advertised address.
+fn client_url(group: &SteeredGroup, relays: &RelayAddresses) -> String {
+    let ip = if group.local.ip().is_unspecified() {
+        let slot = usize::from(group.local.is_ipv6());
+        relays[slot].first().map_or(group.local.ip(), |r| r.advertised)
+    } else {
+        group.local.ip()
+    };
+    setup::turn_url(group.transport, SocketAddr::new(ip, group.local.port()))
+}
+
 /// Prints the generated user with what a client needs, on stdout (and in the log).
 fn print_generated(
     config: &Config,
@@ -301,16 +414,7 @@ fn print_generated(
     relays: &RelayAddresses,
     user: &setup::GeneratedUser,
 ) {
-    let mut urls: Vec<String> = Vec::new();
-    for group in groups {
-        let ip = if group.local.ip().is_unspecified() {
-            let slot = usize::from(group.local.is_ipv6());
-            relays[slot].first().map_or(group.local.ip(), |r| r.advertised)
-        } else {
-            group.local.ip()
-        };
-        urls.push(setup::turn_url(SocketAddr::new(ip, group.local.port())));
-    }
+    let urls: Vec<String> = groups.iter().map(|g| client_url(g, relays)).collect();
     warn!(username = %user.username, "no credentials configured: generated a user for this run");
     println!(
         "turn-server: no credentials configured; generated for this run (configure `users` or"
@@ -335,6 +439,7 @@ fn print_generated(
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 /// What the control thread reads of the workers.
@@ -350,11 +455,14 @@ async fn control_loop(
     groups: &mut [SteeredGroup],
     view: &WorkersView<'_>,
     workers: &[std::thread::JoinHandle<Result<()>>],
+    tls: Option<&TlsCerts>,
 ) -> Result<()> {
     let stats = view.stats;
     let mut estimator = LoadEstimator::new(stats.len());
     let mut tick = tokio::time::interval(LOAD_PUBLISH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut cert_check = tokio::time::interval(CERT_CHECK_INTERVAL);
+    cert_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drain_until: Option<tokio::time::Instant> = None;
     let live = || stats.iter().map(|w| w.allocations.load(Ordering::Relaxed)).sum::<u64>();
     loop {
@@ -369,6 +477,17 @@ async fn control_loop(
                 drain_until = Some(tokio::time::Instant::now() + drain_timeout);
             }
             _ = signals.int.recv() => { info!("SIGINT: stopping"); return Ok(()); }
+            _ = signals.hup.recv() => {
+                match tls {
+                    Some(certs) => reload_certificate(certs, "SIGHUP"),
+                    None => info!("SIGHUP: nothing to reload (no TLS certificate configured)"),
+                }
+            }
+            _ = cert_check.tick(), if tls.is_some() => {
+                if let Some(certs) = tls.filter(|c| c.changed_on_disk()) {
+                    reload_certificate(certs, "file change");
+                }
+            }
             _ = tick.tick() => {
                 if let Some(i) = workers.iter().position(|w| w.is_finished()) {
                     bail!("worker {i} stopped unexpectedly");
@@ -390,6 +509,19 @@ async fn control_loop(
                 }
             }
         }
+    }
+}
+
+/// Serves the certificate files anew to new handshakes (live connections keep theirs); a
+/// bad file leaves the running certificate in place, with the reason in the log.
+fn reload_certificate(certs: &TlsCerts, why: &str) {
+    match certs.reload() {
+        Ok(()) => info!(cert = %certs.cert_path().display(), why, "TLS certificate reloaded"),
+        Err(e) => warn!(
+            why,
+            error = %format!("{e:#}"),
+            "TLS certificate not reloaded: keeping the running one"
+        ),
     }
 }
 
@@ -483,8 +615,7 @@ struct MemInfo {
     drops: u64,
 }
 
-fn socket_meminfo(socket: &UdpSocket) -> Option<MemInfo> {
-    use std::os::fd::AsRawFd;
+fn socket_meminfo(socket: &impl AsRawFd) -> Option<MemInfo> {
     // SK_MEMINFO_RMEM_ALLOC = 0, SK_MEMINFO_DROPS = 8, SK_MEMINFO_VARS = 9 (linux/sock_diag.h).
     let mut info = [0u32; 9];
     let mut len = std::mem::size_of_val(&info) as libc::socklen_t;

@@ -24,4 +24,5 @@ pub mod relay;
 pub mod setup;
 pub mod shared;
 pub mod steering;
+pub mod tls;
 pub mod worker;

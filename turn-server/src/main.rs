@@ -10,11 +10,12 @@ use turn_server::{
     inspect,
 };
 
-/// A TURN/STUN server whose UDP listeners are balanced across worker threads by an eBPF
+/// A TURN/STUN server whose listeners are balanced across worker threads by an eBPF
 /// SO_REUSEPORT program (power of two choices over live load, flows pinned).
 ///
-/// With no options it serves UDP 3478 on all addresses with an embedded default
-/// configuration. Options keep coturn's names where they mean the same thing.
+/// With no options it serves UDP and TCP 3478 on all addresses with an embedded default
+/// configuration, and TLS on 5349 once --cert and --pkey are given. Options keep coturn's
+/// names where they mean the same thing.
 #[derive(Parser, Debug)]
 #[command(name = "turn-server", version, about, long_about)]
 struct Cli {
@@ -92,9 +93,49 @@ struct ServeArgs {
     /// TOML configuration file (every key optional; see docs/configuration.md).
     #[arg(short = 'c', long = "config", value_name = "FILE")]
     config: Option<PathBuf>,
-    /// UDP port for STUN/TURN [config: listening_port, default 3478].
+    /// Port for STUN/TURN over UDP and TCP [config: listening_port, default 3478].
     #[arg(short = 'p', long = "listening-port", value_name = "PORT")]
     listening_port: Option<u16>,
+    /// Port for TURN over TLS [config: tls_listening_port, default 5349].
+    #[arg(long = "tls-listening-port", value_name = "PORT")]
+    tls_listening_port: Option<u16>,
+    /// No UDP listener [config: no_udp].
+    #[arg(long = "no-udp")]
+    no_udp: bool,
+    /// No TCP listener [config: no_tcp].
+    #[arg(long = "no-tcp")]
+    no_tcp: bool,
+    /// No TLS listener [config: no_tls].
+    #[arg(long = "no-tls")]
+    no_tls: bool,
+    /// TLS certificate chain, PEM; with --pkey enables TLS (reloaded on SIGHUP or change)
+    /// [config: cert].
+    #[arg(long = "cert", value_name = "FILE")]
+    cert: Option<PathBuf>,
+    /// TLS private key, PEM [config: pkey].
+    #[arg(long = "pkey", value_name = "FILE")]
+    pkey: Option<PathBuf>,
+    /// TCP and TLS connections at once, 0 = unlimited [config: max_connections, default 10000].
+    #[arg(long = "max-connections", value_name = "N")]
+    max_connections: Option<usize>,
+    /// TCP and TLS connections per source address, 0 = unlimited
+    /// [config: max_connections_per_ip, default 1000].
+    #[arg(long = "max-connections-per-ip", value_name = "N")]
+    max_connections_per_ip: Option<usize>,
+    /// Seconds to complete a TLS handshake [config: tls_handshake_timeout_secs, default 10].
+    #[arg(long = "tls-handshake-timeout", value_name = "SECS")]
+    tls_handshake_timeout: Option<u64>,
+    /// Seconds for a connection's first valid STUN message
+    /// [config: stream_first_message_timeout_secs, default 10].
+    #[arg(long = "stream-first-message-timeout", value_name = "SECS")]
+    stream_first_message_timeout: Option<u64>,
+    /// Seconds for a connection to allocate [config: stream_allocation_timeout_secs, default 30].
+    #[arg(long = "stream-allocation-timeout", value_name = "SECS")]
+    stream_allocation_timeout: Option<u64>,
+    /// Seconds a connection without allocation may stay silent
+    /// [config: stream_idle_timeout_secs, default 60].
+    #[arg(long = "stream-idle-timeout", value_name = "SECS")]
+    stream_idle_timeout: Option<u64>,
     /// Address to listen on; repeat for several [config: listening_ips, default 0.0.0.0 and ::].
     #[arg(short = 'L', long = "listening-ip", value_name = "IP")]
     listening_ip: Vec<IpAddr>,
@@ -202,6 +243,36 @@ impl ServeArgs {
         };
         if let Some(port) = self.listening_port {
             config.listening_port = port;
+        }
+        if let Some(port) = self.tls_listening_port {
+            config.tls_listening_port = port;
+        }
+        config.no_udp |= self.no_udp;
+        config.no_tcp |= self.no_tcp;
+        config.no_tls |= self.no_tls;
+        if let Some(path) = &self.cert {
+            config.cert = Some(path.clone());
+        }
+        if let Some(path) = &self.pkey {
+            config.pkey = Some(path.clone());
+        }
+        if let Some(n) = self.max_connections {
+            config.max_connections = n;
+        }
+        if let Some(n) = self.max_connections_per_ip {
+            config.max_connections_per_ip = n;
+        }
+        if let Some(secs) = self.tls_handshake_timeout {
+            config.tls_handshake_timeout_secs = secs;
+        }
+        if let Some(secs) = self.stream_first_message_timeout {
+            config.stream_first_message_timeout_secs = secs;
+        }
+        if let Some(secs) = self.stream_allocation_timeout {
+            config.stream_allocation_timeout_secs = secs;
+        }
+        if let Some(secs) = self.stream_idle_timeout {
+            config.stream_idle_timeout_secs = secs;
         }
         if !self.listening_ip.is_empty() {
             config.listening_ips = self.listening_ip.clone();

@@ -9,7 +9,7 @@ use rand::{Rng, distr::Alphanumeric};
 use turn_proto::{
     credentials::{CredentialsConfig, PasswordAlgorithm, StaticUser, UserSecret},
     policy::PeerPolicy,
-    server::ServerConfig,
+    server::{ServerConfig, Transport},
 };
 
 use crate::{
@@ -224,7 +224,10 @@ pub fn raise_fd_limit(relays: &RelayAddresses, config: &Config) -> (u64, u64) {
     let quota = config.total_quota as u64;
     // Two relay sockets at most per allocation (dual-stack), plus listeners and the rest.
     let capped = if quota > 0 { sockets.min(quota * 2) } else { sockets };
-    let need = capped + 4096;
+    // One descriptor per TCP or TLS connection too (unlimited connections: room for 64k).
+    let connections =
+        if config.max_connections > 0 { config.max_connections as u64 } else { 65_536 };
+    let need = capped + connections + 4096;
     (raise_nofile(need).0, need)
 }
 
@@ -255,11 +258,17 @@ pub fn raise_nofile(need: u64) -> (u64, u64) {
     (lim.rlim_cur, lim.rlim_max)
 }
 
-/// The URL clients use, for the startup banner.
-pub fn turn_url(addr: SocketAddr) -> String {
+/// The URL clients use to reach `addr` over `transport` (RFC 7065): `turn:...?transport=udp`,
+/// `turn:...?transport=tcp`, or `turns:...?transport=tcp` for TLS.
+pub fn turn_url(transport: Transport, addr: SocketAddr) -> String {
+    let (scheme, over) = match transport {
+        Transport::Udp => ("turn", "udp"),
+        Transport::Tcp => ("turn", "tcp"),
+        Transport::Tls => ("turns", "tcp"),
+    };
     match addr {
-        SocketAddr::V4(a) => format!("turn:{}:{}?transport=udp", a.ip(), a.port()),
-        SocketAddr::V6(a) => format!("turn:[{}]:{}?transport=udp", a.ip(), a.port()),
+        SocketAddr::V4(a) => format!("{scheme}:{}:{}?transport={over}", a.ip(), a.port()),
+        SocketAddr::V6(a) => format!("{scheme}:[{}]:{}?transport={over}", a.ip(), a.port()),
     }
 }
 
@@ -394,13 +403,10 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(
-            turn_url("192.0.2.1:3478".parse().unwrap()),
-            "turn:192.0.2.1:3478?transport=udp"
-        );
-        assert_eq!(
-            turn_url("[2001:db8::1]:3478".parse().unwrap()),
-            "turn:[2001:db8::1]:3478?transport=udp"
-        );
+        let v4: SocketAddr = "192.0.2.1:3478".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8::1]:5349".parse().unwrap();
+        assert_eq!(turn_url(Transport::Udp, v4), "turn:192.0.2.1:3478?transport=udp");
+        assert_eq!(turn_url(Transport::Tcp, v4), "turn:192.0.2.1:3478?transport=tcp");
+        assert_eq!(turn_url(Transport::Tls, v6), "turns:[2001:db8::1]:5349?transport=tcp");
     }
 }

@@ -1,10 +1,13 @@
-//! The little state workers share, all of it on cold paths: allocation quotas, and the
+//! The little state workers share, all of it on cold paths: allocation quotas, the
 //! directory that says which worker owns a 5-tuple (so that a datagram that reached the
-//! wrong worker is handed to its owner instead of being answered with 437).
+//! wrong worker is handed to its owner instead of being answered with 437), and the
+//! connection limits (taken when a TCP or TLS connection is accepted, given back when it
+//! closes).
 
 use std::{
     collections::HashMap,
     hash::{BuildHasher, Hash},
+    net::IpAddr,
     sync::{
         Mutex, RwLock,
         atomic::{AtomicUsize, Ordering},
@@ -58,6 +61,63 @@ impl Quota for SharedQuota {
             }
             self.in_use.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// Why a connection was refused by [`ConnectionLimits`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitReached {
+    /// `max_connections` across all workers.
+    Total,
+    /// `max_connections_per_ip` for this source address.
+    PerAddress,
+}
+
+/// Connections held at once: in total and per source address (0 = unlimited).
+#[derive(Debug, Default)]
+pub struct ConnectionLimits {
+    max_total: usize,
+    max_per_address: usize,
+    total: AtomicUsize,
+    per_address: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl ConnectionLimits {
+    pub fn new(max_total: usize, max_per_address: usize) -> Self {
+        Self { max_total, max_per_address, ..Self::default() }
+    }
+
+    /// Takes one connection for `ip`.
+    pub fn try_acquire(&self, ip: IpAddr) -> Result<(), LimitReached> {
+        // A poisoned lock means a worker panicked while counting: refuse rather than guess.
+        let mut map = self.per_address.lock().map_err(|_| LimitReached::Total)?;
+        if self.max_total > 0 && self.total.load(Ordering::Relaxed) >= self.max_total {
+            return Err(LimitReached::Total);
+        }
+        let held = map.entry(ip).or_insert(0);
+        if self.max_per_address > 0 && *held >= self.max_per_address {
+            return Err(LimitReached::PerAddress);
+        }
+        *held += 1;
+        self.total.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Gives back a connection of `ip` taken with [`Self::try_acquire`].
+    pub fn release(&self, ip: IpAddr) {
+        let Ok(mut map) = self.per_address.lock() else { return };
+        if let Some(held) = map.get_mut(&ip) {
+            *held -= 1;
+            if *held == 0 {
+                map.remove(&ip);
+            }
+            self.total.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Connections held across all workers.
+    pub fn held(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
     }
 }
 
@@ -130,6 +190,27 @@ mod tests {
         let q = SharedQuota::new(0, 0);
         for _ in 0..1000 {
             assert!(q.try_acquire("a").is_ok());
+        }
+    }
+
+    #[test]
+    fn connection_limits_total_and_per_address() {
+        let limits = ConnectionLimits::new(3, 2);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        assert_eq!(limits.try_acquire(a), Ok(()));
+        assert_eq!(limits.try_acquire(a), Ok(()));
+        assert_eq!(limits.try_acquire(a), Err(LimitReached::PerAddress));
+        assert_eq!(limits.try_acquire(b), Ok(()));
+        assert_eq!(limits.try_acquire(b), Err(LimitReached::Total));
+        limits.release(a);
+        assert_eq!(limits.held(), 2);
+        assert_eq!(limits.try_acquire(b), Ok(()));
+        limits.release("192.0.2.9".parse().unwrap()); // never taken: no effect
+        assert_eq!(limits.held(), 3);
+        let unlimited = ConnectionLimits::new(0, 0);
+        for _ in 0..10_000 {
+            assert!(unlimited.try_acquire(a).is_ok());
         }
     }
 

@@ -5,6 +5,7 @@
 //! * `source.rs`: the event sources in the epoll set, by token; with the inbox and the
 //!   timer, everything the run loop waits on.
 //! * `udp.rs`: UDP listener and relay sockets (batched receives, ICMP errors).
+//! * `stream.rs`: TCP and TLS listeners and connections (framing, deadlines, limits).
 //! * `sink.rs`: the one place outputs are executed (staged GSO sends to peers, sends to
 //!   clients).
 //!
@@ -15,13 +16,15 @@
 
 mod sink;
 mod source;
+mod stream;
 mod udp;
 
 pub use source::Source;
+pub use stream::{CloseReason, StreamSettings};
 
 use std::{
     io,
-    net::{SocketAddr, UdpSocket},
+    net::{SocketAddr, TcpListener, UdpSocket},
     os::fd::AsRawFd,
     rc::Rc,
     sync::{
@@ -39,16 +42,19 @@ use tokio::{
 };
 use tracing::{debug, info, info_span, warn};
 use turn_common::FlowKey;
-use turn_proto::server::{DropReason, Event, Host, PEER_HEADROOM, PEER_TAILROOM, Server};
+use turn_proto::server::{
+    DeleteReason, DropReason, Event, Host, PEER_HEADROOM, PEER_TAILROOM, Server, Transport,
+};
 
 use self::{
     sink::Sink,
+    stream::{Connections, StreamListener},
     udp::{Listener, UdpFrom},
 };
 use crate::{
     epoll::Epoll,
     relay::{RelayPool, Relays},
-    shared::{Directory, SharedQuota},
+    shared::{ConnectionLimits, Directory, SharedQuota},
     steering::FlowPins,
 };
 
@@ -99,6 +105,15 @@ pub struct WorkerStats {
     pub auth_failures: AtomicU64,
     /// Requests the protocol core's per-source limits left unanswered or unverified.
     pub rate_limited: AtomicU64,
+    /// TCP and TLS connections accepted so far.
+    pub connections_accepted: AtomicU64,
+    /// TCP and TLS connections open now.
+    pub connections: AtomicU64,
+    /// Connections closed (or refused at accept), by [`CloseReason`].
+    pub closes: [AtomicU64; CloseReason::COUNT],
+    /// Messages to stream clients dropped because the client did not read (write buffer
+    /// full).
+    pub stream_write_drops: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -118,8 +133,14 @@ pub struct Handoff {
 /// What a worker is given when it starts.
 pub struct WorkerSetup {
     pub index: usize,
-    /// One socket per listener group, in group order.
+    /// One socket per UDP listener group, in group order.
     pub listeners: Vec<UdpSocket>,
+    /// One socket per TCP listener group (plain TCP or TLS), in group order.
+    pub stream_listeners: Vec<(TcpListener, Transport)>,
+    /// How TCP and TLS connections are served.
+    pub streams: StreamSettings,
+    /// Connection limits shared by the workers.
+    pub limits: Arc<ConnectionLimits>,
     /// Per listener group: this worker's handle on the group's flow pins (None: no steering).
     pub flow_pins: Vec<Option<FlowPins>>,
     pub server: Server,
@@ -157,6 +178,11 @@ struct Core {
     epoll: Rc<AsyncFd<Epoll>>,
     out: Box<[u8]>,
     scratch: Box<[u8]>,
+    /// Where stream bytes are read before they join a connection's buffer.
+    read_scratch: Box<[u8]>,
+    stream_listeners: Vec<StreamListener>,
+    streams: StreamSettings,
+    limits: Arc<ConnectionLimits>,
     sink: Sink,
 }
 
@@ -182,6 +208,12 @@ impl Worker {
             let local = socket.local_addr()?;
             listeners.push(Listener { socket, state, local });
         }
+        let mut stream_listeners = Vec::with_capacity(setup.stream_listeners.len());
+        for (i, (listener, transport)) in setup.stream_listeners.into_iter().enumerate() {
+            listener.set_nonblocking(true)?;
+            epoll.add(listener.as_raw_fd(), Source::StreamListener(i as u32).token())?;
+            stream_listeners.push(StreamListener { listener, transport });
+        }
         // SAFETY: `Epoll` owns its fd and never replaces or closes it while it lives.
         let epoll = unsafe {
             AsyncFd::register_with_interest(epoll, tokio::io::Interest::READABLE)
@@ -201,7 +233,11 @@ impl Worker {
                 out: vec![0u8; turn_proto::server::RECOMMENDED_OUT_LEN].into_boxed_slice(),
                 scratch: vec![0u8; PEER_HEADROOM + RECV_BUFFER_BYTES + PEER_TAILROOM]
                     .into_boxed_slice(),
-                sink: Sink::new(listeners),
+                read_scratch: vec![0u8; stream::READ_CHUNK].into_boxed_slice(),
+                stream_listeners,
+                sink: Sink::new(listeners, Connections::new(&setup.streams)),
+                streams: setup.streams,
+                limits: setup.limits,
             },
             state: setup.state,
             inbox: setup.inbox,
@@ -216,6 +252,9 @@ impl Worker {
     async fn run(mut self) -> anyhow::Result<()> {
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; EVENTS];
         let epoll = Rc::clone(&self.core.epoll);
+        // Connection deadlines are checked twice a second (they are whole seconds).
+        let mut sweep = tokio::time::interval(CONNECTION_SWEEP);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             match *self.state.borrow() {
                 RunState::Stop => break,
@@ -253,11 +292,19 @@ impl Worker {
                     core.server.handle_timeout(now, &mut host);
                     core.after_batch();
                 }
+                _ = sweep.tick() => {
+                    self.core.sweep_connections(Instant::now());
+                    self.core.after_batch();
+                }
             }
         }
         let core = &mut self.core;
         let mut relays = Relays { pool: &mut core.pool, epoll: core.epoll.get_ref() };
         core.server.release_all(&mut Host { relays: &mut relays, quota: &*core.quota });
+        let now = Instant::now();
+        for slot in core.sink.connections.slots() {
+            core.close_connection(slot, CloseReason::Shutdown, now);
+        }
         core.after_batch();
         let c = core.server.counters();
         info!(
@@ -273,6 +320,9 @@ impl Worker {
             handed_in = core.stats.handed_in.load(Ordering::Relaxed),
             handoff_drops = core.stats.handoff_drops.load(Ordering::Relaxed),
             pin_failures = core.stats.pin_failures.load(Ordering::Relaxed),
+            connections_accepted = core.stats.connections_accepted.load(Ordering::Relaxed),
+            closes = %CloseSummary(&core.stats.closes),
+            stream_write_drops = core.sink.connections.write_drops,
             "worker stopped"
         );
         Ok(())
@@ -291,6 +341,17 @@ impl Worker {
                     self.core.drain_icmp(slot);
                 }
                 self.drain_relay(slot);
+            }
+            Some(Source::StreamListener(index)) => self.core.accept(index as usize),
+            Some(Source::Connection(slot)) => {
+                if events & libc::EPOLLOUT as u32 != 0 {
+                    self.core.on_connection_writable(slot);
+                }
+                let readable =
+                    (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+                if events & readable != 0 {
+                    self.core.read_connection(slot);
+                }
             }
             _ => {}
         }
@@ -322,19 +383,27 @@ impl Core {
         self.sink.flush(&self.pool);
     }
 
-    /// Book-keeping after a batch: allocation events (logs, directory, pins, counts).
+    /// Book-keeping after a batch: allocation events (logs, directory, pins, connection
+    /// phases, counts), then the batch's writes to stream clients.
     fn after_batch(&mut self) {
+        let now = Instant::now();
         while let Some(event) = self.server.poll_event() {
             match event {
                 Event::AllocationCreated { five_tuple, conn, username, relays, lifetime_secs } => {
-                    self.directory.insert(five_tuple, self.index);
                     bump(&self.stats.allocations_created, 1);
-                    if let Some(Some(pins)) = self.flow_pins.get_mut(conn.0 as usize)
-                        && pins
-                            .pin(&FlowKey::new(five_tuple.client, five_tuple.listener.ip()))
-                            .is_err()
-                    {
-                        bump(&self.stats.pin_failures, 1);
+                    if five_tuple.transport.is_stream() {
+                        // A connection's allocation lives on the worker that accepted it:
+                        // no directory entry, no flow pin.
+                        self.sink.connections.allocation_created(conn, &self.streams, now);
+                    } else {
+                        self.directory.insert(five_tuple, self.index);
+                        if let Some(Some(pins)) = self.flow_pins.get_mut(conn.0 as usize)
+                            && pins
+                                .pin(&FlowKey::new(five_tuple.client, five_tuple.listener.ip()))
+                                .is_err()
+                        {
+                            bump(&self.stats.pin_failures, 1);
+                        }
                     }
                     let relayed: Vec<String> =
                         relays.iter().flatten().map(|r| r.addr.to_string()).collect();
@@ -342,6 +411,7 @@ impl Core {
                         user = %username,
                         client = %five_tuple.client,
                         listener = %five_tuple.listener,
+                        transport = five_tuple.transport.name(),
                         relay = %relayed.join(","),
                         lifetime_secs,
                         "allocation created"
@@ -351,14 +421,29 @@ impl Core {
                     debug!(user = %username, client = %five_tuple.client, lifetime_secs, "allocation refreshed");
                 }
                 Event::AllocationDeleted { five_tuple, conn, username, reason } => {
-                    self.directory.remove(&five_tuple, self.index);
-                    if let Some(Some(pins)) = self.flow_pins.get_mut(conn.0 as usize) {
-                        pins.unpin(&FlowKey::new(five_tuple.client, five_tuple.listener.ip()));
+                    if five_tuple.transport.is_stream() {
+                        if matches!(reason, DeleteReason::Expired | DeleteReason::ClientRequest) {
+                            self.sink.connections.allocation_ended(conn, &self.streams, now);
+                        }
+                    } else {
+                        self.directory.remove(&five_tuple, self.index);
+                        if let Some(Some(pins)) = self.flow_pins.get_mut(conn.0 as usize) {
+                            pins.unpin(&FlowKey::new(five_tuple.client, five_tuple.listener.ip()));
+                        }
                     }
-                    info!(user = %username, client = %five_tuple.client, reason = reason.name(), "allocation deleted");
+                    info!(
+                        user = %username,
+                        client = %five_tuple.client,
+                        transport = five_tuple.transport.name(),
+                        reason = reason.name(),
+                        "allocation deleted"
+                    );
                 }
             }
         }
+        self.flush_connections();
+        self.stats.connections.store(self.sink.connections.len() as u64, Ordering::Relaxed);
+        self.stats.stream_write_drops.store(self.sink.connections.write_drops, Ordering::Relaxed);
         self.stats.allocations.store(self.server.allocation_count() as u64, Ordering::Relaxed);
         let c = self.server.counters();
         self.stats.auth_failures.store(c.auth_failures, Ordering::Relaxed);
@@ -369,6 +454,29 @@ impl Core {
             warn!(count = self.pool.bind_errors, "relay sockets could not be created");
             self.pool.bind_errors = 0;
         }
+    }
+}
+
+/// How often the workers look for connections past their deadline.
+const CONNECTION_SWEEP: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Connection closes by reason, for the log.
+struct CloseSummary<'a>(&'a [AtomicU64; CloseReason::COUNT]);
+
+impl std::fmt::Display for CloseSummary<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut first = true;
+        for (reason, count) in CloseReason::ALL.iter().zip(self.0) {
+            let count = count.load(Ordering::Relaxed);
+            if count > 0 {
+                if !first {
+                    f.write_str(",")?;
+                }
+                first = false;
+                write!(f, "{}={count}", reason.name())?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -2,7 +2,8 @@
 //! through [`Sink::send`], whatever input it answers (a client message, a peer
 //! datagram, an ICMP error, a hand-off). Client -> peer payloads are staged and leave as
 //! GSO runs when the batch ends ([`Sink::flush`]); datagrams to UDP clients leave at once
-//! from the worker's listener socket that `ClientConn` names.
+//! from the worker's listener socket that `ClientConn` names; messages to TCP and TLS
+//! clients are queued on the connection `ClientConn` names and written once per batch.
 
 use std::{io, net::SocketAddr, net::UdpSocket, time::Instant};
 
@@ -10,14 +11,16 @@ use quinn_udp::Transmit;
 use tracing::warn;
 use turn_proto::server::{Output, RelayId, Transport};
 
-use super::udp::Listener;
+use super::{stream::Connections, udp::Listener};
 use crate::relay::{self, RelayPool};
 
 /// Where outputs go: the worker's UDP listener sockets (by group index, the
-/// `ClientConn` of a UDP client) and its relay sockets.
+/// `ClientConn` of a UDP client), its TCP and TLS connections, and its relay sockets.
 pub(super) struct Sink {
     /// One socket per UDP listener group, in group order.
     pub(super) listeners: Vec<Listener>,
+    /// The worker's TCP and TLS connections.
+    pub(super) connections: Connections,
     /// Client -> peer payloads of the current receive batch, sent grouped by relay socket
     /// and peer so that runs of equal-sized datagrams go out as one GSO send.
     staged: Staged,
@@ -25,8 +28,13 @@ pub(super) struct Sink {
 }
 
 impl Sink {
-    pub(super) fn new(listeners: Vec<Listener>) -> Sink {
-        Sink { listeners, staged: Staged::default(), io_errors: RateLimitedLog::default() }
+    pub(super) fn new(listeners: Vec<Listener>, connections: Connections) -> Sink {
+        Sink {
+            listeners,
+            connections,
+            staged: Staged::default(),
+            io_errors: RateLimitedLog::default(),
+        }
     }
 
     /// Executes one output of the protocol core.
@@ -66,8 +74,7 @@ impl Sink {
                         self.io_errors.log("send to client", &e);
                     }
                 }
-                // No stream transport is served yet.
-                Transport::Tcp | Transport::Tls => {}
+                Transport::Tcp | Transport::Tls => self.connections.queue(conn, data),
             },
         }
     }

@@ -12,11 +12,17 @@ pub enum Source {
     UdpListener(u32),
     /// The relay socket in slot `s` of the worker's relay pool.
     Relay(u32),
+    /// The worker's socket of TCP listener group `i` (plain TCP or TLS).
+    StreamListener(u32),
+    /// The TCP or TLS connection in slot `s` of the worker's connection table.
+    Connection(u32),
 }
 
 const KIND_SHIFT: u32 = 56;
 const UDP_LISTENER: u64 = 1;
 const RELAY: u64 = 2;
+const STREAM_LISTENER: u64 = 3;
+const CONNECTION: u64 = 4;
 
 impl Source {
     /// The epoll token of this source.
@@ -24,6 +30,8 @@ impl Source {
         let (kind, index) = match self {
             Source::UdpListener(i) => (UDP_LISTENER, i),
             Source::Relay(s) => (RELAY, s),
+            Source::StreamListener(i) => (STREAM_LISTENER, i),
+            Source::Connection(s) => (CONNECTION, s),
         };
         kind << KIND_SHIFT | index as u64
     }
@@ -34,6 +42,8 @@ impl Source {
         match token >> KIND_SHIFT {
             UDP_LISTENER => Some(Source::UdpListener(index)),
             RELAY => Some(Source::Relay(index)),
+            STREAM_LISTENER => Some(Source::StreamListener(index)),
+            CONNECTION => Some(Source::Connection(index)),
             _ => None,
         }
     }

@@ -1,0 +1,865 @@
+//! TCP and TLS: the worker's sockets of the TCP listener groups and the connections it
+//! accepts on them (RFC 8656 §3.1: TURN over TCP and TLS-over-TCP, relaying to peers over
+//! UDP). A connection stays on the worker that accepted it, for its whole life.
+//!
+//! Bytes read from a connection (decrypted by rustls for TLS) are cut into messages by
+//! [`turn_proto::framing`] and handed to the protocol core one by one; what the core
+//! sends back to a stream client is queued on its connection ([`Connections::queue`]) and
+//! written once per batch. Every connection is bounded:
+//!
+//! * reads: at most one incomplete message (64 KiB) plus one read waits in its buffer;
+//! * writes: at most `stream_write_buffer_bytes` wait; more is dropped and counted (a
+//!   client that does not read loses packets, as over UDP, instead of stalling anyone);
+//! * time: a TLS handshake, the first valid STUN message, the first allocation, and
+//!   silence after an allocation ended each have a deadline;
+//! * garbage (bytes that cannot be framed, or a first message that is not STUN) closes
+//!   the connection at once.
+//!
+//! Every close is counted by its [`CloseReason`], and ends the connection's allocation
+//! in the protocol core (its relays and quota are released).
+
+use std::{
+    io::{self, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use turn_proto::{
+    framing::{FrameKind, Frames, frame_len},
+    server::{ClientConn, ClientInput, FiveTuple, Host, Transport},
+    stun::Message,
+};
+
+use super::Source;
+use crate::{epoll::Epoll, relay::Relays};
+
+/// Why a connection was closed (every close is counted under one of these).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum CloseReason {
+    /// The client closed it (FIN, or TLS close_notify).
+    PeerClosed,
+    /// A read or write failed (reset by the client, broken pipe).
+    IoError,
+    /// Bytes that cannot be framed, or a first message that is not a valid STUN message.
+    Garbage,
+    /// The TLS handshake or a record failed.
+    TlsError,
+    /// The TLS handshake did not complete in time.
+    HandshakeTimeout,
+    /// No valid STUN message in time.
+    FirstMessageTimeout,
+    /// No allocation in time.
+    AllocationTimeout,
+    /// Silent too long without an allocation (after its allocation ended).
+    IdleTimeout,
+    /// `max_connections` reached: refused at accept.
+    TooManyConnections,
+    /// `max_connections_per_ip` reached for its address: refused at accept.
+    TooManyFromAddress,
+    /// The daemon stopped.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// Number of reasons.
+    pub const COUNT: usize = 11;
+    /// All reasons, in index order.
+    pub const ALL: [CloseReason; CloseReason::COUNT] = [
+        CloseReason::PeerClosed,
+        CloseReason::IoError,
+        CloseReason::Garbage,
+        CloseReason::TlsError,
+        CloseReason::HandshakeTimeout,
+        CloseReason::FirstMessageTimeout,
+        CloseReason::AllocationTimeout,
+        CloseReason::IdleTimeout,
+        CloseReason::TooManyConnections,
+        CloseReason::TooManyFromAddress,
+        CloseReason::Shutdown,
+    ];
+
+    /// A stable snake_case name for logs and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            CloseReason::PeerClosed => "peer_closed",
+            CloseReason::IoError => "io_error",
+            CloseReason::Garbage => "garbage",
+            CloseReason::TlsError => "tls_error",
+            CloseReason::HandshakeTimeout => "handshake_timeout",
+            CloseReason::FirstMessageTimeout => "first_message_timeout",
+            CloseReason::AllocationTimeout => "allocation_timeout",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::TooManyConnections => "too_many_connections",
+            CloseReason::TooManyFromAddress => "too_many_from_address",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// How streams are served (from the configuration; shared by the workers).
+#[derive(Clone, Debug)]
+pub struct StreamSettings {
+    /// The TLS configuration (certificate resolver included), when TLS is served.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub handshake_timeout: Duration,
+    pub first_message_timeout: Duration,
+    pub allocation_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Bytes waiting to be written, per connection, at most.
+    pub write_buffer: usize,
+}
+
+/// The worker's socket of one TCP listener group (plain TCP or TLS).
+pub(super) struct StreamListener {
+    pub(super) listener: TcpListener,
+    pub(super) transport: Transport,
+}
+
+/// Where a connection is in its life (what its deadline is for).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// TLS handshake in progress.
+    Handshake,
+    /// Waiting for the first valid STUN message.
+    FirstMessage,
+    /// Talking STUN, no allocation yet.
+    Unallocated,
+    /// Has an allocation: no deadline (the allocation's lifetime rules).
+    Allocated,
+    /// Its allocation ended: closed after `idle_timeout` of silence.
+    Ended,
+}
+
+/// One accepted connection.
+pub(super) struct Connection {
+    stream: TcpStream,
+    tls: Option<Box<rustls::ServerConnection>>,
+    pub(super) five_tuple: FiveTuple,
+    accepted_at: Instant,
+    phase: Phase,
+    deadline: Option<Instant>,
+    /// Bytes read (plaintext) not yet framed.
+    rbuf: Vec<u8>,
+    /// Bytes (TLS records, or plaintext over TCP) not yet written, from `wpos`.
+    wbuf: Vec<u8>,
+    wpos: usize,
+    /// Registered for EPOLLOUT (the socket refused some of `wbuf`).
+    waiting_writable: bool,
+    /// In the dirty list (has bytes to write at the end of the batch).
+    dirty: bool,
+}
+
+/// Events a connection is watched for while it has nothing to write.
+const READ_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
+/// ... and while the socket refused some of its bytes.
+const READ_WRITE_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLOUT) as u32;
+/// Bytes read from a socket at once.
+pub(super) const READ_CHUNK: usize = 16 * 1024;
+/// Reads from one connection before other sockets get a turn.
+pub(super) const READS_PER_TURN: usize = 4;
+/// Connections accepted from one listening socket before other sockets get a turn.
+pub(super) const ACCEPTS_PER_TURN: usize = 64;
+/// A buffer this large is given back to the allocator when it empties.
+const SHRINK_ABOVE: usize = 64 * 1024;
+/// What TLS adds to a record (TLS 1.3 with AES-GCM: 5 + 16 + 1; TLS 1.2: 5 + 8 + 16).
+const TLS_RECORD_OVERHEAD: usize = 32;
+
+/// What one read of a connection gave.
+pub(super) enum Filled {
+    /// Plaintext bytes were added to the read buffer (maybe none, for TLS records that
+    /// carried only handshake or alert data).
+    Data,
+    /// Nothing to read now.
+    WouldBlock,
+    /// The client closed its side.
+    Closed,
+}
+
+impl Connection {
+    /// The deadline of the current phase.
+    fn phase_deadline(&self, settings: &StreamSettings, now: Instant) -> Option<Instant> {
+        match self.phase {
+            Phase::Handshake => Some(self.accepted_at + settings.handshake_timeout),
+            Phase::FirstMessage => Some(now + settings.first_message_timeout),
+            Phase::Unallocated => Some(self.accepted_at + settings.allocation_timeout),
+            Phase::Allocated => None,
+            Phase::Ended => Some(now + settings.idle_timeout),
+        }
+    }
+
+    fn enter(&mut self, phase: Phase, settings: &StreamSettings, now: Instant) {
+        self.phase = phase;
+        self.deadline = self.phase_deadline(settings, now);
+    }
+
+    /// Why the connection is closed when its deadline passes.
+    fn timeout_reason(&self) -> CloseReason {
+        match self.phase {
+            Phase::Handshake => CloseReason::HandshakeTimeout,
+            Phase::FirstMessage => CloseReason::FirstMessageTimeout,
+            Phase::Unallocated | Phase::Allocated => CloseReason::AllocationTimeout,
+            Phase::Ended => CloseReason::IdleTimeout,
+        }
+    }
+
+    /// Bytes waiting to be written.
+    fn pending(&self) -> usize {
+        self.wbuf.len() - self.wpos
+    }
+
+    /// Reads once from the socket into the read buffer (through rustls for TLS).
+    pub(super) fn fill(
+        &mut self,
+        scratch: &mut [u8],
+        settings: &StreamSettings,
+        now: Instant,
+    ) -> Result<Filled, CloseReason> {
+        let Some(tls) = self.tls.as_mut() else {
+            return match self.stream.read(scratch) {
+                Ok(0) => Ok(Filled::Closed),
+                Ok(n) => {
+                    self.rbuf.extend_from_slice(&scratch[..n]);
+                    Ok(Filled::Data)
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Filled::WouldBlock),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Filled::Data),
+                Err(_) => Err(CloseReason::IoError),
+            };
+        };
+        let eof = match tls.read_tls(&mut self.stream) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Filled::WouldBlock),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(Filled::Data),
+            Err(_) => return Err(CloseReason::IoError),
+        };
+        if let Err(e) = tls.process_new_packets() {
+            tracing::debug!(client = %self.five_tuple.client, error = %e, "TLS error");
+            // rustls queued an alert for the client: try to send it, then close.
+            while tls.wants_write() && tls.write_tls(&mut self.wbuf).is_ok_and(|n| n > 0) {}
+            let _ = self.stream.write(&self.wbuf[self.wpos..]);
+            return Err(CloseReason::TlsError);
+        }
+        let mut closed = eof;
+        loop {
+            match tls.reader().read(scratch) {
+                Ok(0) => {
+                    closed = true; // close_notify
+                    break;
+                }
+                Ok(n) => self.rbuf.extend_from_slice(&scratch[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    closed = true; // TCP closed without close_notify
+                    break;
+                }
+            }
+        }
+        // Handshake messages (or a KeyUpdate answer) to send.
+        while tls.wants_write() {
+            match tls.write_tls(&mut self.wbuf) {
+                Ok(n) if n > 0 => {}
+                _ => break,
+            }
+        }
+        let handshaken = !tls.is_handshaking();
+        if self.phase == Phase::Handshake && handshaken {
+            self.enter(Phase::FirstMessage, settings, now);
+        }
+        Ok(if closed { Filled::Closed } else { Filled::Data })
+    }
+}
+
+/// The connections of one worker: a slab whose slot and generation make the
+/// `ClientConn` the protocol core names them by.
+pub(super) struct Connections {
+    slots: Vec<Option<Connection>>,
+    generations: Vec<u32>,
+    free: Vec<u32>,
+    live: usize,
+    /// Slots with bytes to write at the end of the batch.
+    dirty: Vec<u32>,
+    /// The TLS configuration of TLS listeners' connections.
+    tls: Option<Arc<rustls::ServerConfig>>,
+    /// Bytes waiting to be written, per connection, at most.
+    write_buffer: usize,
+    /// Messages dropped because a connection's write buffer was full.
+    pub(super) write_drops: u64,
+}
+
+/// The `ClientConn` of connection `slot` in generation `generation`.
+fn conn_id(slot: u32, generation: u32) -> ClientConn {
+    ClientConn(u64::from(generation) << 32 | u64::from(slot))
+}
+
+fn slot_of(conn: ClientConn) -> (u32, u32) {
+    ((conn.0 & 0xffff_ffff) as u32, (conn.0 >> 32) as u32)
+}
+
+impl Connections {
+    pub(super) fn new(settings: &StreamSettings) -> Connections {
+        Connections {
+            slots: Vec::new(),
+            generations: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            dirty: Vec::new(),
+            tls: settings.tls.clone(),
+            write_buffer: settings.write_buffer,
+            write_drops: 0,
+        }
+    }
+
+    /// Live connections.
+    pub(super) fn len(&self) -> usize {
+        self.live
+    }
+
+    /// Registers an accepted connection in `epoll`; returns its slot and `ClientConn`.
+    pub(super) fn insert(
+        &mut self,
+        epoll: &Epoll,
+        stream: TcpStream,
+        five_tuple: FiveTuple,
+        settings: &StreamSettings,
+        now: Instant,
+    ) -> io::Result<(u32, ClientConn)> {
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                self.slots.push(None);
+                self.generations.push(0);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        if let Err(e) =
+            epoll.add_with(stream.as_raw_fd(), Source::Connection(slot).token(), READ_EVENTS)
+        {
+            self.free.push(slot);
+            return Err(e);
+        }
+        let tls = match (&self.tls, five_tuple.transport) {
+            (Some(config), Transport::Tls) => {
+                match rustls::ServerConnection::new(Arc::clone(config)) {
+                    Ok(c) => Some(Box::new(c)),
+                    Err(e) => {
+                        let _ = epoll.delete(stream.as_raw_fd());
+                        self.free.push(slot);
+                        return Err(io::Error::other(e));
+                    }
+                }
+            }
+            _ => None,
+        };
+        let phase = if tls.is_some() { Phase::Handshake } else { Phase::FirstMessage };
+        let mut connection = Connection {
+            stream,
+            tls,
+            five_tuple,
+            accepted_at: now,
+            phase,
+            deadline: None,
+            rbuf: Vec::new(),
+            wbuf: Vec::new(),
+            wpos: 0,
+            waiting_writable: false,
+            dirty: false,
+        };
+        connection.enter(phase, settings, now);
+        self.slots[slot as usize] = Some(connection);
+        self.live += 1;
+        Ok((slot, conn_id(slot, self.generations[slot as usize])))
+    }
+
+    /// The connection in `slot`, with its `ClientConn`.
+    pub(super) fn by_slot(&mut self, slot: u32) -> Option<(ClientConn, &mut Connection)> {
+        let generation = *self.generations.get(slot as usize)?;
+        let c = self.slots.get_mut(slot as usize)?.as_mut()?;
+        Some((conn_id(slot, generation), c))
+    }
+
+    /// The connection a `ClientConn` names, if it is still open.
+    pub(super) fn get_mut(&mut self, conn: ClientConn) -> Option<&mut Connection> {
+        let (slot, generation) = slot_of(conn);
+        if *self.generations.get(slot as usize)? != generation {
+            return None;
+        }
+        self.slots.get_mut(slot as usize)?.as_mut()
+    }
+
+    /// Takes connection `slot` out (closing it when dropped); the caller tells the protocol
+    /// core and gives back its limits.
+    pub(super) fn remove(&mut self, epoll: &Epoll, slot: u32) -> Option<Connection> {
+        let c = self.slots.get_mut(slot as usize)?.take()?;
+        let _ = epoll.delete(c.stream.as_raw_fd());
+        self.generations[slot as usize] = self.generations[slot as usize].wrapping_add(1);
+        self.free.push(slot);
+        self.live -= 1;
+        Some(c)
+    }
+
+    /// Slots of every open connection.
+    pub(super) fn slots(&self) -> Vec<u32> {
+        (0..self.slots.len() as u32).filter(|&s| self.slots[s as usize].is_some()).collect()
+    }
+
+    /// Queues `data` (one whole message) for the client of `conn`; dropped and counted
+    /// when its write buffer has no room for it.
+    pub(super) fn queue(&mut self, conn: ClientConn, data: &[u8]) {
+        let limit = self.write_buffer;
+        let (slot, _) = slot_of(conn);
+        let Some(c) = self.get_mut(conn) else { return };
+        if c.pending() + data.len() + TLS_RECORD_OVERHEAD > limit {
+            self.write_drops += 1;
+            return;
+        }
+        match c.tls.as_mut() {
+            Some(tls) => {
+                if tls.writer().write_all(data).is_err() {
+                    self.write_drops += 1;
+                    return;
+                }
+                while tls.wants_write() {
+                    match tls.write_tls(&mut c.wbuf) {
+                        Ok(n) if n > 0 => {}
+                        _ => break,
+                    }
+                }
+            }
+            None => c.wbuf.extend_from_slice(data),
+        }
+        if !c.dirty {
+            c.dirty = true;
+            self.dirty.push(slot);
+        }
+    }
+
+    /// Marks `slot` as having bytes to write (TLS handshake messages after a read).
+    pub(super) fn mark_dirty(&mut self, slot: u32) {
+        if let Some(Some(c)) = self.slots.get_mut(slot as usize)
+            && !c.dirty
+            && c.pending() > 0
+        {
+            c.dirty = true;
+            self.dirty.push(slot);
+        }
+    }
+
+    /// Writes what every dirty connection has; returns the slots whose socket failed
+    /// (to be closed by the caller).
+    pub(super) fn flush_dirty(&mut self, epoll: &Epoll, failed: &mut Vec<u32>) {
+        let dirty = std::mem::take(&mut self.dirty);
+        for &slot in &dirty {
+            if let Some(Some(c)) = self.slots.get_mut(slot as usize) {
+                c.dirty = false;
+                if flush(c, epoll, slot).is_err() {
+                    failed.push(slot);
+                }
+            }
+        }
+        self.dirty = dirty;
+        self.dirty.clear();
+    }
+
+    /// The socket of `slot` became writable again.
+    pub(super) fn on_writable(&mut self, epoll: &Epoll, slot: u32) -> io::Result<()> {
+        match self.slots.get_mut(slot as usize) {
+            Some(Some(c)) => flush(c, epoll, slot),
+            _ => Ok(()),
+        }
+    }
+
+    /// Connections whose deadline passed, with the reason to close them.
+    pub(super) fn expired(&self, now: Instant) -> Vec<(u32, CloseReason)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, c)| {
+                let c = c.as_ref()?;
+                let due = c.deadline.is_some_and(|d| d <= now);
+                due.then(|| (slot as u32, c.timeout_reason()))
+            })
+            .collect()
+    }
+
+    /// The protocol core created an allocation on `conn`: no deadline while it lives.
+    pub(super) fn allocation_created(
+        &mut self,
+        conn: ClientConn,
+        settings: &StreamSettings,
+        now: Instant,
+    ) {
+        if let Some(c) = self.get_mut(conn) {
+            c.enter(Phase::Allocated, settings, now);
+        }
+    }
+
+    /// The allocation of `conn` ended (expired, or deleted by the client) while its
+    /// connection stays: it may allocate again, or is closed after `idle_timeout` of
+    /// silence.
+    pub(super) fn allocation_ended(
+        &mut self,
+        conn: ClientConn,
+        settings: &StreamSettings,
+        now: Instant,
+    ) {
+        if let Some(c) = self.get_mut(conn) {
+            c.enter(Phase::Ended, settings, now);
+        }
+    }
+}
+
+/// Writes as much of `c`'s buffer as the socket takes; watches for writability while
+/// some is left.
+fn flush(c: &mut Connection, epoll: &Epoll, slot: u32) -> io::Result<()> {
+    while c.wpos < c.wbuf.len() {
+        match c.stream.write(&c.wbuf[c.wpos..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => c.wpos += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let token = Source::Connection(slot).token();
+    let fd = c.stream.as_raw_fd();
+    if c.wpos == c.wbuf.len() {
+        c.wbuf.clear();
+        c.wpos = 0;
+        if c.wbuf.capacity() > SHRINK_ABOVE {
+            c.wbuf = Vec::new();
+        }
+        if c.waiting_writable {
+            epoll.modify(fd, token, READ_EVENTS)?;
+            c.waiting_writable = false;
+        }
+    } else {
+        if c.wpos > SHRINK_ABOVE {
+            c.wbuf.drain(..c.wpos);
+            c.wpos = 0;
+        }
+        if !c.waiting_writable {
+            epoll.modify(fd, token, READ_WRITE_EVENTS)?;
+            c.waiting_writable = true;
+        }
+    }
+    Ok(())
+}
+
+/// A message cut from a connection's stream, checked against its phase.
+pub(super) enum Cut<'a> {
+    /// Hand it to the protocol core.
+    Message(&'a [u8]),
+    /// The stream is broken (or its first message is not STUN): close it.
+    Garbage,
+}
+
+/// Cuts the complete messages at the start of `rbuf`, for a connection in `phase`; calls
+/// `each` for every one (stopping at the first garbage), and returns how many bytes they
+/// took and whether the stream was garbage.
+pub(super) fn cut_messages(
+    rbuf: &[u8],
+    mut started: bool,
+    mut each: impl FnMut(Cut<'_>, bool),
+) -> (usize, bool) {
+    // A client's first message is STUN: a ChannelData header first (which is what an HTTP
+    // request looks like) is garbage at once, without waiting for its claimed length.
+    if !started && matches!(frame_len(rbuf), Ok(Some((FrameKind::ChannelData, _)))) {
+        each(Cut::Garbage, false);
+        return (0, true);
+    }
+    let mut frames = Frames::new(rbuf);
+    for (kind, frame) in frames.by_ref() {
+        let valid = match kind {
+            FrameKind::Stun => Message::parse(frame).is_ok(),
+            // ChannelData needs an allocation, hence an earlier STUN message.
+            FrameKind::ChannelData => started,
+        };
+        if !valid && !started {
+            each(Cut::Garbage, false);
+            return (frames.consumed(), true);
+        }
+        let first_stun = !started && kind == FrameKind::Stun;
+        started = true;
+        each(Cut::Message(frame), first_stun);
+    }
+    if frames.error().is_some() {
+        each(Cut::Garbage, false);
+        return (frames.consumed(), true);
+    }
+    (frames.consumed(), false)
+}
+
+impl Connection {
+    /// True once the connection sent a valid STUN message.
+    pub(super) fn started(&self) -> bool {
+        !matches!(self.phase, Phase::Handshake | Phase::FirstMessage)
+    }
+
+    /// The first valid STUN message arrived: the allocation deadline starts.
+    pub(super) fn first_message(&mut self, settings: &StreamSettings, now: Instant) {
+        if self.phase == Phase::FirstMessage {
+            self.enter(Phase::Unallocated, settings, now);
+        }
+    }
+
+    /// Something arrived: silence after an ended allocation starts again.
+    pub(super) fn heard(&mut self, settings: &StreamSettings, now: Instant) {
+        if self.phase == Phase::Ended {
+            self.deadline = self.phase_deadline(settings, now);
+        }
+    }
+
+    /// Takes the read buffer (to frame it while the connection is borrowed elsewhere).
+    pub(super) fn take_rbuf(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.rbuf)
+    }
+
+    /// Gives the read buffer back without its first `used` bytes.
+    pub(super) fn put_rbuf(&mut self, mut rbuf: Vec<u8>, used: usize) {
+        rbuf.drain(..used.min(rbuf.len()));
+        if rbuf.is_empty() && rbuf.capacity() > SHRINK_ABOVE {
+            rbuf = Vec::new();
+        }
+        self.rbuf = rbuf;
+    }
+
+    /// Bytes waiting to be written (handshake messages after a read, for instance).
+    pub(super) fn has_output(&self) -> bool {
+        self.pending() > 0
+    }
+
+    /// The client's address.
+    pub(super) fn peer(&self) -> SocketAddr {
+        self.five_tuple.client
+    }
+}
+
+impl super::Core {
+    /// Accepts the connections waiting on stream listener `index` (a bounded number per
+    /// turn), within the connection limits.
+    pub(super) fn accept(&mut self, index: usize) {
+        let now = Instant::now();
+        for _ in 0..ACCEPTS_PER_TURN {
+            let Some(listener) = self.stream_listeners.get(index) else { return };
+            let transport = listener.transport;
+            let (stream, peer) = match listener.listener.accept() {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // ECONNABORTED (gone before we took it) and the like: next one.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
+                Err(e) => {
+                    // EMFILE and friends: the connection stays queued; try again later.
+                    self.sink.io_errors.log("accept", &e);
+                    return;
+                }
+            };
+            if let Err(limit) = self.limits.try_acquire(peer.ip()) {
+                let reason = match limit {
+                    crate::shared::LimitReached::Total => CloseReason::TooManyConnections,
+                    crate::shared::LimitReached::PerAddress => CloseReason::TooManyFromAddress,
+                };
+                self.count_close(reason);
+                continue; // dropping the stream closes it
+            }
+            let local = match stream.local_addr() {
+                Ok(local) => local,
+                Err(_) => {
+                    self.limits.release(peer.ip());
+                    self.count_close(CloseReason::IoError);
+                    continue;
+                }
+            };
+            let configured = stream.set_nonblocking(true).and_then(|()| stream.set_nodelay(true));
+            if configured.is_err() {
+                self.limits.release(peer.ip());
+                self.count_close(CloseReason::IoError);
+                continue;
+            }
+            let five_tuple = FiveTuple { client: peer, listener: local, transport };
+            let epoll = self.epoll.get_ref();
+            if let Err(e) =
+                self.sink.connections.insert(epoll, stream, five_tuple, &self.streams, now)
+            {
+                self.limits.release(peer.ip());
+                self.count_close(CloseReason::IoError);
+                self.sink.io_errors.log("new connection", &e);
+                continue;
+            }
+            super::bump(&self.stats.connections_accepted, 1);
+        }
+    }
+
+    /// Reads connection `slot` (a bounded number of reads per turn) and hands each
+    /// complete message to the protocol core.
+    pub(super) fn read_connection(&mut self, slot: u32) {
+        let now = Instant::now();
+        let unix = super::unix_secs();
+        let (mut messages, mut bytes) = (0u64, 0u64);
+        let mut close = None;
+        for _ in 0..READS_PER_TURN {
+            let Some((conn, c)) = self.sink.connections.by_slot(slot) else { return };
+            let filled = match c.fill(&mut self.read_scratch, &self.streams, now) {
+                Ok(filled) => filled,
+                Err(reason) => {
+                    close = Some(reason);
+                    break;
+                }
+            };
+            if c.has_output() {
+                self.sink.connections.mark_dirty(slot);
+            }
+            let Some((_, c)) = self.sink.connections.by_slot(slot) else { return };
+            let (five_tuple, started) = (c.five_tuple, c.started());
+            let rbuf = c.take_rbuf();
+            if !rbuf.is_empty() {
+                c.heard(&self.streams, now);
+            }
+            let mut first = false;
+            let (used, garbage) = cut_messages(&rbuf, started, |cut, first_stun| {
+                let Cut::Message(data) = cut else { return };
+                first |= first_stun;
+                messages += 1;
+                bytes += data.len() as u64;
+                let input = ClientInput { now, unix_secs: unix, five_tuple, conn, data };
+                let mut relays = Relays { pool: &mut self.pool, epoll: self.epoll.get_ref() };
+                let output = self.server.handle_client_message(
+                    input,
+                    &mut self.out,
+                    &mut Host { relays: &mut relays, quota: &*self.quota },
+                );
+                self.sink.send(&self.pool, output);
+            });
+            if let Some((_, c)) = self.sink.connections.by_slot(slot) {
+                c.put_rbuf(rbuf, used);
+                if first {
+                    c.first_message(&self.streams, now);
+                }
+            }
+            if garbage {
+                close = Some(CloseReason::Garbage);
+                break;
+            }
+            match filled {
+                Filled::Data => {}
+                Filled::WouldBlock => break,
+                Filled::Closed => {
+                    close = Some(CloseReason::PeerClosed);
+                    break;
+                }
+            }
+        }
+        self.sink.flush(&self.pool);
+        super::bump(&self.stats.packets, messages);
+        super::bump(&self.stats.bytes, bytes);
+        if let Some(reason) = close {
+            self.close_connection(slot, reason, now);
+        }
+    }
+
+    /// Closes connection `slot`: its allocation ends, its limits are given back, the close
+    /// is counted.
+    pub(super) fn close_connection(&mut self, slot: u32, reason: CloseReason, now: Instant) {
+        let Some(c) = self.sink.connections.remove(self.epoll.get_ref(), slot) else { return };
+        self.limits.release(c.peer().ip());
+        self.count_close(reason);
+        let mut relays = Relays { pool: &mut self.pool, epoll: self.epoll.get_ref() };
+        self.server.handle_connection_closed(
+            now,
+            &c.five_tuple,
+            &mut Host { relays: &mut relays, quota: &*self.quota },
+        );
+        tracing::debug!(
+            client = %c.five_tuple.client,
+            transport = c.five_tuple.transport.name(),
+            reason = reason.name(),
+            "connection closed"
+        );
+    }
+
+    /// Closes the connections whose deadline passed.
+    pub(super) fn sweep_connections(&mut self, now: Instant) {
+        for (slot, reason) in self.sink.connections.expired(now) {
+            self.close_connection(slot, reason, now);
+        }
+    }
+
+    /// Writes what the batch queued on connections; closes those whose socket failed.
+    pub(super) fn flush_connections(&mut self) {
+        let mut failed = Vec::new();
+        self.sink.connections.flush_dirty(self.epoll.get_ref(), &mut failed);
+        let now = Instant::now();
+        for slot in failed {
+            self.close_connection(slot, CloseReason::IoError, now);
+        }
+    }
+
+    /// The socket of connection `slot` takes bytes again.
+    pub(super) fn on_connection_writable(&mut self, slot: u32) {
+        if self.sink.connections.on_writable(self.epoll.get_ref(), slot).is_err() {
+            self.close_connection(slot, CloseReason::IoError, Instant::now());
+        }
+    }
+
+    fn count_close(&self, reason: CloseReason) {
+        if let Some(counter) = self.stats.closes.get(reason as usize) {
+            super::bump(counter, 1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn binding() -> Vec<u8> {
+        use turn_proto::stun::{Class, MessageEncoder, Method, TransactionId};
+        let mut buf = [0u8; 64];
+        let enc =
+            MessageEncoder::new(&mut buf, Method::BINDING, Class::Request, &TransactionId([1; 12]))
+                .unwrap();
+        let n = enc.finish();
+        buf[..n].to_vec()
+    }
+
+    fn cut(stream: &[u8], started: bool) -> (Vec<String>, usize, bool) {
+        let mut seen = Vec::new();
+        let (used, garbage) = cut_messages(stream, started, |c, first| {
+            seen.push(match c {
+                Cut::Message(m) => format!("{}{}", m.len(), if first { "!" } else { "" }),
+                Cut::Garbage => "garbage".into(),
+            })
+        });
+        (seen, used, garbage)
+    }
+
+    #[test]
+    fn the_first_message_must_be_stun() {
+        let b = binding();
+        let cd = [0x40, 0x00, 0x00, 0x01, 9, 0, 0, 0];
+        // STUN first, then ChannelData: both handed on, the first marked.
+        let stream = [&b[..], &cd[..]].concat();
+        assert_eq!(cut(&stream, false), (vec!["20!".into(), "8".into()], 28, false));
+        // ChannelData (or HTTP, which frames like it) first: garbage.
+        assert_eq!(cut(b"GET / HTTP/1.1\r\n", false), (vec!["garbage".into()], 0, true));
+        assert_eq!(cut(&cd, false), (vec!["garbage".into()], 0, true));
+        // Once started, ChannelData is fine.
+        assert_eq!(cut(&cd, true), (vec!["8".into()], 8, false));
+        // Bytes that cannot be framed, after a good message.
+        let broken = [&b[..], &[0xff, 0, 0, 0][..]].concat();
+        assert_eq!(cut(&broken, true), (vec!["20".into(), "garbage".into()], 20, true));
+        // A partial message waits.
+        assert_eq!(cut(&b[..10], false), (vec![], 0, false));
+    }
+
+    #[test]
+    fn conn_ids_carry_slot_and_generation() {
+        assert_eq!(slot_of(conn_id(7, 3)), (7, 3));
+        assert_ne!(conn_id(7, 3), conn_id(7, 4));
+    }
+}
