@@ -10,6 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod stream;
+
 use socket2::{Domain, Protocol, Socket, Type};
 pub use turn_launch::{Daemon, PinRoot, json_field, server_bin};
 
@@ -455,4 +457,26 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
+}
+
+/// Connection closes by reason, summed over the workers' "worker stopped" lines (the
+/// daemon must have stopped).
+pub fn closes(logs: &str) -> std::collections::BTreeMap<String, u64> {
+    let mut total = std::collections::BTreeMap::new();
+    for line in logs.lines().filter(|l| l.contains("worker stopped")) {
+        let Some(summary) = json_field(line, "closes") else { continue };
+        for pair in summary.split(',').filter(|p| !p.is_empty()) {
+            if let Some((reason, n)) = pair.split_once('=') {
+                *total.entry(reason.to_owned()).or_insert(0) += n.parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
+/// Raises this process's open-file limit to at least `need` (tests that hold many
+/// connections); panics when the machine does not allow it.
+pub fn allow_open_files(need: u64) {
+    let (soft, _) = turn_server::setup::raise_nofile(need);
+    assert!(soft >= need, "this test needs {need} open files, the limit is {soft}");
 }

@@ -41,7 +41,9 @@ use crate::{epoll::Epoll, relay::Relays};
 pub enum CloseReason {
     /// The client closed it (FIN, or TLS close_notify).
     PeerClosed,
-    /// A read or write failed (reset by the client, broken pipe).
+    /// The client reset it (RST: it closed with data unread, or went away).
+    Reset,
+    /// A read or write failed otherwise.
     IoError,
     /// Bytes that cannot be framed, or a first message that is not a valid STUN message.
     Garbage,
@@ -65,10 +67,11 @@ pub enum CloseReason {
 
 impl CloseReason {
     /// Number of reasons.
-    pub const COUNT: usize = 11;
+    pub const COUNT: usize = 12;
     /// All reasons, in index order.
     pub const ALL: [CloseReason; CloseReason::COUNT] = [
         CloseReason::PeerClosed,
+        CloseReason::Reset,
         CloseReason::IoError,
         CloseReason::Garbage,
         CloseReason::TlsError,
@@ -85,6 +88,7 @@ impl CloseReason {
     pub const fn name(self) -> &'static str {
         match self {
             CloseReason::PeerClosed => "peer_closed",
+            CloseReason::Reset => "reset",
             CloseReason::IoError => "io_error",
             CloseReason::Garbage => "garbage",
             CloseReason::TlsError => "tls_error",
@@ -226,7 +230,7 @@ impl Connection {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Filled::WouldBlock),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Filled::Data),
-                Err(_) => Err(CloseReason::IoError),
+                Err(e) => Err(io_close(&e)),
             };
         };
         let eof = match tls.read_tls(&mut self.stream) {
@@ -234,7 +238,7 @@ impl Connection {
             Ok(_) => false,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Filled::WouldBlock),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(Filled::Data),
-            Err(_) => return Err(CloseReason::IoError),
+            Err(e) => return Err(io_close(&e)),
         };
         if let Err(e) = tls.process_new_packets() {
             tracing::debug!(client = %self.five_tuple.client, error = %e, "TLS error");
@@ -270,6 +274,14 @@ impl Connection {
             self.enter(Phase::FirstMessage, settings, now);
         }
         Ok(if closed { Filled::Closed } else { Filled::Data })
+    }
+}
+
+/// Why a failed read or write closes a connection.
+fn io_close(e: &io::Error) -> CloseReason {
+    match e.kind() {
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => CloseReason::Reset,
+        _ => CloseReason::IoError,
     }
 }
 
@@ -448,15 +460,15 @@ impl Connections {
         }
     }
 
-    /// Writes what every dirty connection has; returns the slots whose socket failed
-    /// (to be closed by the caller).
-    pub(super) fn flush_dirty(&mut self, epoll: &Epoll, failed: &mut Vec<u32>) {
+    /// Writes what every dirty connection has; returns the slots whose socket failed,
+    /// with the reason (to be closed by the caller).
+    pub(super) fn flush_dirty(&mut self, epoll: &Epoll, failed: &mut Vec<(u32, CloseReason)>) {
         let dirty = std::mem::take(&mut self.dirty);
         for &slot in &dirty {
             if let Some(Some(c)) = self.slots.get_mut(slot as usize) {
                 c.dirty = false;
-                if flush(c, epoll, slot).is_err() {
-                    failed.push(slot);
+                if let Err(e) = flush(c, epoll, slot) {
+                    failed.push((slot, io_close(&e)));
                 }
             }
         }
@@ -793,15 +805,15 @@ impl super::Core {
         let mut failed = Vec::new();
         self.sink.connections.flush_dirty(self.epoll.get_ref(), &mut failed);
         let now = Instant::now();
-        for slot in failed {
-            self.close_connection(slot, CloseReason::IoError, now);
+        for (slot, reason) in failed {
+            self.close_connection(slot, reason, now);
         }
     }
 
     /// The socket of connection `slot` takes bytes again.
     pub(super) fn on_connection_writable(&mut self, slot: u32) {
-        if self.sink.connections.on_writable(self.epoll.get_ref(), slot).is_err() {
-            self.close_connection(slot, CloseReason::IoError, Instant::now());
+        if let Err(e) = self.sink.connections.on_writable(self.epoll.get_ref(), slot) {
+            self.close_connection(slot, io_close(&e), Instant::now());
         }
     }
 
