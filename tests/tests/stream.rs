@@ -20,11 +20,10 @@ fn coturn(test: &str) -> bool {
     ["turnutils_uclient", "turnutils_peer"].iter().all(|tool| require_tool(test, tool, "coturn"))
 }
 
-/// A daemon with TCP and TLS (certificate `cert`), loopback peers allowed, two workers.
+/// A daemon with TCP and TLS (certificate `cert`), loopback peers allowed, two workers
+/// unless `extra` says otherwise.
 fn daemon(cert: &TestCert, extra: &[&str]) -> Daemon {
     let mut args = vec![
-        "--workers",
-        "2",
         "--realm",
         "test",
         "--user",
@@ -34,6 +33,9 @@ fn daemon(cert: &TestCert, extra: &[&str]) -> Daemon {
         "0",
     ];
     args.extend_from_slice(&cert.args());
+    if !extra.contains(&"--workers") {
+        args.extend(["--workers", "2"]);
+    }
     args.extend_from_slice(extra);
     Daemon::start(&args)
 }
@@ -269,8 +271,8 @@ fn a_closed_connection_frees_its_allocation_and_quota() {
 }
 
 #[test]
-fn connections_are_placed_on_the_less_loaded_worker() {
-    let test = "connections_are_placed_on_the_less_loaded_worker";
+fn connections_are_placed_on_the_less_loaded_worker_and_count_in_its_load() {
+    let test = "connections_are_placed_on_the_less_loaded_worker_and_count_in_its_load";
     if !require_root(test) {
         return;
     }
@@ -317,6 +319,42 @@ fn connections_are_placed_on_the_less_loaded_worker() {
         .map(|s| s["memo_flows"].as_u64().unwrap())
         .collect();
     assert_eq!(memos, [5, 5], "{report}");
+
+    // A connection's traffic is its worker's load, as UDP traffic is.
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut busy = held.pop().unwrap();
+    busy.request(Request::ChannelBind { channel: 0x4005, peer: peer.local_addr().unwrap() })
+        .unwrap();
+    let client = busy.local_addr();
+    let worker = daemon
+        .logs()
+        .lines()
+        .filter(|l| l.contains("allocation created") && l.contains(&format!("\"{client}\"")))
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["span"]["index"].as_u64())
+        .expect("the busy connection's worker") as usize;
+    let sender = std::thread::spawn(move || {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(1500) {
+            busy.send_channel_data(0x4005, &[7; 100]).unwrap();
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        busy
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let out = std::process::Command::new(turn_tests::server_bin())
+        .args(["load", "--json", "--interval", "0.5", "--pin-root", root.arg()])
+        .output()
+        .unwrap();
+    held.push(sender.join().unwrap());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rates: Vec<f64> = report["groups"][0]["sockets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["packets_per_sec"].as_f64().unwrap())
+        .collect();
+    assert!(rates[worker] > 200.0, "worker {worker} carries the stream: {rates:?}");
+    assert!(rates[1 - worker] < rates[worker] / 10.0, "{rates:?}");
     drop(held);
     daemon.signal_and_wait(libc::SIGINT, Duration::from_secs(10)).expect("exits");
 }
@@ -416,4 +454,42 @@ fn a_bad_certificate_or_key_is_a_clear_error_at_start() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("pkey"));
+}
+
+#[test]
+fn a_client_that_does_not_read_loses_packets_and_stalls_nobody() {
+    let cert = TestCert::new("slow");
+    // One worker: the slow reader and the other client share it.
+    let mut daemon = daemon(&cert, &["--workers", "1"]);
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut slow = StreamClient::tcp(tcp_addr(&daemon), "alice", "secret").unwrap();
+    let slow_relay = slow.allocate_with_channel(0x4003, peer.local_addr().unwrap()).unwrap();
+    let mut other = StreamClient::tcp(tcp_addr(&daemon), "alice", "secret").unwrap();
+    let other_relay = other.allocate_with_channel(0x4004, peer.local_addr().unwrap()).unwrap();
+    // 20 MB towards a client that reads nothing: far more than its socket buffers and
+    // its write buffer hold.
+    let chunk = [0x55u8; 1000];
+    for _ in 0..20_000 {
+        peer.send_to(&chunk, slow_relay).unwrap();
+    }
+    // Meanwhile the other client relays both ways without a loss.
+    for i in 0..200u32 {
+        other.send_channel_data(0x4004, &i.to_be_bytes()).unwrap();
+        let mut buf = [0u8; 16];
+        let (n, _) = peer.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &i.to_be_bytes());
+        peer.send_to(&i.to_be_bytes(), other_relay).unwrap();
+        let frame = other.read_frame(Duration::from_secs(5)).expect("the other client is served");
+        assert_eq!(&frame[4..], &i.to_be_bytes());
+    }
+    drop(slow);
+    daemon.signal_and_wait(libc::SIGINT, Duration::from_secs(10)).expect("exits");
+    let logs = daemon.logs();
+    let drops: u64 = logs
+        .lines()
+        .filter(|l| l.contains("worker stopped"))
+        .filter_map(|l| turn_tests::json_field(l, "stream_write_drops")?.parse::<u64>().ok())
+        .sum();
+    assert!(drops > 0, "the slow reader's excess is dropped and counted:\n{logs}");
 }

@@ -119,6 +119,8 @@ impl Launch {
                 }
             });
         }
+        // Only the readers hold senders now: when the daemon exits, the channel closes.
+        drop(tx);
         let mut daemon = Daemon { child: Some(child), listening: Vec::new(), logs };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
