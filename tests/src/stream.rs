@@ -135,8 +135,11 @@ impl Write for Wire {
 pub struct StreamClient {
     wire: Wire,
     client: Client,
-    /// Bytes read and not yet framed.
+    /// Bytes read; those before `start` are framed already.
     pending: Vec<u8>,
+    start: usize,
+    /// Where outgoing ChannelData is framed.
+    out: Vec<u8>,
     /// ChannelData and indications that arrived while a transaction waited, in order.
     pub received: Vec<Vec<u8>>,
 }
@@ -145,6 +148,8 @@ impl StreamClient {
     /// A plain TCP connection to `server` from `local_ip` (any port).
     pub fn tcp(server: SocketAddr, user: &str, password: &str) -> io::Result<StreamClient> {
         let stream = TcpStream::connect_timeout(&server, Duration::from_secs(5))?;
+        // Each message is written whole: no Nagle delay behind an unacknowledged one.
+        stream.set_nodelay(true)?;
         Ok(Self::over(Wire::Tcp(stream), user, password))
     }
 
@@ -157,6 +162,7 @@ impl StreamClient {
         password: &str,
     ) -> io::Result<StreamClient> {
         let stream = TcpStream::connect_timeout(&server, Duration::from_secs(5))?;
+        stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         let name = ServerName::try_from("localhost").map_err(io::Error::other)?;
         let conn = rustls::ClientConnection::new(config, name).map_err(io::Error::other)?;
@@ -172,7 +178,14 @@ impl StreamClient {
         let creds = Arc::new(Credentials::new(user, password, None).unwrap());
         let mut client = Client::new(7, std::process::id(), creds);
         client.reliable = true;
-        StreamClient { wire, client, pending: Vec::new(), received: Vec::new() }
+        StreamClient {
+            wire,
+            client,
+            pending: Vec::new(),
+            start: 0,
+            out: Vec::new(),
+            received: Vec::new(),
+        }
     }
 
     /// The certificate the server presented (TLS only).
@@ -236,10 +249,11 @@ impl StreamClient {
 
     /// Sends `payload` on `channel`, padded as a stream requires.
     pub fn send_channel_data(&mut self, channel: u16, payload: &[u8]) -> io::Result<()> {
-        let mut buf = vec![0u8; payload.len() + 8];
-        let n = turn_proto::client::channel_data(&mut buf, channel, payload, true)
+        self.out.resize(payload.len() + 8, 0);
+        let n = turn_proto::client::channel_data(&mut self.out, channel, payload, true)
             .ok_or_else(|| io::Error::other("payload too large"))?;
-        self.send_raw(&buf[..n])
+        self.wire.write_all(&self.out[..n])?;
+        self.wire.flush()
     }
 
     /// The next whole frame (padding included) from the server within `timeout`; a frame
@@ -247,11 +261,17 @@ impl StreamClient {
     pub fn read_frame(&mut self, timeout: Duration) -> Option<Vec<u8>> {
         let deadline = Instant::now() + timeout;
         loop {
-            let mut frames = Frames::new(&self.pending);
+            let mut frames = Frames::new(&self.pending[self.start..]);
             if let Some((_, frame)) = frames.next() {
                 let frame = frame.to_vec();
-                let used = frames.consumed();
-                self.pending.drain(..used);
+                self.start += frames.consumed();
+                if self.start == self.pending.len() {
+                    self.pending.clear();
+                    self.start = 0;
+                } else if self.start > 64 * 1024 {
+                    self.pending.drain(..self.start);
+                    self.start = 0;
+                }
                 return Some(frame);
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -302,7 +322,7 @@ pub fn closed_by_server(stream: &mut TcpStream, timeout: Duration) -> bool {
     false
 }
 
-/// A TCP connection to `server` from `local_ip` (any port).
+/// A TCP connection to `server` from `local_ip` (any port), without Nagle's delay.
 pub fn connect_from(local_ip: &str, server: SocketAddr) -> io::Result<TcpStream> {
     let local: SocketAddr = format!("{local_ip}:0").parse().map_err(io::Error::other)?;
     let socket = socket2::Socket::new(
@@ -311,6 +331,7 @@ pub fn connect_from(local_ip: &str, server: SocketAddr) -> io::Result<TcpStream>
         Some(socket2::Protocol::TCP),
     )?;
     socket.bind(&local.into())?;
+    socket.set_tcp_nodelay(true)?;
     socket.connect_timeout(&server.into(), Duration::from_secs(5))?;
     Ok(socket.into())
 }

@@ -10,6 +10,10 @@
 //!   packets/s, loss, fairness, round-trip latency, server CPU per relayed packet. With
 //!   `--floor` the same through the bare forwarder.
 //! * `turn-bench alloc`: allocations/s, server CPU per allocation, memory per live allocation.
+//! * `turn-bench stream`: TURN over TCP or TLS: relay throughput either way, lossless or
+//!   not, and server CPU per message. `turn-bench connect`: connection set-up rate (TCP
+//!   or TLS, Allocate, Refresh 0, close) and server CPU per connection. `turn-bench
+//!   gen-cert`: a certificate for TLS benchmarks on loopback.
 //! * `turn-bench peer`: a standalone counting (and echoing) peer.
 //! * `turn-bench floor`: the bare UDP forwarder (recvmmsg/sendmmsg, no TURN work).
 //!
@@ -28,6 +32,7 @@ mod procfs;
 mod report;
 mod session;
 mod stats;
+mod stream;
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -190,6 +195,68 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// TURN over TCP or TLS: M connections, each an allocation with a channel, messages
+    /// at a paced total rate to (up) or from (down) an embedded peer. Loopback only.
+    Stream {
+        #[arg(long)]
+        server: SocketAddr,
+        #[arg(long, value_enum, default_value = "tcp")]
+        transport: stream::Transport,
+        /// Certificate to trust for TLS (PEM), e.g. from `turn-bench gen-cert`.
+        #[arg(long)]
+        ca: Option<std::path::PathBuf>,
+        #[arg(long, short = 'u')]
+        user: String,
+        #[arg(long, short = 'w')]
+        password: String,
+        #[arg(long, value_enum, default_value = "up")]
+        direction: stream::Direction,
+        #[arg(long, default_value_t = 8)]
+        flows: usize,
+        /// Messages per second, all flows together.
+        #[arg(long, default_value_t = 20_000.0)]
+        rate: f64,
+        /// Payload bytes per message.
+        #[arg(long, default_value_t = 200)]
+        size: usize,
+        /// Seconds measured (after the warm-up).
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        /// Seconds to wait for messages still on their way after the window.
+        #[arg(long, default_value_t = 1.0)]
+        drain: f64,
+        #[arg(long)]
+        server_pid: Option<u32>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Connection set-up rate over TCP or TLS: connect, handshake, Allocate (with its 401
+    /// round), Refresh 0, close; N connections, C at a time. Loopback only.
+    Connect {
+        #[arg(long)]
+        server: SocketAddr,
+        #[arg(long, value_enum, default_value = "tcp")]
+        transport: stream::Transport,
+        #[arg(long)]
+        ca: Option<std::path::PathBuf>,
+        #[arg(long, short = 'u')]
+        user: String,
+        #[arg(long, short = 'w')]
+        password: String,
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        #[arg(long)]
+        server_pid: Option<u32>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Writes a self-signed certificate for localhost and 127.0.0.1 (cert.pem, key.pem)
+    /// into DIR, for the TLS benchmarks.
+    GenCert { dir: std::path::PathBuf },
     /// A peer: counts datagrams per source, optionally echoes them back. Loopback only.
     Peer {
         #[arg(long)]
@@ -301,6 +368,62 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Stream {
+            server,
+            transport,
+            ca,
+            user,
+            password,
+            direction,
+            flows,
+            rate,
+            size,
+            duration,
+            warmup,
+            drain,
+            server_pid,
+            json,
+        } => {
+            let target = stream::Target { server, transport, ca, user, password, server_pid };
+            let report = stream::run_stream(&stream::StreamArgs {
+                target,
+                direction,
+                flows,
+                rate,
+                size,
+                duration: bounded(duration, "--duration")?,
+                warmup: bounded(warmup, "--warmup")?,
+                drain: bounded(drain, "--drain")?,
+            })?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{}", report.text());
+            }
+            Ok(())
+        }
+        Cmd::Connect {
+            server,
+            transport,
+            ca,
+            user,
+            password,
+            connections,
+            concurrency,
+            server_pid,
+            json,
+        } => {
+            let target = stream::Target { server, transport, ca, user, password, server_pid };
+            let report =
+                stream::run_connect(&stream::ConnectArgs { target, connections, concurrency })?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{}", report.text());
+            }
+            Ok(())
+        }
+        Cmd::GenCert { dir } => stream::gen_cert(&dir),
         Cmd::Alloc {
             server,
             user,

@@ -15,9 +15,9 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-const USER: &str = "bench";
-const PASSWORD: &str = "bench";
-const REALM: &str = "bench";
+pub(crate) const USER: &str = "bench";
+pub(crate) const PASSWORD: &str = "bench";
+pub(crate) const REALM: &str = "bench";
 const BEGIN: &str = "<!-- bench:begin -->";
 /// Paced total rates over 8 flows; the highest lossless one is reported per server.
 const PACED_RATES: [u32; 6] = [40_000, 80_000, 120_000, 160_000, 200_000, 240_000];
@@ -43,13 +43,13 @@ enum Kind {
 }
 
 /// A running server, stopped (SIGINT, then SIGKILL) when dropped.
-struct Running {
-    process: Process,
-    addr: String,
-    pin_root: Option<PathBuf>,
+pub(crate) struct Running {
+    pub(crate) process: Process,
+    pub(crate) addr: String,
+    pub(crate) pin_root: Option<PathBuf>,
 }
 
-enum Process {
+pub(crate) enum Process {
     /// turn-server, through the launcher the tests use; its log goes to `log` at the end.
     TurnServer { daemon: turn_launch::Daemon, log: PathBuf },
     /// coturn, pion or the floor.
@@ -57,7 +57,7 @@ enum Process {
 }
 
 impl Running {
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         match &self.process {
             Process::TurnServer { daemon, .. } => daemon.pid(),
             Process::Other(child) => child.id(),

@@ -5,7 +5,8 @@
 //! * `run`        build everything and start the daemon (`cargo xtask run -- ARGS`)
 //! * `test`       setup, build-ebpf, lint, and the whole test suite (root tests included)
 //! * `lint`       `cargo fmt --check` and clippy with `-D warnings`
-//! * `bench`      turn-server, coturn, pion/turn and the floor side by side (BENCHMARKS.md)
+//! * `bench`      turn-server, coturn, pion/turn and the floor side by side (BENCHMARKS.md);
+//!   `bench --stream`: TURN over TCP and TLS beside coturn
 
 use std::{
     ffi::OsStr,
@@ -14,6 +15,7 @@ use std::{
 };
 
 mod bench;
+mod bench_stream;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -60,6 +62,13 @@ enum Cmd {
         /// Shorter cases (a few minutes) for development.
         #[arg(long)]
         quick: bool,
+        /// Only TURN over TCP and TLS, turn-server beside coturn (its own section of
+        /// BENCHMARKS.md).
+        #[arg(long)]
+        stream: bool,
+        /// Repetitions of every cell (--stream), servers interleaved; medians reported.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
     },
 }
 
@@ -70,7 +79,7 @@ fn main() -> Result<()> {
         Cmd::Run { args } => run(&args),
         Cmd::Test { args } => test(&args),
         Cmd::Lint => lint(),
-        Cmd::Bench { quick } => bench(quick),
+        Cmd::Bench { quick, stream, reps } => bench(quick, stream, reps),
     }
 }
 
@@ -286,7 +295,7 @@ fn test(extra: &[String]) -> Result<()> {
     )
 }
 
-fn bench(quick: bool) -> Result<()> {
+fn bench(quick: bool, stream: bool, reps: usize) -> Result<()> {
     setup()?;
     build_ebpf()?;
     let root = root();
@@ -304,6 +313,15 @@ fn bench(quick: bool) -> Result<()> {
         .unwrap_or_else(|| root.join("target"));
     let out_dir = target_dir.join("bench");
     std::fs::create_dir_all(&out_dir)?;
+    if stream {
+        let tools = bench::Tools {
+            turn_server: target_dir.join("release").join("turn-server"),
+            turn_bench: target_dir.join("release").join("turn-bench"),
+            pion: None,
+            out_dir,
+        };
+        return bench_stream::run(&tools, quick, reps.max(1), &root.join("BENCHMARKS.md"));
+    }
     // pion/turn from Debian's Go packages, with the script beside the repository.
     let script = root.join("..").join("shared").join("peers").join("build-pion.sh");
     let pion = out_dir.join("pion-mt");

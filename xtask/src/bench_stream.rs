@@ -1,0 +1,411 @@
+//! `cargo xtask bench --stream`: TURN over TCP and TLS, turn-server beside coturn, in one
+//! run on loopback. Every cell runs `--reps` times (3 by default), the servers
+//! interleaved within each repetition, each run on a freshly started server; the report
+//! gives the median and the spread (lowest-highest). Written to BENCHMARKS.md between the
+//! `bench-stream` markers; the raw results go to `target/bench/stream.jsonl`.
+//!
+//! * relay: 8 connections, each an allocation with a channel, 200-byte messages at a paced
+//!   total rate, client -> peer (`up`) and peer -> client (`down`): the highest rate held
+//!   (>= 99% of the target sent, < 0.1% lost) and the server's CPU per message;
+//! * set-up: connections per second (connect, TLS handshake, Allocate with its 401 round,
+//!   Refresh 0, close; 8 at a time) and the server's CPU per connection.
+
+use std::{
+    fmt::Write as _,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::bench::{PASSWORD, Process, REALM, Running, Tools, USER};
+
+const BEGIN: &str = "<!-- bench-stream:begin -->";
+const END: &str = "<!-- bench-stream:end -->";
+/// Total message rates tried, 8 connections together.
+const RATES: [u32; 5] = [20_000, 40_000, 80_000, 120_000, 160_000];
+/// The rate the CPU-per-message comparison is read at (every server holds it).
+const CPU_RATE: u32 = 40_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Server {
+    TurnServer,
+    Coturn,
+}
+
+impl Server {
+    fn name(self) -> &'static str {
+        match self {
+            Server::TurnServer => "turn-server p2c 2w",
+            Server::Coturn => "coturn 2 threads",
+        }
+    }
+}
+
+const SERVERS: [Server; 2] = [Server::TurnServer, Server::Coturn];
+
+/// One measurement.
+#[derive(Clone, Debug)]
+struct Cell {
+    transport: &'static str,
+    /// `up`, `down`, or `connect`.
+    what: &'static str,
+    rate: u32,
+}
+
+impl Cell {
+    fn name(&self) -> String {
+        match self.what {
+            "connect" => format!("{} set-up", self.transport),
+            _ => format!("{} {} {}k", self.transport, self.what, self.rate / 1000),
+        }
+    }
+}
+
+fn cells() -> Vec<Cell> {
+    let mut cells = Vec::new();
+    for transport in ["tcp", "tls"] {
+        for what in ["up", "down"] {
+            for rate in RATES {
+                cells.push(Cell { transport, what, rate });
+            }
+        }
+        cells.push(Cell { transport, what: "connect", rate: 0 });
+    }
+    cells
+}
+
+fn free_tcp_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// True when something listens on TCP `port` (state 0A in /proc/net/tcp).
+fn tcp_listening(port: u16) -> bool {
+    let hex = format!(":{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp").is_ok_and(|table| {
+        table.lines().skip(1).any(|l| {
+            let mut f = l.split_whitespace();
+            let local = f.nth(1).unwrap_or_default();
+            let state = f.nth(1).unwrap_or_default();
+            local.ends_with(&hex) && state == "0A"
+        })
+    })
+}
+
+/// Starts `server` with TCP on `tcp` and TLS on `tls` (certificate in `cert_dir`).
+fn start(server: Server, tools: &Tools, cert_dir: &Path, tcp: u16, tls: u16) -> Result<Running> {
+    let cert = cert_dir.join("cert.pem");
+    let key = cert_dir.join("key.pem");
+    let log = tools.out_dir.join(format!("stream-{}.log", server.name().replace(' ', "-")));
+    match server {
+        Server::TurnServer => {
+            let root = PathBuf::from(format!(
+                "/sys/fs/bpf/turn-xtask-bench-stream-{}",
+                std::process::id()
+            ));
+            let (tcp_s, tls_s) = (tcp.to_string(), tls.to_string());
+            let user = format!("{USER}:{PASSWORD}");
+            let args = [
+                "-L",
+                "127.0.0.1",
+                "-p",
+                &tcp_s,
+                "--tls-listening-port",
+                &tls_s,
+                "--no-udp",
+                "--workers",
+                "2",
+                "--steering",
+                "p2c",
+                "--user",
+                &user,
+                "--realm",
+                REALM,
+                "--allow-loopback-peers",
+                "--user-quota",
+                "0",
+                "--unauthenticated-responses-per-sec",
+                "0",
+                "--max-connections-per-ip",
+                "0",
+                "--cert",
+                cert.to_str().unwrap_or_default(),
+                "--pkey",
+                key.to_str().unwrap_or_default(),
+                "--bpf-pin-root",
+                root.to_str().unwrap_or_default(),
+                "--drain-timeout",
+                "0",
+            ];
+            let mut launch = turn_launch::Launch::new(&args);
+            launch.bin = tools.turn_server.clone();
+            launch.log_level = Some("warn,turn_server::daemon=info".into());
+            let daemon = launch.start().context("starting turn-server")?;
+            Ok(Running {
+                process: Process::TurnServer { daemon, log },
+                addr: format!("127.0.0.1:{tcp}"),
+                pin_root: Some(root),
+            })
+        }
+        Server::Coturn => {
+            let child = Command::new("turnserver")
+                .args(["-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1"])
+                .arg(format!("--listening-port={tcp}"))
+                .arg(format!("--tls-listening-port={tls}"))
+                .args([
+                    "--lt-cred-mech",
+                    &format!("--user={USER}:{PASSWORD}"),
+                    &format!("--realm={REALM}"),
+                ])
+                .args(["--allow-loopback-peers", "--no-cli", "--no-dtls", "--no-udp"])
+                .arg("--relay-threads=2")
+                .arg(format!("--cert={}", cert.display()))
+                .arg(format!("--pkey={}", key.display()))
+                .arg(format!("--log-file={}", log.display()))
+                .args(["--simple-log", "--no-stdout-log"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting coturn")?;
+            let mut running = Running {
+                process: Process::Other(child),
+                addr: format!("127.0.0.1:{tcp}"),
+                pin_root: None,
+            };
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while !(tcp_listening(tcp) && tcp_listening(tls)) {
+                if let Process::Other(child) = &mut running.process
+                    && let Ok(Some(status)) = child.try_wait()
+                {
+                    bail!("coturn exited at start ({status}); see {}", log.display());
+                }
+                if Instant::now() > deadline {
+                    bail!("coturn did not listen on TCP {tcp} and {tls}");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            Ok(running)
+        }
+    }
+}
+
+fn measure(
+    cell: &Cell,
+    tools: &Tools,
+    cert_dir: &Path,
+    running: &Running,
+    tcp: u16,
+    tls: u16,
+    quick: bool,
+) -> Result<Value> {
+    let port = if cell.transport == "tcp" { tcp } else { tls };
+    let mut cmd = Command::new(&tools.turn_bench);
+    match cell.what {
+        "connect" => {
+            let n = if quick { "1000" } else { "3000" };
+            cmd.args(["connect", "--connections", n, "--concurrency", "8"]);
+        }
+        direction => {
+            let rate = cell.rate.to_string();
+            let secs = if quick { "2" } else { "4" };
+            cmd.args(["stream", "--direction", direction, "--flows", "8", "--size", "200"]);
+            cmd.args(["--rate", &rate, "--duration", secs]);
+        }
+    }
+    cmd.args(["--server", &format!("127.0.0.1:{port}"), "--transport", cell.transport]);
+    cmd.arg("--ca").arg(cert_dir.join("cert.pem"));
+    cmd.args(["-u", USER, "-w", PASSWORD, "--server-pid", &running.pid().to_string(), "--json"]);
+    let out = cmd.output().context("running turn-bench")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{'));
+    match line.and_then(|l| serde_json::from_str::<Value>(l).ok()) {
+        Some(v) if out.status.success() => Ok(v),
+        _ => bail!(
+            "{}",
+            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("turn-bench failed")
+        ),
+    }
+}
+
+/// Every cell, `reps` times, both servers in turn; then the report.
+pub fn run(tools: &Tools, quick: bool, reps: usize, report: &Path) -> Result<()> {
+    let cert_dir = tools.out_dir.join("stream-cert");
+    let made = Command::new(&tools.turn_bench).arg("gen-cert").arg(&cert_dir).status()?;
+    if !made.success() {
+        bail!("turn-bench gen-cert failed");
+    }
+    let cells = cells();
+    let mut results: Vec<(Server, String, Value)> = Vec::new();
+    let mut raw = String::new();
+    for rep in 0..reps {
+        for cell in &cells {
+            for server in SERVERS {
+                let (tcp, tls) = (free_tcp_port()?, free_tcp_port()?);
+                println!(
+                    "xtask: bench: stream rep {}/{reps}: {} / {}",
+                    rep + 1,
+                    server.name(),
+                    cell.name()
+                );
+                let outcome = start(server, tools, &cert_dir, tcp, tls)
+                    .and_then(|running| measure(cell, tools, &cert_dir, &running, tcp, tls, quick));
+                match outcome {
+                    Ok(v) => {
+                        let _ = writeln!(
+                            raw,
+                            "{}",
+                            serde_json::json!({"server": server.name(), "cell": cell.name(), "rep": rep, "result": v})
+                        );
+                        results.push((server, cell.name(), v));
+                    }
+                    Err(e) => println!("xtask: bench:   failed: {e:#}"),
+                }
+            }
+        }
+    }
+    std::fs::write(tools.out_dir.join("stream.jsonl"), &raw)?;
+    let markdown = render(&results, reps, quick);
+    let current = std::fs::read_to_string(report).unwrap_or_default();
+    let section = format!("{BEGIN}\n{markdown}{END}");
+    let updated = match (current.find(BEGIN), current.find(END)) {
+        (Some(a), Some(b)) if a < b => {
+            format!("{}{}{}", &current[..a], section, &current[b + END.len()..])
+        }
+        _ => format!("{current}\n{section}\n"),
+    };
+    std::fs::write(report, updated)?;
+    println!("xtask: bench: wrote {}", report.display());
+    Ok(())
+}
+
+fn num(v: &Value, key: &str) -> Option<f64> {
+    v.get(key)?.as_f64()
+}
+
+/// Median and range of the values, as `median (low-high)`.
+fn spread(mut xs: Vec<f64>, digits: usize) -> (Option<f64>, String) {
+    if xs.is_empty() {
+        return (None, "-".into());
+    }
+    xs.sort_by(f64::total_cmp);
+    let median = xs[xs.len() / 2];
+    let text = if xs.len() > 1 {
+        format!("{median:.digits$} ({:.digits$}-{:.digits$})", xs[0], xs[xs.len() - 1])
+    } else {
+        format!("{median:.digits$}")
+    };
+    (Some(median), text)
+}
+
+fn render(results: &[(Server, String, Value)], reps: usize, quick: bool) -> String {
+    let values = |server: Server, cell: &str, key: &str| -> Vec<f64> {
+        results
+            .iter()
+            .filter(|(s, c, _)| *s == server && c == cell)
+            .filter_map(|(_, _, v)| num(v, key))
+            .collect()
+    };
+    let held_in_all = |server: Server, cell: &str| -> bool {
+        let runs: Vec<&Value> = results
+            .iter()
+            .filter(|(s, c, _)| *s == server && c == cell)
+            .map(|(_, _, v)| v)
+            .collect();
+        !runs.is_empty() && runs.len() == reps && runs.iter().all(|v| v["held"] == true)
+    };
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "## TURN over TCP and TLS: turn-server beside coturn (`cargo xtask bench --stream{}`)\n",
+        if quick { " --quick" } else { "" }
+    );
+    let _ = writeln!(
+        md,
+        "One run on this machine (2 cores, loopback), {reps} repetition(s) per cell, servers \
+         interleaved, a fresh server per run; median (lowest-highest). 8 connections, 200-byte \
+         messages; `up` is client -> peer, `down` peer -> client. Both servers with 2 workers \
+         (relay threads), the same self-signed certificate (ECDSA P-256), TLS 1.3.\n"
+    );
+    let _ = writeln!(
+        md,
+        "### Relay: highest rate held (>= 99% of the target sent, < 0.1% lost, in every repetition; rates {})\n",
+        RATES.map(|r| format!("{}k", r / 1000)).join(", ")
+    );
+    md.push_str("| transport | direction |");
+    for s in SERVERS {
+        let _ = write!(md, " {} |", s.name());
+    }
+    md.push_str(" ratio |\n| --- | --- | ---: | ---: | ---: |\n");
+    for transport in ["tcp", "tls"] {
+        for direction in ["up", "down"] {
+            let best: Vec<Option<u32>> = SERVERS
+                .iter()
+                .map(|&s| {
+                    RATES
+                        .iter()
+                        .copied()
+                        .filter(|r| {
+                            held_in_all(s, &format!("{transport} {direction} {}k", r / 1000))
+                        })
+                        .max()
+                })
+                .collect();
+            let cellf = |b: Option<u32>| b.map_or("none".into(), |r| format!("{}k", r / 1000));
+            let ratio = match (best[0], best[1]) {
+                (Some(a), Some(b)) if b > 0 => format!("{:.2}x", f64::from(a) / f64::from(b)),
+                _ => "-".into(),
+            };
+            let _ = writeln!(
+                md,
+                "| {transport} | {direction} | {} | {} | {ratio} |",
+                cellf(best[0]),
+                cellf(best[1])
+            );
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\n### Relay: server CPU per message at {}k messages/s (us; lower is better)\n",
+        CPU_RATE / 1000
+    );
+    md.push_str("| transport | direction |");
+    for s in SERVERS {
+        let _ = write!(md, " {} |", s.name());
+    }
+    md.push_str(" ratio |\n| --- | --- | ---: | ---: | ---: |\n");
+    for transport in ["tcp", "tls"] {
+        for direction in ["up", "down"] {
+            let cell = format!("{transport} {direction} {}k", CPU_RATE / 1000);
+            let per: Vec<(Option<f64>, String)> = SERVERS
+                .iter()
+                .map(|&s| spread(values(s, &cell, "server_us_per_packet"), 2))
+                .collect();
+            let ratio = match (per[0].0, per[1].0) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+                _ => "-".into(),
+            };
+            let _ = writeln!(
+                md,
+                "| {transport} | {direction} | {} | {} | {ratio} |",
+                per[0].1, per[1].1
+            );
+        }
+    }
+    md.push_str("\n### Connection set-up (connect, handshake, Allocate with its 401 round, Refresh 0, close; 8 at a time)\n\n");
+    md.push_str("| transport | server | connections/s | server CPU per connection (us) |\n| --- | --- | ---: | ---: |\n");
+    for transport in ["tcp", "tls"] {
+        let cell = format!("{transport} set-up");
+        for s in SERVERS {
+            let (_, rate) = spread(values(s, &cell, "per_sec"), 0);
+            let (_, cpu) = spread(values(s, &cell, "server_us_per_connection"), 0);
+            let _ = writeln!(md, "| {transport} | {} | {rate} | {cpu} |", s.name());
+        }
+    }
+    md.push_str("\nEvery run of every cell, with the rates sent and delivered: `target/bench/stream.jsonl`.\n");
+    md
+}
