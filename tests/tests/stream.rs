@@ -493,3 +493,82 @@ fn a_client_that_does_not_read_loses_packets_and_stalls_nobody() {
         .sum();
     assert!(drops > 0, "the slow reader's excess is dropped and counted:\n{logs}");
 }
+
+#[test]
+fn connection_limits_refuse_at_accept_per_address_and_in_total() {
+    let cert = TestCert::new("limits");
+    let mut daemon = daemon(&cert, &["--max-connections-per-ip", "3", "--max-connections", "5"]);
+    let tcp = tcp_addr(&daemon);
+    // An open connection answers a Binding request; a refused one is closed at once.
+    let answers = |s: &mut std::net::TcpStream| {
+        use std::io::Read;
+        use turn_proto::stun::{Class, MessageEncoder, Method, TransactionId};
+        let mut buf = [0u8; 20];
+        let enc =
+            MessageEncoder::new(&mut buf, Method::BINDING, Class::Request, &TransactionId([9; 12]))
+                .unwrap();
+        let n = enc.finish();
+        if s.write_all(&buf[..n]).is_err() {
+            return false;
+        }
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut answer = [0u8; 128];
+        matches!(s.read(&mut answer), Ok(n) if n >= 20)
+    };
+    // Two workers accept in their own order: which connection is refused is not known,
+    // how many are is.
+    let mut from_a: Vec<_> = (0..4).map(|_| connect_from("127.0.0.2", tcp).unwrap()).collect();
+    let served: Vec<bool> = from_a.iter_mut().map(answers).collect();
+    assert_eq!(served.iter().filter(|s| **s).count(), 3, "three per address: {served:?}");
+    let mut from_b: Vec<_> = (0..3).map(|_| connect_from("127.0.0.3", tcp).unwrap()).collect();
+    let served_b: Vec<bool> = from_b.iter_mut().map(answers).collect();
+    assert_eq!(served_b.iter().filter(|s| **s).count(), 2, "five in total: {served_b:?}");
+    // A closed connection gives its place back.
+    let open = served.iter().position(|s| *s).unwrap();
+    drop(from_a.remove(open));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut again = connect_from("127.0.0.4", tcp).unwrap();
+        if answers(&mut again) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the freed place was not given back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    daemon.signal_and_wait(libc::SIGINT, Duration::from_secs(10)).expect("exits");
+    let closes = closes(&daemon.logs());
+    assert_eq!(closes.get("too_many_from_address"), Some(&1), "{closes:?}");
+    assert!(closes.get("too_many_connections").copied().unwrap_or(0) >= 1, "{closes:?}");
+}
+
+#[test]
+fn relays_over_tcp_on_ipv6() {
+    if UdpSocket::bind("[::1]:0").is_err() {
+        assert!(!turn_tests::in_ci(), "CI machines have IPv6 loopback");
+        eprintln!("SKIPPED: relays_over_tcp_on_ipv6: no IPv6 loopback here");
+        return;
+    }
+    let cert = TestCert::new("v6");
+    let daemon = daemon(&cert, &["--listening-ip", "::1"]);
+    let peer = UdpSocket::bind("[::1]:0").unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let server = tcp_addr(&daemon);
+    assert!(server.is_ipv6(), "{server}");
+    let mut c = StreamClient::tcp(server, "alice", "secret").unwrap();
+    let relayed = {
+        let reply = c.request(Request::AllocateIpv6).unwrap();
+        c.request(Request::ChannelBind { channel: 0x4006, peer: peer.local_addr().unwrap() })
+            .unwrap();
+        reply.relayed.unwrap()
+    };
+    assert!(relayed.is_ipv6(), "{relayed}");
+    c.send_channel_data(0x4006, b"over v6").unwrap();
+    let mut buf = [0u8; 16];
+    let (n, from) = peer.recv_from(&mut buf).unwrap();
+    assert_eq!((&buf[..n], from), (&b"over v6"[..], relayed));
+    peer.send_to(b"back", relayed).unwrap();
+    assert_eq!(
+        c.read_frame(Duration::from_secs(5)).unwrap(),
+        [0x40, 0x06, 0, 4, b'b', b'a', b'c', b'k']
+    );
+}

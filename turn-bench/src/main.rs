@@ -198,17 +198,8 @@ enum Cmd {
     /// TURN over TCP or TLS: M connections, each an allocation with a channel, messages
     /// at a paced total rate to (up) or from (down) an embedded peer. Loopback only.
     Stream {
-        #[arg(long)]
-        server: SocketAddr,
-        #[arg(long, value_enum, default_value = "tcp")]
-        transport: stream::Transport,
-        /// Certificate to trust for TLS (PEM), e.g. from `turn-bench gen-cert`.
-        #[arg(long)]
-        ca: Option<std::path::PathBuf>,
-        #[arg(long, short = 'u')]
-        user: String,
-        #[arg(long, short = 'w')]
-        password: String,
+        #[command(flatten)]
+        target: stream::Target,
         #[arg(long, value_enum, default_value = "up")]
         direction: stream::Direction,
         #[arg(long, default_value_t = 8)]
@@ -228,29 +219,17 @@ enum Cmd {
         #[arg(long, default_value_t = 1.0)]
         drain: f64,
         #[arg(long)]
-        server_pid: Option<u32>,
-        #[arg(long)]
         json: bool,
     },
     /// Connection set-up rate over TCP or TLS: connect, handshake, Allocate (with its 401
     /// round), Refresh 0, close; N connections, C at a time. Loopback only.
     Connect {
-        #[arg(long)]
-        server: SocketAddr,
-        #[arg(long, value_enum, default_value = "tcp")]
-        transport: stream::Transport,
-        #[arg(long)]
-        ca: Option<std::path::PathBuf>,
-        #[arg(long, short = 'u')]
-        user: String,
-        #[arg(long, short = 'w')]
-        password: String,
+        #[command(flatten)]
+        target: stream::Target,
         #[arg(long, default_value_t = 1000)]
         connections: usize,
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
-        #[arg(long)]
-        server_pid: Option<u32>,
         #[arg(long)]
         json: bool,
     },
@@ -368,23 +347,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Stream {
-            server,
-            transport,
-            ca,
-            user,
-            password,
-            direction,
-            flows,
-            rate,
-            size,
-            duration,
-            warmup,
-            drain,
-            server_pid,
-            json,
-        } => {
-            let target = stream::Target { server, transport, ca, user, password, server_pid };
+        Cmd::Stream { target, direction, flows, rate, size, duration, warmup, drain, json } => {
             let report = stream::run_stream(&stream::StreamArgs {
                 target,
                 direction,
@@ -402,18 +365,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Connect {
-            server,
-            transport,
-            ca,
-            user,
-            password,
-            connections,
-            concurrency,
-            server_pid,
-            json,
-        } => {
-            let target = stream::Target { server, transport, ca, user, password, server_pid };
+        Cmd::Connect { target, connections, concurrency, json } => {
             let report =
                 stream::run_connect(&stream::ConnectArgs { target, connections, concurrency })?;
             if json {

@@ -54,15 +54,22 @@ pub enum Direction {
     Down,
 }
 
-/// How to reach the server.
-#[derive(Debug, Clone)]
+/// How to reach the server (the options `stream` and `connect` share).
+#[derive(Debug, Clone, clap::Args)]
 pub struct Target {
+    #[arg(long)]
     pub server: SocketAddr,
+    #[arg(long, value_enum, default_value = "tcp")]
     pub transport: Transport,
-    /// The certificate to trust (TLS), PEM.
+    /// Certificate to trust for TLS (PEM), e.g. from `turn-bench gen-cert`.
+    #[arg(long)]
     pub ca: Option<PathBuf>,
+    #[arg(long, short = 'u')]
     pub user: String,
+    #[arg(long, short = 'w')]
     pub password: String,
+    /// The server's pid, to read its CPU time.
+    #[arg(long)]
     pub server_pid: Option<u32>,
 }
 
@@ -238,24 +245,24 @@ fn sleep_until_ns(t: u64) {
     }
 }
 
-/// Writes stamped ChannelData round robin over the connections at the paced total rate,
-/// from `start_ns` to the end of the window; counts what was sent inside the window.
-fn send_up(
-    clients: &mut [StreamClient],
+/// Calls `send(flow, stamped payload)` round robin over `flows` at the paced total rate,
+/// from `start_ns` to the end of the window; returns how many were sent inside the window.
+fn paced(
     a: &StreamArgs,
+    flows: usize,
     start_ns: u64,
     window: Window,
-    sent: &AtomicU64,
-) -> Result<()> {
+    mut send: impl FnMut(usize, &[u8]) -> Result<()>,
+) -> Result<u64> {
     sleep_until_ns(start_ns);
-    let mut bucket = TokenBucket::new(a.rate, crate::pacing::burst_for(a.rate, a.flows), start_ns);
+    let mut bucket = TokenBucket::new(a.rate, crate::pacing::burst_for(a.rate, flows), start_ns);
     let mut payload = vec![0u8; a.size];
-    let mut seq = vec![0u64; clients.len()];
+    let mut seq = vec![0u64; flows];
     let (mut next, mut in_window) = (0usize, 0u64);
     loop {
         let now = clock_ns();
         if now >= window.end_ns {
-            break;
+            return Ok(in_window);
         }
         let tokens = bucket.take(now);
         if tokens == 0 {
@@ -265,24 +272,36 @@ fn send_up(
         }
         for _ in 0..tokens {
             let flow = next;
-            next = (next + 1) % clients.len();
+            next = (next + 1) % flows;
             let t = clock_ns();
             Stamp { flow: flow as u32, seq: seq[flow], sent_ns: t }.write(&mut payload);
             seq[flow] += 1;
-            clients[flow]
-                .send_channel_data(channel_of(flow), &payload)
-                .with_context(|| format!("writing to flow {flow}"))?;
+            send(flow, &payload)?;
             if window.contains(t) {
                 in_window += 1;
             }
         }
     }
-    sent.store(in_window, Ordering::Relaxed);
+}
+
+/// Up: stamped ChannelData written to every connection in turn.
+fn send_up(
+    clients: &mut [StreamClient],
+    a: &StreamArgs,
+    start_ns: u64,
+    window: Window,
+    sent: &AtomicU64,
+) -> Result<()> {
+    let n = paced(a, clients.len(), start_ns, window, |flow, payload| {
+        clients[flow]
+            .send_channel_data(channel_of(flow), payload)
+            .with_context(|| format!("writing to flow {flow}"))
+    })?;
+    sent.store(n, Ordering::Relaxed);
     Ok(())
 }
 
-/// Sends stamped datagrams from the peer to every relayed address, round robin, at the
-/// paced total rate.
+/// Down: stamped datagrams from the peer to every relayed address in turn.
 fn send_down(
     sock: &UdpSocket,
     relayed: &[SocketAddr],
@@ -291,40 +310,17 @@ fn send_down(
     window: Window,
     sent: &AtomicU64,
 ) -> Result<()> {
-    sleep_until_ns(start_ns);
-    let mut bucket = TokenBucket::new(a.rate, crate::pacing::burst_for(a.rate, a.flows), start_ns);
-    let mut payload = vec![0u8; a.size];
-    let mut seq = vec![0u64; relayed.len()];
-    let (mut next, mut in_window) = (0usize, 0u64);
-    loop {
-        let now = clock_ns();
-        if now >= window.end_ns {
-            break;
-        }
-        let tokens = bucket.take(now);
-        if tokens == 0 {
-            let wait = bucket.wait_ns().clamp(10_000, 1_000_000);
-            std::thread::sleep(Duration::from_nanos(wait));
-            continue;
-        }
-        for _ in 0..tokens {
-            let flow = next;
-            next = (next + 1) % relayed.len();
-            let t = clock_ns();
-            Stamp { flow: flow as u32, seq: seq[flow], sent_ns: t }.write(&mut payload);
-            seq[flow] += 1;
-            // A full socket buffer is the sender's own limit: retry, do not count a loss.
-            while let Err(e) = sock.send_to(&payload, relayed[flow]) {
-                if e.kind() != std::io::ErrorKind::WouldBlock {
-                    return Err(e).context("peer send");
-                }
-            }
-            if window.contains(t) {
-                in_window += 1;
+    let n = paced(a, relayed.len(), start_ns, window, |flow, payload| {
+        // A full socket buffer is the sender's own limit: retry, do not count a loss.
+        loop {
+            match sock.send_to(payload, relayed[flow]) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e).context("peer send"),
             }
         }
-    }
-    sent.store(in_window, Ordering::Relaxed);
+    })?;
+    sent.store(n, Ordering::Relaxed);
     Ok(())
 }
 

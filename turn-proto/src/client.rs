@@ -240,6 +240,8 @@ pub fn error_code(msg: &Message<'_>) -> Option<(u16, String)> {
 pub enum Request {
     /// Allocate a UDP relay (IPv4).
     Allocate,
+    /// Allocate a UDP relay with an IPv6 relayed address (REQUESTED-ADDRESS-FAMILY).
+    AllocateIpv6,
     /// Install a permission for a peer's address.
     CreatePermission(SocketAddr),
     /// Bind a channel to a peer.
@@ -260,17 +262,22 @@ impl Request {
     /// The method's name, for messages.
     pub fn name(&self) -> &'static str {
         match self {
-            Request::Allocate => "Allocate",
+            Request::Allocate | Request::AllocateIpv6 => "Allocate",
             Request::CreatePermission(_) => "CreatePermission",
             Request::ChannelBind { .. } => "ChannelBind",
             Request::Refresh { .. } => "Refresh",
         }
     }
 
+    /// True for the Allocate requests.
+    pub fn is_allocate(&self) -> bool {
+        matches!(self, Request::Allocate | Request::AllocateIpv6)
+    }
+
     /// The STUN method.
     pub fn method(&self) -> Method {
         match self {
-            Request::Allocate => Method::ALLOCATE,
+            Request::Allocate | Request::AllocateIpv6 => Method::ALLOCATE,
             Request::CreatePermission(_) => Method::CREATE_PERMISSION,
             Request::ChannelBind { .. } => Method::CHANNEL_BIND,
             Request::Refresh { .. } => Method::REFRESH,
@@ -280,6 +287,10 @@ impl Request {
     fn encode_attributes(&self, enc: &mut MessageEncoder<'_>) -> Result<(), EncodeError> {
         match *self {
             Request::Allocate => Attribute::RequestedTransport(attr::PROTOCOL_UDP).encode(enc),
+            Request::AllocateIpv6 => {
+                Attribute::RequestedTransport(attr::PROTOCOL_UDP).encode(enc)?;
+                Attribute::RequestedAddressFamily(crate::stun::Family::V6).encode(enc)
+            }
             Request::CreatePermission(peer) => enc.xor_address(attr::XOR_PEER_ADDRESS, peer),
             Request::ChannelBind { channel, peer } => {
                 Attribute::ChannelNumber(channel).encode(enc)?;
@@ -591,7 +602,7 @@ impl Client {
                     return Progress::Failed(ClientError::BadIntegrity { request: req.name() });
                 }
                 let reply = Reply::of(&msg);
-                if req == Request::Allocate && reply.relayed.is_none() {
+                if req.is_allocate() && reply.relayed.is_none() {
                     return Progress::Failed(ClientError::NoRelayedAddress);
                 }
                 Progress::Done(reply)
@@ -665,7 +676,7 @@ impl Client {
                 self.txn = None;
                 Progress::Done(Reply::default())
             }
-            437 if req == Request::Allocate && self.stats.rebinds < MAX_REBINDS => {
+            437 if req.is_allocate() && self.stats.rebinds < MAX_REBINDS => {
                 self.txn = None;
                 self.stats.rebinds += 1;
                 Progress::Rebind

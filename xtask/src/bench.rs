@@ -109,47 +109,13 @@ fn start(server: &Server, tools: &Tools, peer_port: u16) -> Result<Running> {
     let addr = format!("127.0.0.1:{port}");
     let log_path = tools.out_dir.join(format!("{}.log", server.name));
     if matches!(server.kind, Kind::TurnP2c | Kind::TurnHash) {
-        let root = PathBuf::from(format!("/sys/fs/bpf/turn-xtask-bench-{}", std::process::id()));
         let steering = if server.kind == Kind::TurnP2c { "p2c" } else { "hash" };
         let threads = server.threads.to_string();
         let port_arg = port.to_string();
-        let user = format!("{USER}:{PASSWORD}");
-        let args = [
-            "-L",
-            "127.0.0.1",
-            "-p",
-            &port_arg,
-            "--workers",
-            &threads,
-            "--steering",
-            steering,
-            "--user",
-            &user,
-            "--realm",
-            REALM,
-            "--allow-loopback-peers",
-            // One benchmark user holds thousands of allocations, and every client comes
-            // from 127.0.0.1: no per-user quota and no per-source limit (coturn has neither
-            // by default).
-            "--user-quota",
-            "0",
-            "--unauthenticated-responses-per-sec",
-            "0",
-            "--bpf-pin-root",
-            root.to_str().unwrap_or_default(),
-            "--drain-timeout",
-            "0",
-        ];
-        let mut launch = turn_launch::Launch::new(&args);
-        launch.bin = tools.turn_server.clone();
-        // Startup lines only: no log line per allocation during the measurements.
-        launch.log_level = Some("warn,turn_server::daemon=info".into());
-        let daemon = launch.start().with_context(|| format!("starting {}", server.name))?;
-        return Ok(Running {
-            process: Process::TurnServer { daemon, log: log_path },
-            addr,
-            pin_root: Some(root),
-        });
+        let args =
+            ["-L", "127.0.0.1", "-p", &port_arg, "--workers", &threads, "--steering", steering];
+        return start_turn_server(tools, &args, addr, log_path)
+            .with_context(|| format!("starting {}", server.name));
     }
     let log = std::fs::File::create(&log_path)?;
     let mut cmd = match server.kind {
@@ -226,6 +192,59 @@ fn start(server: &Server, tools: &Tools, peer_port: u16) -> Result<Running> {
     }
     std::thread::sleep(Duration::from_millis(300));
     Ok(running)
+}
+
+/// Starts the release turn-server with `args` plus what every benchmark run needs: the
+/// benchmark user, loopback peers, no quotas or per-source limits, a private pin root.
+pub(crate) fn start_turn_server(
+    tools: &Tools,
+    args: &[&str],
+    addr: String,
+    log: PathBuf,
+) -> Result<Running> {
+    let root = PathBuf::from(format!("/sys/fs/bpf/turn-xtask-bench-{}", std::process::id()));
+    let user = format!("{USER}:{PASSWORD}");
+    let mut all = args.to_vec();
+    all.extend([
+        "--user",
+        &user,
+        "--realm",
+        REALM,
+        "--allow-loopback-peers",
+        // One benchmark user holds thousands of allocations, and every client comes from
+        // 127.0.0.1: no per-user quota and no per-source limit (coturn has neither by
+        // default).
+        "--user-quota",
+        "0",
+        "--unauthenticated-responses-per-sec",
+        "0",
+        "--max-connections-per-ip",
+        "0",
+        "--bpf-pin-root",
+        root.to_str().unwrap_or_default(),
+        "--drain-timeout",
+        "0",
+    ]);
+    let mut launch = turn_launch::Launch::new(&all);
+    launch.bin = tools.turn_server.clone();
+    // Startup lines only: no log line per allocation during the measurements.
+    launch.log_level = Some("warn,turn_server::daemon=info".into());
+    let daemon = launch.start()?;
+    Ok(Running { process: Process::TurnServer { daemon, log }, addr, pin_root: Some(root) })
+}
+
+/// Puts `markdown` between `begin` and `end` in the report (appended the first time).
+pub(crate) fn write_section(report: &Path, begin: &str, end: &str, markdown: &str) -> Result<()> {
+    let current = std::fs::read_to_string(report).unwrap_or_default();
+    let section = format!("{begin}\n{markdown}{end}");
+    let updated = match (current.find(begin), current.find(end)) {
+        (Some(a), Some(b)) if a < b => {
+            format!("{}{}{}", &current[..a], section, &current[b + end.len()..])
+        }
+        _ => format!("{current}\n{section}\n"),
+    };
+    std::fs::write(report, updated)?;
+    Ok(())
 }
 
 /// True when some socket is bound to UDP `port` (from /proc/net/udp and udp6).
@@ -428,15 +447,7 @@ pub fn run(tools: &Tools, quick: bool, report: &Path) -> Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     std::fs::write(&svg_path, svg)?;
-    let current = std::fs::read_to_string(report).unwrap_or_default();
-    let section = format!("{BEGIN}\n{markdown}{END}");
-    let updated = match (current.find(BEGIN), current.find(END)) {
-        (Some(a), Some(b)) if a < b => {
-            format!("{}{}{}", &current[..a], section, &current[b + END.len()..])
-        }
-        _ => format!("{current}\n{section}\n"),
-    };
-    std::fs::write(report, updated)?;
+    write_section(report, BEGIN, END, &markdown)?;
     println!(
         "xtask: bench: wrote {}, {} and {}",
         report.display(),

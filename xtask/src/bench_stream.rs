@@ -13,7 +13,7 @@
 use std::{
     fmt::Write as _,
     net::TcpListener,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -21,7 +21,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::bench::{PASSWORD, Process, REALM, Running, Tools, USER};
+use crate::bench::{PASSWORD, Process, REALM, Running, Tools, USER, start_turn_server};
 
 const BEGIN: &str = "<!-- bench-stream:begin -->";
 const END: &str = "<!-- bench-stream:end -->";
@@ -102,12 +102,7 @@ fn start(server: Server, tools: &Tools, cert_dir: &Path, tcp: u16, tls: u16) -> 
     let log = tools.out_dir.join(format!("stream-{}.log", server.name().replace(' ', "-")));
     match server {
         Server::TurnServer => {
-            let root = PathBuf::from(format!(
-                "/sys/fs/bpf/turn-xtask-bench-stream-{}",
-                std::process::id()
-            ));
             let (tcp_s, tls_s) = (tcp.to_string(), tls.to_string());
-            let user = format!("{USER}:{PASSWORD}");
             let args = [
                 "-L",
                 "127.0.0.1",
@@ -120,35 +115,13 @@ fn start(server: Server, tools: &Tools, cert_dir: &Path, tcp: u16, tls: u16) -> 
                 "2",
                 "--steering",
                 "p2c",
-                "--user",
-                &user,
-                "--realm",
-                REALM,
-                "--allow-loopback-peers",
-                "--user-quota",
-                "0",
-                "--unauthenticated-responses-per-sec",
-                "0",
-                "--max-connections-per-ip",
-                "0",
                 "--cert",
                 cert.to_str().unwrap_or_default(),
                 "--pkey",
                 key.to_str().unwrap_or_default(),
-                "--bpf-pin-root",
-                root.to_str().unwrap_or_default(),
-                "--drain-timeout",
-                "0",
             ];
-            let mut launch = turn_launch::Launch::new(&args);
-            launch.bin = tools.turn_server.clone();
-            launch.log_level = Some("warn,turn_server::daemon=info".into());
-            let daemon = launch.start().context("starting turn-server")?;
-            Ok(Running {
-                process: Process::TurnServer { daemon, log },
-                addr: format!("127.0.0.1:{tcp}"),
-                pin_root: Some(root),
-            })
+            start_turn_server(tools, &args, format!("127.0.0.1:{tcp}"), log)
+                .context("starting turn-server")
         }
         Server::Coturn => {
             let child = Command::new("turnserver")
@@ -270,15 +243,7 @@ pub fn run(tools: &Tools, quick: bool, reps: usize, report: &Path) -> Result<()>
     }
     std::fs::write(tools.out_dir.join("stream.jsonl"), &raw)?;
     let markdown = render(&results, reps, quick);
-    let current = std::fs::read_to_string(report).unwrap_or_default();
-    let section = format!("{BEGIN}\n{markdown}{END}");
-    let updated = match (current.find(BEGIN), current.find(END)) {
-        (Some(a), Some(b)) if a < b => {
-            format!("{}{}{}", &current[..a], section, &current[b + END.len()..])
-        }
-        _ => format!("{current}\n{section}\n"),
-    };
-    std::fs::write(report, updated)?;
+    crate::bench::write_section(report, BEGIN, END, &markdown)?;
     println!("xtask: bench: wrote {}", report.display());
     Ok(())
 }

@@ -174,8 +174,10 @@ const TLS_RECORD_OVERHEAD: usize = 32;
 /// What one read of a connection gave.
 pub(super) enum Filled {
     /// Plaintext bytes were added to the read buffer (maybe none, for TLS records that
-    /// carried only handshake or alert data).
-    Data,
+    /// carried only handshake or alert data). `more`: the read filled all the room it was
+    /// given, so the socket may hold more; otherwise it is drained, and another read now
+    /// would only cost a syscall to learn so (epoll says when more arrives).
+    Data { more: bool },
     /// Nothing to read now.
     WouldBlock,
     /// The client closed its side.
@@ -226,20 +228,24 @@ impl Connection {
                 Ok(0) => Ok(Filled::Closed),
                 Ok(n) => {
                     self.rbuf.extend_from_slice(&scratch[..n]);
-                    Ok(Filled::Data)
+                    Ok(Filled::Data { more: n == scratch.len() })
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Filled::WouldBlock),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Filled::Data),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Filled::Data { more: true }),
                 Err(e) => Err(io_close(&e)),
             };
         };
-        let eof = match tls.read_tls(&mut self.stream) {
+        let mut probe = Probe { stream: &mut self.stream, full: false };
+        let eof = match tls.read_tls(&mut probe) {
             Ok(0) => true,
             Ok(_) => false,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Filled::WouldBlock),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(Filled::Data),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                return Ok(Filled::Data { more: true });
+            }
             Err(e) => return Err(io_close(&e)),
         };
+        let more = probe.full;
         if let Err(e) = tls.process_new_packets() {
             tracing::debug!(client = %self.five_tuple.client, error = %e, "TLS error");
             // rustls queued an alert for the client: try to send it, then close.
@@ -273,7 +279,21 @@ impl Connection {
         if self.phase == Phase::Handshake && handshaken {
             self.enter(Phase::FirstMessage, settings, now);
         }
-        Ok(if closed { Filled::Closed } else { Filled::Data })
+        Ok(if closed { Filled::Closed } else { Filled::Data { more } })
+    }
+}
+
+/// A socket read that notes whether it filled the buffer it was given.
+struct Probe<'a> {
+    stream: &'a mut TcpStream,
+    full: bool,
+}
+
+impl Read for Probe<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.stream.read(buf)?;
+        self.full = n == buf.len();
+        Ok(n)
     }
 }
 
@@ -625,6 +645,18 @@ impl Connection {
         }
     }
 
+    /// Before the server closes the connection: a TLS close_notify, and one last
+    /// non-blocking write of what is queued (answers to the messages before a close).
+    pub(super) fn finish(&mut self) {
+        if let Some(tls) = self.tls.as_mut() {
+            tls.send_close_notify();
+            while tls.wants_write() && tls.write_tls(&mut self.wbuf).is_ok_and(|n| n > 0) {}
+        }
+        if self.wpos < self.wbuf.len() {
+            let _ = self.stream.write(&self.wbuf[self.wpos..]);
+        }
+    }
+
     /// Takes the read buffer (to frame it while the connection is borrowed elsewhere).
     pub(super) fn take_rbuf(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.rbuf)
@@ -757,8 +789,8 @@ impl super::Core {
                 break;
             }
             match filled {
-                Filled::Data => {}
-                Filled::WouldBlock => break,
+                Filled::Data { more: true } => {}
+                Filled::Data { more: false } | Filled::WouldBlock => break,
                 Filled::Closed => {
                     close = Some(CloseReason::PeerClosed);
                     break;
@@ -776,7 +808,12 @@ impl super::Core {
     /// Closes connection `slot`: its allocation ends, its limits are given back, the close
     /// is counted.
     pub(super) fn close_connection(&mut self, slot: u32, reason: CloseReason, now: Instant) {
-        let Some(c) = self.sink.connections.remove(self.epoll.get_ref(), slot) else { return };
+        let Some(mut c) = self.sink.connections.remove(self.epoll.get_ref(), slot) else {
+            return;
+        };
+        if !matches!(reason, CloseReason::Reset | CloseReason::IoError | CloseReason::TlsError) {
+            c.finish();
+        }
         self.limits.release(c.peer().ip());
         self.count_close(reason);
         let mut relays = Relays { pool: &mut self.pool, epoll: self.epoll.get_ref() };
