@@ -233,6 +233,43 @@ pub(crate) fn start_turn_server(
     Ok(Running { process: Process::TurnServer { daemon, log }, addr, pin_root: Some(root) })
 }
 
+/// The Debian version of `pkg`.
+fn dpkg(pkg: &str) -> String {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Version}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// When, on what and with what a run was made.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct RunContext {
+    pub(crate) date: String,
+    pub(crate) kernel: String,
+    pub(crate) commit: String,
+    pub(crate) coturn: String,
+}
+
+impl RunContext {
+    pub(crate) fn now() -> RunContext {
+        let out = |cmd: &mut Command| {
+            cmd.output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+                .unwrap_or_default()
+        };
+        RunContext {
+            date: out(Command::new("date").args(["-u", "+%Y-%m-%d"])),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+            commit: out(Command::new("git").args(["rev-parse", "--short", "HEAD"])),
+            coturn: dpkg("coturn"),
+        }
+    }
+}
+
 /// Puts `markdown` between `begin` and `end` in the report (appended the first time).
 pub(crate) fn write_section(report: &Path, begin: &str, end: &str, markdown: &str) -> Result<()> {
     let current = std::fs::read_to_string(report).unwrap_or_default();
@@ -464,25 +501,7 @@ fn render(
     quick: bool,
 ) -> String {
     let mut md = String::new();
-    let date = Command::new("date")
-        .arg("-u")
-        .arg("+%Y-%m-%d")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let dpkg = |pkg: &str| {
-        Command::new("dpkg-query")
-            .args(["-W", "-f=${Version}", pkg])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
-    };
-    let commit = Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
+    let RunContext { date, kernel, commit, coturn } = RunContext::now();
     let _ = writeln!(
         md,
         "## Side by side: turn-server, coturn, pion/turn and the floor (`cargo xtask bench{}`)\n",
@@ -491,9 +510,9 @@ fn render(
     let _ = writeln!(
         md,
         "Run on {date}, Linux {}, {} CPUs; turn-server at commit {commit}, coturn {} (Debian), pion/turn {} (Debian's golang-github-pion-turn.v2-dev, ../shared/peers/pion-mt); all on 127.0.0.1, one server at a time (started fresh for each case, stopped by its PID). Load from `turn-bench` (one sender thread, embedded peer, 160-byte payloads). CPU is the server process's utime+stime from /proc over the measured window; per packet = that CPU / packets relayed. ![chart](docs/bench.svg)\n",
-        kernel.trim(),
+        kernel,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        dpkg("coturn"),
+        coturn,
         dpkg("golang-github-pion-turn.v2-dev")
     );
     let get = |server: &str, case: &str| {
