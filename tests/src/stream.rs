@@ -79,13 +79,21 @@ fn write_atomically(path: &Path, bytes: &[u8]) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-/// A client TLS configuration trusting exactly `cert`.
+/// A client TLS configuration trusting exactly `cert` (TLS 1.3 and 1.2).
 pub fn trusting(cert: &CertificateDer<'static>) -> Arc<rustls::ClientConfig> {
+    trusting_versions(cert, rustls::DEFAULT_VERSIONS)
+}
+
+/// A client TLS configuration trusting exactly `cert`, offering only `versions`.
+pub fn trusting_versions(
+    cert: &CertificateDer<'static>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.clone()).unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
@@ -192,6 +200,14 @@ impl StreamClient {
     pub fn server_certificate(&self) -> Option<CertificateDer<'static>> {
         match &self.wire {
             Wire::Tls(s) => s.conn.peer_certificates()?.first().map(|c| c.clone().into_owned()),
+            Wire::Tcp(_) => None,
+        }
+    }
+
+    /// The TLS version the connection negotiated (TLS only).
+    pub fn tls_version(&self) -> Option<rustls::ProtocolVersion> {
+        match &self.wire {
+            Wire::Tls(s) => s.conn.protocol_version(),
             Wire::Tcp(_) => None,
         }
     }

@@ -12,7 +12,7 @@ use std::{
 use turn_proto::client::Request;
 use turn_tests::{
     Daemon, closes, free_udp_port, require_root, require_tool, start_peer,
-    stream::{StreamClient, TestCert, closed_by_server, connect_from, trusting},
+    stream::{StreamClient, TestCert, closed_by_server, connect_from, trusting, trusting_versions},
     uclient, uclient_lost,
 };
 
@@ -571,4 +571,55 @@ fn relays_over_tcp_on_ipv6() {
         c.read_frame(Duration::from_secs(5)).unwrap(),
         [0x40, 0x06, 0, 4, b'b', b'a', b'c', b'k']
     );
+}
+
+#[test]
+fn tls_1_3_and_1_2_are_served() {
+    let cert = TestCert::new("versions");
+    let daemon = daemon(&cert, &[]);
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for (versions, expected) in [
+        (&[&rustls::version::TLS13][..], rustls::ProtocolVersion::TLSv1_3),
+        (&[&rustls::version::TLS12][..], rustls::ProtocolVersion::TLSv1_2),
+    ] {
+        let config = trusting_versions(&cert.der, versions);
+        let mut c = StreamClient::tls(tls_addr(&daemon), config, "alice", "secret").unwrap();
+        assert_eq!(c.tls_version(), Some(expected));
+        let relayed = c.allocate_with_channel(0x4007, peer.local_addr().unwrap()).unwrap();
+        c.send_channel_data(0x4007, b"hello").unwrap();
+        let mut buf = [0u8; 16];
+        let (n, from) = peer.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from), (&b"hello"[..], relayed), "{expected:?}");
+        c.close();
+    }
+}
+
+#[test]
+fn accepted_connections_have_tcp_keepalive() {
+    let test = "accepted_connections_have_tcp_keepalive";
+    if !require_tool(test, "ss", "iproute2") {
+        return;
+    }
+    let cert = TestCert::new("keepalive");
+    let daemon = daemon(&cert, &[]);
+    let tcp = tcp_addr(&daemon);
+    let mut c = StreamClient::tcp(tcp, "alice", "secret").unwrap();
+    c.request(Request::Allocate).unwrap();
+    // The server's side of the connection (local port: the listener's; peer: us). Once
+    // the answer is acknowledged the socket is idle and its timer is keepalive's.
+    let filter = format!("( sport = :{} and dport = :{} )", tcp.port(), c.local_addr().port());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = std::process::Command::new("ss")
+            .args(["-tnoH", "state", "established", &filter])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("timer:(keepalive") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no keepalive timer on the server's socket:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -357,6 +357,34 @@ fn render(
             }
         }
     }
+    md.push_str(
+        "\n### Relay: the highest paced rate with no loss in any run, and what it delivered\n\n",
+    );
+    md.push_str("| transport | direction |");
+    for s in SERVERS {
+        let _ = write!(md, " {} |", s.name());
+    }
+    md.push_str("\n| --- | --- | ---: | ---: |\n");
+    for transport in ["tcp", "tls"] {
+        for direction in ["up", "down"] {
+            let _ = write!(md, "| {transport} | {direction} |");
+            for s in SERVERS {
+                let best = RATES.iter().rev().find_map(|&rate| {
+                    let cell = format!("{transport} {direction} {}k", rate / 1000);
+                    let losses = values(s, &cell, "loss_pct");
+                    let lossless = losses.len() == reps && losses.iter().all(|l| *l == 0.0);
+                    lossless.then(|| (rate, spread(values(s, &cell, "delivered_pps"), 0).1))
+                });
+                match best {
+                    Some((rate, delivered)) => {
+                        let _ = write!(md, " {}k target: {delivered} delivered |", rate / 1000);
+                    }
+                    None => md.push_str(" none |"),
+                }
+            }
+            md.push('\n');
+        }
+    }
     let _ = writeln!(
         md,
         "\n### Relay: server CPU per message at {}k messages/s (us; lower is better)\n",

@@ -166,6 +166,13 @@ pub(super) const READ_CHUNK: usize = 16 * 1024;
 pub(super) const READS_PER_TURN: usize = 4;
 /// Connections accepted from one listening socket before other sockets get a turn.
 pub(super) const ACCEPTS_PER_TURN: usize = 64;
+/// TCP keepalive of accepted connections: a client that vanished without a FIN (a crashed
+/// host, a NAT that forgot the mapping) is found out within about two minutes, even while
+/// its allocation would still live.
+const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
+    .with_time(Duration::from_secs(60))
+    .with_interval(Duration::from_secs(10))
+    .with_retries(5);
 /// A buffer this large is given back to the allocator when it empties.
 const SHRINK_ABOVE: usize = 64 * 1024;
 /// What TLS adds to a record (TLS 1.3 with AES-GCM: 5 + 16 + 1; TLS 1.2: 5 + 8 + 16).
@@ -718,7 +725,10 @@ impl super::Core {
                     continue;
                 }
             };
-            let configured = stream.set_nonblocking(true).and_then(|()| stream.set_nodelay(true));
+            let configured = stream
+                .set_nonblocking(true)
+                .and_then(|()| stream.set_nodelay(true))
+                .and_then(|()| socket2::SockRef::from(&stream).set_tcp_keepalive(&KEEPALIVE));
             if configured.is_err() {
                 self.limits.release(peer.ip());
                 self.count_close(CloseReason::IoError);
