@@ -278,6 +278,16 @@ enum Cmd {
 /// Longest a standalone peer or floor runs.
 const MAX_STANDALONE: Duration = Duration::from_secs(3600);
 
+/// Prints a report: one JSON line, or its text.
+fn emit<T: serde::Serialize>(json: bool, report: &T, text: String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        println!("{text}");
+    }
+    Ok(())
+}
+
 fn bounded(v: f64, what: &str) -> Result<Duration> {
     let d = secs(v, what)?;
     if d > MAX_STANDALONE {
@@ -358,22 +368,12 @@ fn main() -> Result<()> {
                 warmup: bounded(warmup, "--warmup")?,
                 drain: bounded(drain, "--drain")?,
             })?;
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                println!("{}", report.text());
-            }
-            Ok(())
+            emit(json, &report, report.text())
         }
         Cmd::Connect { target, connections, concurrency, json } => {
             let report =
                 stream::run_connect(&stream::ConnectArgs { target, connections, concurrency })?;
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                println!("{}", report.text());
-            }
-            Ok(())
+            emit(json, &report, report.text())
         }
         Cmd::GenCert { dir } => stream::gen_cert(&dir),
         Cmd::Alloc {

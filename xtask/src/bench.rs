@@ -270,6 +270,20 @@ impl RunContext {
     }
 }
 
+/// Runs a `turn-bench ... --json` command; its last JSON line, or its last error line.
+pub(crate) fn run_json(cmd: &mut Command) -> Result<Value> {
+    let out = cmd.output().context("running turn-bench")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{'));
+    match line.and_then(|l| serde_json::from_str::<Value>(l).ok()) {
+        Some(v) if out.status.success() => Ok(v),
+        _ => bail!(
+            "{}",
+            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("turn-bench failed")
+        ),
+    }
+}
+
 /// Puts `markdown` between `begin` and `end` in the report (appended the first time).
 pub(crate) fn write_section(report: &Path, begin: &str, end: &str, markdown: &str) -> Result<()> {
     let current = std::fs::read_to_string(report).unwrap_or_default();
@@ -413,20 +427,7 @@ fn measure(
         cmd.args(["--peer", &format!("127.0.0.1:{peer_port}"), "--sender-threads", "1"]);
     }
     cmd.args(&case.args).args(["--server-pid", &pid, "--json"]);
-    let out = cmd.output().context("running turn-bench")?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{'));
-    match line.and_then(|l| serde_json::from_str::<Value>(l).ok()) {
-        Some(v) if out.status.success() => Ok(v),
-        _ => bail!(
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or("turn-bench failed")
-                .to_owned()
-        ),
-    }
+    run_json(&mut cmd)
 }
 
 fn f(v: &Value, path: &[&str]) -> Option<f64> {

@@ -193,16 +193,7 @@ fn measure(
     cmd.args(["--server", &format!("127.0.0.1:{port}"), "--transport", cell.transport]);
     cmd.arg("--ca").arg(cert_dir.join("cert.pem"));
     cmd.args(["-u", USER, "-w", PASSWORD, "--server-pid", &running.pid().to_string(), "--json"]);
-    let out = cmd.output().context("running turn-bench")?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{'));
-    match line.and_then(|l| serde_json::from_str::<Value>(l).ok()) {
-        Some(v) if out.status.success() => Ok(v),
-        _ => bail!(
-            "{}",
-            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("turn-bench failed")
-        ),
-    }
+    crate::bench::run_json(&mut cmd)
 }
 
 /// Every cell, `reps` times, both servers in turn; then the report.
