@@ -1193,3 +1193,124 @@ fn the_same_address_over_udp_and_tcp_is_two_five_tuples() {
     sim.transport = Transport::Udp;
     assert!(sim.server.allocation(&sim.five_tuple(udp.addr)).is_some(), "UDP one stays");
 }
+
+#[test]
+fn traffic_is_counted_per_allocation_and_per_transport_each_way() {
+    let mut sim = Sim::default();
+    sim.transport = Transport::Tls;
+    let mut c = allocated(&mut sim, "192.0.2.50:40000");
+    assert_eq!(c.channel_bind(&mut sim, 0x4001, peer(PEER)).class(), Class::SuccessResponse);
+    assert!(matches!(c.channel_data(&mut sim, 0x4001, b"12345"), Out::ToPeer { .. }));
+    assert!(matches!(c.send_indication(&mut sim, peer(PEER), b"abc"), Out::ToPeer { .. }));
+    let relay = relay_of(&sim, &c, Family::V4);
+    assert!(matches!(sim.peer_datagram(relay, peer(PEER), b"xy"), Out::ToClient { .. }));
+    let a = sim.server.allocation(&sim.five_tuple(c.addr)).unwrap();
+    assert_eq!(
+        a.traffic,
+        turn_proto::server::AllocationTraffic {
+            to_peer_packets: 2,
+            to_peer_bytes: 8,
+            to_client_packets: 1,
+            to_client_bytes: 2,
+        }
+    );
+    let counters = sim.server.counters();
+    let tls = Transport::Tls.index();
+    assert_eq!(
+        (counters.to_peer_traffic.packets[tls], counters.to_peer_traffic.bytes[tls]),
+        (2, 8)
+    );
+    assert_eq!(counters.to_client_traffic.packets, [0, 0, 1]);
+    // Requests by method and error responses by code: Allocate's 401, then its success,
+    // then ChannelBind.
+    assert_eq!(counters.requests_by_method, [0, 2, 0, 0, 1, 0]);
+    let e401 = turn_proto::server::ERROR_CODES.iter().position(|&c| c == 401).unwrap();
+    assert_eq!(counters.errors_by_code[e401], 1);
+    assert_eq!(counters.errors_by_code.iter().sum::<u64>(), counters.error_responses);
+}
+
+#[test]
+fn auth_failures_are_counted_by_reason() {
+    use turn_proto::server::AuthFailure;
+    let mut sim = Sim::default();
+    let mut wrong = Client::new("192.0.2.50:40000", "alice", "not-her-password");
+    assert_eq!(wrong.allocate(&mut sim).error_code(), Some(401));
+    let mut nobody = Client::new("192.0.2.50:40001", "nobody", "x");
+    assert_eq!(nobody.allocate(&mut sim).error_code(), Some(401));
+    let by = sim.server.counters().auth_failures_by;
+    assert_eq!(by[AuthFailure::BadIntegrity as usize], 1);
+    assert_eq!(by[AuthFailure::UnknownUser as usize], 1);
+    assert_eq!(by.iter().sum::<u64>(), sim.server.counters().auth_failures);
+}
+
+#[test]
+fn reconfigure_changes_passwords_and_peer_rules_and_keeps_allocations() {
+    let mut sim = Sim::default();
+    let mut c = allocated(&mut sim, "192.0.2.50:40000");
+    assert_eq!(c.channel_bind(&mut sim, 0x4001, peer(PEER)).class(), Class::SuccessResponse);
+    let mut cfg = test_config();
+    cfg.credentials.users[0].secret =
+        turn_proto::credentials::UserSecret::Password("alice-new".into());
+    cfg.peer_policy.deny.push(turn_proto::policy::IpNet::new(ip("198.51.100.21"), 32).unwrap());
+    sim.server.reconfigure(cfg).unwrap();
+    // The live allocation relays on.
+    assert!(matches!(c.channel_data(&mut sim, 0x4001, b"still"), Out::ToPeer { .. }));
+    assert_eq!(sim.server.allocation_count(), 1);
+    // Its next request is checked against the new password: the old one fails...
+    assert_eq!(c.refresh(&mut sim, Some(600)).error_code(), Some(401));
+    // ... the new one works, and the new peer rule applies.
+    let mut renewed = Client::new("192.0.2.50:40000", "alice", "alice-new");
+    renewed.counter = 1000; // other transaction ids than `c`'s (the same 5-tuple)
+    assert_eq!(renewed.refresh(&mut sim, Some(600)).class(), Class::SuccessResponse);
+    assert_eq!(renewed.create_permission(&mut sim, &[peer(PEER2)]).error_code(), Some(403));
+    // A configuration the server refuses changes nothing.
+    let mut bad = test_config();
+    bad.realm.clear();
+    assert!(sim.server.reconfigure(bad).is_err());
+    assert_eq!(renewed.refresh(&mut sim, Some(600)).class(), Class::SuccessResponse);
+}
+
+#[test]
+fn end_allocations_kicks_the_chosen_ones_and_frees_their_relays_and_quota() {
+    let mut sim = Sim::default();
+    let _a1 = allocated(&mut sim, "192.0.2.50:40000");
+    let _a2 = allocated(&mut sim, "192.0.2.51:40000");
+    let mut bob = Client::new("192.0.2.52:40000", "bob", "bob-pw");
+    assert_eq!(bob.allocate(&mut sim).class(), Class::SuccessResponse);
+    sim.events();
+    let mut host = turn_proto::server::Host { relays: &mut sim.relays, quota: &sim.quota };
+    let ended = sim.server.end_allocations(sim.now, |a| &*a.username == "alice", &mut host);
+    assert_eq!(ended, 2);
+    assert_eq!(sim.server.allocation_count(), 1);
+    assert_eq!((sim.relays.live.len(), sim.quota.in_use()), (1, 1));
+    let events = sim.events();
+    assert_eq!(events.len(), 2);
+    assert!(
+        events
+            .iter()
+            .all(|e| matches!(e, Event::AllocationDeleted { reason: DeleteReason::Kicked, .. }))
+    );
+    assert_eq!(sim.server.counters().allocations_kicked, 2);
+}
+
+#[test]
+fn creations_and_deletions_are_never_dropped_from_the_event_queue() {
+    let mut cfg = test_config();
+    cfg.event_queue_capacity = 0;
+    let mut sim = Sim::new(cfg);
+    let mut c = allocated(&mut sim, "192.0.2.50:40000");
+    assert_eq!(c.refresh(&mut sim, Some(700)).class(), Class::SuccessResponse);
+    assert_eq!(c.refresh(&mut sim, Some(0)).class(), Class::SuccessResponse);
+    let events = sim.events();
+    assert!(
+        matches!(
+            events.as_slice(),
+            [
+                Event::AllocationCreated { .. },
+                Event::AllocationDeleted { reason: DeleteReason::ClientRequest, .. }
+            ]
+        ),
+        "{events:?}"
+    );
+    assert_eq!(sim.server.counters().events_dropped, 1, "the refresh event");
+}

@@ -245,13 +245,14 @@ impl Server {
         let lifetime_secs = self.granted_lifetime(requested_lifetime);
         let mut alloc = table::Allocation::new(
             ft,
-            cx.conn,
             username.clone(),
             quota_key,
             granted,
+            now,
             now + secs(lifetime_secs),
             txid,
         );
+        alloc.conn = cx.conn;
         alloc.address_error = address_error;
         alloc.dont_fragment = dont_fragment;
         self.table.insert(alloc);

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::responses::{IntegrityKind, Signer, code};
-use super::{Ctx, DropReason, FiveTuple, Output, Server};
+use super::{AuthFailure, Ctx, DropReason, FiveTuple, Output, Server};
 use crate::credentials::{Identity, Key, PasswordAlgorithm};
 use crate::nonce::{NonceCheck, SecurityFeatures};
 use crate::stun::attr;
@@ -94,7 +94,7 @@ impl Server {
         }
         // A request for another realm cannot be verified: challenge again.
         if realm != self.cfg.realm.as_bytes() {
-            self.auth_failed(client, now);
+            self.auth_failed(client, now, AuthFailure::WrongRealm);
             return Err(Rejection::Unauthenticated);
         }
         // "If the value of the USERNAME or USERHASH attribute is not valid,
@@ -123,12 +123,12 @@ impl Server {
             // key derivation and one integrity check), so that response times do not
             // tell which usernames exist.
             let _ = verify(self.decoy_key.as_bytes());
-            self.auth_failed(client, now);
+            self.auth_failed(client, now, AuthFailure::UnknownUser);
             return Err(Rejection::Unauthenticated);
         };
         let key = self.creds.find_key(identity, algorithm, verify);
         let Some(key) = key else {
-            self.auth_failed(client, now);
+            self.auth_failed(client, now, AuthFailure::BadIntegrity);
             return Err(Rejection::Unauthenticated);
         };
         // "If the NONCE is no longer valid, ... 438 (Stale Nonce)."
@@ -148,8 +148,9 @@ impl Server {
     }
 
     /// Counts a failed authentication against its source (password guessing).
-    pub(super) fn auth_failed(&mut self, client: SocketAddr, now: Instant) {
+    pub(super) fn auth_failed(&mut self, client: SocketAddr, now: Instant, why: AuthFailure) {
         self.counters.auth_failures += 1;
+        self.counters.auth_failures_by[why as usize] += 1;
         let _ = self.failed_auth.allow(&client.ip(), now);
     }
 

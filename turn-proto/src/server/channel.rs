@@ -24,7 +24,7 @@ impl Server {
         let Ok(cd) = ChannelData::parse(datagram) else {
             return self.dropped(DropReason::MalformedChannelData);
         };
-        let Some(a) = self.table.index_of(&ft).and_then(|i| self.table.get(i)) else {
+        let Some(a) = self.table.index_of(&ft).and_then(|i| self.table.get_mut(i)) else {
             return self.dropped(DropReason::NoAllocation);
         };
         if a.expires_at <= now {
@@ -43,7 +43,10 @@ impl Server {
         let Some(relay) = a.relay_for(Family::of(&peer.ip())) else {
             return self.dropped(DropReason::FamilyMismatch);
         };
+        a.traffic.to_peer_packets += 1;
+        a.traffic.to_peer_bytes += cd.payload.len() as u64;
         self.counters.to_peer += 1;
+        self.counters.to_peer_traffic.add(ft.transport, cd.payload.len());
         Output::ToPeer { relay: relay.id, peer, data: cd.payload, dont_fragment: false }
     }
 

@@ -90,6 +90,61 @@ impl DropReason {
     }
 }
 
+/// Why an authentication failed (401), for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum AuthFailure {
+    /// No such user (or a REST credential that expired or lives too long).
+    UnknownUser,
+    /// MESSAGE-INTEGRITY(-SHA256) does not verify: a wrong password.
+    BadIntegrity,
+    /// The request names another realm.
+    WrongRealm,
+}
+
+impl AuthFailure {
+    /// Number of reasons.
+    pub const COUNT: usize = 3;
+    /// All reasons, in index order.
+    pub const ALL: [AuthFailure; AuthFailure::COUNT] =
+        [AuthFailure::UnknownUser, AuthFailure::BadIntegrity, AuthFailure::WrongRealm];
+
+    /// A stable snake_case name for metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            AuthFailure::UnknownUser => "unknown_user",
+            AuthFailure::BadIntegrity => "bad_integrity",
+            AuthFailure::WrongRealm => "wrong_realm",
+        }
+    }
+}
+
+/// The methods requests are counted by ([`Counters::requests_by_method`]), in index order.
+pub const REQUEST_METHODS: [&str; 6] =
+    ["binding", "allocate", "refresh", "create_permission", "channel_bind", "other"];
+
+/// The error codes responses are counted by ([`Counters::errors_by_code`]), in index
+/// order; a last slot counts any other code.
+pub const ERROR_CODES: [u16; 13] =
+    [400, 401, 403, 420, 437, 438, 440, 441, 442, 443, 486, 500, 508];
+
+/// Messages and payload bytes relayed one way, by the client's transport (index:
+/// [`Transport::index`](super::Transport::index)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TrafficCounters {
+    pub packets: [u64; 3],
+    pub bytes: [u64; 3],
+}
+
+impl TrafficCounters {
+    #[inline]
+    pub(crate) fn add(&mut self, transport: super::Transport, bytes: usize) {
+        let i = transport.index();
+        self.packets[i] += 1;
+        self.bytes[i] += bytes as u64;
+    }
+}
+
 /// Statistics of one [`Server`](super::Server).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -101,6 +156,16 @@ pub struct Counters {
     pub binding_requests: u64,
     /// Error responses sent (all codes).
     pub error_responses: u64,
+    /// Requests by method ([`REQUEST_METHODS`] order).
+    pub requests_by_method: [u64; 6],
+    /// Error responses by code ([`ERROR_CODES`] order, then any other code).
+    pub errors_by_code: [u64; ERROR_CODES.len() + 1],
+    /// Failed authentications by [`AuthFailure`] index.
+    pub auth_failures_by: [u64; AuthFailure::COUNT],
+    /// Client -> peer messages and payload bytes, by client transport.
+    pub to_peer_traffic: TrafficCounters,
+    /// Peer -> client messages and payload bytes, by client transport.
+    pub to_client_traffic: TrafficCounters,
     /// 401 challenges to requests without integrity.
     pub auth_challenges: u64,
     /// 401 for unknown users, wrong realm or bad MESSAGE-INTEGRITY.
@@ -125,6 +190,8 @@ pub struct Counters {
     pub allocations_deleted: u64,
     /// Allocations expired.
     pub allocations_expired: u64,
+    /// Allocations ended by the operator ([`Server::end_allocations`](super::Server::end_allocations)).
+    pub allocations_kicked: u64,
     /// Allocations deleted because their TCP or TLS connection closed.
     pub allocations_closed: u64,
     /// 486 (quota) answers.

@@ -21,7 +21,8 @@ impl Server {
         ft: FiveTuple,
         msg: &Message<'a>,
     ) -> Output<'a> {
-        let Some(a) = self.table.index_of(&ft).and_then(|i| self.table.get(i)) else {
+        let Some((idx, a)) = self.table.index_of(&ft).and_then(|i| Some((i, self.table.get(i)?)))
+        else {
             return self.dropped(DropReason::NoAllocation);
         };
         if a.expires_at <= now {
@@ -70,7 +71,12 @@ impl Server {
         if self.cfg.peer_policy.check_peer(&peer).is_err() {
             return self.dropped(DropReason::PeerDenied);
         }
+        if let Some(a) = self.table.get_mut(idx) {
+            a.traffic.to_peer_packets += 1;
+            a.traffic.to_peer_bytes += data.len() as u64;
+        }
         self.counters.to_peer += 1;
+        self.counters.to_peer_traffic.add(ft.transport, data.len());
         Output::ToPeer { relay: relay.id, peer, data, dont_fragment: df }
     }
 
@@ -93,7 +99,7 @@ impl Server {
         buf: &'a mut [u8],
         len: usize,
     ) -> Output<'a> {
-        let Some(a) = self.table.index_of_relay(&relay).and_then(|i| self.table.get(i)) else {
+        let Some(a) = self.table.index_of_relay(&relay).and_then(|i| self.table.get_mut(i)) else {
             return self.dropped(DropReason::UnknownRelay);
         };
         if a.expires_at <= now {
@@ -128,7 +134,10 @@ impl Server {
             channel_data::write_header(&mut head, number, len16);
             buf[start..PEER_HEADROOM].copy_from_slice(&head);
             buf[end..framed_end].fill(0);
+            a.traffic.to_client_packets += 1;
+            a.traffic.to_client_bytes += len as u64;
             self.counters.channel_data_to_client += 1;
+            self.counters.to_client_traffic.add(ft.transport, len);
             let buf: &'a [u8] = buf;
             return Output::ToClient { five_tuple: ft, conn, data: &buf[start..framed_end] };
         }
@@ -160,7 +169,12 @@ impl Server {
         h[d..d + 2].copy_from_slice(&attr::DATA.to_be_bytes());
         h[d + 2..d + 4].copy_from_slice(&(len as u16).to_be_bytes());
         buf[end..padded_end].fill(0);
+        if let Some(a) = self.table.index_of_relay(&relay).and_then(|i| self.table.get_mut(i)) {
+            a.traffic.to_client_packets += 1;
+            a.traffic.to_client_bytes += len as u64;
+        }
         self.counters.data_indications_to_client += 1;
+        self.counters.to_client_traffic.add(ft.transport, len);
         let buf: &'a [u8] = buf;
         Output::ToClient { five_tuple: ft, conn, data: &buf[start..padded_end] }
     }

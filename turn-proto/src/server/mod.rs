@@ -50,13 +50,16 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 pub use config::{ConfigError, ServerConfig};
-pub use counters::{Counters, DropReason};
+pub use counters::{
+    AuthFailure, Counters, DropReason, ERROR_CODES, REQUEST_METHODS, TrafficCounters,
+};
 pub use host::{
     Host, LocalQuota, Quota, QuotaExceeded, RelayAllocator, RelayError, RelayId, RelayRequest,
     Unlimited,
 };
 pub use table::{
-    Allocation, ChannelBinding, ClientConn, FiveTuple, Permission, RelaySocket, Transport,
+    Allocation, AllocationTraffic, ChannelBinding, ClientConn, FiveTuple, Permission, RelaySocket,
+    Transport,
 };
 
 use crate::credentials::{CredentialStore, Key, PasswordAlgorithm};
@@ -124,6 +127,8 @@ pub enum DeleteReason {
     /// The client's TCP or TLS connection closed ([`Server::handle_connection_closed`]):
     /// an allocation over a stream lives as long as its connection (RFC 8656 §3.1).
     ConnectionClosed,
+    /// The operator ended it ([`Server::end_allocations`]).
+    Kicked,
 }
 
 impl DeleteReason {
@@ -134,6 +139,7 @@ impl DeleteReason {
             DeleteReason::ClientRequest => "client request",
             DeleteReason::Shutdown => "shutdown",
             DeleteReason::ConnectionClosed => "connection closed",
+            DeleteReason::Kicked => "kicked",
         }
     }
 }
@@ -198,6 +204,12 @@ pub enum Event {
         five_tuple: FiveTuple,
         /// The caller's handle on its socket or connection.
         conn: ClientConn,
+        /// Its relayed addresses `[IPv4, IPv6]` (already released).
+        relays: [Option<RelaySocket>; 2],
+        /// When it was created.
+        created_at: Instant,
+        /// What it relayed.
+        traffic: AllocationTraffic,
         /// Username.
         username: Box<str>,
         /// Why.
@@ -239,6 +251,35 @@ impl std::fmt::Debug for Server {
     }
 }
 
+/// What the credentials configuration derives.
+struct Derived {
+    creds: CredentialStore,
+    nonces: NonceMinter,
+    /// Encoded PASSWORD-ALGORITHMS value (empty: negotiation disabled).
+    password_algorithms: Vec<u8>,
+}
+
+impl Derived {
+    fn of(cfg: &ServerConfig) -> Result<Derived, ConfigError> {
+        let creds = CredentialStore::new(&cfg.realm, &cfg.credentials)?;
+        let mut password_algorithms = Vec::new();
+        for alg in &cfg.password_algorithms {
+            password_algorithms.extend_from_slice(&alg.code().to_be_bytes());
+            password_algorithms.extend_from_slice(&[0, 0]);
+        }
+        let features = if cfg.password_algorithms.is_empty() && !cfg.username_anonymity {
+            None
+        } else {
+            Some(SecurityFeatures {
+                password_algorithms: !cfg.password_algorithms.is_empty(),
+                username_anonymity: cfg.username_anonymity,
+            })
+        };
+        let nonces = NonceMinter::new(cfg.nonce_secret, cfg.nonce_lifetime_secs, features);
+        Ok(Derived { creds, nonces, password_algorithms })
+    }
+}
+
 /// The context of one client message, passed down the handlers.
 #[derive(Debug, Clone, Copy)]
 struct Ctx {
@@ -256,21 +297,7 @@ impl Server {
     /// Build a server from a configuration.
     pub fn new(cfg: ServerConfig) -> Result<Server, ConfigError> {
         cfg.validate()?;
-        let creds = CredentialStore::new(&cfg.realm, &cfg.credentials)?;
-        let mut password_algorithms = Vec::new();
-        for alg in &cfg.password_algorithms {
-            password_algorithms.extend_from_slice(&alg.code().to_be_bytes());
-            password_algorithms.extend_from_slice(&[0, 0]);
-        }
-        let features = if cfg.password_algorithms.is_empty() && !cfg.username_anonymity {
-            None
-        } else {
-            Some(SecurityFeatures {
-                password_algorithms: !cfg.password_algorithms.is_empty(),
-                username_anonymity: cfg.username_anonymity,
-            })
-        };
-        let nonces = NonceMinter::new(cfg.nonce_secret, cfg.nonce_lifetime_secs, features);
+        let Derived { creds, nonces, password_algorithms } = Derived::of(&cfg)?;
         Ok(Server {
             table: Table::new(secs(cfg.channel_holddown_secs)),
             cache: RetransmitCache::new(
@@ -305,6 +332,83 @@ impl Server {
             ),
             cfg,
         })
+    }
+
+    /// Takes a new configuration without dropping anything live: credentials, peer rules,
+    /// lifetimes and limits apply to the requests that follow; allocations, permissions
+    /// and channels stay as they are (a changed password does not end the allocations made
+    /// with the old one; their next request is checked against the new one). On error
+    /// nothing changes.
+    ///
+    /// Keep `nonce_secret` (or nonces already issued turn stale: clients see one 438) and
+    /// the table and cache sizes (changes to them apply only to a new `Server`).
+    pub fn reconfigure(&mut self, cfg: ServerConfig) -> Result<(), ConfigError> {
+        cfg.validate()?;
+        let Derived { creds, nonces, password_algorithms } = Derived::of(&cfg)?;
+        let limits = |c: &ServerConfig| {
+            (
+                c.unauthenticated_responses_per_sec,
+                c.unauthenticated_responses_burst,
+                c.failed_auth_per_sec,
+                c.failed_auth_burst,
+            )
+        };
+        if limits(&cfg) != limits(&self.cfg) {
+            self.unauthenticated = limiter::SourceLimiter::new(
+                cfg.source_limit_slots,
+                cfg.unauthenticated_responses_per_sec,
+                cfg.unauthenticated_responses_burst,
+                cfg.seed ^ 0x51ed_270b_27c1_4a57,
+            );
+            self.failed_auth = limiter::SourceLimiter::new(
+                cfg.source_limit_slots,
+                cfg.failed_auth_per_sec,
+                cfg.failed_auth_burst,
+                cfg.seed ^ 0x2545_f491_4f6c_dd1d,
+            );
+        }
+        self.decoy_key = crate::credentials::long_term_key(
+            PasswordAlgorithm::Md5,
+            "",
+            &cfg.realm,
+            &format!("{:x}", cfg.seed),
+        );
+        self.creds = creds;
+        self.nonces = nonces;
+        self.password_algorithms = password_algorithms;
+        self.cfg = cfg;
+        Ok(())
+    }
+
+    /// Every live allocation (for an operator's listing).
+    pub fn allocations(&self) -> impl Iterator<Item = &Allocation> {
+        self.table.iter()
+    }
+
+    /// Ends every allocation `which` selects (an operator's decision): relays and quota
+    /// are released and an [`Event::AllocationDeleted`] with [`DeleteReason::Kicked`]
+    /// follows for each. Returns how many ended.
+    pub fn end_allocations<R, Q>(
+        &mut self,
+        now: Instant,
+        which: impl Fn(&Allocation) -> bool,
+        host: &mut Host<'_, R, Q>,
+    ) -> usize
+    where
+        R: RelayAllocator + ?Sized,
+        Q: Quota + ?Sized,
+    {
+        let chosen: Vec<u32> = self
+            .table
+            .live_indices()
+            .into_iter()
+            .filter(|&i| self.table.get(i).is_some_and(&which))
+            .collect();
+        for &idx in &chosen {
+            self.delete_allocation(idx, DeleteReason::Kicked, Some(now), host);
+        }
+        self.table.trim_stale();
+        chosen.len()
     }
 
     /// The configuration in use.
@@ -343,14 +447,15 @@ impl Server {
         self.table.timer_entries()
     }
 
+    /// Queues an event. Creations and deletions are state changes the caller acts on
+    /// (directory, pins, connections, session log): never dropped, and bounded anyway by
+    /// the allocations there are. Refreshes are log events: dropped, and counted, beyond
+    /// `event_queue_capacity`.
     fn push_event(&mut self, e: Event) {
-        if self.cfg.event_queue_capacity == 0 {
+        let droppable = matches!(e, Event::AllocationRefreshed { .. });
+        if droppable && self.events.len() >= self.cfg.event_queue_capacity {
             self.counters.events_dropped += 1;
             return;
-        }
-        if self.events.len() >= self.cfg.event_queue_capacity {
-            self.events.pop_front();
-            self.counters.events_dropped += 1;
         }
         self.events.push_back(e);
     }
@@ -453,11 +558,15 @@ impl Server {
             DeleteReason::Expired => self.counters.allocations_expired += 1,
             DeleteReason::ClientRequest => self.counters.allocations_deleted += 1,
             DeleteReason::ConnectionClosed => self.counters.allocations_closed += 1,
+            DeleteReason::Kicked => self.counters.allocations_kicked += 1,
             DeleteReason::Shutdown => {}
         }
         self.push_event(Event::AllocationDeleted {
             five_tuple: a.five_tuple,
             conn: a.conn,
+            relays: a.relays,
+            created_at: a.created_at,
+            traffic: a.traffic,
             username: a.username,
             reason,
         });
@@ -522,6 +631,7 @@ impl Server {
             (Class::Request, _) => {
                 // Unknown method: 400 (RFC 8489 §6.3.1).
                 self.counters.requests += 1;
+                self.counters.requests_by_method[5] += 1;
                 let signer = self.unsigned(&msg);
                 self.reject(&cx, &signer, Rejection::BadRequest, out)
             }
@@ -536,6 +646,7 @@ impl Server {
     /// authentication with the client's reflexive address.
     fn binding<'a>(&mut self, cx: &Ctx, msg: &Message<'a>, out: &'a mut [u8]) -> Output<'a> {
         self.counters.requests += 1;
+        self.counters.requests_by_method[0] += 1;
         self.counters.binding_requests += 1;
         let signer = self.unsigned(msg);
         let unknown = msg.unknown_comprehension_required::<16>();
@@ -564,6 +675,13 @@ impl Server {
     {
         let (now, ft) = (cx.now, cx.ft);
         self.counters.requests += 1;
+        let method_index = match msg.method() {
+            Method::ALLOCATE => 1,
+            Method::REFRESH => 2,
+            Method::CREATE_PERMISSION => 3,
+            _ => 4,
+        };
+        self.counters.requests_by_method[method_index] += 1;
         let txid = msg.transaction_id();
         // Retransmission: answer with the very same bytes.
         if let Some(bytes) = self.cache.get(&ft, &txid, now) {

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 
+use super::counters::ERROR_CODES;
 use super::{Ctx, DropReason, Output, Server};
 use crate::credentials::Key;
 use crate::stun::attr;
@@ -122,9 +123,19 @@ impl Server {
         match r {
             Ok(n) => {
                 let out: &'a [u8] = out;
-                // Count error responses by their class bits.
+                // Count error responses by their class bits, and by their code: ERROR-CODE
+                // is always the first attribute (see `write_error`).
                 if out.len() >= 2 && out[0] & 0x01 == 0x01 && out[1] & 0x10 == 0x10 {
                     self.counters.error_responses += 1;
+                    let code = match out.get(20..28) {
+                        Some(a) if u16::from_be_bytes([a[0], a[1]]) == attr::ERROR_CODE => {
+                            u16::from(a[6] & 0x07) * 100 + u16::from(a[7])
+                        }
+                        _ => 0,
+                    };
+                    let slot =
+                        ERROR_CODES.iter().position(|&c| c == code).unwrap_or(ERROR_CODES.len());
+                    self.counters.errors_by_code[slot] += 1;
                 }
                 match out.get(..n) {
                     Some(data) => Output::ToClient { five_tuple: cx.ft, conn: cx.conn, data },

@@ -45,6 +45,19 @@ impl Transport {
         !matches!(self, Transport::Udp)
     }
 
+    /// Every transport, in [`Transport::index`] order.
+    pub const ALL: [Transport; 3] = [Transport::Udp, Transport::Tcp, Transport::Tls];
+
+    /// 0, 1, 2 for UDP, TCP, TLS (for per-transport counters).
+    #[inline]
+    pub const fn index(self) -> usize {
+        match self {
+            Transport::Udp => 0,
+            Transport::Tcp => 1,
+            Transport::Tls => 2,
+        }
+    }
+
     /// A lowercase name (`udp`, `tcp`, `tls`) for logs and metrics.
     pub const fn name(self) -> &'static str {
         match self {
@@ -81,6 +94,18 @@ impl FiveTuple {
 /// connection to send on without a lookup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct ClientConn(pub u64);
+
+/// Messages and bytes relayed by one allocation, each way (payload bytes: what the peer
+/// sent or received).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AllocationTraffic {
+    /// Client -> peer.
+    pub to_peer_packets: u64,
+    pub to_peer_bytes: u64,
+    /// Peer -> client.
+    pub to_client_packets: u64,
+    pub to_client_bytes: u64,
+}
 
 /// A relayed transport address of an allocation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +164,10 @@ pub struct Allocation {
     pub address_error: Option<(Family, u16)>,
     /// DONT-FRAGMENT was requested.
     pub dont_fragment: bool,
+    /// When it was created.
+    pub created_at: Instant,
+    /// What it relayed so far.
+    pub traffic: AllocationTraffic,
     scheduled: Option<Instant>,
 }
 
@@ -150,18 +179,20 @@ pub(crate) const fn family_index(f: Family) -> usize {
 }
 
 impl Allocation {
+    /// A new allocation, reached through `ClientConn::default()` until the caller sets
+    /// `conn`.
     pub(crate) fn new(
         five_tuple: FiveTuple,
-        conn: ClientConn,
         username: Box<str>,
         quota_key: Box<str>,
         relays: [Option<RelaySocket>; 2],
+        created_at: Instant,
         expires_at: Instant,
         allocate_txid: TransactionId,
     ) -> Self {
         Allocation {
             five_tuple,
-            conn,
+            conn: ClientConn::default(),
             username,
             quota_key,
             relays,
@@ -171,6 +202,8 @@ impl Allocation {
             allocate_txid,
             address_error: None,
             dont_fragment: false,
+            created_at,
+            traffic: AllocationTraffic::default(),
             scheduled: None,
         }
     }
@@ -273,6 +306,11 @@ impl Table {
 
     pub(crate) fn len(&self) -> usize {
         self.live
+    }
+
+    /// Every live allocation.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Allocation> {
+        self.slots.iter().filter_map(|s| s.alloc.as_ref())
     }
 
     #[inline]

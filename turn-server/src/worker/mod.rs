@@ -420,7 +420,15 @@ impl Core {
                 Event::AllocationRefreshed { five_tuple, username, lifetime_secs } => {
                     debug!(user = %username, client = %five_tuple.client, lifetime_secs, "allocation refreshed");
                 }
-                Event::AllocationDeleted { five_tuple, conn, username, reason } => {
+                Event::AllocationDeleted {
+                    five_tuple,
+                    conn,
+                    username,
+                    reason,
+                    relays,
+                    created_at,
+                    traffic,
+                } => {
                     if five_tuple.transport.is_stream() {
                         if matches!(reason, DeleteReason::Expired | DeleteReason::ClientRequest) {
                             self.sink.connections.allocation_ended(conn, &self.streams, now);
@@ -431,10 +439,20 @@ impl Core {
                             pins.unpin(&FlowKey::new(five_tuple.client, five_tuple.listener.ip()));
                         }
                     }
+                    // The session log: one line per ended allocation.
+                    let relayed: Vec<String> =
+                        relays.iter().flatten().map(|r| r.addr.to_string()).collect();
                     info!(
                         user = %username,
                         client = %five_tuple.client,
+                        listener = %five_tuple.listener,
                         transport = five_tuple.transport.name(),
+                        relay = %relayed.join(","),
+                        duration_secs = now.saturating_duration_since(created_at).as_secs(),
+                        to_peer_packets = traffic.to_peer_packets,
+                        to_peer_bytes = traffic.to_peer_bytes,
+                        to_client_packets = traffic.to_client_packets,
+                        to_client_bytes = traffic.to_client_bytes,
                         reason = reason.name(),
                         "allocation deleted"
                     );
