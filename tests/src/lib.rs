@@ -10,6 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod ops;
 pub mod stream;
 
 use socket2::{Domain, Protocol, Socket, Type};

@@ -1,18 +1,22 @@
 //! Starts the real `turn-server` daemon and stops it: the one launcher the end-to-end
 //! tests, the benchmarks (`turn-bench`) and `cargo xtask bench` share.
 //!
-//! The daemon is started with JSON logs; the launcher reads them until the daemon says
-//! `ready` (every listener bound, steering attached, workers running), collecting the
-//! `listening` lines on the way, so a caller knows every address and port (port 0 asks
-//! the kernel for a free one: no port is shared between tests). Dropping a [`Daemon`]
-//! stops it (SIGINT, then SIGKILL after a grace period) and waits for it.
+//! Readiness is what systemd sees: the launcher gives the daemon a private
+//! `NOTIFY_SOCKET` and waits for `READY=1` (sent once every listener is bound, steering
+//! attached and the workers run), whose `STATUS=serving udp 127.0.0.1:40000, ...` names
+//! every listener, so a caller knows each address and port (port 0 asks the kernel for a
+//! free one: no port is shared between tests). Each daemon also gets its own admin socket
+//! in the same private directory. The daemon's JSON logs are kept for error messages and
+//! tests. Dropping a [`Daemon`] stops it (SIGINT, then SIGKILL after a grace period), waits
+//! for it and removes its directory.
 
 use std::{
     io::{self, BufRead},
     net::SocketAddr,
+    os::unix::{fs::PermissionsExt, net::UnixDatagram},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex, mpsc},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -57,6 +61,28 @@ pub struct Launch {
     pub log_level: Option<String>,
 }
 
+/// A private directory for one daemon's notify and admin sockets, removed when dropped.
+/// Mode 1777 (as /tmp): a daemon that drops privileges still creates its admin socket.
+struct RunDir(PathBuf);
+
+impl RunDir {
+    fn new() -> Result<RunDir> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("turn-launch-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o1777))?;
+        Ok(RunDir(path))
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 impl Launch {
     /// The daemon at [`server_bin`] with `args`.
     pub fn new(args: &[&str]) -> Launch {
@@ -86,6 +112,18 @@ impl Launch {
         if !has(&["--listening-ip", "-L"]) {
             cmd.args(["--listening-ip", "127.0.0.1"]);
         }
+        let run_dir = RunDir::new()?;
+        let admin_socket = run_dir.0.join("admin.sock");
+        if !has(&["--admin-socket"]) {
+            cmd.arg("--admin-socket").arg(&admin_socket);
+        }
+        let notify_path = run_dir.0.join("notify.sock");
+        let notify = UnixDatagram::bind(&notify_path)
+            .with_context(|| format!("binding {}", notify_path.display()))?;
+        // Writable by a daemon that dropped privileges.
+        std::fs::set_permissions(&notify_path, std::fs::Permissions::from_mode(0o666))?;
+        notify.set_read_timeout(Some(Duration::from_millis(100)))?;
+        cmd.env("NOTIFY_SOCKET", &notify_path);
         let level = self
             .log_level
             .clone()
@@ -104,67 +142,96 @@ impl Launch {
             )
         })?;
         let logs = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
         let stderr = child.stderr.take().context("piped stderr")?;
         let stdout = child.stdout.take().context("piped stdout")?;
         for reader in [Box::new(stderr) as Box<dyn io::Read + Send>, Box::new(stdout)] {
             let logs = Arc::clone(&logs);
-            let tx = tx.clone();
             std::thread::spawn(move || {
                 for line in io::BufReader::new(reader).lines().map_while(Result::ok) {
                     if let Ok(mut l) = logs.lock() {
-                        l.push(line.clone());
+                        l.push(line);
                     }
-                    let _ = tx.send(line);
                 }
             });
         }
-        // Only the readers hold senders now: when the daemon exits, the channel closes.
-        drop(tx);
-        let mut daemon = Daemon { child: Some(child), listening: Vec::new(), logs };
+        let admin_socket = self
+            .args
+            .iter()
+            .position(|a| a == "--admin-socket")
+            .and_then(|i| self.args.get(i + 1))
+            .map_or(admin_socket, PathBuf::from);
+        let mut daemon = Daemon {
+            child: Some(child),
+            listening: Vec::new(),
+            metrics: None,
+            admin_socket,
+            logs,
+            notify,
+            _run_dir: run_dir,
+        };
         let deadline = Instant::now() + START_TIMEOUT;
+        let mut buf = vec![0u8; 4096];
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(l) = listening_line(&line) {
-                        daemon.listening.push(l);
-                    }
-                    if json_field(&line, "message").as_deref() == Some("ready") {
-                        return Ok(daemon);
-                    }
+            if let Ok(n) = daemon.notify.recv(&mut buf) {
+                let message = String::from_utf8_lossy(&buf[..n]);
+                if message.lines().any(|l| l == "READY=1") {
+                    let status = message.lines().find_map(|l| l.strip_prefix("STATUS="));
+                    let Some(serving) = status.and_then(parse_status) else {
+                        bail!(
+                            "turn-server said READY=1 without the STATUS it must send: {message:?}"
+                        );
+                    };
+                    (daemon.listening, daemon.metrics) = serving;
+                    daemon.catch_up_logs(deadline);
+                    return Ok(daemon);
                 }
-                Err(_) => {
-                    let status = daemon.wait_exit(Duration::from_millis(200));
-                    bail!(
-                        "turn-server did not become ready ({}); its output:\n{}",
-                        status.map_or("still running".into(), |s| s.to_string()),
-                        daemon.logs()
-                    );
-                }
+            }
+            let exited = daemon.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || Instant::now() >= deadline {
+                // Let the log readers catch up before quoting the output.
+                let status = daemon.wait_exit(Duration::from_millis(200));
+                bail!(
+                    "turn-server did not become ready ({}); its output:\n{}",
+                    status.map_or("still running".into(), |s| s.to_string()),
+                    daemon.logs()
+                );
             }
         }
     }
 }
 
-/// The transport and address of a `listening` log line.
-fn listening_line(line: &str) -> Option<Listening> {
-    let message = json_field(line, "message")?;
-    let transport = match message.as_str() {
-        "listening (UDP)" => "udp",
-        "listening (TCP)" => "tcp",
-        "listening (TLS)" => "tls",
-        _ => return None,
-    };
-    Some(Listening { transport, addr: json_field(line, "listen")?.parse().ok()? })
+/// The listeners and metrics address of a `STATUS=serving udp 127.0.0.1:3478, tcp
+/// 127.0.0.1:3478, metrics 127.0.0.1:9641` readiness message.
+fn parse_status(status: &str) -> Option<(Vec<Listening>, Option<SocketAddr>)> {
+    let mut listening = Vec::new();
+    let mut metrics = None;
+    for part in status.strip_prefix("serving ")?.split(", ") {
+        let (kind, addr) = part.split_once(' ')?;
+        let addr: SocketAddr = addr.parse().ok()?;
+        match kind {
+            "udp" => listening.push(Listening { transport: "udp", addr }),
+            "tcp" => listening.push(Listening { transport: "tcp", addr }),
+            "tls" => listening.push(Listening { transport: "tls", addr }),
+            "metrics" => metrics = Some(addr),
+            _ => return None,
+        }
+    }
+    Some((listening, metrics))
 }
 
 /// A running `turn-server` process, stopped and waited for when dropped.
 pub struct Daemon {
     child: Option<Child>,
-    /// Listening socket groups, in the order the daemon logged them.
+    /// Listening socket groups, in the order the daemon named them.
     pub listening: Vec<Listening>,
+    /// The metrics endpoint, when the daemon serves one (`--prometheus`).
+    pub metrics: Option<SocketAddr>,
+    /// The daemon's admin API socket.
+    pub admin_socket: PathBuf,
     logs: Arc<Mutex<Vec<String>>>,
+    /// Where the daemon's later notifications (RELOADING=1, STOPPING=1, ...) arrive.
+    notify: UnixDatagram,
+    _run_dir: RunDir,
 }
 
 impl Daemon {
@@ -192,6 +259,32 @@ impl Daemon {
     /// The listening addresses of one transport (`udp`, `tcp`, `tls`), in order.
     pub fn addrs(&self, transport: &str) -> Vec<SocketAddr> {
         self.listening.iter().filter(|l| l.transport == transport).map(|l| l.addr).collect()
+    }
+
+    /// Waits (until `deadline`) for the log readers to have read the daemon's `ready` log
+    /// line, written just before READY=1: what [`Daemon::logs`] returns then holds all the
+    /// daemon logged up to readiness (the log is a pipe of its own, read by threads).
+    fn catch_up_logs(&self, deadline: Instant) {
+        let ready = |line: &String| json_field(line, "message").as_deref() == Some("ready");
+        while Instant::now() < deadline {
+            if self.logs.lock().is_ok_and(|l| l.iter().any(ready)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The daemon's next message to its service manager after READY=1 (`STOPPING=1`,
+    /// `RELOADING=1`, `STATUS=...`, one datagram's lines), within `timeout`.
+    pub fn next_notification(&self, timeout: Duration) -> Option<String> {
+        let mut buf = vec![0u8; 4096];
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                return Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        None
     }
 
     /// Everything the daemon printed so far.
@@ -290,15 +383,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_listening_and_fields_from_json_lines() {
-        let line = r#"{"timestamp":"t","level":"INFO","fields":{"message":"listening (TCP)","listen":"127.0.0.1:3478","workers":2}}"#;
+    fn reads_the_listeners_from_the_readiness_status_and_fields_from_json_lines() {
+        let (listening, metrics) =
+            parse_status("serving udp 127.0.0.1:3478, tls [::1]:5349, metrics 127.0.0.1:9641")
+                .unwrap();
         assert_eq!(
-            listening_line(line),
-            Some(Listening { transport: "tcp", addr: "127.0.0.1:3478".parse().unwrap() })
+            listening,
+            vec![
+                Listening { transport: "udp", addr: "127.0.0.1:3478".parse().unwrap() },
+                Listening { transport: "tls", addr: "[::1]:5349".parse().unwrap() },
+            ]
         );
+        assert_eq!(metrics, Some("127.0.0.1:9641".parse().unwrap()));
+        assert_eq!(parse_status("serving sctp 127.0.0.1:1"), None);
+        assert_eq!(parse_status("starting"), None);
+        let line = r#"{"timestamp":"t","level":"INFO","fields":{"message":"ready","workers":2}}"#;
         assert_eq!(json_field(line, "workers").as_deref(), Some("2"));
-        assert_eq!(listening_line(r#"{"fields":{"message":"ready"}}"#), None);
-        assert_eq!(listening_line("not json"), None);
+        assert_eq!(json_field("not json", "workers"), None);
     }
 
     #[test]

@@ -1271,6 +1271,26 @@ fn reconfigure_changes_passwords_and_peer_rules_and_keeps_allocations() {
 }
 
 #[test]
+fn reconfigure_removes_permissions_and_channels_to_peers_now_denied() {
+    let mut sim = Sim::default();
+    let mut c = allocated(&mut sim, "192.0.2.50:40000");
+    assert_eq!(c.channel_bind(&mut sim, 0x4001, peer(PEER)).class(), Class::SuccessResponse);
+    assert_eq!(c.create_permission(&mut sim, &[peer(PEER2)]).class(), Class::SuccessResponse);
+    let relay = relay_of(&sim, &c, Family::V4);
+    assert!(matches!(sim.peer_datagram(relay, peer(PEER2), b"before"), Out::ToClient { .. }));
+    let mut cfg = test_config();
+    cfg.peer_policy.deny.push(turn_proto::policy::IpNet::new(ip("198.51.100.21"), 32).unwrap());
+    sim.server.reconfigure(cfg).unwrap();
+    // The denied peer reaches the client no more, and the client reaches it no more...
+    assert_eq!(sim.peer_datagram(relay, peer(PEER2), b"after"), Out::None);
+    assert_eq!(c.send_indication(&mut sim, peer(PEER2), b"after"), Out::None);
+    assert_eq!(sim.server.counters().dropped(DropReason::NoPermission), 2);
+    // ... while the allowed peer's channel relays on, both ways.
+    assert!(matches!(c.channel_data(&mut sim, 0x4001, b"still"), Out::ToPeer { .. }));
+    assert!(matches!(sim.peer_datagram(relay, peer(PEER), b"still"), Out::ToClient { .. }));
+}
+
+#[test]
 fn end_allocations_kicks_the_chosen_ones_and_frees_their_relays_and_quota() {
     let mut sim = Sim::default();
     let _a1 = allocated(&mut sim, "192.0.2.50:40000");

@@ -47,6 +47,9 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where the admin API listens by default.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/turn-server/admin.sock";
+
 /// Connections all workers hold at once by default (TCP and TLS together).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Connections one source address holds at once by default: room for a large office
@@ -171,6 +174,20 @@ pub struct Config {
     pub proc_group: Option<String>,
     /// Log format: text or json.
     pub log_format: LogFormat,
+    /// Serve Prometheus metrics over HTTP (`GET /metrics`).
+    pub prometheus: bool,
+    /// Port of the metrics endpoint.
+    pub prometheus_port: u16,
+    /// Address of the metrics endpoint (loopback by default: metrics tell who uses the
+    /// server).
+    pub prometheus_address: IpAddr,
+    /// Per-user traffic series in the metrics (`turn_user_relayed_bytes`).
+    pub metrics_per_user: bool,
+    /// Most user series; the other users are summed under `_other`.
+    pub metrics_max_users: usize,
+    /// The admin API's Unix socket (`turn-server allocations`, `kick`, `drain`, `reload`);
+    /// empty for none.
+    pub admin_socket: PathBuf,
 }
 
 impl Default for Config {
@@ -229,6 +246,12 @@ impl Default for Config {
             proc_user: None,
             proc_group: None,
             log_format: LogFormat::Text,
+            prometheus: false,
+            prometheus_port: 9641,
+            prometheus_address: IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            metrics_per_user: false,
+            metrics_max_users: 100,
+            admin_socket: PathBuf::from(DEFAULT_ADMIN_SOCKET),
         }
     }
 }
@@ -285,6 +308,9 @@ impl Config {
             if value == 0 {
                 bail!("{key}: must be at least 1");
             }
+        }
+        if self.metrics_per_user && self.metrics_max_users == 0 {
+            bail!("metrics_max_users: at least 1 when metrics_per_user is on");
         }
         if self.stream_write_buffer_bytes < 64 * 1024 {
             bail!(

@@ -10,9 +10,14 @@
 //! * [`relay`]: relay sockets, the worker's share of the port range.
 //! * [`shared`]: cross-worker state on cold paths: quotas, the allocation directory.
 //! * [`setup`]: configuration to protocol core, credentials, relay addresses, privileges.
-//! * [`daemon`]: startup, control loop, shutdown.
+//! * [`daemon`]: startup, control loop (signals, load publishing, reload, drain),
+//!   shutdown.
+//! * [`metrics`]: the Prometheus endpoint: per-worker counters summed at scrape time.
+//! * [`admin`]: the admin API on a Unix socket and its client (`turn-server allocations`,
+//!   `kick`, `drain`, `reload`).
 //! * [`inspect`]: `turn-server load` and `steering set`, through the pinned maps.
 
+pub mod admin;
 pub mod bpffs;
 pub mod config;
 pub mod daemon;
@@ -20,6 +25,7 @@ pub mod epoll;
 pub mod inspect;
 pub mod listener;
 pub mod load;
+pub mod metrics;
 pub mod relay;
 pub mod setup;
 pub mod shared;

@@ -1,13 +1,19 @@
 //! `turn-server`: the daemon and its command-line tools.
 
-use std::{net::IpAddr, path::PathBuf, process::ExitCode};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use turn_common::Mode;
 use turn_server::{
-    config::{Config, LogFormat, SteeringMode},
+    admin::{self, AdminRequest},
+    config::{Config, DEFAULT_ADMIN_SOCKET, LogFormat, SteeringMode},
     inspect,
+    worker::AllocationInfo,
 };
 
 /// A TURN/STUN server whose listeners are balanced across worker threads by an eBPF
@@ -53,6 +59,60 @@ enum Command {
         #[command(subcommand)]
         action: SteeringAction,
     },
+    /// List the running daemon's allocations: user, client, transport, relayed addresses,
+    /// age, lifetime left, packets and bytes each way (admin API).
+    Allocations {
+        #[command(flatten)]
+        admin: AdminSocket,
+        /// Print the JSON reply instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End the allocations of USER, or of one client (--client), at once: their relayed
+    /// ports are freed and a TCP/TLS client's connection is closed (admin API). The
+    /// client may allocate again unless its credentials are removed too.
+    Kick {
+        /// The username (for REST credentials, the whole `expiry:user` name).
+        #[arg(required_unless_present = "client")]
+        user: Option<String>,
+        /// Only the allocations of this client address (IP:PORT as `allocations` shows).
+        #[arg(long, value_name = "IP:PORT")]
+        client: Option<SocketAddr>,
+        #[command(flatten)]
+        admin: AdminSocket,
+    },
+    /// Stop taking new allocations (Allocate gets 508 Insufficient Capacity) while the
+    /// live ones relay on, e.g. before maintenance; `undrain` ends it (admin API).
+    Drain {
+        #[command(flatten)]
+        admin: AdminSocket,
+    },
+    /// Take new allocations again after `drain` (admin API).
+    Undrain {
+        #[command(flatten)]
+        admin: AdminSocket,
+    },
+    /// Reload the configuration file and the TLS certificate, as SIGHUP does: users, REST
+    /// secrets, peer rules, quotas, limits and lifetimes change without dropping a live
+    /// allocation; a bad file is refused and the running configuration stays (admin API).
+    Reload {
+        #[command(flatten)]
+        admin: AdminSocket,
+    },
+    /// Show the running daemon's listeners, allocations, connections and drain state
+    /// (admin API).
+    Status {
+        #[command(flatten)]
+        admin: AdminSocket,
+    },
+}
+
+/// Which running daemon's admin API to use.
+#[derive(Args, Debug)]
+struct AdminSocket {
+    /// The daemon's admin_socket.
+    #[arg(long = "socket", default_value = DEFAULT_ADMIN_SOCKET, value_name = "PATH")]
+    socket: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -233,6 +293,22 @@ struct ServeArgs {
     /// Log format [config: log_format, default text].
     #[arg(long = "log-format", value_enum)]
     log_format: Option<LogFormat>,
+    /// Serve Prometheus metrics on http://ADDRESS:PORT/metrics [config: prometheus].
+    #[arg(long = "prometheus")]
+    prometheus: bool,
+    /// Port of the metrics endpoint [config: prometheus_port, default 9641].
+    #[arg(long = "prometheus-port", value_name = "PORT")]
+    prometheus_port: Option<u16>,
+    /// Address of the metrics endpoint [config: prometheus_address, default 127.0.0.1].
+    #[arg(long = "prometheus-address", value_name = "IP")]
+    prometheus_address: Option<IpAddr>,
+    /// Per-user traffic series in the metrics [config: metrics_per_user].
+    #[arg(long = "metrics-per-user")]
+    metrics_per_user: bool,
+    /// Unix socket of the admin API, "" for none
+    /// [config: admin_socket, default /run/turn-server/admin.sock].
+    #[arg(long = "admin-socket", value_name = "PATH")]
+    admin_socket: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -358,6 +434,17 @@ impl ServeArgs {
         if let Some(format) = self.log_format {
             config.log_format = format;
         }
+        config.prometheus |= self.prometheus;
+        if let Some(port) = self.prometheus_port {
+            config.prometheus_port = port;
+        }
+        if let Some(ip) = self.prometheus_address {
+            config.prometheus_address = ip;
+        }
+        config.metrics_per_user |= self.metrics_per_user;
+        if let Some(path) = &self.admin_socket {
+            config.admin_socket = path.clone();
+        }
         config.validate().context("invalid command-line options")?;
         Ok(config)
     }
@@ -386,10 +473,26 @@ fn main() -> ExitCode {
         Some(Command::Steering { action: SteeringAction::Set { mode, target } }) => {
             steering_set(&target, mode)
         }
-        None => cli.serve.config().and_then(|config| {
-            init_logging(config.log_format);
-            turn_server::daemon::run(config)
-        }),
+        Some(Command::Allocations { admin, json }) => allocations(&admin.socket, json),
+        Some(Command::Kick { user, client, admin }) => {
+            let reply = admin::request(&admin.socket, &AdminRequest::Kick { user, client });
+            reply.map(|r| println!("ended {} allocation(s)", r["ended"]))
+        }
+        Some(Command::Drain { admin }) => admin::request(&admin.socket, &AdminRequest::Drain)
+            .map(|_| println!("draining: no new allocations; live ones relay on")),
+        Some(Command::Undrain { admin }) => admin::request(&admin.socket, &AdminRequest::Undrain)
+            .map(|_| println!("taking new allocations again")),
+        Some(Command::Reload { admin }) => reload(&admin.socket),
+        Some(Command::Status { admin }) => admin::request(&admin.socket, &AdminRequest::Status)
+            .and_then(|r| serde_json::to_string_pretty(&r).map_err(Into::into))
+            .map(|text| println!("{text}")),
+        None => {
+            let serve = cli.serve;
+            serve.config().and_then(|config| {
+                init_logging(config.log_format);
+                turn_server::daemon::run(config, Box::new(move || serve.config()))
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -442,6 +545,35 @@ fn steering_set(target: &Target, mode: RuntimeMode) -> Result<()> {
             "turn-server {pid} listener {listener}: steering {before} -> {} (new flows only)",
             inspect::mode_name(mode)
         );
+    }
+    Ok(())
+}
+
+fn allocations(socket: &std::path::Path, json: bool) -> Result<()> {
+    let reply = admin::request(socket, &AdminRequest::Allocations)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reply["allocations"])?);
+        return Ok(());
+    }
+    let list: Vec<AllocationInfo> = serde_json::from_value(reply["allocations"].clone())
+        .context("reading the daemon's reply")?;
+    print!("{}", admin::render_allocations(&list));
+    Ok(())
+}
+
+fn reload(socket: &std::path::Path) -> Result<()> {
+    let reply = admin::request(socket, &AdminRequest::Reload)?;
+    let list = |key: &str| {
+        let keys: Vec<&str> =
+            reply[key].as_array().into_iter().flatten().filter_map(|k| k.as_str()).collect();
+        if keys.is_empty() { "none".to_owned() } else { keys.join(", ") }
+    };
+    println!("configuration reloaded; changed: {}", list("applied"));
+    if reply["certificate"] == true {
+        println!("TLS certificate read again");
+    }
+    if reply["need_restart"].as_array().is_some_and(|a| !a.is_empty()) {
+        println!("changed but needing a restart (running values kept): {}", list("need_restart"));
     }
     Ok(())
 }

@@ -24,8 +24,12 @@ pub struct GeneratedUser {
     pub password: String,
 }
 
-/// The configured credentials, or a generated user when there are none.
-pub fn credentials(config: &Config) -> Result<(CredentialsConfig, Option<GeneratedUser>)> {
+/// The configured credentials, or a generated user when there are none: `generated`
+/// when given (a reload keeps the user printed at start), else a new one.
+pub fn credentials(
+    config: &Config,
+    generated: Option<&GeneratedUser>,
+) -> Result<(CredentialsConfig, Option<GeneratedUser>)> {
     let users = config.users.iter().map(|u| parse_user(u)).collect::<Result<Vec<_>>>()?;
     let rest_secrets: Vec<Vec<u8>> =
         config.static_auth_secrets.iter().map(|s| s.as_bytes().to_vec()).collect();
@@ -33,10 +37,13 @@ pub fn credentials(config: &Config) -> Result<(CredentialsConfig, Option<Generat
     if !users.is_empty() || !rest_secrets.is_empty() {
         return Ok((CredentialsConfig { users, rest_secrets, rest_max_ttl_secs }, None));
     }
-    let mut rng = rand::rng();
-    let suffix: String = (&mut rng).sample_iter(Alphanumeric).take(6).map(char::from).collect();
-    let password: String = (&mut rng).sample_iter(Alphanumeric).take(20).map(char::from).collect();
-    let generated = GeneratedUser { username: format!("turn-{}", suffix.to_lowercase()), password };
+    let generated = generated.cloned().unwrap_or_else(|| {
+        let mut rng = rand::rng();
+        let suffix: String = (&mut rng).sample_iter(Alphanumeric).take(6).map(char::from).collect();
+        let password: String =
+            (&mut rng).sample_iter(Alphanumeric).take(20).map(char::from).collect();
+        GeneratedUser { username: format!("turn-{}", suffix.to_lowercase()), password }
+    });
     let user = StaticUser {
         name: generated.username.clone(),
         secret: UserSecret::Password(generated.password.clone()),
@@ -306,17 +313,28 @@ mod tests {
 
     #[test]
     fn generated_credentials_only_without_configured_ones() {
-        let (creds, generated) = credentials(&Config::default()).unwrap();
-        let generated = generated.unwrap();
+        let (creds, first) = credentials(&Config::default(), None).unwrap();
+        let first = first.unwrap();
         assert_eq!(creds.users.len(), 1);
-        assert_eq!(creds.users[0].name, generated.username);
-        assert!(generated.password.len() >= 16);
+        assert_eq!(creds.users[0].name, first.username);
+        assert!(first.password.len() >= 16);
         let config = Config { users: vec!["a:b".into()], ..Config::default() };
-        let (creds, generated) = credentials(&config).unwrap();
+        let (creds, generated) = credentials(&config, None).unwrap();
         assert!(generated.is_none());
         assert_eq!(creds.users[0].name, "a");
         let config = Config { static_auth_secrets: vec!["s".into()], ..Config::default() };
-        assert!(credentials(&config).unwrap().1.is_none());
+        assert!(credentials(&config, None).unwrap().1.is_none());
+        // A reload keeps the user generated at start.
+        let (again, kept) = credentials(&Config::default(), Some(&first)).unwrap();
+        assert_eq!(kept.unwrap().password, first.password);
+        assert_eq!(again.users, creds_of(&first));
+    }
+
+    fn creds_of(user: &GeneratedUser) -> Vec<StaticUser> {
+        vec![StaticUser {
+            name: user.username.clone(),
+            secret: UserSecret::Password(user.password.clone()),
+        }]
     }
 
     #[test]
@@ -394,7 +412,7 @@ mod tests {
                 users: users.iter().map(|u| u.to_string()).collect(),
                 ..Config::default()
             };
-            password_algorithms(&credentials(&config).unwrap().0)
+            password_algorithms(&credentials(&config, None).unwrap().0)
         };
         assert_eq!(with(&["a:pw"]), vec![PasswordAlgorithm::Sha256, PasswordAlgorithm::Md5]);
         let md5 = "carol:0x0123456789abcdef0123456789abcdef";

@@ -20,15 +20,24 @@ use turn_proto::server::{FiveTuple, Quota, QuotaExceeded};
 /// per allocation created and once per allocation gone.
 #[derive(Debug, Default)]
 pub struct SharedQuota {
-    per_user: usize,
-    total: usize,
+    per_user: AtomicUsize,
+    total: AtomicUsize,
     in_use: AtomicUsize,
     users: Mutex<HashMap<String, usize>>,
 }
 
 impl SharedQuota {
     pub fn new(per_user: usize, total: usize) -> Self {
-        Self { per_user, total, ..Self::default() }
+        let quota = Self::default();
+        quota.set_limits(per_user, total);
+        quota
+    }
+
+    /// New limits (reload): they apply to the allocations that follow; none held is
+    /// taken back.
+    pub fn set_limits(&self, per_user: usize, total: usize) {
+        self.per_user.store(per_user, Ordering::Relaxed);
+        self.total.store(total, Ordering::Relaxed);
     }
 
     /// Allocations held across all workers.
@@ -42,8 +51,10 @@ impl Quota for SharedQuota {
         // A poisoned lock means a worker panicked while counting: refuse rather than guess.
         let mut users = self.users.lock().map_err(|_| QuotaExceeded)?;
         let held = users.get(user).copied().unwrap_or(0);
-        if (self.per_user > 0 && held >= self.per_user)
-            || (self.total > 0 && self.in_use.load(Ordering::Relaxed) >= self.total)
+        let (per_user, total) =
+            (self.per_user.load(Ordering::Relaxed), self.total.load(Ordering::Relaxed));
+        if (per_user > 0 && held >= per_user)
+            || (total > 0 && self.in_use.load(Ordering::Relaxed) >= total)
         {
             return Err(QuotaExceeded);
         }
@@ -76,26 +87,37 @@ pub enum LimitReached {
 /// Connections held at once: in total and per source address (0 = unlimited).
 #[derive(Debug, Default)]
 pub struct ConnectionLimits {
-    max_total: usize,
-    max_per_address: usize,
+    max_total: AtomicUsize,
+    max_per_address: AtomicUsize,
     total: AtomicUsize,
     per_address: Mutex<HashMap<IpAddr, usize>>,
 }
 
 impl ConnectionLimits {
     pub fn new(max_total: usize, max_per_address: usize) -> Self {
-        Self { max_total, max_per_address, ..Self::default() }
+        let limits = Self::default();
+        limits.set_limits(max_total, max_per_address);
+        limits
+    }
+
+    /// New limits (reload): they apply to the connections that follow; none open is
+    /// closed.
+    pub fn set_limits(&self, max_total: usize, max_per_address: usize) {
+        self.max_total.store(max_total, Ordering::Relaxed);
+        self.max_per_address.store(max_per_address, Ordering::Relaxed);
     }
 
     /// Takes one connection for `ip`.
     pub fn try_acquire(&self, ip: IpAddr) -> Result<(), LimitReached> {
         // A poisoned lock means a worker panicked while counting: refuse rather than guess.
         let mut map = self.per_address.lock().map_err(|_| LimitReached::Total)?;
-        if self.max_total > 0 && self.total.load(Ordering::Relaxed) >= self.max_total {
+        let max_total = self.max_total.load(Ordering::Relaxed);
+        if max_total > 0 && self.total.load(Ordering::Relaxed) >= max_total {
             return Err(LimitReached::Total);
         }
+        let max_per_address = self.max_per_address.load(Ordering::Relaxed);
         let held = map.entry(ip).or_insert(0);
-        if self.max_per_address > 0 && *held >= self.max_per_address {
+        if max_per_address > 0 && *held >= max_per_address {
             return Err(LimitReached::PerAddress);
         }
         *held += 1;

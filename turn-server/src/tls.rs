@@ -39,6 +39,10 @@ pub struct TlsCerts {
     current: RwLock<Loaded>,
 }
 
+/// A certificate and key that were read and belong together, not served yet.
+#[derive(Debug)]
+pub struct StagedCert(Loaded);
+
 #[derive(Debug, Clone)]
 struct Loaded {
     key: Arc<CertifiedKey>,
@@ -94,13 +98,23 @@ impl TlsCerts {
     /// Reads the files again and serves them to new handshakes; on error the running
     /// certificate stays and the error says why.
     pub fn reload(&self) -> Result<()> {
-        let loaded = load_pair(&self.cert, &self.key, &self.provider)?;
+        self.install(self.read_files()?);
+        Ok(())
+    }
+
+    /// Reads and checks the files without serving them yet (a configuration reload
+    /// installs them only once everything else in it is valid too).
+    pub fn read_files(&self) -> Result<StagedCert> {
+        Ok(StagedCert(load_pair(&self.cert, &self.key, &self.provider)?))
+    }
+
+    /// Serves a certificate read by [`Self::read_files`] to new handshakes.
+    pub fn install(&self, staged: StagedCert) {
         let mut current = match self.current.write() {
             Ok(c) => c,
             Err(poisoned) => poisoned.into_inner(),
         };
-        *current = loaded;
-        Ok(())
+        *current = staged.0;
     }
 
     /// The certificate chain being served (leaf first), for tests and logs.

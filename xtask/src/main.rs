@@ -24,8 +24,15 @@ use clap::{Parser, Subcommand};
 /// llvm-22-dev and friends: what bpf-linker links against. coturn: the real TURN client
 /// (turnutils_uclient, turnutils_peer, turnutils_stunclient) the end-to-end tests drive.
 /// iproute2: network namespaces for tests.
-const APT_PACKAGES: &[&str] =
-    &["llvm-22-dev", "libpolly-22-dev", "zlib1g-dev", "libzstd-dev", "coturn", "iproute2"];
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+    "coturn",
+    "iproute2",
+    "prometheus",
+];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_TARGET: &str = "bpfel-unknown-none";
 

@@ -337,8 +337,9 @@ impl Server {
     /// Takes a new configuration without dropping anything live: credentials, peer rules,
     /// lifetimes and limits apply to the requests that follow; allocations, permissions
     /// and channels stay as they are (a changed password does not end the allocations made
-    /// with the old one; their next request is checked against the new one). On error
-    /// nothing changes.
+    /// with the old one; their next request is checked against the new one), except that
+    /// permissions and channels to peers the new peer rules deny are removed at once, so
+    /// that nothing is relayed where the rules now forbid. On error nothing changes.
     ///
     /// Keep `nonce_secret` (or nonces already issued turn stale: clients see one 438) and
     /// the table and cache sizes (changes to them apply only to a new `Server`).
@@ -376,6 +377,13 @@ impl Server {
         self.creds = creds;
         self.nonces = nonces;
         self.password_algorithms = password_algorithms;
+        let policy = &cfg.peer_policy;
+        for idx in self.table.live_indices() {
+            if let Some(a) = self.table.get_mut(idx) {
+                a.permissions.retain(|p| policy.check_ip(&p.ip).is_ok());
+                a.channels.retain(|c| policy.check_peer(&c.peer).is_ok());
+            }
+        }
         self.cfg = cfg;
         Ok(())
     }

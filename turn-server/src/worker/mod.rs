@@ -14,11 +14,13 @@
 //! touched only for datagrams of a 5-tuple this worker does not own (the directory) and
 //! when allocations come and go (quotas, directory, flow pins).
 
+mod control;
 mod sink;
 mod source;
 mod stream;
 mod udp;
 
+pub use control::{AllocationInfo, Command};
 pub use source::Source;
 pub use stream::{CloseReason, StreamSettings};
 
@@ -114,6 +116,8 @@ pub struct WorkerStats {
     /// Messages to stream clients dropped because the client did not read (write buffer
     /// full).
     pub stream_write_drops: AtomicU64,
+    /// The protocol core's counters and the live allocations, for the metrics endpoint.
+    pub metrics: crate::metrics::WorkerMetrics,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -147,11 +151,16 @@ pub struct WorkerSetup {
     pub relays: RelayPool,
     pub quota: Arc<SharedQuota>,
     pub directory: Arc<Directory>,
-    /// Every worker's inbox, by worker index.
-    pub inboxes: Arc<[mpsc::Sender<Handoff>]>,
-    pub inbox: mpsc::Receiver<Handoff>,
+    /// Every worker's command channel (hand-offs and the control thread's commands), by
+    /// worker index.
+    pub inboxes: Arc<[mpsc::Sender<Command>]>,
+    pub inbox: mpsc::Receiver<Command>,
+    /// Where the worker publishes its per-user traffic (when `metrics_per_user` is on).
+    pub user_traffic: Option<Arc<crate::metrics::UserTraffic>>,
     pub stats: Arc<WorkerStats>,
     pub state: watch::Receiver<RunState>,
+    /// User series kept by name in the metrics.
+    pub metrics_max_users: usize,
 }
 
 /// Starts a worker thread.
@@ -173,8 +182,10 @@ struct Core {
     pool: RelayPool,
     quota: Arc<SharedQuota>,
     directory: Arc<Directory>,
-    inboxes: Arc<[mpsc::Sender<Handoff>]>,
+    inboxes: Arc<[mpsc::Sender<Command>]>,
     stats: Arc<WorkerStats>,
+    /// Per-user traffic of ended allocations (when `metrics_per_user` is on).
+    user_traffic: Option<UserTotals>,
     epoll: Rc<AsyncFd<Epoll>>,
     out: Box<[u8]>,
     scratch: Box<[u8]>,
@@ -189,8 +200,17 @@ struct Core {
 struct Worker {
     core: Core,
     state: watch::Receiver<RunState>,
-    inbox: mpsc::Receiver<Handoff>,
+    inbox: mpsc::Receiver<Command>,
     buffers: Vec<Box<[u8]>>,
+}
+
+/// A worker's per-user traffic: what ended allocations relayed, and where it publishes
+/// the sums with its live allocations'.
+struct UserTotals {
+    ended: std::collections::HashMap<Box<str>, [u64; 2]>,
+    shared: Arc<crate::metrics::UserTraffic>,
+    /// Users kept by name at most (the smallest fold into `_other`).
+    bound: usize,
 }
 
 fn unix_secs() -> u64 {
@@ -229,6 +249,11 @@ impl Worker {
                 directory: setup.directory,
                 inboxes: setup.inboxes,
                 stats: setup.stats,
+                user_traffic: setup.user_traffic.map(|shared| UserTotals {
+                    ended: Default::default(),
+                    shared,
+                    bound: 4 * setup.metrics_max_users.max(1),
+                }),
                 epoll: Rc::new(epoll),
                 out: vec![0u8; turn_proto::server::RECOMMENDED_OUT_LEN].into_boxed_slice(),
                 scratch: vec![0u8; PEER_HEADROOM + RECV_BUFFER_BYTES + PEER_TAILROOM]
@@ -280,8 +305,8 @@ impl Worker {
                     }
                     self.core.after_batch();
                 }
-                Some(handoff) = self.inbox.recv() => {
-                    self.core.on_handoff(handoff);
+                Some(command) = self.inbox.recv() => {
+                    self.core.on_command(command);
                     self.core.after_batch();
                 }
                 () = sleep_until(deadline) => {
@@ -294,6 +319,7 @@ impl Worker {
                 }
                 _ = sweep.tick() => {
                     self.core.sweep_connections(Instant::now());
+                    self.core.publish_user_traffic();
                     self.core.after_batch();
                 }
             }
@@ -391,6 +417,7 @@ impl Core {
             match event {
                 Event::AllocationCreated { five_tuple, conn, username, relays, lifetime_secs } => {
                     bump(&self.stats.allocations_created, 1);
+                    self.stats.metrics.live_changed(five_tuple.transport, family_of(&relays), true);
                     if five_tuple.transport.is_stream() {
                         // A connection's allocation lives on the worker that accepted it:
                         // no directory entry, no flow pin.
@@ -429,6 +456,17 @@ impl Core {
                     created_at,
                     traffic,
                 } => {
+                    self.stats.metrics.live_changed(
+                        five_tuple.transport,
+                        family_of(&relays),
+                        false,
+                    );
+                    if reason == DeleteReason::Shutdown {
+                        self.stats.metrics.ended_at_shutdown(1);
+                    }
+                    if let Some(totals) = &mut self.user_traffic {
+                        totals.add(&username, [traffic.to_peer_bytes, traffic.to_client_bytes]);
+                    }
                     if five_tuple.transport.is_stream() {
                         if matches!(reason, DeleteReason::Expired | DeleteReason::ClientRequest) {
                             self.sink.connections.allocation_ended(conn, &self.streams, now);
@@ -460,6 +498,7 @@ impl Core {
             }
         }
         self.flush_connections();
+        self.stats.metrics.publish(self.server.counters());
         self.stats.connections.store(self.sink.connections.len() as u64, Ordering::Relaxed);
         self.stats.stream_write_drops.store(self.sink.connections.write_drops, Ordering::Relaxed);
         self.stats.allocations.store(self.server.allocation_count() as u64, Ordering::Relaxed);
@@ -471,6 +510,59 @@ impl Core {
         if self.pool.bind_errors > 0 {
             warn!(count = self.pool.bind_errors, "relay sockets could not be created");
             self.pool.bind_errors = 0;
+        }
+    }
+}
+
+/// The relayed families of an allocation, as an index of [`crate::metrics::FAMILIES`].
+fn family_of(relays: &[Option<turn_proto::server::RelaySocket>; 2]) -> usize {
+    match relays {
+        [Some(_), Some(_)] => 2,
+        [None, Some(_)] => 1,
+        _ => 0,
+    }
+}
+
+impl UserTotals {
+    /// Adds an ended allocation's bytes to its user.
+    fn add(&mut self, user: &str, bytes: [u64; 2]) {
+        let entry = self.ended.entry(user.into()).or_insert([0, 0]);
+        entry[0] += bytes[0];
+        entry[1] += bytes[1];
+        if self.ended.len() > self.bound {
+            // Keep the map bounded: the smallest half of the users fold into `_other`.
+            let mut all: Vec<(Box<str>, [u64; 2])> = self.ended.drain().collect();
+            all.sort_by_key(|(_, b)| std::cmp::Reverse(b[0] + b[1]));
+            let mut other = [0u64; 2];
+            for (i, (u, b)) in all.into_iter().enumerate() {
+                if i < self.bound / 2 && &*u != "_other" {
+                    self.ended.insert(u, b);
+                } else {
+                    other[0] += b[0];
+                    other[1] += b[1];
+                }
+            }
+            self.ended.insert("_other".into(), other);
+        }
+    }
+}
+
+impl Core {
+    /// Publishes per-user traffic (ended and live allocations), when it is on. Twice a
+    /// second, with the connection sweep: a walk over the allocations.
+    fn publish_user_traffic(&mut self) {
+        let Some(totals) = &self.user_traffic else { return };
+        let mut sums = totals.ended.clone();
+        for a in self.server.allocations() {
+            let entry = sums.entry(a.username.clone()).or_insert([0, 0]);
+            entry[0] += a.traffic.to_peer_bytes;
+            entry[1] += a.traffic.to_client_bytes;
+        }
+        if let Ok(mut by_worker) = totals.shared.by_worker.lock() {
+            if by_worker.len() <= self.index {
+                by_worker.resize_with(self.index + 1, Default::default);
+            }
+            by_worker[self.index] = sums;
         }
     }
 }
@@ -518,5 +610,28 @@ impl std::fmt::Display for DropSummary {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_user_totals_stay_bounded_and_keep_every_byte() {
+        let mut totals = UserTotals {
+            ended: Default::default(),
+            shared: Arc::new(crate::metrics::UserTraffic::default()),
+            bound: 4,
+        };
+        for i in 0..50u64 {
+            totals.add(&format!("user{i}"), [i, 1]);
+        }
+        assert!(totals.ended.len() <= 5, "{:?}", totals.ended);
+        let sum = totals.ended.values().fold([0, 0], |a, b| [a[0] + b[0], a[1] + b[1]]);
+        assert_eq!(sum, [(0..50).sum::<u64>(), 50]);
+        // The busiest users of the last fold are still there by name.
+        assert!(totals.ended.contains_key("user49"), "{:?}", totals.ended);
+        assert!(totals.ended.contains_key("_other"));
     }
 }

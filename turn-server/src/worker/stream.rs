@@ -63,11 +63,13 @@ pub enum CloseReason {
     TooManyFromAddress,
     /// The daemon stopped.
     Shutdown,
+    /// The operator ended its allocation (`turn-server kick`).
+    Kicked,
 }
 
 impl CloseReason {
     /// Number of reasons.
-    pub const COUNT: usize = 12;
+    pub const COUNT: usize = 13;
     /// All reasons, in index order.
     pub const ALL: [CloseReason; CloseReason::COUNT] = [
         CloseReason::PeerClosed,
@@ -82,6 +84,7 @@ impl CloseReason {
         CloseReason::TooManyConnections,
         CloseReason::TooManyFromAddress,
         CloseReason::Shutdown,
+        CloseReason::Kicked,
     ];
 
     /// A stable snake_case name for logs and metrics.
@@ -99,6 +102,7 @@ impl CloseReason {
             CloseReason::TooManyConnections => "too_many_connections",
             CloseReason::TooManyFromAddress => "too_many_from_address",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Kicked => "kicked",
         }
     }
 }
@@ -418,6 +422,12 @@ impl Connections {
         let generation = *self.generations.get(slot as usize)?;
         let c = self.slots.get_mut(slot as usize)?.as_mut()?;
         Some((conn_id(slot, generation), c))
+    }
+
+    /// The slot of the connection a `ClientConn` names, if it is still open.
+    pub(super) fn slot_of(&mut self, conn: ClientConn) -> Option<u32> {
+        let (slot, _) = slot_of(conn);
+        self.get_mut(conn).map(|_| slot)
     }
 
     /// The connection a `ClientConn` names, if it is still open.

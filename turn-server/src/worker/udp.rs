@@ -150,7 +150,8 @@ impl Core {
             && owner != self.index
         {
             let handoff = Handoff { group, listener: local, client, data: datagram.into() };
-            match self.inboxes.get(owner).map(|inbox| inbox.try_send(handoff)) {
+            let command = super::Command::Handoff(handoff);
+            match self.inboxes.get(owner).map(|inbox| inbox.try_send(command)) {
                 Some(Ok(())) => bump(&self.stats.handed_off, 1),
                 _ => bump(&self.stats.handoff_drops, 1),
             }

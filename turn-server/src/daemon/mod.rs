@@ -1,10 +1,18 @@
-//! The daemon: binds the listener groups, attaches steering, starts the workers, and runs
-//! the control loop (signals, load publishing, eBPF logs) until it is told to stop.
+//! The daemon: binds the listener groups, attaches steering, opens the metrics and admin
+//! endpoints, starts the workers, says it is ready, and runs the control loop
+//! ([`control`]: signals, load publishing, eBPF logs, scrapes, admin requests, reload
+//! ([`reload`]), drain) until it is told to stop.
+
+mod control;
+mod reload;
+
+pub use reload::RELOADABLE;
 
 use std::{
     net::{SocketAddr, TcpListener, UdpSocket},
     os::fd::{AsFd, AsRawFd, OwnedFd},
-    sync::{Arc, atomic::Ordering},
+    path::PathBuf,
+    sync::Arc,
     time::Duration,
 };
 
@@ -14,14 +22,19 @@ use tokio::{
     sync::{mpsc, watch},
 };
 use tracing::{error, info, warn};
-use turn_common::{Mode, SocketLoad};
+use turn_common::Mode;
 use turn_proto::server::Transport;
 
+use self::{
+    control::{Control, Requests, Signals, notify},
+    reload::{ReloadSetup, Reloader},
+};
 use crate::{
+    admin,
     bpffs::{self, Protocol},
-    config::{Config, SteeringMode},
+    config::{Config, DEFAULT_ADMIN_SOCKET, SteeringMode},
     listener::{ListenerGroup, TcpGroup, bind_group, bind_tcp_group},
-    load::{LoadEstimator, WorkerSample},
+    metrics::{self, UserTraffic},
     relay::{RelayAddresses, RelayPool, RelayPorts},
     setup,
     shared::{ConnectionLimits, Directory, SharedQuota},
@@ -29,12 +42,6 @@ use crate::{
     tls::TlsCerts,
     worker::{self, INBOX_CAPACITY, RunState, StreamSettings, WorkerSetup, WorkerStats},
 };
-
-/// How often the control thread publishes worker loads to the steering maps.
-const LOAD_PUBLISH_INTERVAL: Duration = Duration::from_millis(50);
-
-/// How often the control thread looks at the TLS certificate files for a change.
-const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 
 /// A listener group with its steering program, if any.
 struct SteeredGroup {
@@ -53,9 +60,12 @@ struct WorkerSockets {
     streams: Vec<(TcpListener, Transport)>,
 }
 
+/// Reads the configuration again (the file, then the command line on top), for reloads.
+pub type ReadConfig = Box<dyn Fn() -> Result<Config>>;
+
 /// Runs the daemon until SIGINT or SIGTERM. Returns once every worker has stopped and
-/// every steering program is detached.
-pub fn run(config: Config) -> Result<()> {
+/// every steering program is detached. `read` gives the configuration anew on reload.
+pub fn run(config: Config, read: ReadConfig) -> Result<()> {
     let workers = config.worker_count();
     let realm = config.realm();
     // Signal handlers first: a SIGTERM that arrives during startup must still drain.
@@ -69,7 +79,7 @@ pub fn run(config: Config) -> Result<()> {
         }
     };
 
-    let (credentials, generated) = setup::credentials(&config)?;
+    let (credentials, generated) = setup::credentials(&config, None)?;
     if setup::password_algorithms(&credentials).len() == 1 {
         info!(
             "a user has a pre-hashed MD5 key: offering only the MD5 password algorithm \
@@ -169,15 +179,21 @@ pub fn run(config: Config) -> Result<()> {
         }
     }
 
+    // The endpoints, while the daemon may still bind privileged ports and create
+    // /run/turn-server.
+    let metrics_listener = bind_metrics(&config)?;
+    let admin_listener = bind_admin(&config, uid, gid)?;
+
     setup::drop_privileges(&config)?;
 
     let (state_tx, state_rx) = watch::channel(RunState::Running);
     let quota = Arc::new(SharedQuota::new(config.user_quota, config.total_quota));
+    let user_traffic = config.metrics_per_user.then(|| Arc::new(UserTraffic::default()));
     let relay_ports = RelayPorts::new(&relay_addresses, config.min_port, config.max_port);
     let directory = Arc::new(Directory::default());
     let (senders, receivers): (Vec<_>, Vec<_>) =
         (0..workers).map(|_| mpsc::channel(INBOX_CAPACITY)).unzip();
-    let inboxes: Arc<[mpsc::Sender<worker::Handoff>]> = senders.into();
+    let inboxes: Arc<[mpsc::Sender<worker::Command>]> = senders.into();
     let mut handles = Vec::with_capacity(workers);
     let mut stats = Vec::with_capacity(workers);
     let limits =
@@ -213,8 +229,10 @@ pub fn run(config: Config) -> Result<()> {
             directory: Arc::clone(&directory),
             inboxes: Arc::clone(&inboxes),
             inbox,
+            user_traffic: user_traffic.clone(),
             stats: worker_stats,
             state: state_rx.clone(),
+            metrics_max_users: config.metrics_max_users,
         })?);
     }
     let relays: Vec<String> = relay_addresses
@@ -259,21 +277,60 @@ pub fn run(config: Config) -> Result<()> {
     if let Some(user) = &generated {
         print_generated(&config, &groups, &relay_addresses, user);
     }
-    // Every listener is bound, steering attached and the workers run: scripts (and the
-    // test harness) wait for this line.
-    info!(workers, "ready");
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+    if let Some(addr) = metrics_addr {
+        info!(%addr, "metrics: http://{addr}/metrics");
+    }
+    let (scrape_tx, scrapes) = mpsc::channel(16);
+    let (admin_tx, admin_calls) = mpsc::channel(16);
+    let mut endpoints = Vec::new();
+    {
+        let _context = runtime.enter();
+        if let Some(listener) = metrics_listener {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            endpoints.push(tokio::spawn(metrics::serve(listener, scrape_tx)));
+        }
+        if let Some((_, listener)) = &admin_listener {
+            let listener = tokio::net::UnixListener::from_std(listener.try_clone()?)?;
+            endpoints.push(tokio::spawn(admin::serve(listener, admin_tx)));
+        }
+    }
+    // Every listener is bound, steering attached, the endpoints open and the workers
+    // run: tell systemd (Type=notify) and the log. The status names every listener (the
+    // test harness reads its addresses there).
+    let status = ready_status(&groups, metrics_addr);
+    info!(workers, status = %status, "ready");
+    notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
 
-    let drain = Duration::from_secs(config.drain_timeout_secs);
-    let workers_view = WorkersView { stats: &stats, inboxes: &inboxes };
-    let outcome = runtime.block_on(control_loop(
-        signals,
-        &state_tx,
-        drain,
-        &mut groups,
-        &workers_view,
-        &handles,
-        tls.as_deref(),
-    ));
+    let reloader = Reloader::new(ReloadSetup {
+        read,
+        running: config.clone(),
+        generated,
+        relays: relay_addresses.clone(),
+        nonce_secret,
+        quota: Arc::clone(&quota),
+        limits: Arc::clone(&limits),
+        tls: tls.clone(),
+    });
+    let mut control = Control {
+        groups: &mut groups,
+        stats: &stats,
+        inboxes: Arc::clone(&inboxes),
+        workers: &handles,
+        state: &state_tx,
+        reloader,
+        relay_ports: Arc::clone(&relay_ports),
+        user_traffic,
+        metrics_max_users: config.metrics_max_users,
+        status,
+    };
+    let outcome = runtime.block_on(control.run(signals, Requests { scrapes, admin: admin_calls }));
+    for endpoint in endpoints {
+        endpoint.abort();
+    }
+    if let Some((path, _)) = &admin_listener {
+        let _ = std::fs::remove_file(path);
+    }
 
     let _ = state_tx.send(RunState::Stop);
     for group in groups.drain(..) {
@@ -297,6 +354,56 @@ pub fn run(config: Config) -> Result<()> {
         }
     }
     outcome
+}
+
+/// The metrics endpoint's socket, when `prometheus` is on.
+fn bind_metrics(config: &Config) -> Result<Option<TcpListener>> {
+    if !config.prometheus {
+        return Ok(None);
+    }
+    let addr = SocketAddr::new(config.prometheus_address, config.prometheus_port);
+    let listener = TcpListener::bind(addr)
+        .with_context(|| format!("metrics endpoint (prometheus): cannot listen on {addr}"))?;
+    listener.set_nonblocking(true)?;
+    Ok(Some(listener))
+}
+
+/// The admin API's socket. An explicitly configured path that cannot be created is an
+/// error; the default one is skipped with a warning (a daemon run by a user who cannot
+/// write /run, or a second daemon on this host).
+fn bind_admin(
+    config: &Config,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> Result<Option<(PathBuf, std::os::unix::net::UnixListener)>> {
+    let path = &config.admin_socket;
+    if path.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    match admin::bind(path, uid, gid) {
+        Ok(listener) => {
+            info!(socket = %path.display(), "admin API listening");
+            Ok(Some((path.clone(), listener)))
+        }
+        Err(e) if path.as_os_str() == DEFAULT_ADMIN_SOCKET => {
+            warn!(
+                error = %format!("{e:#}"),
+                "admin API off: `turn-server allocations`, `kick`, `drain` and `reload` will not \
+                 reach this daemon (set admin_socket, or --admin-socket \"\" to silence this)"
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// What the daemon serves, for its readiness notification and log line:
+/// `serving udp 127.0.0.1:3478, tcp 127.0.0.1:3478, metrics 127.0.0.1:9641`.
+fn ready_status(groups: &[SteeredGroup], metrics: Option<SocketAddr>) -> String {
+    let mut parts: Vec<String> =
+        groups.iter().map(|g| format!("{} {}", g.transport.name(), g.local)).collect();
+    parts.extend(metrics.map(|addr| format!("metrics {addr}")));
+    format!("serving {}", parts.join(", "))
 }
 
 /// Prepares the bpffs root for this daemon's pins, removing those of killed daemons.
@@ -434,179 +541,6 @@ fn print_generated(
     }
     use std::io::Write;
     let _ = std::io::stdout().flush();
-}
-
-struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-    hup: tokio::signal::unix::Signal,
-}
-
-/// What the control thread reads of the workers.
-struct WorkersView<'a> {
-    stats: &'a [Arc<WorkerStats>],
-    inboxes: &'a [mpsc::Sender<worker::Handoff>],
-}
-
-async fn control_loop(
-    mut signals: Signals,
-    state: &watch::Sender<RunState>,
-    drain_timeout: Duration,
-    groups: &mut [SteeredGroup],
-    view: &WorkersView<'_>,
-    workers: &[std::thread::JoinHandle<Result<()>>],
-    tls: Option<&TlsCerts>,
-) -> Result<()> {
-    let stats = view.stats;
-    let mut estimator = LoadEstimator::new(stats.len());
-    let mut tick = tokio::time::interval(LOAD_PUBLISH_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut cert_check = tokio::time::interval(CERT_CHECK_INTERVAL);
-    cert_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut drain_until: Option<tokio::time::Instant> = None;
-    let live = || stats.iter().map(|w| w.allocations.load(Ordering::Relaxed)).sum::<u64>();
-    loop {
-        tokio::select! {
-            _ = signals.term.recv() => {
-                if drain_until.is_some() {
-                    info!("second SIGTERM: stopping now");
-                    return Ok(());
-                }
-                info!(allocations = live(), timeout_secs = drain_timeout.as_secs(), "SIGTERM: draining (no new allocations)");
-                let _ = state.send(RunState::Draining);
-                drain_until = Some(tokio::time::Instant::now() + drain_timeout);
-            }
-            _ = signals.int.recv() => { info!("SIGINT: stopping"); return Ok(()); }
-            _ = signals.hup.recv() => {
-                match tls {
-                    Some(certs) => reload_certificate(certs, "SIGHUP"),
-                    None => info!("SIGHUP: nothing to reload (no TLS certificate configured)"),
-                }
-            }
-            _ = cert_check.tick(), if tls.is_some() => {
-                if let Some(certs) = tls.filter(|c| c.changed_on_disk()) {
-                    reload_certificate(certs, "file change");
-                }
-            }
-            _ = tick.tick() => {
-                if let Some(i) = workers.iter().position(|w| w.is_finished()) {
-                    bail!("worker {i} stopped unexpectedly");
-                }
-                publish_loads(&mut estimator, groups, view);
-                for steering in groups.iter_mut().filter_map(|g| g.steering.as_mut()) {
-                    steering.flush_logs();
-                }
-                if let Some(until) = drain_until {
-                    let left = live();
-                    if left == 0 {
-                        info!("drained: no allocation left");
-                        return Ok(());
-                    }
-                    if tokio::time::Instant::now() >= until {
-                        info!(allocations = left, "drain timeout: closing the remaining allocations");
-                        return Ok(());
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Serves the certificate files anew to new handshakes (live connections keep theirs); a
-/// bad file leaves the running certificate in place, with the reason in the log.
-fn reload_certificate(certs: &TlsCerts, why: &str) {
-    match certs.reload() {
-        Ok(()) => info!(cert = %certs.cert_path().display(), why, "TLS certificate reloaded"),
-        Err(e) => warn!(
-            why,
-            error = %format!("{e:#}"),
-            "TLS certificate not reloaded: keeping the running one"
-        ),
-    }
-}
-
-/// Writes each worker's load into its slot of every steered group.
-fn publish_loads(
-    estimator: &mut LoadEstimator,
-    groups: &mut [SteeredGroup],
-    view: &WorkersView<'_>,
-) {
-    if groups.iter().all(|g| g.steering.is_none()) {
-        return;
-    }
-    let workers = view.stats.len();
-    // A worker's placements are those of its socket in every group.
-    let mut placed_by_group: Vec<Vec<u64>> = Vec::with_capacity(groups.len());
-    let mut placed = vec![0u64; workers];
-    for group in groups.iter() {
-        let counts = group
-            .steering
-            .as_ref()
-            .map(|s| s.maps().placed())
-            .transpose()
-            .unwrap_or_else(|e| {
-                warn!(error = %e, "reading steering counters failed");
-                None
-            })
-            .unwrap_or_default();
-        for (total, n) in placed.iter_mut().zip(&counts) {
-            *total += n;
-        }
-        placed_by_group.push(counts);
-    }
-    // What each worker reports besides its score (see `SocketLoad`).
-    let mut reports: Vec<SocketLoad> = view
-        .stats
-        .iter()
-        .zip(view.inboxes)
-        .map(|(w, inbox)| SocketLoad {
-            allocations: w.allocations.load(Ordering::Relaxed),
-            packets: w.packets.load(Ordering::Relaxed),
-            bytes: w.bytes.load(Ordering::Relaxed),
-            handed_off: w.handed_off.load(Ordering::Relaxed),
-            handed_in: w.handed_in.load(Ordering::Relaxed),
-            handoff_drops: w.handoff_drops.load(Ordering::Relaxed),
-            inbox_queued: (inbox.max_capacity() - inbox.capacity()) as u64,
-            pin_failures: w.pin_failures.load(Ordering::Relaxed),
-            auth_failures: w.auth_failures.load(Ordering::Relaxed),
-            rate_limited: w.rate_limited.load(Ordering::Relaxed),
-            ..SocketLoad::default()
-        })
-        .collect();
-    for group in groups.iter() {
-        for (report, socket) in reports.iter_mut().zip(&group.members) {
-            if let Some(mem) = socket_meminfo(socket) {
-                report.rx_queued_bytes += mem.queued_bytes;
-                report.rx_drops += mem.drops;
-            }
-        }
-    }
-    let samples: Vec<WorkerSample> = view
-        .stats
-        .iter()
-        .zip(&placed)
-        .map(|(w, &placed)| WorkerSample {
-            packets: w.packets.load(Ordering::Relaxed),
-            allocations: w.allocations.load(Ordering::Relaxed),
-            created: w.allocations_created.load(Ordering::Relaxed),
-            placed,
-        })
-        .collect();
-    let loads = estimator.update(std::time::Instant::now(), &samples);
-    for (group, placed) in groups.iter_mut().zip(&placed_by_group) {
-        let Some(steering) = group.steering.as_mut() else { continue };
-        for (i, report) in reports.iter().enumerate() {
-            let load = SocketLoad {
-                score: loads.score(i),
-                flow_weight: loads.flow_weight,
-                placed_seen: placed.get(i).copied().unwrap_or(0),
-                ..*report
-            };
-            if let Err(e) = steering.maps_mut().set_load(i as u32, load) {
-                warn!(error = %e, "publishing load failed");
-            }
-        }
-    }
 }
 
 /// A socket's receive queue and drop count (`SO_MEMINFO`).

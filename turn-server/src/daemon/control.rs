@@ -1,0 +1,508 @@
+//! The control thread's loop: signals, load publishing to the steering maps, eBPF logs,
+//! metrics scrapes, admin requests, reload and drain. Everything here is off the packet
+//! path: workers are reached through their command channels and read through their
+//! single-writer counters.
+
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use anyhow::{Result, bail};
+use serde_json::{Value, json};
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    time::Instant,
+};
+use tracing::{info, warn};
+use turn_common::{Mode, SocketLoad};
+use turn_proto::server::Transport;
+
+use super::{SteeredGroup, reload::Reloader, socket_meminfo};
+use crate::{
+    admin::{self, AdminCall, AdminRequest},
+    inspect::mode_name,
+    load::{LoadEstimator, WorkerLoads, WorkerSample},
+    metrics::{self, GroupSnapshot, Scrape, ScrapeRequest, UserTraffic, WorkerSnapshot},
+    relay::RelayPorts,
+    worker::{AllocationInfo, Command, RunState, WorkerStats},
+};
+
+/// How often the control thread publishes worker loads to the steering maps.
+const LOAD_PUBLISH_INTERVAL: Duration = Duration::from_millis(50);
+
+/// How often the control thread looks at the TLS certificate files for a change.
+const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The signals the daemon handles, registered before anything is bound.
+pub struct Signals {
+    pub term: tokio::signal::unix::Signal,
+    pub int: tokio::signal::unix::Signal,
+    pub hup: tokio::signal::unix::Signal,
+}
+
+/// Requests that reach the control thread from its endpoints.
+pub struct Requests {
+    /// Scrapes of the metrics endpoint (none when it is off).
+    pub scrapes: mpsc::Receiver<ScrapeRequest>,
+    /// Admin API calls (none when it is off).
+    pub admin: mpsc::Receiver<AdminCall>,
+}
+
+/// What the control thread holds of the running daemon.
+pub struct Control<'a> {
+    pub groups: &'a mut [SteeredGroup],
+    pub stats: &'a [Arc<WorkerStats>],
+    pub inboxes: Arc<[mpsc::Sender<Command>]>,
+    pub workers: &'a [std::thread::JoinHandle<Result<()>>],
+    pub state: &'a watch::Sender<RunState>,
+    pub reloader: Reloader,
+    pub relay_ports: Arc<RelayPorts>,
+    pub user_traffic: Option<Arc<UserTraffic>>,
+    pub metrics_max_users: usize,
+    /// The readiness status (`serving ...`), restored after an undrain.
+    pub status: String,
+}
+
+/// Where the loop is in its life.
+#[derive(Default)]
+struct Phase {
+    /// SIGTERM: draining until this instant, then stopping.
+    stopping: Option<Instant>,
+    /// Draining because the operator asked (admin API), until undrained.
+    drained: bool,
+}
+
+/// Tells systemd (Type=notify) where the daemon is; a no-op without `NOTIFY_SOCKET`.
+pub fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        warn!(error = %e, "cannot notify the service manager");
+    }
+}
+
+impl Control<'_> {
+    fn live(&self) -> u64 {
+        self.stats.iter().map(|w| w.allocations.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Runs until SIGINT, a second SIGTERM, or the end of a drain.
+    pub async fn run(&mut self, mut signals: Signals, mut requests: Requests) -> Result<()> {
+        let mut estimator = LoadEstimator::new(self.stats.len());
+        let mut loads: Option<WorkerLoads> = None;
+        let mut tick = tokio::time::interval(LOAD_PUBLISH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut cert_check = tokio::time::interval(CERT_CHECK_INTERVAL);
+        cert_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut phase = Phase::default();
+        let has_tls = self.reloader.tls().is_some();
+        loop {
+            tokio::select! {
+                _ = signals.term.recv() => {
+                    if phase.stopping.is_some() {
+                        info!("second SIGTERM: stopping now");
+                        return Ok(());
+                    }
+                    let timeout = Duration::from_secs(self.reloader.running().drain_timeout_secs);
+                    let live = self.live();
+                    info!(allocations = live, timeout_secs = timeout.as_secs(), "SIGTERM: draining (no new allocations)");
+                    let _ = self.state.send(RunState::Draining);
+                    let status = format!("STATUS=stopping: draining {live} allocations");
+                    notify(&[sd_notify::NotifyState::Stopping, sd_notify::NotifyState::Custom(&status)]);
+                    phase.stopping = Some(Instant::now() + timeout);
+                }
+                _ = signals.int.recv() => { info!("SIGINT: stopping"); return Ok(()); }
+                _ = signals.hup.recv() => { let _ = self.reload("SIGHUP").await; }
+                _ = cert_check.tick(), if has_tls => {
+                    if let Some(certs) = self.reloader.tls().filter(|c| c.changed_on_disk()) {
+                        match certs.reload() {
+                            Ok(()) => info!(cert = %certs.cert_path().display(), "TLS certificate changed on disk: reloaded"),
+                            Err(e) => warn!(error = %format!("{e:#}"), "TLS certificate changed on disk but not reloaded: keeping the running one"),
+                        }
+                    }
+                }
+                Some(reply) = requests.scrapes.recv() => {
+                    let _ = reply.send(metrics::render(self.scrape(loads.as_ref(), &phase)));
+                }
+                Some((request, reply)) = requests.admin.recv() => {
+                    self.admin(request, reply, &mut phase).await;
+                }
+                _ = tick.tick() => {
+                    if let Some(i) = self.workers.iter().position(|w| w.is_finished()) {
+                        bail!("worker {i} stopped unexpectedly");
+                    }
+                    loads = Some(self.publish_loads(&mut estimator));
+                    for steering in self.groups.iter_mut().filter_map(|g| g.steering.as_mut()) {
+                        steering.flush_logs();
+                    }
+                    if let Some(until) = phase.stopping {
+                        let left = self.live();
+                        if left == 0 {
+                            info!("drained: no allocation left");
+                            return Ok(());
+                        }
+                        if Instant::now() >= until {
+                            info!(allocations = left, "drain timeout: closing the remaining allocations");
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Control<'_> {
+    /// Reads the configuration again and applies it; the outcome goes to the log (and to
+    /// the admin API's caller).
+    async fn reload(&mut self, why: &str) -> Result<super::reload::Reloaded, String> {
+        // systemd wants the time with RELOADING=1 (Type=notify-reload); plain notify
+        // services take it too.
+        let mut states = vec![sd_notify::NotifyState::Reloading];
+        states.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
+        notify(&states);
+        let outcome = self.reloader.reload(&self.inboxes).await;
+        notify(&[sd_notify::NotifyState::Ready]);
+        match outcome {
+            Ok(done) => {
+                info!(
+                    why,
+                    applied = %done.applied.join(","),
+                    certificate = done.certificate,
+                    "configuration reloaded"
+                );
+                if !done.need_restart.is_empty() {
+                    warn!(
+                        keys = %done.need_restart.join(","),
+                        "changed keys that take effect only at restart: their running values stay"
+                    );
+                }
+                Ok(done)
+            }
+            Err(e) => {
+                let e = format!("{e:#}");
+                warn!(why, error = %e, "configuration not reloaded: the running one stays");
+                Err(e)
+            }
+        }
+    }
+
+    /// Answers an admin request; those that ask the workers are answered by a task, so
+    /// that the loop goes on publishing loads meanwhile.
+    async fn admin(
+        &mut self,
+        request: AdminRequest,
+        reply: oneshot::Sender<Value>,
+        phase: &mut Phase,
+    ) {
+        let answer = match request {
+            AdminRequest::Allocations => {
+                let inboxes = Arc::clone(&self.inboxes);
+                tokio::spawn(async move {
+                    let _ = reply.send(match list_allocations(&inboxes).await {
+                        Ok(list) => json!({ "ok": true, "allocations": list }),
+                        Err(e) => admin::error(e),
+                    });
+                });
+                return;
+            }
+            AdminRequest::Kick { user, client } => {
+                if user.is_none() && client.is_none() {
+                    admin::error("kick needs a user, a client address, or both")
+                } else {
+                    let inboxes = Arc::clone(&self.inboxes);
+                    tokio::spawn(async move {
+                        let _ = reply.send(match kick(&inboxes, user.clone(), client).await {
+                            Ok(ended) => {
+                                info!(user = ?user, client = ?client, ended, "admin: allocations ended (kick)");
+                                json!({ "ok": true, "ended": ended })
+                            }
+                            Err(e) => admin::error(e),
+                        });
+                    });
+                    return;
+                }
+            }
+            AdminRequest::Drain => {
+                if phase.stopping.is_none() && !phase.drained {
+                    phase.drained = true;
+                    let _ = self.state.send(RunState::Draining);
+                    info!(
+                        allocations = self.live(),
+                        "admin: draining (no new allocations) until undrained"
+                    );
+                    notify(&[sd_notify::NotifyState::Status("draining: no new allocations")]);
+                }
+                json!({ "ok": true, "draining": true })
+            }
+            AdminRequest::Undrain => {
+                if phase.stopping.is_some() {
+                    admin::error(
+                        "the server is stopping (SIGTERM): it cannot take new allocations again",
+                    )
+                } else {
+                    if phase.drained {
+                        phase.drained = false;
+                        let _ = self.state.send(RunState::Running);
+                        info!("admin: undrained, taking new allocations again");
+                        notify(&[sd_notify::NotifyState::Status(&self.status)]);
+                    }
+                    json!({ "ok": true, "draining": false })
+                }
+            }
+            AdminRequest::Steering { mode } => self.set_steering(&mode),
+            AdminRequest::Reload => match self.reload("admin API").await {
+                Ok(done) => json!({
+                    "ok": true,
+                    "applied": done.applied,
+                    "need_restart": done.need_restart,
+                    "certificate": done.certificate,
+                }),
+                Err(e) => admin::error(e),
+            },
+            AdminRequest::Status => {
+                let listeners: Vec<Value> = self
+                    .groups
+                    .iter()
+                    .map(|g| json!({ "transport": g.transport.name(), "listen": g.local.to_string(), "steering": group_mode(g) }))
+                    .collect();
+                json!({
+                    "ok": true,
+                    "pid": std::process::id(),
+                    "workers": self.stats.len(),
+                    "allocations": self.live(),
+                    "connections": self.stats.iter().map(|w| w.connections.load(Ordering::Relaxed)).sum::<u64>(),
+                    "draining": phase.stopping.is_some() || phase.drained,
+                    "stopping": phase.stopping.is_some(),
+                    "listeners": listeners,
+                })
+            }
+        };
+        let _ = reply.send(answer);
+    }
+
+    /// Sets the steering mode of every steered listener (new flows only).
+    fn set_steering(&mut self, mode: &str) -> Value {
+        let mode = match mode {
+            "p2c" => Mode::P2c,
+            "least" => Mode::Least,
+            "hash" => Mode::Hash,
+            other => {
+                return admin::error(format!(
+                    "unknown steering mode {other:?}: p2c, least or hash"
+                ));
+            }
+        };
+        let mut changed = Vec::new();
+        for group in self.groups.iter_mut() {
+            let (local, transport) = (group.local, group.transport.name());
+            let Some(steering) = group.steering.as_mut() else { continue };
+            let before = steering.mode().map_or("unknown", mode_name);
+            if let Err(e) = steering.maps_mut().set_mode(mode) {
+                return admin::error(format!("setting the mode of {transport} {local}: {e}"));
+            }
+            info!(listen = %local, transport, before, after = mode_name(mode), "admin: steering mode changed (new flows only)");
+            changed.push(json!({ "transport": transport, "listen": local.to_string(), "before": before, "after": mode_name(mode) }));
+        }
+        if changed.is_empty() {
+            return admin::error("no listener is steered (steering is off or unavailable)");
+        }
+        json!({ "ok": true, "listeners": changed })
+    }
+
+    /// One scrape's numbers.
+    fn scrape(&self, loads: Option<&WorkerLoads>, phase: &Phase) -> Scrape {
+        let total_rate: f64 = loads.map_or(0.0, |l| l.packet_rates.iter().sum());
+        let workers = self
+            .stats
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let read = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+                WorkerSnapshot {
+                    received_packets: read(&w.packets),
+                    handed_off: read(&w.handed_off),
+                    handed_in: read(&w.handed_in),
+                    handoff_drops: read(&w.handoff_drops),
+                    connections: read(&w.connections),
+                    connections_accepted: read(&w.connections_accepted),
+                    closes: w.closes.iter().map(read).collect(),
+                    stream_write_drops: read(&w.stream_write_drops),
+                    pin_failures: read(&w.pin_failures),
+                    score: loads.map_or(0, |l| l.score(i)),
+                    share: match loads.and_then(|l| l.packet_rates.get(i)) {
+                        Some(rate) if total_rate > 0.0 => rate / total_rate,
+                        _ => 0.0,
+                    },
+                    ..WorkerSnapshot::read(&w.metrics)
+                }
+            })
+            .collect();
+        let groups = self
+            .groups
+            .iter()
+            .map(|g| {
+                let pins = match (&g.steering, g.transport) {
+                    (Some(s), Transport::Udp) => match s.maps().pin_counts() {
+                        Ok(counts) => Some(counts.allocations),
+                        Err(e) => {
+                            warn!(error = %e, "reading the allocation pins failed");
+                            None
+                        }
+                    },
+                    _ => None,
+                };
+                GroupSnapshot {
+                    listener: g.local.to_string(),
+                    transport: g.transport.name(),
+                    mode: group_mode(g),
+                    pins,
+                }
+            })
+            .collect();
+        let users = match &self.user_traffic {
+            Some(traffic) => {
+                let mut totals = std::collections::HashMap::new();
+                if let Ok(by_worker) = traffic.by_worker.lock() {
+                    for (user, bytes) in by_worker.iter().flatten() {
+                        let t: &mut [u64; 2] = totals.entry(user.clone()).or_default();
+                        t[0] += bytes[0];
+                        t[1] += bytes[1];
+                    }
+                }
+                metrics::top_users(totals, self.metrics_max_users)
+            }
+            None => Vec::new(),
+        };
+        let free = self.relay_ports.free_ports();
+        Scrape {
+            workers,
+            relay_ports_free: [free[0] as u64, free[1] as u64],
+            groups,
+            users,
+            draining: phase.stopping.is_some() || phase.drained,
+        }
+    }
+
+    /// Computes each worker's load and writes it into its slot of every steered group.
+    fn publish_loads(&mut self, estimator: &mut LoadEstimator) -> WorkerLoads {
+        let workers = self.stats.len();
+        // A worker's placements are those of its socket in every group.
+        let mut placed_by_group: Vec<Vec<u64>> = Vec::with_capacity(self.groups.len());
+        let mut placed = vec![0u64; workers];
+        for group in self.groups.iter() {
+            let counts = group
+                .steering
+                .as_ref()
+                .map(|s| s.maps().placed())
+                .transpose()
+                .unwrap_or_else(|e| {
+                    warn!(error = %e, "reading steering counters failed");
+                    None
+                })
+                .unwrap_or_default();
+            for (total, n) in placed.iter_mut().zip(&counts) {
+                *total += n;
+            }
+            placed_by_group.push(counts);
+        }
+        let samples: Vec<WorkerSample> = self
+            .stats
+            .iter()
+            .zip(&placed)
+            .map(|(w, &placed)| WorkerSample {
+                packets: w.packets.load(Ordering::Relaxed),
+                allocations: w.allocations.load(Ordering::Relaxed),
+                created: w.allocations_created.load(Ordering::Relaxed),
+                placed,
+            })
+            .collect();
+        let loads = estimator.update(std::time::Instant::now(), &samples);
+        if self.groups.iter().all(|g| g.steering.is_none()) {
+            return loads;
+        }
+        // What each worker reports besides its score (see `SocketLoad`).
+        let mut reports: Vec<SocketLoad> = self
+            .stats
+            .iter()
+            .zip(self.inboxes.iter())
+            .map(|(w, inbox)| SocketLoad {
+                allocations: w.allocations.load(Ordering::Relaxed),
+                packets: w.packets.load(Ordering::Relaxed),
+                bytes: w.bytes.load(Ordering::Relaxed),
+                handed_off: w.handed_off.load(Ordering::Relaxed),
+                handed_in: w.handed_in.load(Ordering::Relaxed),
+                handoff_drops: w.handoff_drops.load(Ordering::Relaxed),
+                inbox_queued: (inbox.max_capacity() - inbox.capacity()) as u64,
+                pin_failures: w.pin_failures.load(Ordering::Relaxed),
+                auth_failures: w.auth_failures.load(Ordering::Relaxed),
+                rate_limited: w.rate_limited.load(Ordering::Relaxed),
+                ..SocketLoad::default()
+            })
+            .collect();
+        for group in self.groups.iter() {
+            for (report, socket) in reports.iter_mut().zip(&group.members) {
+                if let Some(mem) = socket_meminfo(socket) {
+                    report.rx_queued_bytes += mem.queued_bytes;
+                    report.rx_drops += mem.drops;
+                }
+            }
+        }
+        for (group, placed) in self.groups.iter_mut().zip(&placed_by_group) {
+            let Some(steering) = group.steering.as_mut() else { continue };
+            for (i, report) in reports.iter().enumerate() {
+                let load = SocketLoad {
+                    score: loads.score(i),
+                    flow_weight: loads.flow_weight,
+                    placed_seen: placed.get(i).copied().unwrap_or(0),
+                    ..*report
+                };
+                if let Err(e) = steering.maps_mut().set_load(i as u32, load) {
+                    warn!(error = %e, "publishing load failed");
+                }
+            }
+        }
+        loads
+    }
+}
+
+/// The steering mode of a group, as metrics and the admin API name it.
+fn group_mode(group: &SteeredGroup) -> &'static str {
+    group.steering.as_ref().map_or("off", |s| s.mode().map_or("unknown", mode_name))
+}
+
+/// Every worker's allocations.
+async fn list_allocations(
+    inboxes: &[mpsc::Sender<Command>],
+) -> Result<Vec<AllocationInfo>, &'static str> {
+    let mut replies = Vec::with_capacity(inboxes.len());
+    for inbox in inboxes {
+        let (tx, rx) = oneshot::channel();
+        inbox.send(Command::Allocations(tx)).await.map_err(|_| "a worker has stopped")?;
+        replies.push(rx);
+    }
+    let mut all = Vec::new();
+    for reply in replies {
+        all.extend(reply.await.map_err(|_| "a worker has stopped")?);
+    }
+    Ok(all)
+}
+
+/// Ends the allocations of `user` and/or `client` on every worker.
+async fn kick(
+    inboxes: &[mpsc::Sender<Command>],
+    user: Option<String>,
+    client: Option<std::net::SocketAddr>,
+) -> Result<usize, &'static str> {
+    let mut replies = Vec::with_capacity(inboxes.len());
+    for inbox in inboxes {
+        let (reply, rx) = oneshot::channel();
+        let command = Command::Kick { user: user.clone(), client, reply };
+        inbox.send(command).await.map_err(|_| "a worker has stopped")?;
+        replies.push(rx);
+    }
+    let mut ended = 0;
+    for reply in replies {
+        ended += reply.await.map_err(|_| "a worker has stopped")?;
+    }
+    Ok(ended)
+}
