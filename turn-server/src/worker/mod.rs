@@ -186,6 +186,8 @@ struct Core {
     stats: Arc<WorkerStats>,
     /// Per-user traffic of ended allocations (when `metrics_per_user` is on).
     user_traffic: Option<UserTotals>,
+    /// When the protocol core's counters were last copied for the metrics endpoint.
+    metrics_published: Instant,
     epoll: Rc<AsyncFd<Epoll>>,
     out: Box<[u8]>,
     scratch: Box<[u8]>,
@@ -249,6 +251,7 @@ impl Worker {
                 directory: setup.directory,
                 inboxes: setup.inboxes,
                 stats: setup.stats,
+                metrics_published: Instant::now(),
                 user_traffic: setup.user_traffic.map(|shared| UserTotals {
                     ended: Default::default(),
                     shared,
@@ -498,7 +501,13 @@ impl Core {
             }
         }
         self.flush_connections();
-        self.stats.metrics.publish(self.server.counters());
+        // The metrics copy (some 60 counters) at most every 100 ms: live for a scraper,
+        // and nothing per packet when batches are small. The sweep tick (500 ms) runs
+        // this too, so an idle worker's last numbers are out within half a second.
+        if now.saturating_duration_since(self.metrics_published) >= METRICS_PUBLISH_INTERVAL {
+            self.stats.metrics.publish(self.server.counters());
+            self.metrics_published = now;
+        }
         self.stats.connections.store(self.sink.connections.len() as u64, Ordering::Relaxed);
         self.stats.stream_write_drops.store(self.sink.connections.write_drops, Ordering::Relaxed);
         self.stats.allocations.store(self.server.allocation_count() as u64, Ordering::Relaxed);
@@ -566,6 +575,9 @@ impl Core {
         }
     }
 }
+
+/// How often at most a worker copies its protocol core's counters for the metrics.
+const METRICS_PUBLISH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// How often the workers look for connections past their deadline.
 const CONNECTION_SWEEP: std::time::Duration = std::time::Duration::from_millis(500);
