@@ -197,6 +197,35 @@ pub fn uclient(server: SocketAddr, peer_port: u16, extra: &[&str]) -> (bool, Str
     run_tool("turnutils_uclient", &args, Duration::from_secs(60))
 }
 
+/// Like [`uclient`], in a thread (for what happens to the daemon meanwhile).
+pub fn uclient_in_background(
+    server: SocketAddr,
+    peer_port: u16,
+    extra: &[&str],
+) -> std::thread::JoinHandle<(bool, String)> {
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    std::thread::spawn(move || {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        uclient(server, peer_port, &extra)
+    })
+}
+
+/// The daemon most relay tests use: 2 workers, realm `test`, user `alice:secret`, peers
+/// on loopback allowed, plus `extra`.
+pub fn relaying_daemon(extra: &[&str]) -> Daemon {
+    let mut args = vec![
+        "--workers",
+        "2",
+        "--realm",
+        "test",
+        "--user",
+        "alice:secret",
+        "--allow-loopback-peers",
+    ];
+    args.extend_from_slice(extra);
+    Daemon::start(&args)
+}
+
 /// The lost-packet figure from turnutils_uclient's summary ("Total lost packets N").
 pub fn uclient_lost(output: &str) -> Option<u64> {
     output

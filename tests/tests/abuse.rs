@@ -96,20 +96,9 @@ fn the_servers_own_addresses_are_not_peers_by_default() {
     assert_eq!(turn_tests::uclient_lost(&out), Some(0), "{out}");
 }
 
+/// [`turn_tests::relaying_daemon`] with a second user, `bob:builder`.
 fn relaying_daemon(extra: &[&str]) -> Daemon {
-    let mut args = vec![
-        "--workers",
-        "2",
-        "--realm",
-        "test",
-        "--user",
-        "alice:secret",
-        "--user",
-        "bob:builder",
-        "--allow-loopback-peers",
-    ];
-    args.extend_from_slice(extra);
-    Daemon::start(&args)
+    turn_tests::relaying_daemon(&[&["--user", "bob:builder"], extra].concat())
 }
 
 fn uclient(daemon: &Daemon, peer_port: u16, user: &str, extra: &[&str]) -> (bool, String) {

@@ -13,28 +13,14 @@ use turn_proto::client::Request;
 use turn_tests::{
     Daemon, PinRoot, free_udp_port, json_field,
     ops::{Prometheus, admin, allocations, http_get},
-    require_root, require_tool, server_bin, start_peer,
+    relaying_daemon, require_root, require_tool, server_bin, start_peer,
     stream::StreamClient,
-    uclient_lost,
+    uclient_in_background, uclient_lost,
 };
 
 /// coturn's client and peer; in CI their absence is a failure.
 fn coturn_tools(test: &str) -> bool {
     ["turnutils_uclient", "turnutils_peer"].iter().all(|tool| require_tool(test, tool, "coturn"))
-}
-
-fn relaying_daemon(extra: &[&str]) -> Daemon {
-    let mut args = vec![
-        "--workers",
-        "2",
-        "--realm",
-        "test",
-        "--user",
-        "alice:secret",
-        "--allow-loopback-peers",
-    ];
-    args.extend_from_slice(extra);
-    Daemon::start(&args)
 }
 
 /// turnutils_uclient in a thread: `n` messages per session, one every 10 ms.
@@ -45,11 +31,9 @@ fn uclient_running(
     n: u32,
     sessions: u32,
 ) -> std::thread::JoinHandle<(bool, String)> {
-    let (password, n, m) = (password.to_owned(), n.to_string(), sessions.to_string());
-    std::thread::spawn(move || {
-        let args = ["-u", "alice", "-w", &password, "-n", &n, "-m", &m, "-l", "100", "-z", "10"];
-        turn_tests::uclient(server, peer_port, &args)
-    })
+    let (n, m) = (n.to_string(), sessions.to_string());
+    let args = ["-u", "alice", "-w", password, "-n", &n, "-m", &m, "-l", "100", "-z", "10"];
+    uclient_in_background(server, peer_port, &args)
 }
 
 /// Waits (at most 15 s) until the admin API lists allocations for which `ok` holds.

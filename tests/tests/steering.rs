@@ -223,18 +223,11 @@ fn relay_with_uclient(daemon: &Daemon, peer_port: u16, extra: &[&str]) -> (bool,
     turn_tests::uclient(daemon.addr(), peer_port, &args)
 }
 
-/// A 2-worker p2c daemon with a user and loopback peers allowed, pinned under `root`.
+/// [`turn_tests::relaying_daemon`] with p2c steering pinned under `root`.
 fn relaying_daemon(root: &PinRoot, extra: &[&str]) -> Daemon {
-    let mut args = vec!["--workers", "2", "--steering", "p2c", "--bpf-pin-root", root.arg()];
-    args.extend_from_slice(&[
-        "--realm",
-        "test",
-        "--user",
-        "alice:secret",
-        "--allow-loopback-peers",
-    ]);
-    args.extend_from_slice(extra);
-    Daemon::start(&args)
+    turn_tests::relaying_daemon(
+        &[&["--steering", "p2c", "--bpf-pin-root", root.arg()], extra].concat(),
+    )
 }
 
 /// The sum over workers of a counter the workers log when they stop.

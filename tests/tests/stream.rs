@@ -259,13 +259,23 @@ fn a_closed_connection_frees_its_allocation_and_quota() {
                 Err(e) => panic!("{transport}: after the close: {e}\n{}", daemon.logs()),
             }
         }
-        let logs = daemon.logs();
-        let ended = logs.lines().any(|l| {
-            l.contains("allocation deleted")
-                && l.contains(&format!("\"client\":\"{client}\""))
-                && l.contains("connection closed")
-        });
-        assert!(ended, "{transport}: no deletion logged for {client}:\n{logs}");
+        // The session line (the log is read by a thread of its own: wait for it).
+        let ended = |logs: &str| {
+            logs.lines().any(|l| {
+                l.contains("allocation deleted")
+                    && l.contains(&format!("\"client\":\"{client}\""))
+                    && l.contains("\"reason\":\"connection_closed\"")
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !ended(&daemon.logs()) {
+            assert!(
+                Instant::now() < deadline,
+                "{transport}: no deletion logged for {client}:\n{}",
+                daemon.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         second.close();
     }
 }

@@ -5,7 +5,8 @@
 use std::{net::UdpSocket, time::Duration};
 
 use turn_tests::{
-    Daemon, free_udp_port, json_field, require_tool, run_tool, start_peer, uclient_lost,
+    Daemon, free_udp_port, json_field, relaying_daemon, require_tool, run_tool, start_peer,
+    uclient_in_background, uclient_lost,
 };
 
 const UCLIENT: Duration = Duration::from_secs(60);
@@ -24,34 +25,6 @@ fn port_args(daemon: &Daemon) -> String {
 /// turnutils_uclient against `daemon` with `extra` options, relaying to the peer.
 fn uclient(daemon: &Daemon, peer_port: u16, extra: &[&str]) -> (bool, String) {
     turn_tests::uclient(daemon.addr(), peer_port, extra)
-}
-
-/// Like [`uclient`], in a thread (for what happens to the daemon meanwhile).
-fn uclient_in_background(
-    daemon: &Daemon,
-    peer_port: u16,
-    extra: &[&str],
-) -> std::thread::JoinHandle<(bool, String)> {
-    let server = daemon.addr();
-    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-    std::thread::spawn(move || {
-        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-        turn_tests::uclient(server, peer_port, &extra)
-    })
-}
-
-fn relaying_daemon(extra: &[&str]) -> Daemon {
-    let mut args = vec![
-        "--workers",
-        "2",
-        "--realm",
-        "test",
-        "--user",
-        "alice:secret",
-        "--allow-loopback-peers",
-    ];
-    args.extend_from_slice(extra);
-    Daemon::start(&args)
 }
 
 #[test]
@@ -198,7 +171,7 @@ fn sigterm_drains_live_allocations_and_refuses_new_ones() {
     let _peer = start_peer(peer_port);
     // About 3 s of traffic; SIGTERM arrives after 1 s.
     let running = uclient_in_background(
-        &daemon,
+        daemon.addr(),
         peer_port,
         &["-u", "alice", "-w", "secret", "-n", "300", "-m", "1", "-l", "100", "-z", "10"],
     );
@@ -226,7 +199,7 @@ fn garbage_is_dropped_and_counted_while_a_client_relays() {
     let peer_port = free_udp_port();
     let _peer = start_peer(peer_port);
     let running = uclient_in_background(
-        &daemon,
+        daemon.addr(),
         peer_port,
         &["-u", "alice", "-w", "secret", "-n", "200", "-m", "2", "-l", "100", "-z", "10"],
     );

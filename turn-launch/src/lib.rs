@@ -144,15 +144,16 @@ impl Launch {
         let logs = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().context("piped stderr")?;
         let stdout = child.stdout.take().context("piped stdout")?;
+        let mut readers = Vec::new();
         for reader in [Box::new(stderr) as Box<dyn io::Read + Send>, Box::new(stdout)] {
             let logs = Arc::clone(&logs);
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 for line in io::BufReader::new(reader).lines().map_while(Result::ok) {
                     if let Ok(mut l) = logs.lock() {
                         l.push(line);
                     }
                 }
-            });
+            }));
         }
         let admin_socket = self
             .args
@@ -166,6 +167,7 @@ impl Launch {
             metrics: None,
             admin_socket,
             logs,
+            readers,
             notify,
             _run_dir: run_dir,
         };
@@ -229,6 +231,8 @@ pub struct Daemon {
     /// The daemon's admin API socket.
     pub admin_socket: PathBuf,
     logs: Arc<Mutex<Vec<String>>>,
+    /// The threads reading its stdout and stderr (they end at the pipes' end).
+    readers: Vec<std::thread::JoinHandle<()>>,
     /// Where the daemon's later notifications (RELOADING=1, STOPPING=1, ...) arrive.
     notify: UnixDatagram,
     _run_dir: RunDir,
@@ -312,6 +316,10 @@ impl Daemon {
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 self.child = None;
+                // Every line it wrote is in `logs` once the readers reach the end.
+                for reader in self.readers.drain(..) {
+                    let _ = reader.join();
+                }
                 return Some(status);
             }
             if Instant::now() >= deadline {

@@ -36,7 +36,7 @@ use tokio::{
     sync::{Semaphore, mpsc, oneshot},
 };
 use turn_proto::server::{
-    AuthFailure, Counters, DropReason, ERROR_CODES, REQUEST_METHODS, Transport,
+    AuthFailure, Counters, DeleteReason, DropReason, ERROR_CODES, REQUEST_METHODS, Transport,
 };
 
 use crate::worker::CloseReason;
@@ -45,8 +45,13 @@ use crate::worker::CloseReason;
 pub const FAMILIES: [&str; 3] = ["ipv4", "ipv6", "dual"];
 
 /// How an allocation ended, for the deletion counter (in `WorkerMetrics::deleted` order).
-pub const DELETE_REASONS: [&str; 5] =
-    ["expired", "client", "connection_closed", "kicked", "shutdown"];
+pub const DELETE_REASONS: [&str; 5] = [
+    DeleteReason::Expired.name(),
+    DeleteReason::ClientRequest.name(),
+    DeleteReason::ConnectionClosed.name(),
+    DeleteReason::Kicked.name(),
+    DeleteReason::Shutdown.name(),
+];
 
 fn bump(counter: &AtomicU64, by: u64) {
     // Single writer: a plain load/store pair, no locked read-modify-write.

@@ -132,13 +132,14 @@ pub enum DeleteReason {
 }
 
 impl DeleteReason {
-    /// A lowercase name for logs and metrics.
+    /// A stable snake_case name for logs and metrics (the session line's `reason`,
+    /// `turn_allocations_deleted_total{reason}`).
     pub const fn name(self) -> &'static str {
         match self {
             DeleteReason::Expired => "expired",
-            DeleteReason::ClientRequest => "client request",
+            DeleteReason::ClientRequest => "client",
             DeleteReason::Shutdown => "shutdown",
-            DeleteReason::ConnectionClosed => "connection closed",
+            DeleteReason::ConnectionClosed => "connection_closed",
             DeleteReason::Kicked => "kicked",
         }
     }
