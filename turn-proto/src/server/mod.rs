@@ -213,6 +213,9 @@ pub enum Event {
         traffic: AllocationTraffic,
         /// Username.
         username: Box<str>,
+        /// The user it counted against: the user part of a REST username (`expiry:user`),
+        /// else the username (quotas; per-user metrics).
+        quota_key: Box<str>,
         /// Why.
         reason: DeleteReason,
     },
@@ -577,6 +580,7 @@ impl Server {
             created_at: a.created_at,
             traffic: a.traffic,
             username: a.username,
+            quota_key: a.quota_key,
             reason,
         });
     }

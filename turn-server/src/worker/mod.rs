@@ -454,6 +454,7 @@ impl Core {
                     five_tuple,
                     conn,
                     username,
+                    quota_key,
                     reason,
                     relays,
                     created_at,
@@ -468,7 +469,9 @@ impl Core {
                         self.stats.metrics.ended_at_shutdown(1);
                     }
                     if let Some(totals) = &mut self.user_traffic {
-                        totals.add(&username, [traffic.to_peer_bytes, traffic.to_client_bytes]);
+                        // By user, not username: REST credentials of one user (a username
+                        // per expiry) make one series.
+                        totals.add(&quota_key, [traffic.to_peer_bytes, traffic.to_client_bytes]);
                     }
                     if five_tuple.transport.is_stream() {
                         if matches!(reason, DeleteReason::Expired | DeleteReason::ClientRequest) {
@@ -563,7 +566,7 @@ impl Core {
         let Some(totals) = &self.user_traffic else { return };
         let mut sums = totals.ended.clone();
         for a in self.server.allocations() {
-            let entry = sums.entry(a.username.clone()).or_insert([0, 0]);
+            let entry = sums.entry(a.quota_key.clone()).or_insert([0, 0]);
             entry[0] += a.traffic.to_peer_bytes;
             entry[1] += a.traffic.to_client_bytes;
         }
