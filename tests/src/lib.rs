@@ -489,6 +489,15 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// A counter the workers log when they stop ("worker stopped"), summed over the workers
+/// (the daemon must have stopped).
+pub fn worker_total(logs: &str, field: &str) -> u64 {
+    logs.lines()
+        .filter(|l| l.contains("worker stopped"))
+        .filter_map(|l| json_field(l, field)?.parse::<u64>().ok())
+        .sum()
+}
+
 /// Connection closes by reason, summed over the workers' "worker stopped" lines (the
 /// daemon must have stopped).
 pub fn closes(logs: &str) -> std::collections::BTreeMap<String, u64> {

@@ -230,16 +230,6 @@ fn relaying_daemon(root: &PinRoot, extra: &[&str]) -> Daemon {
     )
 }
 
-/// The sum over workers of a counter the workers log when they stop.
-fn worker_total(daemon: &Daemon, field: &str) -> u64 {
-    daemon
-        .logs()
-        .lines()
-        .filter(|l| l.contains("worker stopped"))
-        .filter_map(|l| json_field(l, field)?.parse::<u64>().ok())
-        .sum()
-}
-
 fn coturn_tools(test: &str) -> bool {
     require_tool(test, "turnutils_uclient", "coturn")
         && require_tool(test, "turnutils_peer", "coturn")
@@ -303,7 +293,7 @@ fn a_pin_map_smaller_than_the_allocations_loses_nothing() {
     assert_eq!(turn_tests::uclient_lost(&out), Some(0), "{out}");
     assert!(!out.contains("error"), "no error, no 437:\n{out}");
     daemon.signal_and_wait(libc::SIGINT, Duration::from_secs(10)).unwrap();
-    let total = |field: &str| worker_total(&daemon, field);
+    let total = |field: &str| turn_tests::worker_total(&daemon.logs(), field);
     assert!(
         total("handed_off") > 0,
         "evicted pins must have misrouted something:\n{}",
@@ -352,7 +342,7 @@ fn a_flood_of_spoofed_sources_costs_live_allocations_nothing() {
     assert!(pins.memo_entries <= 4096, "{pins:?}");
     drop(maps);
     daemon.signal_and_wait(libc::SIGINT, Duration::from_secs(10)).unwrap();
-    let total = |field: &str| worker_total(&daemon, field);
+    let total = |field: &str| turn_tests::worker_total(&daemon.logs(), field);
     assert_eq!(total("handed_off"), 0, "a live allocation's datagram was misrouted");
     assert_eq!(total("pin_failures"), 0);
     assert_eq!(daemon.logs().matches("allocation created").count(), 50, "{}", daemon.logs());

@@ -497,11 +497,7 @@ fn a_client_that_does_not_read_loses_packets_and_stalls_nobody() {
     drop(slow);
     daemon.signal_and_wait(libc::SIGINT, Duration::from_secs(10)).expect("exits");
     let logs = daemon.logs();
-    let drops: u64 = logs
-        .lines()
-        .filter(|l| l.contains("worker stopped"))
-        .filter_map(|l| turn_tests::json_field(l, "stream_write_drops")?.parse::<u64>().ok())
-        .sum();
+    let drops = turn_tests::worker_total(&logs, "stream_write_drops");
     assert!(drops > 0, "the slow reader's excess is dropped and counted:\n{logs}");
 }
 

@@ -234,12 +234,7 @@ fn garbage_is_dropped_and_counted_while_a_client_relays() {
     assert!(ok, "{out}");
     assert_eq!(uclient_lost(&out), Some(0), "the client kept working:\n{out}");
     daemon.signal_and_wait(libc::SIGINT, Duration::from_secs(10)).expect("exits");
-    let dropped: u64 = daemon
-        .logs()
-        .lines()
-        .filter(|l| l.contains("worker stopped"))
-        .filter_map(|l| json_field(l, "dropped")?.parse::<u64>().ok())
-        .sum();
+    let dropped = turn_tests::worker_total(&daemon.logs(), "dropped");
     assert!(dropped >= sent, "dropped {dropped} of {sent} garbage datagrams:\n{}", daemon.logs());
 }
 

@@ -213,7 +213,9 @@ impl Control<'_> {
                     tokio::spawn(async move {
                         let _ = reply.send(match kick(&inboxes, user.clone(), client).await {
                             Ok(ended) => {
-                                info!(user = ?user, client = ?client, ended, "admin: allocations ended (kick)");
+                                let user = user.as_deref().unwrap_or("any");
+                                let client = client.map_or("any".to_owned(), |c| c.to_string());
+                                info!(user, client, ended, "admin: allocations ended (kick)");
                                 json!({ "ok": true, "ended": ended })
                             }
                             Err(e) => admin::error(e),

@@ -45,7 +45,7 @@ use tokio::{
 use tracing::{debug, info, info_span, warn};
 use turn_common::FlowKey;
 use turn_proto::server::{
-    DeleteReason, DropReason, Event, Host, PEER_HEADROOM, PEER_TAILROOM, Server, Transport,
+    DeleteReason, Event, Host, PEER_HEADROOM, PEER_TAILROOM, Server, Transport,
 };
 
 use self::{
@@ -344,13 +344,18 @@ impl Worker {
             auth_failures = c.auth_failures,
             rate_limited = c.rate_limited_responses + c.rate_limited_auth,
             replays_refused = c.replays_refused,
-            drops = %DropSummary(c.drops),
+            drops = %by_reason(c.drops_by_name()),
             handed_off = core.stats.handed_off.load(Ordering::Relaxed),
             handed_in = core.stats.handed_in.load(Ordering::Relaxed),
             handoff_drops = core.stats.handoff_drops.load(Ordering::Relaxed),
             pin_failures = core.stats.pin_failures.load(Ordering::Relaxed),
             connections_accepted = core.stats.connections_accepted.load(Ordering::Relaxed),
-            closes = %CloseSummary(&core.stats.closes),
+            closes = %by_reason(
+                CloseReason::ALL
+                    .iter()
+                    .map(|r| r.name())
+                    .zip(core.stats.closes.iter().map(|n| n.load(Ordering::Relaxed)))
+            ),
             stream_write_drops = core.sink.connections.write_drops,
             "worker stopped"
         );
@@ -585,47 +590,14 @@ const METRICS_PUBLISH_INTERVAL: std::time::Duration = std::time::Duration::from_
 /// How often the workers look for connections past their deadline.
 const CONNECTION_SWEEP: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Connection closes by reason, for the log.
-struct CloseSummary<'a>(&'a [AtomicU64; CloseReason::COUNT]);
-
-impl std::fmt::Display for CloseSummary<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut first = true;
-        for (reason, count) in CloseReason::ALL.iter().zip(self.0) {
-            let count = count.load(Ordering::Relaxed);
-            if count > 0 {
-                if !first {
-                    f.write_str(",")?;
-                }
-                first = false;
-                write!(f, "{}={count}", reason.name())?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Drop counters by reason, for the log.
-struct DropSummary([u64; DropReason::COUNT]);
-
-impl std::fmt::Display for DropSummary {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut first = true;
-        for (i, count) in self.0.iter().enumerate() {
-            if *count > 0 {
-                if !first {
-                    f.write_str(",")?;
-                }
-                first = false;
-                write!(
-                    f,
-                    "{:?}={count}",
-                    DropReason::ALL.get(i).copied().unwrap_or(DropReason::NotTurn)
-                )?;
-            }
-        }
-        Ok(())
-    }
+/// Counts by reason for the log, `reason=n` joined by commas, or `none`.
+fn by_reason(counts: impl Iterator<Item = (&'static str, u64)>) -> String {
+    let text = counts
+        .filter(|&(_, n)| n > 0)
+        .map(|(name, n)| format!("{name}={n}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    if text.is_empty() { "none".to_owned() } else { text }
 }
 
 #[cfg(test)]
