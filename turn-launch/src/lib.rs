@@ -6,9 +6,11 @@
 //! attached and the workers run), whose `STATUS=serving udp 127.0.0.1:40000, ...` names
 //! every listener, so a caller knows each address and port (port 0 asks the kernel for a
 //! free one: no port is shared between tests). Each daemon also gets its own admin socket
-//! in the same private directory. The daemon's JSON logs are kept for error messages and
-//! tests. Dropping a [`Daemon`] stops it (SIGINT, then SIGKILL after a grace period), waits
-//! for it and removes its directory.
+//! in the same private directory, and its own bpffs pin directory (unless the caller names
+//! one), so no path is shared between tests and nothing is left in the operator's default
+//! `/sys/fs/bpf/turn-server`. The daemon's JSON logs are kept for error messages and tests.
+//! Dropping a [`Daemon`] kills it (SIGKILL: call [`Daemon::stop`] for a clean exit), waits
+//! for it and removes both directories.
 
 use std::{
     io::{self, BufRead},
@@ -55,7 +57,8 @@ pub struct Launch {
     /// A command the daemon runs under (e.g. `ip netns exec NS`, `setpriv ...`).
     pub wrapper: Vec<String>,
     /// The daemon's arguments. Unless they say otherwise, the launcher adds
-    /// `--listening-port 0` and `--listening-ip 127.0.0.1`.
+    /// `--listening-port 0`, `--listening-ip 127.0.0.1`, a private `--admin-socket` and a
+    /// private `--bpf-pin-root`.
     pub args: Vec<String>,
     /// `TURN_LOG` for the daemon (default: `$TURN_LOG` or `info`).
     pub log_level: Option<String>,
@@ -117,6 +120,10 @@ impl Launch {
         if !has(&["--admin-socket"]) {
             cmd.arg("--admin-socket").arg(&admin_socket);
         }
+        let pin_root = (!has(&["--bpf-pin-root"])).then(|| PinRoot::new("launch"));
+        if let Some(root) = &pin_root {
+            cmd.arg("--bpf-pin-root").arg(&root.0);
+        }
         let notify_path = run_dir.0.join("notify.sock");
         let notify = UnixDatagram::bind(&notify_path)
             .with_context(|| format!("binding {}", notify_path.display()))?;
@@ -170,6 +177,7 @@ impl Launch {
             readers,
             notify,
             _run_dir: run_dir,
+            _pin_root: pin_root,
         };
         let deadline = Instant::now() + START_TIMEOUT;
         let mut buf = vec![0u8; 4096];
@@ -236,6 +244,8 @@ pub struct Daemon {
     /// Where the daemon's later notifications (RELOADING=1, STOPPING=1, ...) arrive.
     notify: UnixDatagram,
     _run_dir: RunDir,
+    /// The pin directory the launcher chose, removed after the daemon is gone.
+    _pin_root: Option<PinRoot>,
 }
 
 impl Daemon {
