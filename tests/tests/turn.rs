@@ -248,17 +248,7 @@ fn relays_over_ipv6() {
         eprintln!("SKIPPED: relays_over_ipv6: no IPv6 loopback here");
         return;
     }
-    let daemon = Daemon::start(&[
-        "--listening-ip",
-        "::1",
-        "--workers",
-        "2",
-        "--realm",
-        "test",
-        "--user",
-        "alice:secret",
-        "--allow-loopback-peers",
-    ]);
+    let daemon = relaying_daemon(&["--listening-ip", "::1"]);
     let peer_port = free_udp_port();
     let peer = turn_tests::Child(
         std::process::Command::new("turnutils_peer")
