@@ -3,7 +3,7 @@
 
 use std::{process::Command, time::Duration};
 
-use turn_tests::{Daemon, require_root, require_tool, server_bin};
+use turn_tests::{Daemon, PinRoot, require_root, require_tool, server_bin};
 
 /// The daemon as an unprivileged user: no BPF.
 const NOBODY: &[&str] = &[
@@ -53,10 +53,13 @@ fn without_bpf_explicit_p2c_is_an_error() {
     {
         return;
     }
+    // Its own pin directory: bpffs may let anyone create one (mode 1777 here).
+    let root = PinRoot::new("nobody-p2c");
     let output = Command::new(NOBODY[0])
         .args(&NOBODY[1..])
         .arg(server_bin())
         .args(["--listening-ip", "127.0.0.1", "--listening-port", "0", "--steering", "p2c"])
+        .args(["--bpf-pin-root", root.arg()])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
