@@ -414,12 +414,13 @@ impl Core {
         let from =
             UdpFrom { group: handoff.group, local: handoff.listener, client: handoff.client };
         self.on_client_datagram(Instant::now(), unix_secs(), from, &handoff.data, false);
-        self.sink.flush(&self.pool);
     }
 
     /// Book-keeping after a batch: allocation events (logs, directory, pins, connection
     /// phases, counts), then the batch's writes to stream clients.
     fn after_batch(&mut self) {
+        // The batch's UDP datagrams, both ways, before anything else.
+        self.sink.flush(&self.pool);
         let now = Instant::now();
         while let Some(event) = self.server.poll_event() {
             match event {

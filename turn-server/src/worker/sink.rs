@@ -1,11 +1,16 @@
 //! The worker's one output sink: everything the protocol core decides to send goes
 //! through [`Sink::send`], whatever input it answers (a client message, a peer
-//! datagram, an ICMP error, a hand-off). Client -> peer payloads are staged and leave as
-//! GSO runs when the batch ends ([`Sink::flush`]); datagrams to UDP clients leave at once
-//! from the worker's listener socket that `ClientConn` names; messages to TCP and TLS
+//! datagram, an ICMP error, a hand-off). UDP datagrams both ways are staged and leave when
+//! the batch ends ([`Sink::flush`]): client -> peer payloads from the relay socket,
+//! datagrams to UDP clients from the worker's listener socket that `ClientConn` names,
+//! each flow's run of equal-sized datagrams as one GSO send. Messages to TCP and TLS
 //! clients are queued on the connection `ClientConn` names and written once per batch.
 
-use std::{io, net::SocketAddr, net::UdpSocket, time::Instant};
+use std::{
+    io,
+    net::{IpAddr, SocketAddr, UdpSocket},
+    time::Instant,
+};
 
 use quinn_udp::Transmit;
 use tracing::warn;
@@ -21,8 +26,8 @@ pub(super) struct Sink {
     pub(super) listeners: Vec<Listener>,
     /// The worker's TCP and TLS connections.
     pub(super) connections: Connections,
-    /// Client -> peer payloads of the current receive batch, sent grouped by relay socket
-    /// and peer so that runs of equal-sized datagrams go out as one GSO send.
+    /// UDP datagrams of the current batch, both ways, sent grouped by socket and
+    /// destination so that runs of equal-sized datagrams go out as one GSO send.
     staged: Staged,
     pub(super) io_errors: RateLimitedLog,
 }
@@ -41,12 +46,12 @@ impl Sink {
     pub(super) fn send(&mut self, pool: &RelayPool, output: Output<'_>) {
         match output {
             Output::None => {}
-            Output::ToPeer { relay, peer, data, dont_fragment: false }
-                if self.staged.room_for(data.len()) =>
-            {
-                self.staged.push(relay, peer, data);
+            Output::ToPeer { relay, peer, data, dont_fragment: false } => {
+                self.stage(pool, Dest::Peer { relay, peer }, data);
             }
             Output::ToPeer { relay, peer, data, .. } => {
+                // What was staged before goes first (order per flow).
+                self.flush(pool);
                 let Some(r) = pool.get(relay) else { return };
                 let transmit = Transmit {
                     destination: peer,
@@ -62,27 +67,42 @@ impl Sink {
             Output::ToClient { five_tuple, conn, data } => match five_tuple.transport {
                 Transport::Udp => {
                     let Some(l) = self.listeners.get(conn.0 as usize) else { return };
-                    let transmit = Transmit {
-                        destination: five_tuple.client,
-                        ecn: None,
-                        contents: data,
-                        segment_size: None,
+                    let dest = Dest::Client {
+                        group: conn.0 as u32,
+                        client: five_tuple.client,
                         // From a wildcard listener, answer from the address the client used.
                         src_ip: l.local.ip().is_unspecified().then_some(five_tuple.listener.ip()),
                     };
-                    if let Err(e) = l.state.try_send((&l.socket).into(), &transmit) {
-                        self.io_errors.log("send to client", &e);
-                    }
+                    self.stage(pool, dest, data);
                 }
                 Transport::Tcp | Transport::Tls => self.connections.queue(conn, data),
             },
         }
     }
 
+    /// Stages a datagram; when the stage is full, what it holds is sent first.
+    fn stage(&mut self, pool: &RelayPool, dest: Dest, data: &[u8]) {
+        if !self.staged.room_for(data.len()) {
+            self.flush(pool);
+        }
+        self.staged.push(dest, data);
+    }
+
     /// Sends what the batch staged (see [`Staged`]).
     pub(super) fn flush(&mut self, pool: &RelayPool) {
-        self.staged.flush(pool, &mut self.io_errors);
+        self.staged.flush(pool, &self.listeners, &mut self.io_errors);
     }
+}
+
+/// Where a staged datagram goes, and from which socket. Ordered so that sorting groups
+/// each socket's datagrams by destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Dest {
+    /// Client -> peer: from relay socket `relay`.
+    Peer { relay: RelayId, peer: SocketAddr },
+    /// To a UDP client: from the worker's socket of listener `group`, with source address
+    /// `src_ip` when that socket is bound to a wildcard address.
+    Client { group: u32, client: SocketAddr, src_ip: Option<IpAddr> },
 }
 
 /// Sends on a relay socket; an ICMP error reported by this call concerns an earlier
@@ -98,16 +118,17 @@ fn try_send_to_peer(
     }
 }
 
-/// Client -> peer payloads of one receive batch, copied out of the receive buffers.
+/// The UDP datagrams of one batch, copied out of the receive and output buffers.
 #[derive(Default)]
 struct Staged {
     bytes: Vec<u8>,
-    items: Vec<(RelayId, SocketAddr, usize, usize)>,
+    /// (destination, start in `bytes`, length), in the order the core produced them.
+    items: Vec<(Dest, usize, usize)>,
     order: Vec<usize>,
     gso: Vec<u8>,
 }
 
-/// Most bytes staged per batch (a batch holds at most `BATCH_SIZE` datagrams).
+/// Most bytes staged at once; a fuller stage is sent before more is staged.
 const STAGED_BYTES: usize = 64 * 1024;
 
 impl Staged {
@@ -115,32 +136,38 @@ impl Staged {
         self.bytes.len() + len <= STAGED_BYTES
     }
 
-    fn push(&mut self, relay: RelayId, peer: SocketAddr, data: &[u8]) {
-        self.items.push((relay, peer, self.bytes.len(), data.len()));
+    fn push(&mut self, dest: Dest, data: &[u8]) {
+        self.items.push((dest, self.bytes.len(), data.len()));
         self.bytes.extend_from_slice(data);
     }
 
-    /// Sends the staged payloads: grouped by (relay, peer) with each flow's order kept,
-    /// a run of equal-sized payloads (the last may be shorter) as one GSO send.
-    fn flush(&mut self, pool: &RelayPool, io_errors: &mut RateLimitedLog) {
+    /// Sends the staged datagrams: grouped by destination with each flow's order kept,
+    /// a run of equal-sized datagrams (the last may be shorter) as one GSO send.
+    fn flush(&mut self, pool: &RelayPool, listeners: &[Listener], io_errors: &mut RateLimitedLog) {
         if self.items.is_empty() {
             return;
         }
         let Self { bytes, items, order, gso } = self;
         order.clear();
         order.extend(0..items.len());
-        order.sort_by_key(|&i| (items[i].0, items[i].1)); // stable: per-flow order kept
-        let max_segments = pool.state.max_gso_segments().clamp(1, 64);
+        order.sort_by_key(|&i| items[i].0); // stable: per-flow order kept
         let mut i = 0;
         while i < order.len() {
-            let (relay, peer, _, segment) = items[order[i]];
-            // The run: same relay and peer, same size, at most max_segments; a shorter
-            // payload may end it.
+            let (dest, _, segment) = items[order[i]];
+            let max_segments = match dest {
+                Dest::Peer { .. } => pool.state.max_gso_segments(),
+                Dest::Client { group, .. } => {
+                    listeners.get(group as usize).map_or(1, |l| l.state.max_gso_segments())
+                }
+            }
+            .clamp(1, 64);
+            // The run: same destination, same size, at most max_segments; a shorter
+            // datagram may end it.
             let mut end = i + 1;
             while segment > 0 && end < order.len() && end - i < max_segments {
-                let (r, p, _, len) = items[order[end]];
-                // An empty payload cannot be a GSO segment: it goes out on its own.
-                if r != relay || p != peer || len > segment || len == 0 {
+                let (d, _, len) = items[order[end]];
+                // An empty datagram cannot be a GSO segment: it goes out on its own.
+                if d != dest || len > segment || len == 0 {
                     break;
                 }
                 end += 1;
@@ -150,19 +177,38 @@ impl Staged {
             }
             gso.clear();
             for &k in &order[i..end] {
-                let (_, _, start, len) = items[k];
+                let (_, start, len) = items[k];
                 gso.extend_from_slice(&bytes[start..start + len]);
             }
-            if let Some(r) = pool.get(relay) {
-                let transmit = Transmit {
-                    destination: peer,
-                    ecn: None,
-                    contents: gso,
-                    segment_size: (end - i > 1).then_some(segment),
-                    src_ip: None,
-                };
-                if let Err(e) = try_send_to_peer(pool, &r.socket, &transmit) {
-                    io_errors.log("send to peer", &e);
+            let segment_size = (end - i > 1).then_some(segment);
+            match dest {
+                Dest::Peer { relay, peer } => {
+                    if let Some(r) = pool.get(relay) {
+                        let transmit = Transmit {
+                            destination: peer,
+                            ecn: None,
+                            contents: gso,
+                            segment_size,
+                            src_ip: None,
+                        };
+                        if let Err(e) = try_send_to_peer(pool, &r.socket, &transmit) {
+                            io_errors.log("send to peer", &e);
+                        }
+                    }
+                }
+                Dest::Client { group, client, src_ip } => {
+                    if let Some(l) = listeners.get(group as usize) {
+                        let transmit = Transmit {
+                            destination: client,
+                            ecn: None,
+                            contents: gso,
+                            segment_size,
+                            src_ip,
+                        };
+                        if let Err(e) = l.state.try_send((&l.socket).into(), &transmit) {
+                            io_errors.log("send to client", &e);
+                        }
+                    }
                 }
             }
             i = end;
@@ -249,7 +295,7 @@ mod tests {
         let mut expected2 = Vec::new();
         for i in 0..40u8 {
             let a = vec![i; 100];
-            staged.push(relay_a, p1, &a);
+            staged.push(Dest::Peer { relay: relay_a, peer: p1 }, &a);
             expected1.push(a);
             let b = vec![
                 i;
@@ -261,24 +307,63 @@ mod tests {
                     100
                 }
             ];
-            staged.push(relay_b, p2, &b);
+            staged.push(Dest::Peer { relay: relay_b, peer: p2 }, &b);
             expected2.push(b);
         }
-        staged.push(relay_a, p1, &[]);
+        staged.push(Dest::Peer { relay: relay_a, peer: p1 }, &[]);
         expected1.push(Vec::new());
         let mut log = RateLimitedLog::default();
-        staged.flush(&pool, &mut log);
+        staged.flush(&pool, &[], &mut log);
         assert!(staged.items.is_empty() && staged.bytes.is_empty());
         let summary =
             |v: &[Vec<u8>]| v.iter().map(|d| (d.len(), d.first().copied())).collect::<Vec<_>>();
         assert_eq!(summary(&receive_all(&peer1, expected1.len())), summary(&expected1));
         assert_eq!(summary(&receive_all(&peer2, expected2.len())), summary(&expected2));
         // Sent from the relay socket itself.
-        staged.push(relay_b, p1, b"x");
-        staged.flush(&pool, &mut log);
+        staged.push(Dest::Peer { relay: relay_b, peer: p1 }, b"x");
+        staged.flush(&pool, &[], &mut log);
         let mut buf = [0u8; 8];
         let (_, from) = peer1.recv_from(&mut buf).unwrap();
         assert_eq!(from, pool.get(relay_b).unwrap().socket.local_addr().unwrap());
         assert!(staged.room_for(STAGED_BYTES) && !staged.room_for(STAGED_BYTES + 1));
+    }
+
+    #[test]
+    fn staged_datagrams_reach_each_client_in_order_from_the_listener_socket() {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let state = quinn_udp::UdpSocketState::new((&socket).into()).unwrap();
+        let local = socket.local_addr().unwrap();
+        let listeners = vec![Listener { socket, state, local }];
+        let pool = RelayPool::new(crate::relay::RelayPorts::new(&[vec![], vec![]], 1, 1)).unwrap();
+        let client1 = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let client2 = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = |c: &UdpSocket| Dest::Client {
+            group: 0,
+            client: c.local_addr().unwrap(),
+            src_ip: None,
+        };
+        // Two clients interleaved: a GSO-sized run with a shorter tail, then a size change.
+        let mut staged = Staged::default();
+        let (mut expected1, mut expected2) = (Vec::new(), Vec::new());
+        for i in 0..30u8 {
+            let a = vec![i; if i == 29 { 5 } else { 164 }];
+            staged.push(to(&client1), &a);
+            expected1.push(a);
+            let b = vec![i; if i < 10 { 1204 } else { 84 }];
+            staged.push(to(&client2), &b);
+            expected2.push(b);
+        }
+        let mut log = RateLimitedLog::default();
+        staged.flush(&pool, &listeners, &mut log);
+        let summary =
+            |v: &[Vec<u8>]| v.iter().map(|d| (d.len(), d.first().copied())).collect::<Vec<_>>();
+        assert_eq!(summary(&receive_all(&client1, expected1.len())), summary(&expected1));
+        assert_eq!(summary(&receive_all(&client2, expected2.len())), summary(&expected2));
+        // From the listener's address.
+        staged.push(to(&client1), b"x");
+        staged.flush(&pool, &listeners, &mut log);
+        let mut buf = [0u8; 8];
+        let (_, from) = client1.recv_from(&mut buf).unwrap();
+        assert_eq!(from, local);
     }
 }

@@ -817,10 +817,11 @@ impl super::Core {
                 }
             }
         }
-        self.sink.flush(&self.pool);
         super::bump(&self.stats.packets, messages);
         super::bump(&self.stats.bytes, bytes);
         if let Some(reason) = close {
+            // What the connection sent goes out before its allocation (and relay) ends.
+            self.sink.flush(&self.pool);
             self.close_connection(slot, reason, now);
         }
     }

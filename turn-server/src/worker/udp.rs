@@ -71,7 +71,6 @@ impl Worker {
                     self.core.on_client_datagram(now, unix, from, datagram, true);
                 }
             }
-            self.core.sink.flush(&self.core.pool);
             if count < quinn_udp::BATCH_SIZE {
                 return;
             }
