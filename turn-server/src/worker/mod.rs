@@ -15,6 +15,7 @@
 //! when allocations come and go (quotas, directory, flow pins).
 
 mod control;
+mod sendmmsg;
 mod sink;
 mod source;
 mod stream;

@@ -16,7 +16,11 @@ use quinn_udp::Transmit;
 use tracing::warn;
 use turn_proto::server::{Output, RelayId, Transport};
 
-use super::{stream::Connections, udp::Listener};
+use super::{
+    sendmmsg::{self, Message},
+    stream::Connections,
+    udp::Listener,
+};
 use crate::relay::{self, RelayPool};
 
 /// Where outputs go: the worker's UDP listener sockets (by group index, the
@@ -126,6 +130,16 @@ struct Staged {
     items: Vec<(Dest, usize, usize)>,
     order: Vec<usize>,
     gso: Vec<u8>,
+    /// The runs to the clients of one listener socket, sent together.
+    to_clients: Vec<ClientRun>,
+}
+
+/// A run of datagrams to one client, its bytes a range of [`Staged::gso`].
+struct ClientRun {
+    client: SocketAddr,
+    src_ip: Option<IpAddr>,
+    segment_size: Option<usize>,
+    range: std::ops::Range<usize>,
 }
 
 /// Most bytes staged at once; a fuller stage is sent before more is staged.
@@ -147,10 +161,12 @@ impl Staged {
         if self.items.is_empty() {
             return;
         }
-        let Self { bytes, items, order, gso } = self;
+        let Self { bytes, items, order, gso, to_clients } = self;
         order.clear();
         order.extend(0..items.len());
-        order.sort_by_key(|&i| items[i].0); // stable: per-flow order kept
+        // Stable, so each flow's order is kept; peers first, then each listener's clients.
+        order.sort_by_key(|&i| items[i].0);
+        gso.clear();
         let mut i = 0;
         while i < order.len() {
             let (dest, _, segment) = items[order[i]];
@@ -175,7 +191,7 @@ impl Staged {
                     break;
                 }
             }
-            gso.clear();
+            let from = gso.len();
             for &k in &order[i..end] {
                 let (_, start, len) = items[k];
                 gso.extend_from_slice(&bytes[start..start + len]);
@@ -183,11 +199,12 @@ impl Staged {
             let segment_size = (end - i > 1).then_some(segment);
             match dest {
                 Dest::Peer { relay, peer } => {
+                    // Each relay socket has its own peers: one send per run.
                     if let Some(r) = pool.get(relay) {
                         let transmit = Transmit {
                             destination: peer,
                             ecn: None,
-                            contents: gso,
+                            contents: &gso[from..],
                             segment_size,
                             src_ip: None,
                         };
@@ -195,19 +212,25 @@ impl Staged {
                             io_errors.log("send to peer", &e);
                         }
                     }
+                    gso.clear();
                 }
                 Dest::Client { group, client, src_ip } => {
-                    if let Some(l) = listeners.get(group as usize) {
-                        let transmit = Transmit {
-                            destination: client,
-                            ecn: None,
-                            contents: gso,
-                            segment_size,
-                            src_ip,
-                        };
-                        if let Err(e) = l.state.try_send((&l.socket).into(), &transmit) {
-                            io_errors.log("send to client", &e);
+                    // The clients of one listener socket: one sendmmsg for all their runs.
+                    to_clients.push(ClientRun {
+                        client,
+                        src_ip,
+                        segment_size,
+                        range: from..gso.len(),
+                    });
+                    let last_of_group = order.get(end).is_none_or(
+                        |&k| !matches!(items[k].0, Dest::Client { group: g, .. } if g == group),
+                    );
+                    if last_of_group {
+                        if let Some(l) = listeners.get(group as usize) {
+                            send_to_clients(l, gso, to_clients, io_errors);
                         }
+                        to_clients.clear();
+                        gso.clear();
                     }
                 }
             }
@@ -215,6 +238,57 @@ impl Staged {
         }
         bytes.clear();
         items.clear();
+    }
+}
+
+/// Sends the runs to the clients of listener `l`: one through quinn-udp, several in one
+/// `sendmmsg` ([`sendmmsg`](super::sendmmsg)). A run that call cannot send is sent again
+/// through quinn-udp (which knows what to do when GSO is refused) unless the socket's
+/// buffer is full, in which case the rest is dropped and the error logged.
+fn send_to_clients(
+    l: &Listener,
+    contents: &[u8],
+    runs: &[ClientRun],
+    io_errors: &mut RateLimitedLog,
+) {
+    let message = |run: &ClientRun| Message {
+        destination: run.client,
+        src_ip: run.src_ip,
+        segment_size: run.segment_size,
+        contents: &contents[run.range.clone()],
+    };
+    let send_one = |run: &ClientRun, io_errors: &mut RateLimitedLog| {
+        let m = message(run);
+        let transmit = Transmit {
+            destination: m.destination,
+            ecn: None,
+            contents: m.contents,
+            segment_size: m.segment_size,
+            src_ip: m.src_ip,
+        };
+        if let Err(e) = l.state.try_send((&l.socket).into(), &transmit) {
+            io_errors.log("send to client", &e);
+        }
+    };
+    let mut next = 0;
+    while next < runs.len() {
+        if next + 1 == runs.len() {
+            send_one(&runs[next], io_errors);
+            return;
+        }
+        let messages: Vec<Message<'_>> = runs[next..].iter().map(message).collect();
+        match sendmmsg::send(&l.socket, &messages) {
+            (_, Ok(())) => return,
+            (_, Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                io_errors.log("send to client", &e);
+                return;
+            }
+            (sent, Err(_)) => {
+                let failed = next + sent;
+                send_one(&runs[failed], io_errors);
+                next = failed + 1;
+            }
+        }
     }
 }
 
