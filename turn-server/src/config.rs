@@ -50,6 +50,11 @@ pub enum LogFormat {
 /// Where the admin API listens by default.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/turn-server/admin.sock";
 
+/// A worker's wait after a small pass, by default (see `batch_wait_us`).
+pub const DEFAULT_BATCH_WAIT_US: u64 = 200;
+/// The longest `batch_wait_us` accepted.
+pub const MAX_BATCH_WAIT_US: u64 = 1000;
+
 /// Connections all workers hold at once by default (TCP and TLS together).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Connections one source address holds at once by default: room for a large office
@@ -95,6 +100,10 @@ pub struct Config {
     pub listening_ips: Vec<IpAddr>,
     /// Worker threads, each with one socket per listening address (0 = one per CPU).
     pub workers: usize,
+    /// Microseconds a worker waits after a pass that found little to do (fewer than 32
+    /// datagrams) before it looks again, so that more datagrams share each system call
+    /// and GSO run; a datagram may wait up to this long more. 0 = never wait.
+    pub batch_wait_us: u64,
     /// Placement of new flows: auto, p2c, least, hash or off.
     pub steering: SteeringMode,
     /// Entries of the allocation pin map per listening address (0: sized from
@@ -212,6 +221,7 @@ impl Default for Config {
                 IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
             ],
             workers: 0,
+            batch_wait_us: DEFAULT_BATCH_WAIT_US,
             steering: SteeringMode::Auto,
             steering_pin_entries: 0,
             steering_memo_entries: turn_common::DEFAULT_MEMO_ENTRIES,
@@ -317,6 +327,9 @@ impl Config {
                 "stream_write_buffer_bytes: at least 65536 (one message of the largest size \
                  must fit)"
             );
+        }
+        if self.batch_wait_us > MAX_BATCH_WAIT_US {
+            bail!("batch_wait_us: at most {MAX_BATCH_WAIT_US} (a longer wait only adds latency)");
         }
         if self.workers > turn_common::MAX_SOCKETS as usize {
             bail!(
@@ -609,6 +622,9 @@ mod tests {
         assert!(format!("{err:#}").contains("tls_handshake_timeout_secs"), "{err:#}");
         let err = Config::from_toml("stream_write_buffer_bytes = 1000\n").unwrap_err();
         assert!(format!("{err:#}").contains("stream_write_buffer_bytes"), "{err:#}");
+        let err = Config::from_toml("batch_wait_us = 5000\n").unwrap_err();
+        assert!(format!("{err:#}").contains("batch_wait_us: at most 1000"), "{err:#}");
+        assert_eq!(Config::from_toml("batch_wait_us = 0\n").unwrap().batch_wait_us, 0);
     }
 
     #[test]

@@ -202,6 +202,9 @@ struct ServeArgs {
     /// Worker threads, one socket each per address [config: workers, default: one per CPU].
     #[arg(long = "workers", value_name = "N")]
     workers: Option<usize>,
+    /// Microseconds a worker waits after a pass with fewer than 32 datagrams before looking again: fewer wake-ups and system calls per packet at paced rates, up to this much added delay per hop; 0 = never [config: batch_wait_us, default 200].
+    #[arg(long = "batch-wait-us", value_name = "US")]
+    batch_wait_us: Option<u64>,
     /// Placement of new client flows on the workers [config: steering, default auto].
     #[arg(long = "steering", value_enum)]
     steering: Option<SteeringMode>,
@@ -355,6 +358,9 @@ impl ServeArgs {
         }
         if let Some(workers) = self.workers {
             config.workers = workers;
+        }
+        if let Some(us) = self.batch_wait_us {
+            config.batch_wait_us = us;
         }
         if let Some(steering) = self.steering {
             config.steering = steering;

@@ -233,6 +233,7 @@ pub fn run(config: Config, read: ReadConfig) -> Result<()> {
             stats: worker_stats,
             state: state_rx.clone(),
             metrics_max_users: config.metrics_max_users,
+            batch_wait: Duration::from_micros(config.batch_wait_us),
         })?);
     }
     let relays: Vec<String> = relay_addresses

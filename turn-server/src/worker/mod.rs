@@ -35,7 +35,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
     },
     thread::JoinHandle,
-    time::{Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use quinn_udp::UdpSocketState;
@@ -162,13 +162,23 @@ pub struct WorkerSetup {
     pub state: watch::Receiver<RunState>,
     /// User series kept by name in the metrics.
     pub metrics_max_users: usize,
+    /// The wait after a pass with fewer than [`SMALL_PASS`] datagrams (zero: none).
+    pub batch_wait: Duration,
 }
+
+/// A pass that received fewer datagrams than this is followed by the batch wait.
+const SMALL_PASS: u64 = quinn_udp::BATCH_SIZE as u64;
 
 /// Starts a worker thread.
 pub fn spawn(setup: WorkerSetup) -> io::Result<JoinHandle<anyhow::Result<()>>> {
     std::thread::Builder::new().name(format!("worker-{}", setup.index)).spawn(move || {
         let span = info_span!("worker", index = setup.index);
         let _enter = span.enter();
+        if !setup.batch_wait.is_zero() {
+            // The default timer slack (50 us) would stretch a short batch wait by half.
+            // SAFETY: prctl(PR_SET_TIMERSLACK) on this thread, with a plain integer.
+            unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1_000 as libc::c_ulong) };
+        }
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         runtime.block_on(async move { Worker::new(setup)?.run().await })
     })
@@ -189,6 +199,8 @@ struct Core {
     user_traffic: Option<UserTotals>,
     /// When the protocol core's counters were last copied for the metrics endpoint.
     metrics_published: Instant,
+    /// Datagrams and stream messages received in the current epoll pass.
+    pass_datagrams: u64,
     epoll: Rc<AsyncFd<Epoll>>,
     out: Box<[u8]>,
     scratch: Box<[u8]>,
@@ -205,6 +217,7 @@ struct Worker {
     state: watch::Receiver<RunState>,
     inbox: mpsc::Receiver<Command>,
     buffers: Vec<Box<[u8]>>,
+    batch_wait: Duration,
 }
 
 /// A worker's per-user traffic: what ended allocations relayed, and where it publishes
@@ -253,6 +266,7 @@ impl Worker {
                 inboxes: setup.inboxes,
                 stats: setup.stats,
                 metrics_published: Instant::now(),
+                pass_datagrams: 0,
                 user_traffic: setup.user_traffic.map(|shared| UserTotals {
                     ended: Default::default(),
                     shared,
@@ -270,6 +284,7 @@ impl Worker {
             },
             state: setup.state,
             inbox: setup.inbox,
+            batch_wait: setup.batch_wait,
             buffers: (0..quinn_udp::BATCH_SIZE)
                 .map(|_| {
                     vec![0u8; PEER_HEADROOM + RECV_BUFFER_BYTES + PEER_TAILROOM].into_boxed_slice()
@@ -304,10 +319,18 @@ impl Worker {
                         guard.clear_ready();
                         continue;
                     }
+                    self.core.pass_datagrams = 0;
                     for event in &events[..n] {
                         self.on_readable(event.u64, event.events);
                     }
                     self.core.after_batch();
+                    if !self.batch_wait.is_zero() && self.core.pass_datagrams < SMALL_PASS {
+                        // Let more arrive, so that the next pass shares its system calls
+                        // and GSO runs among more datagrams. Blocking is fine: this
+                        // runtime runs only this worker, and what arrives meanwhile waits
+                        // in the socket buffers.
+                        std::thread::sleep(self.batch_wait);
+                    }
                 }
                 Some(command) = self.inbox.recv() => {
                     self.core.on_command(command);

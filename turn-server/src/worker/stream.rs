@@ -818,6 +818,7 @@ impl super::Core {
             }
         }
         super::bump(&self.stats.packets, messages);
+        self.pass_datagrams += messages;
         super::bump(&self.stats.bytes, bytes);
         if let Some(reason) = close {
             // What the connection sent goes out before its allocation (and relay) ends.

@@ -173,12 +173,13 @@ impl Core {
     }
 
     /// Counts a receive batch in the worker's load (one store per counter per batch).
-    pub(super) fn count_received(&self, meta: &[RecvMeta]) {
+    pub(super) fn count_received(&mut self, meta: &[RecvMeta]) {
         let (mut datagrams, mut bytes) = (0u64, 0u64);
         for m in meta {
             datagrams += m.len.div_ceil(m.stride.max(1)).max(1) as u64;
             bytes += m.len as u64;
         }
+        self.pass_datagrams += datagrams;
         bump(&self.stats.packets, datagrams);
         bump(&self.stats.bytes, bytes);
     }
