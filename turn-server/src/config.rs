@@ -100,9 +100,10 @@ pub struct Config {
     pub listening_ips: Vec<IpAddr>,
     /// Worker threads, each with one socket per listening address (0 = one per CPU).
     pub workers: usize,
-    /// Microseconds a worker waits after a pass that found little to do (fewer than 32
-    /// datagrams) before it looks again, so that more datagrams share each system call
-    /// and GSO run; a datagram may wait up to this long more. 0 = never wait.
+    /// Microseconds a busy worker waits after a pass that found little to do (fewer than
+    /// 32 datagrams) before it looks again, so that more datagrams share each system call
+    /// and GSO run; a datagram may wait up to this long more. Only while the worker's
+    /// rate brings at least 8 datagrams per wait. 0 = never wait.
     pub batch_wait_us: u64,
     /// Placement of new flows: auto, p2c, least, hash or off.
     pub steering: SteeringMode,

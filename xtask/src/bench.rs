@@ -27,14 +27,16 @@ const END: &str = "<!-- bench:end -->";
 
 /// A server under test.
 #[derive(Clone, Debug)]
-struct Server {
-    name: String,
-    kind: Kind,
-    threads: usize,
+pub(crate) struct Server {
+    pub(crate) name: String,
+    pub(crate) kind: Kind,
+    pub(crate) threads: usize,
+    /// More arguments for turn-server.
+    pub(crate) extra: Vec<&'static str>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     TurnP2c,
     TurnHash,
     Coturn,
@@ -92,7 +94,7 @@ impl Drop for Running {
     }
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -104,7 +106,7 @@ pub struct Tools {
     pub out_dir: PathBuf,
 }
 
-fn start(server: &Server, tools: &Tools, peer_port: u16) -> Result<Running> {
+pub(crate) fn start(server: &Server, tools: &Tools, peer_port: u16) -> Result<Running> {
     let port = free_port()?;
     let addr = format!("127.0.0.1:{port}");
     let log_path = tools.out_dir.join(format!("{}.log", server.name));
@@ -112,8 +114,9 @@ fn start(server: &Server, tools: &Tools, peer_port: u16) -> Result<Running> {
         let steering = if server.kind == Kind::TurnP2c { "p2c" } else { "hash" };
         let threads = server.threads.to_string();
         let port_arg = port.to_string();
-        let args =
-            ["-L", "127.0.0.1", "-p", &port_arg, "--workers", &threads, "--steering", steering];
+        let mut args =
+            vec!["-L", "127.0.0.1", "-p", &port_arg, "--workers", &threads, "--steering", steering];
+        args.extend(&server.extra);
         return start_turn_server(tools, &args, addr, log_path)
             .with_context(|| format!("starting {}", server.name));
     }
@@ -312,10 +315,10 @@ fn udp_port_bound(port: u16) -> bool {
 
 /// One measurement case.
 #[derive(Clone, Debug)]
-struct Case {
-    name: String,
-    args: Vec<String>,
-    alloc: bool,
+pub(crate) struct Case {
+    pub(crate) name: String,
+    pub(crate) args: Vec<String>,
+    pub(crate) alloc: bool,
 }
 
 fn cases(quick: bool) -> Vec<Case> {
@@ -382,7 +385,7 @@ fn cases(quick: bool) -> Vec<Case> {
 }
 
 fn servers() -> Vec<Server> {
-    let s = |name: &str, kind, threads| Server { name: name.into(), kind, threads };
+    let s = |name: &str, kind, threads| Server { name: name.into(), kind, threads, extra: vec![] };
     vec![
         s("turn-server p2c 2w", Kind::TurnP2c, 2),
         s("turn-server hash 2w", Kind::TurnHash, 2),
@@ -396,7 +399,7 @@ fn servers() -> Vec<Server> {
     ]
 }
 
-fn measure(
+pub(crate) fn measure(
     server: &Server,
     case: &Case,
     tools: &Tools,
@@ -430,7 +433,7 @@ fn measure(
     run_json(&mut cmd)
 }
 
-fn f(v: &Value, path: &[&str]) -> Option<f64> {
+pub(crate) fn f(v: &Value, path: &[&str]) -> Option<f64> {
     path.iter().try_fold(v, |v, k| v.get(k))?.as_f64()
 }
 

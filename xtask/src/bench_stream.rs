@@ -273,7 +273,7 @@ fn num(v: &Value, key: &str) -> Option<f64> {
 }
 
 /// Median and range of the values, as `median (low-high)`.
-fn spread(mut xs: Vec<f64>, digits: usize) -> (Option<f64>, String) {
+pub(crate) fn spread(mut xs: Vec<f64>, digits: usize) -> (Option<f64>, String) {
     if xs.is_empty() {
         return (None, "-".into());
     }

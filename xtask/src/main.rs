@@ -15,6 +15,7 @@ use std::{
 };
 
 mod bench;
+mod bench_bidir;
 mod bench_stream;
 
 use anyhow::{Context, Result, bail};
@@ -73,7 +74,12 @@ enum Cmd {
         /// BENCHMARKS.md).
         #[arg(long)]
         stream: bool,
-        /// Repetitions of every cell (--stream), servers interleaved; medians reported.
+        /// Only both directions at once (echo through the relay), turn-server beside coturn
+        /// and pion (its own section of BENCHMARKS.md).
+        #[arg(long, conflicts_with = "stream")]
+        bidir: bool,
+        /// Repetitions of every cell (--stream, --bidir), servers interleaved; medians
+        /// reported.
         #[arg(long, default_value_t = 3)]
         reps: usize,
     },
@@ -86,7 +92,7 @@ fn main() -> Result<()> {
         Cmd::Run { args } => run(&args),
         Cmd::Test { args } => test(&args),
         Cmd::Lint => lint(),
-        Cmd::Bench { quick, stream, reps } => bench(quick, stream, reps),
+        Cmd::Bench { quick, stream, bidir, reps } => bench(quick, stream, bidir, reps),
     }
 }
 
@@ -302,7 +308,7 @@ fn test(extra: &[String]) -> Result<()> {
     )
 }
 
-fn bench(quick: bool, stream: bool, reps: usize) -> Result<()> {
+fn bench(quick: bool, stream: bool, bidir: bool, reps: usize) -> Result<()> {
     setup()?;
     build_ebpf()?;
     let root = root();
@@ -345,5 +351,8 @@ fn bench(quick: bool, stream: bool, reps: usize) -> Result<()> {
         pion: Some(pion),
         out_dir,
     };
+    if bidir {
+        return bench_bidir::run(&tools, quick, reps.max(1), &root.join("BENCHMARKS.md"));
+    }
     bench::run(&tools, quick, &root.join("BENCHMARKS.md"))
 }

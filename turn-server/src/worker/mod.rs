@@ -162,12 +162,48 @@ pub struct WorkerSetup {
     pub state: watch::Receiver<RunState>,
     /// User series kept by name in the metrics.
     pub metrics_max_users: usize,
-    /// The wait after a pass with fewer than [`SMALL_PASS`] datagrams (zero: none).
+    /// The wait after a small pass when the worker is busy enough (see [`BatchWait`]).
     pub batch_wait: Duration,
 }
 
-/// A pass that received fewer datagrams than this is followed by the batch wait.
-const SMALL_PASS: u64 = quinn_udp::BATCH_SIZE as u64;
+/// When a worker waits after an epoll pass before it looks again: only after a pass with
+/// fewer than [`BatchWait::SMALL_PASS`] datagrams (a larger one already shares its system
+/// calls), and only while the worker's recent rate makes at least
+/// [`BatchWait::WORTH_WAITING`] datagrams likely to arrive during the wait. At lower rates
+/// a wait would gather next to nothing, and its own wake-up would cost more than it saves.
+struct BatchWait {
+    wait: Duration,
+    /// Datagrams since `since`, and the rate measured over the last window.
+    count: u64,
+    since: Instant,
+    per_sec: f64,
+}
+
+impl BatchWait {
+    const SMALL_PASS: u64 = quinn_udp::BATCH_SIZE as u64;
+    const WORTH_WAITING: f64 = 8.0;
+    const WINDOW: Duration = Duration::from_millis(10);
+
+    fn new(wait: Duration) -> BatchWait {
+        BatchWait { wait, count: 0, since: Instant::now(), per_sec: 0.0 }
+    }
+
+    /// After a pass that received `datagrams` at `now`: how long to wait, if at all.
+    fn after_pass(&mut self, datagrams: u64, now: Instant) -> Option<Duration> {
+        if self.wait.is_zero() {
+            return None;
+        }
+        self.count += datagrams;
+        let elapsed = now.saturating_duration_since(self.since);
+        if elapsed >= Self::WINDOW {
+            self.per_sec = self.count as f64 / elapsed.as_secs_f64();
+            self.count = 0;
+            self.since = now;
+        }
+        let expected = self.per_sec * self.wait.as_secs_f64();
+        (datagrams < Self::SMALL_PASS && expected >= Self::WORTH_WAITING).then_some(self.wait)
+    }
+}
 
 /// Starts a worker thread.
 pub fn spawn(setup: WorkerSetup) -> io::Result<JoinHandle<anyhow::Result<()>>> {
@@ -217,7 +253,7 @@ struct Worker {
     state: watch::Receiver<RunState>,
     inbox: mpsc::Receiver<Command>,
     buffers: Vec<Box<[u8]>>,
-    batch_wait: Duration,
+    batch_wait: BatchWait,
 }
 
 /// A worker's per-user traffic: what ended allocations relayed, and where it publishes
@@ -284,7 +320,7 @@ impl Worker {
             },
             state: setup.state,
             inbox: setup.inbox,
-            batch_wait: setup.batch_wait,
+            batch_wait: BatchWait::new(setup.batch_wait),
             buffers: (0..quinn_udp::BATCH_SIZE)
                 .map(|_| {
                     vec![0u8; PEER_HEADROOM + RECV_BUFFER_BYTES + PEER_TAILROOM].into_boxed_slice()
@@ -324,12 +360,13 @@ impl Worker {
                         self.on_readable(event.u64, event.events);
                     }
                     self.core.after_batch();
-                    if !self.batch_wait.is_zero() && self.core.pass_datagrams < SMALL_PASS {
+                    let pass = self.core.pass_datagrams;
+                    if let Some(wait) = self.batch_wait.after_pass(pass, Instant::now()) {
                         // Let more arrive, so that the next pass shares its system calls
                         // and GSO runs among more datagrams. Blocking is fine: this
                         // runtime runs only this worker, and what arrives meanwhile waits
                         // in the socket buffers.
-                        std::thread::sleep(self.batch_wait);
+                        std::thread::sleep(wait);
                     }
                 }
                 Some(command) = self.inbox.recv() => {
@@ -628,6 +665,28 @@ fn by_reason(counts: impl Iterator<Item = (&'static str, u64)>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_wait_only_when_busy_and_the_pass_was_small() {
+        let wait = Duration::from_micros(200);
+        let mut w = BatchWait::new(wait);
+        let mut now = w.since;
+        // 4,000 datagrams/s: under one datagram per 200 us wait, never worth it.
+        for _ in 0..100 {
+            now += Duration::from_micros(500);
+            assert_eq!(w.after_pass(2, now), None);
+        }
+        // 100,000/s: 20 per wait; small passes wait, full ones do not.
+        for _ in 0..100 {
+            now += Duration::from_micros(100);
+            w.after_pass(10, now);
+        }
+        assert_eq!(w.after_pass(10, now), Some(wait));
+        assert_eq!(w.after_pass(BatchWait::SMALL_PASS, now), None);
+        // Turned off.
+        let mut off = BatchWait::new(Duration::ZERO);
+        assert_eq!(off.after_pass(10, now), None);
+    }
 
     #[test]
     fn per_user_totals_stay_bounded_and_keep_every_byte() {
