@@ -23,7 +23,11 @@ const BASELINE: &str = "coturn 2 threads";
 
 /// (flows, packets/s per flow each way).
 fn cells(quick: bool) -> Vec<(u32, u32)> {
-    if quick { vec![(8, 10_000)] } else { vec![(8, 2_500), (8, 5_000), (8, 10_000), (64, 1_250)] }
+    if quick {
+        vec![(8, 10_000)]
+    } else {
+        vec![(8, 500), (8, 2_500), (8, 5_000), (8, 10_000), (64, 1_250)]
+    }
 }
 
 fn cell_name((flows, rate): (u32, u32)) -> String {
