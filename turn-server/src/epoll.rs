@@ -55,9 +55,15 @@ impl Epoll {
 
     /// Returns the ready tokens without blocking (`events` is filled from the front).
     pub fn poll_ready(&self, events: &mut [libc::epoll_event]) -> io::Result<usize> {
+        self.wait(events, 0)
+    }
+
+    /// Waits up to `timeout_ms` (-1: for ever) for ready sources; 0 if interrupted.
+    pub fn wait(&self, events: &mut [libc::epoll_event], timeout_ms: i32) -> io::Result<usize> {
         let max = events.len().min(i32::MAX as usize) as i32;
         // SAFETY: `events` is valid for `max` entries.
-        let n = unsafe { libc::epoll_wait(self.0.as_raw_fd(), events.as_mut_ptr(), max, 0) };
+        let n =
+            unsafe { libc::epoll_wait(self.0.as_raw_fd(), events.as_mut_ptr(), max, timeout_ms) };
         if n < 0 {
             let err = io::Error::last_os_error();
             if err.kind() == io::ErrorKind::Interrupted {

@@ -25,7 +25,7 @@ use crate::{
     load::{LoadEstimator, WorkerLoads, WorkerSample},
     metrics::{self, GroupSnapshot, Scrape, ScrapeRequest, UserTraffic, WorkerSnapshot},
     relay::RelayPorts,
-    worker::{AllocationInfo, Command, RunState, WorkerStats},
+    worker::{AllocationInfo, Command, Inbox, RunState, WorkerStats},
 };
 
 /// How often the control thread publishes worker loads to the steering maps.
@@ -53,7 +53,7 @@ pub struct Requests {
 pub struct Control<'a> {
     pub groups: &'a mut [SteeredGroup],
     pub stats: &'a [Arc<WorkerStats>],
-    pub inboxes: Arc<[mpsc::Sender<Command>]>,
+    pub inboxes: Arc<[Inbox]>,
     pub workers: &'a [std::thread::JoinHandle<Result<()>>],
     pub state: &'a watch::Sender<RunState>,
     pub reloader: Reloader,
@@ -81,6 +81,12 @@ pub fn notify(states: &[sd_notify::NotifyState<'_>]) {
 }
 
 impl Control<'_> {
+    /// Tells the workers to run, drain or stop, and wakes them to see it.
+    fn set_state(&self, state: RunState) {
+        let _ = self.state.send(state);
+        self.inboxes.iter().for_each(Inbox::wake);
+    }
+
     fn live(&self) -> u64 {
         self.stats.iter().map(|w| w.allocations.load(Ordering::Relaxed)).sum()
     }
@@ -105,7 +111,7 @@ impl Control<'_> {
                     let timeout = Duration::from_secs(self.reloader.running().drain_timeout_secs);
                     let live = self.live();
                     info!(allocations = live, timeout_secs = timeout.as_secs(), "SIGTERM: draining (no new allocations)");
-                    let _ = self.state.send(RunState::Draining);
+                    self.set_state(RunState::Draining);
                     let status = format!("STATUS=stopping: draining {live} allocations");
                     notify(&[sd_notify::NotifyState::Stopping, sd_notify::NotifyState::Custom(&status)]);
                     phase.stopping = Some(Instant::now() + timeout);
@@ -227,7 +233,7 @@ impl Control<'_> {
             AdminRequest::Drain => {
                 if phase.stopping.is_none() && !phase.drained {
                     phase.drained = true;
-                    let _ = self.state.send(RunState::Draining);
+                    self.set_state(RunState::Draining);
                     info!(
                         allocations = self.live(),
                         "admin: draining (no new allocations) until undrained"
@@ -244,7 +250,7 @@ impl Control<'_> {
                 } else {
                     if phase.drained {
                         phase.drained = false;
-                        let _ = self.state.send(RunState::Running);
+                        self.set_state(RunState::Running);
                         info!("admin: undrained, taking new allocations again");
                         notify(&[sd_notify::NotifyState::Status(&self.status)]);
                     }
@@ -434,7 +440,7 @@ impl Control<'_> {
                 handed_off: w.handed_off.load(Ordering::Relaxed),
                 handed_in: w.handed_in.load(Ordering::Relaxed),
                 handoff_drops: w.handoff_drops.load(Ordering::Relaxed),
-                inbox_queued: (inbox.max_capacity() - inbox.capacity()) as u64,
+                inbox_queued: inbox.queued() as u64,
                 pin_failures: w.pin_failures.load(Ordering::Relaxed),
                 auth_failures: w.auth_failures.load(Ordering::Relaxed),
                 rate_limited: w.rate_limited.load(Ordering::Relaxed),
@@ -473,9 +479,7 @@ fn group_mode(group: &SteeredGroup) -> &'static str {
 }
 
 /// Every worker's allocations.
-async fn list_allocations(
-    inboxes: &[mpsc::Sender<Command>],
-) -> Result<Vec<AllocationInfo>, &'static str> {
+async fn list_allocations(inboxes: &[Inbox]) -> Result<Vec<AllocationInfo>, &'static str> {
     let mut replies = Vec::with_capacity(inboxes.len());
     for inbox in inboxes {
         let (tx, rx) = oneshot::channel();
@@ -491,7 +495,7 @@ async fn list_allocations(
 
 /// Ends the allocations of `user` and/or `client` on every worker.
 async fn kick(
-    inboxes: &[mpsc::Sender<Command>],
+    inboxes: &[Inbox],
     user: Option<String>,
     client: Option<std::net::SocketAddr>,
 ) -> Result<usize, &'static str> {

@@ -191,9 +191,13 @@ pub fn run(config: Config, read: ReadConfig) -> Result<()> {
     let user_traffic = config.metrics_per_user.then(|| Arc::new(UserTraffic::default()));
     let relay_ports = RelayPorts::new(&relay_addresses, config.min_port, config.max_port);
     let directory = Arc::new(Directory::default());
-    let (senders, receivers): (Vec<_>, Vec<_>) =
-        (0..workers).map(|_| mpsc::channel(INBOX_CAPACITY)).unzip();
-    let inboxes: Arc<[mpsc::Sender<worker::Command>]> = senders.into();
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..workers)
+        .map(|_| worker::Inbox::channel(INBOX_CAPACITY))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("creating the workers' inboxes")?
+        .into_iter()
+        .unzip();
+    let inboxes: Arc<[worker::Inbox]> = senders.into();
     let mut handles = Vec::with_capacity(workers);
     let mut stats = Vec::with_capacity(workers);
     let limits =
@@ -334,6 +338,7 @@ pub fn run(config: Config, read: ReadConfig) -> Result<()> {
     }
 
     let _ = state_tx.send(RunState::Stop);
+    inboxes.iter().for_each(worker::Inbox::wake);
     for group in groups.drain(..) {
         if let (Some(steering), Some(member)) = (group.steering, group.members.first()) {
             let transport = group.transport.name();

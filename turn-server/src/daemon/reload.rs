@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::{
     config::Config,
@@ -18,7 +18,7 @@ use crate::{
     setup::{self, GeneratedUser},
     shared::{ConnectionLimits, SharedQuota},
     tls::TlsCerts,
-    worker::Command,
+    worker::{Command, Inbox},
 };
 
 /// The configuration keys a reload applies; every other key takes effect at the next
@@ -152,7 +152,7 @@ impl Reloader {
 
     /// Reads the configuration and the certificate again; applies them to every worker
     /// (all or nothing).
-    pub async fn reload(&mut self, workers: &[mpsc::Sender<Command>]) -> Result<Reloaded> {
+    pub async fn reload(&mut self, workers: &[Inbox]) -> Result<Reloaded> {
         let new = (self.read)().context("reading the configuration")?;
         if self.generated.is_none() && new.users.is_empty() && new.static_auth_secrets.is_empty() {
             bail!(

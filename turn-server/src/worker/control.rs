@@ -2,10 +2,19 @@
 //! thread's questions and orders (list the allocations, end some, take a new
 //! configuration). All rare, all on the cold path.
 
-use std::{net::SocketAddr, time::Instant};
+use std::{
+    io,
+    net::SocketAddr,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    sync::Arc,
+    time::Instant,
+};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
+use tokio::sync::{
+    mpsc::{self, error::TrySendError},
+    oneshot,
+};
 use turn_proto::server::{Allocation, Host, ServerConfig};
 
 use super::{Core, Handoff, stream::CloseReason};
@@ -22,6 +31,73 @@ pub enum Command {
     Kick { user: Option<String>, client: Option<SocketAddr>, reply: oneshot::Sender<usize> },
     /// Take a new configuration (reload); answers with the error, if any.
     Reconfigure(Box<ServerConfig>, oneshot::Sender<Result<(), String>>),
+}
+
+/// A worker's command channel, and the eventfd in its epoll set that wakes it: every
+/// send is followed by a wake-up, since the worker sleeps in `epoll_wait`, not in an async
+/// runtime.
+#[derive(Clone, Debug)]
+pub struct Inbox {
+    tx: mpsc::Sender<Command>,
+    wake: Arc<OwnedFd>,
+}
+
+/// The worker's side of its [`Inbox`].
+pub struct InboxReceiver {
+    pub(super) rx: mpsc::Receiver<Command>,
+    pub(super) wake: Arc<OwnedFd>,
+}
+
+impl Inbox {
+    /// A channel holding at most `capacity` commands.
+    pub fn channel(capacity: usize) -> io::Result<(Inbox, InboxReceiver)> {
+        // SAFETY: eventfd(2) with constant flags; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+        let (tx, rx) = mpsc::channel(capacity);
+        Ok((Inbox { tx, wake: Arc::clone(&wake) }, InboxReceiver { rx, wake }))
+    }
+
+    /// Sends, waiting for room.
+    pub async fn send(&self, command: Command) -> Result<(), mpsc::error::SendError<Command>> {
+        self.tx.send(command).await?;
+        self.wake();
+        Ok(())
+    }
+
+    /// Sends if there is room.
+    pub fn try_send(&self, command: Command) -> Result<(), TrySendError<Command>> {
+        self.tx.try_send(command)?;
+        self.wake();
+        Ok(())
+    }
+
+    /// Commands waiting.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// Wakes the worker (to look at its inbox and its run state).
+    pub fn wake(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to our eventfd. A full counter
+        // (EAGAIN) means the worker has a wake-up pending anyway.
+        unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    }
+}
+
+impl InboxReceiver {
+    /// Clears the pending wake-up (before the worker looks at its inbox).
+    pub(super) fn clear_wake(&self) {
+        let mut buf = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into a live buffer; EAGAIN (nothing pending) is
+        // fine.
+        unsafe { libc::read(self.wake.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    }
 }
 
 /// One allocation as the admin API lists it.
@@ -101,7 +177,7 @@ impl Core {
             .map(|a| a.conn)
             .collect();
         let now = Instant::now();
-        let mut relays = Relays { pool: &mut self.pool, epoll: self.epoll.get_ref() };
+        let mut relays = Relays { pool: &mut self.pool, epoll: &self.epoll };
         let ended = self.server.end_allocations(
             now,
             chosen,

@@ -1,13 +1,18 @@
-//! A worker: one OS thread, one current_thread tokio runtime, one socket of every listener
-//! group, its own `turn_proto::Server` (allocation table), the relay sockets of its
-//! allocations, and one epoll set watched by the runtime (no task per socket).
+//! A worker: one OS thread, one socket of every listener group, its own
+//! `turn_proto::Server` (allocation table), the relay sockets of its allocations, and one
+//! epoll set it sleeps on (no task per socket, no async runtime: an eventfd wakes it for
+//! its inbox, the epoll timeout is its one timer). A tokio runtime under the epoll set cost
+//! two more `epoll_wait` calls per wake-up: at 8 x 2,500 datagrams/s each way it used 14-17
+//! us of CPU per forwarded packet where this loop uses 11-12.
 //!
-//! * `source.rs`: the event sources in the epoll set, by token; with the inbox and the
-//!   timer, everything the run loop waits on.
+//! * `source.rs`: the event sources in the epoll set, by token; with the inbox's eventfd
+//!   and the timeout, everything the run loop waits on.
+//! * `control.rs`: the inbox (hand-offs and the control thread's commands).
+//! * `sendmmsg.rs`: one system call for datagrams to several clients.
 //! * `udp.rs`: UDP listener and relay sockets (batched receives, ICMP errors).
 //! * `stream.rs`: TCP and TLS listeners and connections (framing, deadlines, limits).
-//! * `sink.rs`: the one place outputs are executed (staged GSO sends to peers, sends to
-//!   clients).
+//! * `sink.rs`: the one place outputs are executed (staged datagrams both ways, GSO runs,
+//!   sendmmsg to a listener's clients; queued writes to connections).
 //!
 //! The per-packet path (receive a batch, hand each datagram to the protocol core, send what
 //! it returns) takes no lock, touches no shared map and does not allocate. Shared state is
@@ -21,7 +26,7 @@ mod source;
 mod stream;
 mod udp;
 
-pub use control::{AllocationInfo, Command};
+pub use control::{AllocationInfo, Command, Inbox, InboxReceiver};
 pub use source::Source;
 pub use stream::{CloseReason, StreamSettings};
 
@@ -29,7 +34,6 @@ use std::{
     io,
     net::{SocketAddr, TcpListener, UdpSocket},
     os::fd::AsRawFd,
-    rc::Rc,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -39,10 +43,7 @@ use std::{
 };
 
 use quinn_udp::UdpSocketState;
-use tokio::{
-    io::unix::AsyncFd,
-    sync::{mpsc, watch},
-};
+use tokio::sync::watch;
 use tracing::{debug, info, info_span, warn};
 use turn_common::FlowKey;
 use turn_proto::server::{
@@ -67,6 +68,10 @@ const RECV_BUFFER_BYTES: usize = 64 * 1024;
 const BATCHES_PER_TURN: usize = 4;
 /// Epoll events fetched at once.
 const EVENTS: usize = 256;
+/// Commands taken from the inbox before the sockets get a turn (more wait for the next).
+const INBOX_PER_TURN: usize = 1024;
+/// The epoll token of the inbox's eventfd (no [`Source`] uses it).
+const WAKE_TOKEN: u64 = u64::MAX;
 /// ICMP errors read from one relay socket's error queue before other sockets get a turn.
 const ICMP_PER_TURN: usize = 64;
 /// Datagrams waiting to be handed to a worker; more are dropped (and counted).
@@ -154,8 +159,8 @@ pub struct WorkerSetup {
     pub directory: Arc<Directory>,
     /// Every worker's command channel (hand-offs and the control thread's commands), by
     /// worker index.
-    pub inboxes: Arc<[mpsc::Sender<Command>]>,
-    pub inbox: mpsc::Receiver<Command>,
+    pub inboxes: Arc<[Inbox]>,
+    pub inbox: InboxReceiver,
     /// Where the worker publishes its per-user traffic (when `metrics_per_user` is on).
     pub user_traffic: Option<Arc<crate::metrics::UserTraffic>>,
     pub stats: Arc<WorkerStats>,
@@ -215,8 +220,7 @@ pub fn spawn(setup: WorkerSetup) -> io::Result<JoinHandle<anyhow::Result<()>>> {
             // SAFETY: prctl(PR_SET_TIMERSLACK) on this thread, with a plain integer.
             unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1_000 as libc::c_ulong) };
         }
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        runtime.block_on(async move { Worker::new(setup)?.run().await })
+        Worker::new(setup)?.run()
     })
 }
 
@@ -229,7 +233,7 @@ struct Core {
     pool: RelayPool,
     quota: Arc<SharedQuota>,
     directory: Arc<Directory>,
-    inboxes: Arc<[mpsc::Sender<Command>]>,
+    inboxes: Arc<[Inbox]>,
     stats: Arc<WorkerStats>,
     /// Per-user traffic of ended allocations (when `metrics_per_user` is on).
     user_traffic: Option<UserTotals>,
@@ -237,7 +241,7 @@ struct Core {
     metrics_published: Instant,
     /// Datagrams and stream messages received in the current epoll pass.
     pass_datagrams: u64,
-    epoll: Rc<AsyncFd<Epoll>>,
+    epoll: Epoll,
     out: Box<[u8]>,
     scratch: Box<[u8]>,
     /// Where stream bytes are read before they join a connection's buffer.
@@ -251,7 +255,7 @@ struct Core {
 struct Worker {
     core: Core,
     state: watch::Receiver<RunState>,
-    inbox: mpsc::Receiver<Command>,
+    inbox: InboxReceiver,
     buffers: Vec<Box<[u8]>>,
     batch_wait: BatchWait,
 }
@@ -286,11 +290,7 @@ impl Worker {
             epoll.add(listener.as_raw_fd(), Source::StreamListener(i as u32).token())?;
             stream_listeners.push(StreamListener { listener, transport });
         }
-        // SAFETY: `Epoll` owns its fd and never replaces or closes it while it lives.
-        let epoll = unsafe {
-            AsyncFd::register_with_interest(epoll, tokio::io::Interest::READABLE)
-                .map_err(|e| e.into_parts().1)?
-        };
+        epoll.add(setup.inbox.wake.as_raw_fd(), WAKE_TOKEN)?;
         Ok(Self {
             core: Core {
                 index: setup.index,
@@ -308,7 +308,7 @@ impl Worker {
                     shared,
                     bound: 4 * setup.metrics_max_users.max(1),
                 }),
-                epoll: Rc::new(epoll),
+                epoll,
                 out: vec![0u8; turn_proto::server::RECOMMENDED_OUT_LEN].into_boxed_slice(),
                 scratch: vec![0u8; PEER_HEADROOM + RECV_BUFFER_BYTES + PEER_TAILROOM]
                     .into_boxed_slice(),
@@ -329,67 +329,80 @@ impl Worker {
         })
     }
 
-    async fn run(mut self) -> anyhow::Result<()> {
+    /// The worker's loop: sleep in `epoll_wait` until a socket is ready, the inbox's
+    /// eventfd is written (a command, or a run-state change), the protocol core's next
+    /// timer or the connection sweep is due; handle it; repeat until told to stop.
+    fn run(mut self) -> anyhow::Result<()> {
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; EVENTS];
-        let epoll = Rc::clone(&self.core.epoll);
         // Connection deadlines are checked twice a second (they are whole seconds).
-        let mut sweep = tokio::time::interval(CONNECTION_SWEEP);
-        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_sweep = Instant::now() + CONNECTION_SWEEP;
         loop {
-            match *self.state.borrow() {
+            match *self.state.borrow_and_update() {
                 RunState::Stop => break,
                 RunState::Draining => self.core.pool.draining = true,
                 RunState::Running => self.core.pool.draining = false,
             }
+            let mut commands = 0;
+            while commands < INBOX_PER_TURN {
+                let Ok(command) = self.inbox.rx.try_recv() else { break };
+                self.core.on_command(command);
+                commands += 1;
+            }
+            if commands > 0 {
+                self.core.after_batch();
+            }
+            let now = Instant::now();
+            if now >= next_sweep {
+                self.core.sweep_connections(now);
+                self.core.publish_user_traffic();
+                self.core.after_batch();
+                next_sweep = now + CONNECTION_SWEEP;
+            }
             let deadline = self.core.server.poll_timeout();
-            tokio::select! {
-                changed = self.state.changed() => {
-                    if changed.is_err() {
-                        break; // the control thread is gone
-                    }
+            if deadline.is_some_and(|d| d <= now) {
+                let core = &mut self.core;
+                let mut relays = Relays { pool: &mut core.pool, epoll: &core.epoll };
+                let mut host = Host { relays: &mut relays, quota: &*core.quota };
+                core.server.handle_timeout(now, &mut host);
+                core.after_batch();
+                continue;
+            }
+            let until = deadline.map_or(next_sweep, |d| d.min(next_sweep));
+            // Whole milliseconds, rounded up: never wake before the deadline. Commands
+            // left in the inbox: do not sleep.
+            let timeout = match commands {
+                INBOX_PER_TURN => 0,
+                _ => until.saturating_duration_since(now).as_micros().div_ceil(1000),
+            };
+            let n = self.core.epoll.wait(&mut events, timeout.min(i32::MAX as u128) as i32)?;
+            if n == 0 {
+                continue;
+            }
+            self.core.pass_datagrams = 0;
+            let mut ready = false;
+            for event in &events[..n] {
+                if event.u64 == WAKE_TOKEN {
+                    // The inbox and the run state are read at the top of the loop.
+                    self.inbox.clear_wake();
+                } else {
+                    self.on_readable(event.u64, event.events);
+                    ready = true;
                 }
-                guard = epoll.readable() => {
-                    let mut guard = guard?;
-                    let n = guard.get_inner().poll_ready(&mut events)?;
-                    if n == 0 {
-                        guard.clear_ready();
-                        continue;
-                    }
-                    self.core.pass_datagrams = 0;
-                    for event in &events[..n] {
-                        self.on_readable(event.u64, event.events);
-                    }
-                    self.core.after_batch();
-                    let pass = self.core.pass_datagrams;
-                    if let Some(wait) = self.batch_wait.after_pass(pass, Instant::now()) {
-                        // Let more arrive, so that the next pass shares its system calls
-                        // and GSO runs among more datagrams. Blocking is fine: this
-                        // runtime runs only this worker, and what arrives meanwhile waits
-                        // in the socket buffers.
-                        std::thread::sleep(wait);
-                    }
-                }
-                Some(command) = self.inbox.recv() => {
-                    self.core.on_command(command);
-                    self.core.after_batch();
-                }
-                () = sleep_until(deadline) => {
-                    let now = Instant::now();
-                    let core = &mut self.core;
-                    let mut relays = Relays { pool: &mut core.pool, epoll: core.epoll.get_ref() };
-                    let mut host = Host { relays: &mut relays, quota: &*core.quota };
-                    core.server.handle_timeout(now, &mut host);
-                    core.after_batch();
-                }
-                _ = sweep.tick() => {
-                    self.core.sweep_connections(Instant::now());
-                    self.core.publish_user_traffic();
-                    self.core.after_batch();
-                }
+            }
+            if !ready {
+                continue;
+            }
+            self.core.after_batch();
+            let pass = self.core.pass_datagrams;
+            if let Some(wait) = self.batch_wait.after_pass(pass, Instant::now()) {
+                // Let more arrive, so that the next pass shares its system calls and GSO
+                // runs among more datagrams; what arrives meanwhile waits in the socket
+                // buffers.
+                std::thread::sleep(wait);
             }
         }
         let core = &mut self.core;
-        let mut relays = Relays { pool: &mut core.pool, epoll: core.epoll.get_ref() };
+        let mut relays = Relays { pool: &mut core.pool, epoll: &core.epoll };
         core.server.release_all(&mut Host { relays: &mut relays, quota: &*core.quota });
         let now = Instant::now();
         for slot in core.sink.connections.slots() {
@@ -450,13 +463,6 @@ impl Worker {
             }
             _ => {}
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -745,7 +745,7 @@ impl super::Core {
                 continue;
             }
             let five_tuple = FiveTuple { client: peer, listener: local, transport };
-            let epoll = self.epoll.get_ref();
+            let epoll = &self.epoll;
             if let Err(e) =
                 self.sink.connections.insert(epoll, stream, five_tuple, &self.streams, now)
             {
@@ -790,7 +790,7 @@ impl super::Core {
                 messages += 1;
                 bytes += data.len() as u64;
                 let input = ClientInput { now, unix_secs: unix, five_tuple, conn, data };
-                let mut relays = Relays { pool: &mut self.pool, epoll: self.epoll.get_ref() };
+                let mut relays = Relays { pool: &mut self.pool, epoll: &self.epoll };
                 let output = self.server.handle_client_message(
                     input,
                     &mut self.out,
@@ -830,7 +830,7 @@ impl super::Core {
     /// Closes connection `slot`: its allocation ends, its limits are given back, the close
     /// is counted.
     pub(super) fn close_connection(&mut self, slot: u32, reason: CloseReason, now: Instant) {
-        let Some(mut c) = self.sink.connections.remove(self.epoll.get_ref(), slot) else {
+        let Some(mut c) = self.sink.connections.remove(&self.epoll, slot) else {
             return;
         };
         if !matches!(reason, CloseReason::Reset | CloseReason::IoError | CloseReason::TlsError) {
@@ -838,7 +838,7 @@ impl super::Core {
         }
         self.limits.release(c.peer().ip());
         self.count_close(reason);
-        let mut relays = Relays { pool: &mut self.pool, epoll: self.epoll.get_ref() };
+        let mut relays = Relays { pool: &mut self.pool, epoll: &self.epoll };
         self.server.handle_connection_closed(
             now,
             &c.five_tuple,
@@ -862,7 +862,7 @@ impl super::Core {
     /// Writes what the batch queued on connections; closes those whose socket failed.
     pub(super) fn flush_connections(&mut self) {
         let mut failed = Vec::new();
-        self.sink.connections.flush_dirty(self.epoll.get_ref(), &mut failed);
+        self.sink.connections.flush_dirty(&self.epoll, &mut failed);
         let now = Instant::now();
         for (slot, reason) in failed {
             self.close_connection(slot, reason, now);
@@ -871,7 +871,7 @@ impl super::Core {
 
     /// The socket of connection `slot` takes bytes again.
     pub(super) fn on_connection_writable(&mut self, slot: u32) {
-        if let Err(e) = self.sink.connections.on_writable(self.epoll.get_ref(), slot) {
+        if let Err(e) = self.sink.connections.on_writable(&self.epoll, slot) {
             self.close_connection(slot, io_close(&e), Instant::now());
         }
     }

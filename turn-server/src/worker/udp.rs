@@ -156,7 +156,7 @@ impl Core {
             }
             return;
         }
-        let mut relays = Relays { pool: &mut self.pool, epoll: self.epoll.get_ref() };
+        let mut relays = Relays { pool: &mut self.pool, epoll: &self.epoll };
         let input = ClientInput {
             now,
             unix_secs: unix,
