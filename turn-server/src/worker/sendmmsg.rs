@@ -9,6 +9,7 @@
 
 use std::{
     io,
+    mem::MaybeUninit,
     net::{IpAddr, SocketAddr, UdpSocket},
     os::fd::AsRawFd,
 };
@@ -35,14 +36,18 @@ const CHUNK: usize = 64;
 #[derive(Clone, Copy)]
 struct Control([u8; 64]);
 
-/// Sends `messages` from `socket`, in order. Returns how many were sent before the first
-/// that was not and that error; `Ok(len)` when all were. A caller retries or drops from
-/// the failed one.
-pub(super) fn send(socket: &UdpSocket, messages: &[Message<'_>]) -> (usize, io::Result<()>) {
+/// Sends `count` messages from `socket`, in order, `message(i)` being the i-th. Returns
+/// how many were sent before the first that was not and that error; `Ok` when all were.
+/// A caller retries or drops from the failed one. Nothing is allocated: each call of
+/// [`CHUNK`] messages is built on the stack.
+pub(super) fn send<'a>(
+    socket: &UdpSocket,
+    count: usize,
+    message: impl Fn(usize) -> Message<'a>,
+) -> (usize, io::Result<()>) {
     let mut sent = 0;
-    while sent < messages.len() {
-        let chunk = &messages[sent..messages.len().min(sent + CHUNK)];
-        match send_chunk(socket, chunk) {
+    while sent < count {
+        match send_chunk(socket, sent, count.min(sent + CHUNK), &message) {
             Ok(n) => sent += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return (sent, Err(e)),
@@ -51,38 +56,43 @@ pub(super) fn send(socket: &UdpSocket, messages: &[Message<'_>]) -> (usize, io::
     (sent, Ok(()))
 }
 
-/// One `sendmmsg` of at most [`CHUNK`] messages: how many the kernel took (at least 1).
-fn send_chunk(socket: &UdpSocket, chunk: &[Message<'_>]) -> io::Result<usize> {
-    let addrs: Vec<SockAddr> = chunk.iter().map(|m| SockAddr::from(m.destination)).collect();
-    let mut iovs: Vec<libc::iovec> = chunk
-        .iter()
-        .map(|m| libc::iovec {
+/// One `sendmmsg` of messages `from..to` (at most [`CHUNK`]): how many the kernel took
+/// (at least 1).
+fn send_chunk<'a>(
+    socket: &UdpSocket,
+    from: usize,
+    to: usize,
+    message: &impl Fn(usize) -> Message<'a>,
+) -> io::Result<usize> {
+    let n = to - from;
+    let mut addrs: [MaybeUninit<SockAddr>; CHUNK] = [const { MaybeUninit::uninit() }; CHUNK];
+    // SAFETY: all-zero iovecs and mmsghdrs are valid (null pointers, zero lengths).
+    let mut iovs: [libc::iovec; CHUNK] = unsafe { std::mem::zeroed() };
+    let mut headers: [libc::mmsghdr; CHUNK] = unsafe { std::mem::zeroed() };
+    let mut controls = [Control([0; 64]); CHUNK];
+    for i in 0..n {
+        let m = message(from + i);
+        let addr = addrs[i].write(SockAddr::from(m.destination));
+        iovs[i] = libc::iovec {
             iov_base: m.contents.as_ptr() as *mut libc::c_void,
             iov_len: m.contents.len(),
-        })
-        .collect();
-    let mut controls = vec![Control([0; 64]); chunk.len()];
-    let mut headers: Vec<libc::mmsghdr> = Vec::with_capacity(chunk.len());
-    for (i, m) in chunk.iter().enumerate() {
-        // SAFETY: an all-zero mmsghdr is valid (null pointers, zero lengths).
-        let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
-        h.msg_hdr.msg_name = addrs[i].as_ptr() as *mut libc::c_void;
-        h.msg_hdr.msg_namelen = addrs[i].len();
-        h.msg_hdr.msg_iov = &mut iovs[i];
-        h.msg_hdr.msg_iovlen = 1;
-        let len = fill_control(&mut controls[i], &mut h.msg_hdr, m);
+        };
+        let h = &mut headers[i].msg_hdr;
+        h.msg_name = addr.as_ptr() as *mut libc::c_void;
+        h.msg_namelen = addr.len();
+        h.msg_iov = &mut iovs[i];
+        h.msg_iovlen = 1;
+        let len = fill_control(&mut controls[i], h, &m);
         if len == 0 {
-            h.msg_hdr.msg_control = std::ptr::null_mut();
+            h.msg_control = std::ptr::null_mut();
         }
-        h.msg_hdr.msg_controllen = len;
-        headers.push(h);
+        h.msg_controllen = len;
     }
-    // SAFETY: every header points into `addrs`, `iovs`, `controls` and the messages'
-    // contents, all alive and unmoved until the call returns; the count is the headers'.
-    let n = unsafe {
-        libc::sendmmsg(socket.as_raw_fd(), headers.as_mut_ptr(), headers.len() as u32, 0)
-    };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+    // SAFETY: the first `n` headers point into `addrs` (written above), `iovs`, `controls`
+    // and the messages' contents, all alive and unmoved until the call returns.
+    let sent = unsafe { libc::sendmmsg(socket.as_raw_fd(), headers.as_mut_ptr(), n as u32, 0) };
+    // SockAddr needs no drop (plain bytes), so the written `addrs` are simply forgotten.
+    if sent < 0 { Err(io::Error::last_os_error()) } else { Ok(sent as usize) }
 }
 
 /// Writes the control messages `m` needs into `control` and points `hdr` at it; returns
@@ -178,7 +188,7 @@ mod tests {
                 contents: &tail,
             },
         ];
-        let (sent, result) = send(&sender, &messages);
+        let (sent, result) = send(&sender, messages.len(), |i| messages[i]);
         assert_eq!(sent, 3);
         result.unwrap();
         let from = |ip: &str| SocketAddr::new(ip.parse().unwrap(), port);
@@ -207,7 +217,8 @@ mod tests {
         };
         // IPv6 destination from an IPv4 socket: EAFNOSUPPORT / EINVAL.
         let bad = Message { destination: "[::1]:9".parse().unwrap(), ..ok };
-        let (sent, result) = send(&sender, &[ok, bad, ok]);
+        let batch = [ok, bad, ok];
+        let (sent, result) = send(&sender, batch.len(), |i| batch[i]);
         assert_eq!(sent, 1);
         assert!(result.is_err());
         assert_eq!(received(&a, 1).len(), 1);

@@ -276,8 +276,8 @@ fn send_to_clients(
             send_one(&runs[next], io_errors);
             return;
         }
-        let messages: Vec<Message<'_>> = runs[next..].iter().map(message).collect();
-        match sendmmsg::send(&l.socket, &messages) {
+        let rest = &runs[next..];
+        match sendmmsg::send(&l.socket, rest.len(), |i| message(&rest[i])) {
             (_, Ok(())) => return,
             (_, Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                 io_errors.log("send to client", &e);
