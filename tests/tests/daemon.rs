@@ -83,3 +83,11 @@ fn check_config_names_the_bad_key() {
     assert!(!err.status.success());
     assert!(String::from_utf8_lossy(&err.stderr).contains("workerz"));
 }
+
+#[test]
+fn an_empty_admin_socket_turns_the_api_off() {
+    let daemon = Daemon::start(&["--workers", "1", "--steering", "off", "--admin-socket", ""]);
+    let logs = daemon.logs();
+    assert!(logs.contains("\"message\":\"ready\""), "{logs}");
+    assert!(!logs.contains("admin API listening"), "{logs}");
+}

@@ -140,6 +140,7 @@ fn sigterm_removes_the_pins() {
     let status = daemon.signal_and_wait(libc::SIGTERM, Duration::from_secs(10)).unwrap();
     assert!(status.success());
     assert!(!dir.exists(), "pins left behind after SIGTERM: {}", dir.display());
+    assert!(!root.0.exists(), "an empty pin root left behind: {}", root.0.display());
     assert!(daemon.logs().contains("steering program detached, pins removed"), "{}", daemon.logs());
 }
 

@@ -119,6 +119,13 @@ pub fn add_owner(dir: &Path, owner: Owner) -> io::Result<()> {
     std::fs::create_dir(dir.join(owner.marker()))
 }
 
+/// Removes the pin root and its layout directory if nothing is left in them (a clean
+/// exit leaves no empty directories behind; another daemon's pins keep them).
+pub fn remove_if_empty(root: &Path) {
+    let _ = std::fs::remove_dir(root.join(LAYOUT));
+    let _ = std::fs::remove_dir(root);
+}
+
 /// Removes `owner`'s marker from `dir`.
 pub fn remove_owner(dir: &Path, owner: Owner) {
     let _ = std::fs::remove_dir(dir.join(owner.marker()));

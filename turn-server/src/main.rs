@@ -311,7 +311,7 @@ struct ServeArgs {
     /// Unix socket of the admin API, "" for none
     /// [config: admin_socket, default /run/turn-server/admin.sock].
     #[arg(long = "admin-socket", value_name = "PATH")]
-    admin_socket: Option<PathBuf>,
+    admin_socket: Option<String>,
 }
 
 impl ServeArgs {
@@ -449,7 +449,7 @@ impl ServeArgs {
         }
         config.metrics_per_user |= self.metrics_per_user;
         if let Some(path) = &self.admin_socket {
-            config.admin_socket = path.clone();
+            config.admin_socket = PathBuf::from(path);
         }
         config.validate().context("invalid command-line options")?;
         Ok(config)

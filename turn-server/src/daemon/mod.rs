@@ -352,6 +352,9 @@ pub fn run(config: Config, read: ReadConfig) -> Result<()> {
             }
         }
     }
+    if let Some(root) = &pin_root {
+        bpffs::remove_if_empty(root);
+    }
     for (index, handle) in handles.into_iter().enumerate() {
         match handle.join() {
             Ok(Ok(())) => {}
