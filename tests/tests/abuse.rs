@@ -16,8 +16,14 @@ fn tools(test: &str) -> bool {
 }
 
 /// turnutils_uclient inside `ns` against `server` (an address in `ns`), relaying to
-/// `peer`:3480.
-fn uclient_in(ns: &Netns, daemon: &Daemon, server: &str, peer: &str) -> (bool, String) {
+/// `peer`:3480, with `extra` options.
+fn uclient_in(
+    ns: &Netns,
+    daemon: &Daemon,
+    server: &str,
+    peer: &str,
+    extra: &[&str],
+) -> (bool, String) {
     let port = daemon.addr().port().to_string();
     let mut args: Vec<&str> = ns.exec()[1..].to_vec();
     args.extend([
@@ -39,8 +45,9 @@ fn uclient_in(ns: &Netns, daemon: &Daemon, server: &str, peer: &str) -> (bool, S
         "1",
         "-z",
         "5",
-        server,
     ]);
+    args.extend(extra);
+    args.push(server);
     run_tool("ip", &args, UCLIENT)
 }
 
@@ -75,7 +82,7 @@ fn the_servers_own_addresses_are_not_peers_by_default() {
 
     // Listening on the address itself, the peer is that address: 403.
     let daemon = daemon_in(&ns, "192.0.2.2", &[]);
-    let (_, out) = uclient_in(&ns, &daemon, "192.0.2.2", "192.0.2.2");
+    let (_, out) = uclient_in(&ns, &daemon, "192.0.2.2", "192.0.2.2", &[]);
     assert!(out.contains("403"), "relaying to the server's own address must be refused:\n{out}");
     assert!(!out.contains("Total lost packets 0 "), "{out}");
     // (The embedded forms, ::ffff:192.0.2.2, 6to4, Teredo, NAT64, are refused by the same
@@ -85,15 +92,36 @@ fn the_servers_own_addresses_are_not_peers_by_default() {
     // Listening on the wildcard with another relay address: the host's interface
     // addresses are the server's own.
     let daemon = daemon_in(&ns, "0.0.0.0", &["--relay-ip", "192.0.2.3"]);
-    let (_, out) = uclient_in(&ns, &daemon, "192.0.2.3", "192.0.2.2");
+    let (_, out) = uclient_in(&ns, &daemon, "192.0.2.3", "192.0.2.2", &[]);
     assert!(out.contains("403"), "wildcard listener relayed to an interface address:\n{out}");
     drop(daemon);
 
     // The explicit setting opens them, and then the same exchange relays without loss.
     let daemon = daemon_in(&ns, "192.0.2.2", &["--allow-own-address-peers"]);
-    let (ok, out) = uclient_in(&ns, &daemon, "192.0.2.2", "192.0.2.2");
+    let (ok, out) = uclient_in(&ns, &daemon, "192.0.2.2", "192.0.2.2", &[]);
     assert!(ok, "{out}");
     assert_eq!(turn_tests::uclient_lost(&out), Some(0), "{out}");
+}
+
+#[test]
+fn two_clients_of_one_server_talk_relay_to_relay_by_default() {
+    let test = "two_clients_of_one_server_talk_relay_to_relay_by_default";
+    if !tools(test) {
+        return;
+    }
+    // The relay addresses are the server's own "public" 192.0.2.2: the own-address rule
+    // must let another allocation's relayed address through (relay-only WebRTC on both
+    // sides), while the host's service on a port outside the relay range stays refused.
+    let ns = Netns::new("r2r", &["192.0.2.2/32"]);
+    let _service = ns.spawn("turnutils_peer", &["-L", "192.0.2.2", "-p", "3480"]);
+    let daemon = daemon_in(&ns, "192.0.2.2", &[]);
+    // -y: uclient's clients send to each other's relayed addresses.
+    let (ok, out) = uclient_in(&ns, &daemon, "192.0.2.2", "192.0.2.2", &["-y"]);
+    assert!(ok, "relay to relay must work with the default rules:\n{out}");
+    assert!(!out.contains("403"), "{out}");
+    assert_eq!(turn_tests::uclient_lost(&out), Some(0), "{out}");
+    let (_, out) = uclient_in(&ns, &daemon, "192.0.2.2", "192.0.2.2", &[]);
+    assert!(out.contains("403"), "the host's service must stay refused:\n{out}");
 }
 
 /// [`turn_tests::relaying_daemon`] with a second user, `bob:builder`.

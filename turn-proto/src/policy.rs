@@ -18,7 +18,11 @@
 //!   wildcard), so that a client cannot reach the services of the TURN host through its
 //!   public address (which a host firewall typically opens to the host itself). Own
 //!   loopback addresses follow `allow_loopback` instead: allowing loopback peers already
-//!   means allowing this host;
+//!   means allowing this host. One exception: another allocation's relayed address
+//!   (one of `own_relays` with a port in `relay_ports`) is a peer like any other, so two
+//!   clients of this server can talk relay to relay (both with relay-only ICE policies,
+//!   a common WebRTC set-up). A permission for such an address is granted by IP; its
+//!   ports are checked where a port is known (ChannelBind, each Send indication);
 //!
 //! and applies the same rules to IPv4 addresses embedded in IPv6 ones:
 //! IPv4-mapped `::ffff:a.b.c.d`, IPv4-translated `::ffff:0:a.b.c.d`,
@@ -153,6 +157,11 @@ pub struct PeerPolicy {
     pub own: Vec<IpAddr>,
     /// Permit the server's own (non-loopback) addresses as peers.
     pub allow_own: bool,
+    /// The server's relay addresses (bound and advertised): with a port in
+    /// `relay_ports` they are other allocations' relayed addresses, permitted as peers.
+    pub own_relays: Vec<IpAddr>,
+    /// The relay port range, inclusive (None: no relay-to-relay exception).
+    pub relay_ports: Option<(u16, u16)>,
     /// Ranges accepted even if a default rule or `deny` would refuse them.
     pub allow: Vec<IpNet>,
     /// Ranges refused.
@@ -165,26 +174,35 @@ impl PeerPolicy {
         if peer.port() == 0 {
             return Err(DenyReason::PortZero);
         }
-        self.check_ip(&peer.ip())
+        let relayed = self.own_relays.contains(&peer.ip())
+            && self.relay_ports.is_some_and(|(lo, hi)| (lo..=hi).contains(&peer.port()));
+        self.check(&peer.ip(), relayed)
     }
 
-    /// Check a peer IP address (CreatePermission ignores the port).
+    /// Check a peer IP address (CreatePermission ignores the port: one of the server's
+    /// relay addresses passes here, its port is checked by [`PeerPolicy::check_peer`]).
     pub fn check_ip(&self, ip: &IpAddr) -> Result<(), DenyReason> {
-        self.check_one(ip)?;
+        self.check(ip, self.own_relays.contains(ip) && self.relay_ports.is_some())
+    }
+
+    /// `relayed`: the address is another allocation's relayed address, so the own-address
+    /// rule does not apply to it (to its embedded forms it still does).
+    fn check(&self, ip: &IpAddr, relayed: bool) -> Result<(), DenyReason> {
+        self.check_one(ip, relayed)?;
         if let IpAddr::V6(v6) = ip {
             for embedded in embedded_ipv4(v6).into_iter().flatten() {
-                self.check_one(&IpAddr::V4(embedded))?;
+                self.check_one(&IpAddr::V4(embedded), false)?;
             }
         }
         Ok(())
     }
 
-    fn check_one(&self, ip: &IpAddr) -> Result<(), DenyReason> {
+    fn check_one(&self, ip: &IpAddr, relayed: bool) -> Result<(), DenyReason> {
         if let Some(r) = always_denied(ip) {
             return Err(r);
         }
         let loopback = default_category(ip) == Some(DenyReason::Loopback);
-        if !self.allow_own && !loopback && self.own.contains(ip) {
+        if !self.allow_own && !relayed && !loopback && self.own.contains(ip) {
             return Err(DenyReason::OwnAddress);
         }
         if self.allow.iter().any(|n| n.contains(ip)) {
@@ -460,6 +478,46 @@ mod tests {
         // The explicit setting opens them.
         let p = PeerPolicy { own, allow_own: true, ..Default::default() };
         assert!(!denied(&p, "192.0.2.2") && !denied(&p, "::ffff:192.0.2.2"));
+    }
+
+    #[test]
+    fn another_allocations_relayed_address_is_a_peer_on_relay_ports_only() {
+        let own: Vec<IpAddr> =
+            ["192.0.2.2", "2001:db8::2"].iter().map(|s| s.parse().unwrap()).collect();
+        let p = PeerPolicy {
+            own: own.clone(),
+            own_relays: own.clone(),
+            relay_ports: Some((49152, 65535)),
+            ..Default::default()
+        };
+        let peer = |s: &str| p.check_peer(&s.parse().unwrap());
+        // Relay to relay: permitted on a relay port, by IP for CreatePermission.
+        assert_eq!(peer("192.0.2.2:50000"), Ok(()));
+        assert_eq!(peer("[2001:db8::2]:65535"), Ok(()));
+        assert_eq!(p.check_ip(&"192.0.2.2".parse().unwrap()), Ok(()));
+        // The server's other services on the same address stay out of reach.
+        assert_eq!(peer("192.0.2.2:3478"), Err(DenyReason::OwnAddress));
+        assert_eq!(peer("192.0.2.2:22"), Err(DenyReason::OwnAddress));
+        assert_eq!(peer("[2001:db8::2]:49151"), Err(DenyReason::OwnAddress));
+        // Embedded forms are not relayed addresses.
+        assert_eq!(peer("[::ffff:192.0.2.2]:50000"), Err(DenyReason::OwnAddress));
+        assert_eq!(peer("[64:ff9b::192.0.2.2]:50000"), Err(DenyReason::OwnAddress));
+        // An own address that is not a relay address gets no exception.
+        let listener_only = PeerPolicy { own_relays: vec![own[1]], ..p.clone() };
+        assert_eq!(
+            listener_only.check_peer(&"192.0.2.2:50000".parse().unwrap()),
+            Err(DenyReason::OwnAddress)
+        );
+        assert_eq!(
+            listener_only.check_ip(&"192.0.2.2".parse().unwrap()),
+            Err(DenyReason::OwnAddress)
+        );
+        // Without a relay range, no exception.
+        let none = PeerPolicy { relay_ports: None, ..p.clone() };
+        assert_eq!(
+            none.check_peer(&"192.0.2.2:50000".parse().unwrap()),
+            Err(DenyReason::OwnAddress)
+        );
     }
 
     #[test]

@@ -60,6 +60,14 @@ pub fn peer_policy(config: &Config, relays: &RelayAddresses) -> Result<PeerPolic
         allow_link_local: false,
         own: own_addresses(config, relays),
         allow_own: config.allow_own_address_peers,
+        // Other allocations' relayed addresses are peers (relay to relay).
+        own_relays: relays
+            .iter()
+            .flatten()
+            .flat_map(|r| [r.bind, r.advertised])
+            .filter(|ip| !ip.is_unspecified())
+            .collect(),
+        relay_ports: Some((config.min_port, config.max_port)),
         allow: parse(&config.allowed_peer_ips).context("allowed_peer_ips")?,
         deny: parse(&config.denied_peer_ips).context("denied_peer_ips")?,
     })
@@ -397,6 +405,16 @@ mod tests {
         let policy = peer_policy(&config, &relays).unwrap();
         assert!(policy.check_ip(&"::ffff:203.0.113.9".parse().unwrap()).is_err());
         assert!(policy.check_ip(&"203.0.113.10".parse().unwrap()).is_ok());
+        // Another allocation's relayed address (advertised or bound, a relay port) is a
+        // peer; the listener and other ports on those addresses are not.
+        let relay_port = format!(":{}", config.min_port);
+        for ok in ["203.0.113.9", "192.0.2.3"] {
+            let peer = format!("{ok}{relay_port}").parse().unwrap();
+            assert_eq!(policy.check_peer(&peer), Ok(()), "{peer}");
+        }
+        for denied in ["203.0.113.9:3478", "192.0.2.3:22", "192.0.2.2:49152"] {
+            assert!(policy.check_peer(&denied.parse().unwrap()).is_err(), "{denied}");
+        }
         // A wildcard listener: every interface address of that family (loopback at least).
         let config =
             Config { listening_ips: vec!["0.0.0.0".parse().unwrap()], ..Config::default() };
