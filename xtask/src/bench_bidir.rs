@@ -21,17 +21,25 @@ const END: &str = "<!-- bench-bidir:end -->";
 /// The server whose CPU the others are compared with.
 const BASELINE: &str = "coturn 2 threads";
 
-/// (flows, packets/s per flow each way).
-fn cells(quick: bool) -> Vec<(u32, u32)> {
+/// (flows, packets/s per flow each way, payload bytes). The last is video-like: many
+/// light flows of 1,200-byte datagrams.
+fn cells(quick: bool) -> Vec<(u32, u32, u32)> {
     if quick {
-        vec![(8, 10_000)]
+        vec![(8, 10_000, 160)]
     } else {
-        vec![(8, 500), (8, 2_500), (8, 5_000), (8, 10_000), (64, 1_250)]
+        vec![
+            (8, 500, 160),
+            (8, 2_500, 160),
+            (8, 5_000, 160),
+            (8, 10_000, 160),
+            (64, 1_250, 160),
+            (200, 150, 1200),
+        ]
     }
 }
 
-fn cell_name((flows, rate): (u32, u32)) -> String {
-    format!("{flows} x {rate} pps each way")
+fn cell_name((flows, rate, size): (u32, u32, u32)) -> String {
+    format!("{flows} x {rate} pps each way, {size} B")
 }
 
 fn servers(tools: &Tools) -> Vec<Server> {
@@ -65,6 +73,8 @@ pub fn run(tools: &Tools, quick: bool, reps: usize, report: &Path) -> Result<()>
                     &cell.0.to_string(),
                     "--rate",
                     &cell.1.to_string(),
+                    "--size",
+                    &cell.2.to_string(),
                     "--duration",
                     secs,
                 ]
@@ -130,7 +140,7 @@ fn render(
         md,
         "Run on {}, Linux {}, {} CPUs, loopback; turn-server at commit {}, coturn {} (Debian), \
          pion/turn from Debian's Go packages. Each flow is its own client socket and \
-         allocation with a channel; `turn-bench load --echo` sends 160-byte payloads paced \
+         allocation with a channel; `turn-bench load --echo` sends payloads paced \
          per flow, its peer sends every one back through the relay, so the server forwards \
          the rate each way. {reps} run(s) per cell, servers interleaved, a fresh server per \
          run; median (lowest-highest). Server CPU is the process's utime+stime over the \
@@ -147,7 +157,11 @@ fn render(
     );
     for &cell in &cells(quick) {
         let name = cell_name(cell);
-        let _ = writeln!(md, "### {} flows, {} packets/s each way per flow\n", cell.0, cell.1);
+        let _ = writeln!(
+            md,
+            "### {} flows, {} packets/s each way per flow, {}-byte payloads\n",
+            cell.0, cell.1, cell.2
+        );
         md.push_str(
             "| server | echoes/s delivered | worst loss | server CPU us per forwarded packet | vs coturn | RTT p50 / p99 us |\n\
              | --- | ---: | ---: | ---: | ---: | ---: |\n",
