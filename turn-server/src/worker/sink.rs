@@ -144,6 +144,9 @@ struct ClientRun {
 
 /// Most bytes staged at once; a fuller stage is sent before more is staged.
 const STAGED_BYTES: usize = 64 * 1024;
+/// Most bytes one UDP send carries (IPv4: 65,535 less the IP and UDP headers), so also the
+/// most a GSO run may hold.
+const MAX_UDP_PAYLOAD: usize = 65_507;
 
 impl Staged {
     fn room_for(&self, len: usize) -> bool {
@@ -177,8 +180,9 @@ impl Staged {
                 }
             }
             .clamp(1, 64);
-            // The run: same destination, same size, at most max_segments; a shorter
-            // datagram may end it.
+            // The run: same destination, same size, at most max_segments and what one UDP
+            // send carries; a shorter datagram may end it.
+            let max_segments = max_segments.min(MAX_UDP_PAYLOAD / segment.max(1)).max(1);
             let mut end = i + 1;
             while segment > 0 && end < order.len() && end - i < max_segments {
                 let (d, _, len) = items[order[end]];
@@ -400,6 +404,28 @@ mod tests {
         let (_, from) = peer1.recv_from(&mut buf).unwrap();
         assert_eq!(from, pool.get(relay_b).unwrap().socket.local_addr().unwrap());
         assert!(staged.room_for(STAGED_BYTES) && !staged.room_for(STAGED_BYTES + 1));
+    }
+
+    #[test]
+    fn a_run_never_exceeds_what_one_udp_send_can_carry() {
+        // 64 equal datagrams of 1,024 bytes fill the stage (64 KiB) exactly, more than one
+        // UDP send may carry (65,507 bytes): the run must be split, nothing lost.
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let state = quinn_udp::UdpSocketState::new((&socket).into()).unwrap();
+        let local = socket.local_addr().unwrap();
+        let listeners = vec![Listener { socket, state, local }];
+        let pool = RelayPool::new(crate::relay::RelayPorts::new(&[vec![], vec![]], 1, 1)).unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let dest = Dest::Client { group: 0, client: client.local_addr().unwrap(), src_ip: None };
+        let mut staged = Staged::default();
+        for i in 0..64u8 {
+            assert!(staged.room_for(1024));
+            staged.push(dest, &[i; 1024]);
+        }
+        staged.flush(&pool, &listeners, &mut RateLimitedLog::default());
+        let got = receive_all(&client, 64);
+        assert_eq!(got.len(), 64);
+        assert!(got.iter().enumerate().all(|(i, d)| d.len() == 1024 && d[0] == i as u8));
     }
 
     #[test]
