@@ -53,12 +53,8 @@ impl Epoll {
         if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
     }
 
-    /// Returns the ready tokens without blocking (`events` is filled from the front).
-    pub fn poll_ready(&self, events: &mut [libc::epoll_event]) -> io::Result<usize> {
-        self.wait(events, 0)
-    }
-
-    /// Waits up to `timeout_ms` (-1: for ever) for ready sources; 0 if interrupted.
+    /// Waits up to `timeout_ms` (0: not at all, -1: for ever) for ready sources, filling
+    /// `events` from the front; 0 if interrupted.
     pub fn wait(&self, events: &mut [libc::epoll_event], timeout_ms: i32) -> io::Result<usize> {
         let max = events.len().min(i32::MAX as usize) as i32;
         // SAFETY: `events` is valid for `max` entries.
@@ -94,17 +90,17 @@ mod tests {
         epoll.add(a.as_raw_fd(), 7).unwrap();
         epoll.add(b.as_raw_fd(), 9).unwrap();
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 4];
-        assert_eq!(epoll.poll_ready(&mut events).unwrap(), 0);
+        assert_eq!(epoll.wait(&mut events, 0).unwrap(), 0);
         a.send_to(b"x", b.local_addr().unwrap()).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         let mut n = 0;
         while n == 0 && std::time::Instant::now() < deadline {
-            n = epoll.poll_ready(&mut events).unwrap();
+            n = epoll.wait(&mut events, 0).unwrap();
         }
         assert_eq!(n, 1);
         let token = events[0].u64;
         assert_eq!(token, 9);
         epoll.delete(b.as_raw_fd()).unwrap();
-        assert_eq!(epoll.poll_ready(&mut events).unwrap(), 0);
+        assert_eq!(epoll.wait(&mut events, 0).unwrap(), 0);
     }
 }
