@@ -14,6 +14,9 @@
 //!   not, and server CPU per message. `turn-bench connect`: connection set-up rate (TCP
 //!   or TLS, Allocate, Refresh 0, close) and server CPU per connection. `turn-bench
 //!   gen-cert`: a certificate for TLS benchmarks on loopback.
+//! * `turn-bench media`: calls (two allocations each, audio and video both ways, relay to
+//!   relay): calls without loss, server CPU per forwarded packet, one-way latency; with
+//!   `--direct` the same exchange without a relay.
 //! * `turn-bench peer`: a standalone counting (and echoing) peer.
 //! * `turn-bench floor`: the bare UDP forwarder (recvmmsg/sendmmsg, no TURN work).
 //!
@@ -24,6 +27,7 @@ mod balance;
 mod daemon_balance;
 mod floor;
 mod load;
+mod media;
 mod net;
 mod pacing;
 mod payload;
@@ -195,6 +199,58 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Calls through the relay, as WebRTC makes them: two clients per call, each with its
+    /// own allocation, sending audio and video to the other end's relayed address (every
+    /// packet crosses the server twice). Loss per call, server CPU per forwarded packet,
+    /// one-way latency. With --direct: the same exchange without a relay. Loopback only.
+    Media {
+        /// TURN server (UDP).
+        #[arg(long, required_unless_present = "direct", conflicts_with = "direct")]
+        server: Option<SocketAddr>,
+        /// The same calls socket to socket, no relay (the latency baseline).
+        #[arg(long)]
+        direct: bool,
+        /// Long-term credentials user (needed with --server).
+        #[arg(long, short = 'u')]
+        user: Option<String>,
+        /// Long-term credentials password (needed with --server).
+        #[arg(long, short = 'w')]
+        password: Option<String>,
+        #[arg(long)]
+        realm: Option<String>,
+        /// Concurrent calls (two clients, two allocations each).
+        #[arg(long, default_value_t = 10)]
+        calls: usize,
+        /// Audio packets/s each end sends.
+        #[arg(long, default_value_t = 50.0)]
+        audio_pps: f64,
+        #[arg(long, default_value_t = 160)]
+        audio_size: usize,
+        /// Video packets/s each end sends (100 x 1,200 B is about 1 Mbit/s).
+        #[arg(long, default_value_t = 100.0)]
+        video_pps: f64,
+        #[arg(long, default_value_t = 1200)]
+        video_size: usize,
+        /// Measured interval, seconds.
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        /// Time after the interval for packets in flight to arrive, seconds.
+        #[arg(long, default_value_t = 0.5)]
+        drain: f64,
+        /// PID of the server process: its CPU time per forwarded packet.
+        #[arg(long)]
+        server_pid: Option<u32>,
+        /// Generator threads (each owns whole calls).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Setup transactions in flight.
+        #[arg(long, default_value_t = 64)]
+        in_flight: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// TURN over TCP or TLS: M connections, each an allocation with a channel, messages
     /// at a paced total rate to (up) or from (down) an embedded peer. Loopback only.
     Stream {
@@ -356,6 +412,49 @@ fn main() -> Result<()> {
                 print!("{}", report.text());
             }
             Ok(())
+        }
+        Cmd::Media {
+            server,
+            direct: _,
+            user,
+            password,
+            realm,
+            calls,
+            audio_pps,
+            audio_size,
+            video_pps,
+            video_size,
+            duration,
+            warmup,
+            drain,
+            server_pid,
+            threads,
+            in_flight,
+            json,
+        } => {
+            let (user, password) = match (server, user, password) {
+                (Some(_), Some(u), Some(p)) => (u, p),
+                (Some(_), _, _) => bail!("--server needs --user and --password"),
+                (None, u, p) => (u.unwrap_or_default(), p.unwrap_or_default()),
+            };
+            let report = media::run(media::MediaArgs {
+                server,
+                user,
+                password,
+                realm,
+                calls,
+                audio_pps,
+                audio_size,
+                video_pps,
+                video_size,
+                duration: secs(duration, "--duration")?,
+                warmup: secs(warmup, "--warmup")?,
+                drain: bounded(drain, "--drain")?,
+                server_pid,
+                threads,
+                in_flight,
+            })?;
+            emit(json, &report, report.text())
         }
         Cmd::Stream { target, direction, flows, rate, size, duration, warmup, drain, json } => {
             let report = stream::run_stream(&stream::StreamArgs {

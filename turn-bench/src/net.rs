@@ -378,17 +378,23 @@ impl Epoll {
         Ok(())
     }
 
-    /// Wait up to `timeout`; returns the tokens of ready sockets.
+    /// Wait up to `timeout` (to the microsecond: `epoll_pwait2`); returns the tokens of
+    /// ready sockets.
     pub fn wait(&mut self, timeout: Duration, ready: &mut Vec<u64>) -> io::Result<()> {
         ready.clear();
-        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-        // SAFETY: `events` is a valid buffer of the given length.
+        let ts = libc::timespec {
+            tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+        };
+        // SAFETY: `events` is a valid buffer of the given length; `ts` lives across the
+        // call; a null signal mask leaves the mask alone.
         let r = unsafe {
-            libc::epoll_wait(
+            libc::epoll_pwait2(
                 self.fd.as_raw_fd(),
                 self.events.as_mut_ptr(),
                 self.events.len() as libc::c_int,
-                ms,
+                &ts,
+                ptr::null(),
             )
         };
         if r < 0 {

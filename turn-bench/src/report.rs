@@ -134,7 +134,7 @@ pub fn pct(part: u64, whole: u64) -> f64 {
     if whole == 0 { 0.0 } else { 100.0 * part as f64 / whole as f64 }
 }
 
-fn phase(p: &PhaseReport) -> String {
+pub(crate) fn phase(p: &PhaseReport) -> String {
     format!(
         "{} flows in {:.0} ms ({} requests, {} retransmits, {} auth rounds{}{})",
         p.flows,
