@@ -103,7 +103,7 @@ pub struct Config {
     /// Microseconds a busy worker waits after a pass that found little to do (fewer than
     /// 32 datagrams) before it looks again, so that more datagrams share each system call
     /// and GSO run; a datagram may wait up to this long more. Only while the worker's
-    /// rate brings at least 8 datagrams per wait. 0 = never wait.
+    /// rate brings at least 3 datagrams per wait. 0 = never wait.
     pub batch_wait_us: u64,
     /// Placement of new flows: auto, p2c, least, hash or off.
     pub steering: SteeringMode,

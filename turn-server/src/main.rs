@@ -202,7 +202,7 @@ struct ServeArgs {
     /// Worker threads, one socket each per address [config: workers, default: one per CPU].
     #[arg(long = "workers", value_name = "N")]
     workers: Option<usize>,
-    /// Microseconds a busy worker (at least 8 datagrams per wait) waits after a pass with fewer than 32 datagrams before looking again: fewer wake-ups and system calls per packet at paced rates, up to this much added delay per hop; 0 = never [config: batch_wait_us, default 200].
+    /// Microseconds a busy worker (at least 3 datagrams per wait) waits after a pass with fewer than 32 datagrams before looking again: fewer wake-ups and system calls per packet at paced rates, up to this much added delay per hop; 0 = never [config: batch_wait_us, default 200].
     #[arg(long = "batch-wait-us", value_name = "US")]
     batch_wait_us: Option<u64>,
     /// Placement of new client flows on the workers [config: steering, default auto].

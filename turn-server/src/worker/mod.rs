@@ -186,7 +186,7 @@ struct BatchWait {
 
 impl BatchWait {
     const SMALL_PASS: u64 = quinn_udp::BATCH_SIZE as u64;
-    const WORTH_WAITING: f64 = 8.0;
+    const WORTH_WAITING: f64 = 3.0;
     const WINDOW: Duration = Duration::from_millis(10);
 
     fn new(wait: Duration) -> BatchWait {
