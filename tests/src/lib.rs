@@ -450,6 +450,41 @@ impl StunClient {
         let _ = self.sock.send_to(&buf[..n], self.server);
     }
 
+    /// Allocates (the 401 round, then the signed request) and returns the relayed
+    /// address, or None when the server refuses or does not answer within `timeout`.
+    pub fn allocate_relayed(&mut self, timeout: Duration) -> Option<SocketAddr> {
+        use turn_proto::stun::{Class, Message, attr};
+        for _ in 0..3 {
+            self.send_allocate();
+            let bytes = self.receive_raw(timeout)?;
+            let msg = Message::parse(&bytes).ok()?;
+            if msg.class() == Class::SuccessResponse {
+                let tid = msg.transaction_id();
+                return attr::decode_xor_address(msg.get(attr::XOR_RELAYED_ADDRESS)?, &tid).ok();
+            }
+            self.signer.learn(&msg);
+        }
+        None
+    }
+
+    /// The next Data indication within `timeout`: (XOR-PEER-ADDRESS, DATA). Other
+    /// datagrams are skipped.
+    pub fn receive_data(&mut self, timeout: Duration) -> Option<(SocketAddr, Vec<u8>)> {
+        use turn_proto::stun::{Class, Message, Method, attr};
+        let until = std::time::Instant::now() + timeout;
+        loop {
+            let left = until.checked_duration_since(std::time::Instant::now())?;
+            let bytes = self.receive_raw(left.max(Duration::from_millis(1)))?;
+            let Ok(msg) = Message::parse(&bytes) else { continue };
+            if msg.method() != Method::DATA || msg.class() != Class::Indication {
+                continue;
+            }
+            let tid = msg.transaction_id();
+            let peer = attr::decode_xor_address(msg.get(attr::XOR_PEER_ADDRESS)?, &tid).ok()?;
+            return Some((peer, msg.get(attr::DATA)?.to_vec()));
+        }
+    }
+
     /// The next answer's error code (0 for a success) within `timeout`, learning the
     /// realm and nonce from a 401 or 438.
     pub fn receive(&mut self, timeout: Duration) -> Option<u16> {

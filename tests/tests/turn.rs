@@ -63,6 +63,72 @@ fn relays_channels_send_indications_and_client_to_client_without_loss() {
     assert!(daemon.logs().contains("allocation created"));
 }
 
+/// Relay to relay on one daemon (both ends of a call use it): a datagram from one
+/// allocation's relay to another's is handed over inside the daemon, to the worker that
+/// holds the receiving relay, and the receiving allocation's permissions apply as they
+/// would to a datagram from the network.
+#[test]
+fn relay_to_relay_is_handed_over_inside_the_daemon_under_the_permission_rules() {
+    let test = "relay_to_relay_is_handed_over_inside_the_daemon_under_the_permission_rules";
+    if !turn_tests::require_root(test) {
+        return;
+    }
+    let mut daemon = relaying_daemon(&[]);
+    let wait = Duration::from_secs(2);
+    // Four clients from four addresses: on 2 workers, some pairs share a worker and some
+    // do not (the steering spreads them), so both hand-over paths carry traffic.
+    let mut clients: Vec<_> = (0..4)
+        .map(|i| {
+            turn_tests::StunClient::new(
+                &format!("127.0.0.{}", 11 + i),
+                daemon.addr(),
+                "alice",
+                "secret",
+            )
+        })
+        .collect();
+    let relays: Vec<_> = clients.iter_mut().map(|c| c.allocate_relayed(wait).unwrap()).collect();
+    // Without a permission at the receiver, nothing arrives (the sender has one).
+    clients[0].send_create_permission(relays[1]);
+    assert_eq!(clients[0].receive(wait), Some(0));
+    clients[0].send_indication(relays[1], b"not permitted");
+    assert_eq!(clients[1].receive_data(Duration::from_millis(300)), None);
+    // Every client permits every other's relay; then each sends to each.
+    for (i, c) in clients.iter_mut().enumerate() {
+        for (j, &r) in relays.iter().enumerate() {
+            if i != j {
+                c.send_create_permission(r);
+                assert_eq!(c.receive(wait), Some(0), "permission {i} -> {j}");
+            }
+        }
+    }
+    let mut delivered = 0;
+    for i in 0..4 {
+        for j in (0..4).filter(|&j| j != i) {
+            let text = format!("{i} to {j}");
+            clients[i].send_indication(relays[j], text.as_bytes());
+            let (from, data) =
+                clients[j].receive_data(wait).unwrap_or_else(|| panic!("{text}: nothing arrived"));
+            assert_eq!(from, relays[i], "{text}: the sender's relayed address is the source");
+            assert_eq!(data, text.as_bytes());
+            delivered += 1;
+        }
+    }
+    daemon.stop();
+    let logs = daemon.logs();
+    // Every datagram, the unpermitted one too: handed over, then dropped by the receiver.
+    assert_eq!(
+        turn_tests::worker_total(&logs, "relayed_internally"),
+        delivered + 1,
+        "every relay-to-relay datagram is handed over inside the daemon:\n{logs}"
+    );
+    assert_eq!(turn_tests::worker_total(&logs, "handoff_drops"), 0, "{logs}");
+    assert!(
+        turn_tests::worker_total(&logs, "dropped") >= 1,
+        "the unpermitted datagram is a counted drop"
+    );
+}
+
 #[test]
 fn rest_secret_credentials_work() {
     if !tools("rest_secret_credentials_work") {

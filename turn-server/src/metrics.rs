@@ -181,6 +181,7 @@ pub struct WorkerSnapshot {
     pub handed_off: u64,
     pub handed_in: u64,
     pub handoff_drops: u64,
+    pub relayed_internally: u64,
     pub connections: u64,
     pub connections_accepted: u64,
     pub closes: Vec<u64>,
@@ -471,6 +472,12 @@ impl Collector for Scrape {
             "turn_worker_handoff_drops",
             "Hand-offs dropped: the owner's inbox was full",
             per(&|s| s.handoff_drops),
+        )?;
+        counters(
+            &mut e,
+            "turn_worker_relayed_internally",
+            "Relay-to-relay datagrams (one allocation's relay to another's) taken in by the worker without the kernel",
+            per(&|s| s.relayed_internally),
         )?;
         counters(
             &mut e,

@@ -8,12 +8,13 @@
 //! addresses have ports.
 
 use std::{
+    collections::HashMap,
     io,
     net::{IpAddr, SocketAddr, UdpSocket},
     os::fd::AsRawFd,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU16, AtomicUsize, Ordering},
     },
 };
 
@@ -61,6 +62,9 @@ struct PortSet {
 struct AddressPorts {
     address: RelayAddress,
     ports: Mutex<PortSet>,
+    /// Per port: 1 + the index of the worker whose relay holds it, 0 when none does. Read
+    /// on the packet path (relay to relay), so without the lock.
+    owners: Box<[AtomicU16]>,
 }
 
 /// The relay ports of every relay address, shared by the workers.
@@ -81,6 +85,7 @@ impl RelayPorts {
         let set = |address: &RelayAddress| AddressPorts {
             address: *address,
             ports: Mutex::new(PortSet { in_use: vec![false; len], free: len, cursor: start }),
+            owners: (0..len).map(|_| AtomicU16::new(0)).collect(),
         };
         Arc::new(RelayPorts {
             families: [
@@ -163,6 +168,26 @@ impl RelayPorts {
             }
         }
         Err(RelayError::InsufficientCapacity)
+    }
+
+    /// The worker whose relay is bound to `addr` (a relay address and port of this
+    /// daemon), if any.
+    pub fn owner_of(&self, addr: SocketAddr) -> Option<usize> {
+        let f = usize::from(addr.is_ipv6());
+        let entry = self.families[f].iter().find(|e| e.address.bind == addr.ip())?;
+        let i = usize::from(addr.port().checked_sub(self.first_port)?);
+        let owner = entry.owners.get(i)?.load(Ordering::Acquire);
+        (owner > 0).then(|| usize::from(owner - 1))
+    }
+
+    /// Records which worker holds `lease` (`None`: no one).
+    fn set_owner(&self, lease: PortLease, worker: Option<u16>) {
+        if let Some(entry) = self.families.get(lease.family).and_then(|l| l.get(lease.address))
+            && !entry.address.bind.is_unspecified()
+            && let Some(owner) = entry.owners.get(usize::from(lease.port - self.first_port))
+        {
+            owner.store(worker.map_or(0, |w| w.saturating_add(1)), Ordering::Release);
+        }
     }
 
     fn release(&self, lease: PortLease) {
@@ -322,6 +347,8 @@ pub fn is_icmp_report(e: &io::Error) -> bool {
 /// A live relay socket.
 pub struct Relay {
     pub socket: UdpSocket,
+    /// The address the socket is bound to (what a peer on this host sees as the source).
+    pub local: SocketAddr,
     generation: u32,
     lease: PortLease,
 }
@@ -342,11 +369,16 @@ pub struct RelayPool {
     live: usize,
     /// Binds that failed for a reason other than the port being taken (logged by the worker).
     pub bind_errors: u64,
+    /// The live relays by the address they are bound to: a datagram a relay of the
+    /// daemon sends to one of these is handed over without the kernel's round trip.
+    by_local: HashMap<SocketAddr, RelayId>,
+    /// This worker's index, recorded as the owner of its relays' ports.
+    worker: u16,
 }
 
 impl RelayPool {
-    /// A worker's pool, taking its ports from the shared `ports`.
-    pub fn new(ports: Arc<RelayPorts>) -> io::Result<Self> {
+    /// Worker `worker`'s pool, taking its ports from the shared `ports`.
+    pub fn new(ports: Arc<RelayPorts>, worker: usize) -> io::Result<Self> {
         let probe = UdpSocket::bind("127.0.0.1:0").or_else(|_| UdpSocket::bind("[::1]:0"))?;
         let state = UdpSocketState::new((&probe).into())?;
         Ok(Self {
@@ -358,6 +390,8 @@ impl RelayPool {
             draining: false,
             live: 0,
             bind_errors: 0,
+            by_local: HashMap::new(),
+            worker: u16::try_from(worker).unwrap_or(u16::MAX - 1),
         })
     }
 
@@ -382,6 +416,19 @@ impl RelayPool {
         let slot = (id.0 & 0xffff_ffff) as usize;
         let relay = self.slots.get(slot)?.as_ref()?;
         (u64::from(relay.generation) == id.0 >> 32).then_some(relay)
+    }
+
+    /// The worker whose relay is bound to `addr`, if any (this one included).
+    pub fn owner_of(&self, addr: SocketAddr) -> Option<usize> {
+        self.ports.owner_of(addr)
+    }
+
+    /// The live relay of this pool bound to `addr`, if any.
+    pub fn bound_to(&self, addr: SocketAddr) -> Option<RelayId> {
+        if self.by_local.is_empty() {
+            return None;
+        }
+        self.by_local.get(&addr).copied()
     }
 
     /// Creates a relay socket and registers it in `epoll`.
@@ -409,12 +456,16 @@ impl RelayPool {
             return Err(RelayError::InsufficientCapacity);
         }
         let generation = self.generations[slot as usize];
-        self.slots[slot as usize] = Some(Relay { socket, generation, lease });
+        let id = RelayId(u64::from(generation) << 32 | u64::from(slot));
+        let local = SocketAddr::new(address.bind, lease.port);
+        // A wildcard-bound relay has no one address to match.
+        if !address.bind.is_unspecified() {
+            self.by_local.insert(local, id);
+            self.ports.set_owner(lease, Some(self.worker));
+        }
+        self.slots[slot as usize] = Some(Relay { socket, local, generation, lease });
         self.live += 1;
-        Ok((
-            RelayId(u64::from(generation) << 32 | u64::from(slot)),
-            SocketAddr::new(address.advertised, lease.port),
-        ))
+        Ok((id, SocketAddr::new(address.advertised, lease.port)))
     }
 
     /// Closes a relay socket (closing removes it from the epoll set).
@@ -429,6 +480,11 @@ impl RelayPool {
             return;
         }
         if let Some(relay) = self.slots[slot].take() {
+            if self.by_local.get(&relay.local) == Some(&id) {
+                self.by_local.remove(&relay.local);
+            }
+            // No longer ours before the port can be someone else's.
+            self.ports.set_owner(relay.lease, None);
             drop(relay.socket);
             self.ports.release(relay.lease);
             self.generations[slot] = self.generations[slot].wrapping_add(1);
@@ -491,7 +547,7 @@ mod tests {
         let v4 = address("127.0.0.1", "192.0.2.7");
         let (lo, hi) = range(40_000, 16);
         let ports = RelayPorts::new(&[vec![v4], vec![]], lo, hi);
-        let mut pool = RelayPool::new(Arc::clone(&ports)).unwrap();
+        let mut pool = RelayPool::new(Arc::clone(&ports), 0).unwrap();
         let (id, addr) = pool.allocate_in(&epoll, &request(Family::V4, true)).unwrap();
         assert_eq!(addr.ip(), v4.advertised);
         assert!((lo..=hi).contains(&addr.port()) && addr.port() % 2 == 0, "{addr}");
@@ -524,8 +580,8 @@ mod tests {
         let epoll = Epoll::new().unwrap();
         let (lo, hi) = range(41_000, 4);
         let ports = RelayPorts::new(&[vec![address("127.0.0.1", "127.0.0.1")], vec![]], lo, hi);
-        let mut busy = RelayPool::new(Arc::clone(&ports)).unwrap();
-        let mut idle = RelayPool::new(Arc::clone(&ports)).unwrap();
+        let mut busy = RelayPool::new(Arc::clone(&ports), 0).unwrap();
+        let mut idle = RelayPool::new(Arc::clone(&ports), 0).unwrap();
         // One worker gets all four ports (ports held by another process are skipped).
         let got: Vec<_> = (0..4)
             .filter_map(|_| busy.allocate_in(&epoll, &request(Family::V4, false)).ok())
@@ -541,12 +597,45 @@ mod tests {
         assert!(idle.allocate_in(&epoll, &request(Family::V4, false)).is_ok());
     }
 
+    /// Which worker holds a relayed address, as relay-to-relay hand-over looks it up:
+    /// by the bound address (not the advertised one), and no one once it is released.
+    #[test]
+    fn the_owner_of_a_relay_address_is_the_worker_holding_it() {
+        let epoll = Epoll::new().unwrap();
+        let (lo, hi) = range(47_000, 4);
+        let ports = RelayPorts::new(&[vec![address("127.0.0.1", "192.0.2.7")], vec![]], lo, hi);
+        let mut first = RelayPool::new(Arc::clone(&ports), 0).unwrap();
+        let mut second = RelayPool::new(Arc::clone(&ports), 1).unwrap();
+        let (a, advertised_a) = first.allocate_in(&epoll, &request(Family::V4, false)).unwrap();
+        let (b, _) = second.allocate_in(&epoll, &request(Family::V4, false)).unwrap();
+        let (local_a, local_b) = (first.get(a).unwrap().local, second.get(b).unwrap().local);
+        assert_eq!(local_a.ip().to_string(), "127.0.0.1");
+        assert_eq!(local_a.port(), advertised_a.port());
+        assert_eq!(first.owner_of(local_a), Some(0));
+        assert_eq!(first.owner_of(local_b), Some(1), "any worker sees the others' relays");
+        assert_eq!(first.bound_to(local_a), Some(a));
+        assert_eq!(first.bound_to(local_b), None, "only its own by id");
+        assert_eq!(second.bound_to(local_b), Some(b));
+        // The advertised address is not where the socket is bound, another port is free,
+        // and another IP is not ours.
+        assert_eq!(first.owner_of(advertised_a), None);
+        let free = (lo..=hi).find(|&p| p != local_a.port() && p != local_b.port()).unwrap();
+        assert_eq!(first.owner_of(SocketAddr::new(local_a.ip(), free)), None);
+        assert_eq!(
+            first.owner_of(SocketAddr::new("127.0.0.2".parse().unwrap(), local_a.port())),
+            None
+        );
+        first.release(a);
+        assert_eq!(second.owner_of(local_a), None);
+        assert_eq!(first.bound_to(local_a), None);
+    }
+
     #[test]
     fn an_unreachable_peer_port_comes_back_as_an_icmp_error() {
         let epoll = Epoll::new().unwrap();
         let (lo, hi) = range(43_000, 2);
         let ports = RelayPorts::new(&[vec![address("127.0.0.1", "127.0.0.1")], vec![]], lo, hi);
-        let mut pool = RelayPool::new(ports).unwrap();
+        let mut pool = RelayPool::new(ports, 0).unwrap();
         let (id, _) = pool.allocate_in(&epoll, &request(Family::V4, false)).unwrap();
         let relay = pool.get(id).unwrap();
         assert_eq!(read_icmp(&relay.socket).unwrap_err().kind(), io::ErrorKind::WouldBlock);
@@ -578,7 +667,7 @@ mod tests {
         let a = address("127.0.0.2", "127.0.0.2");
         let b = address("127.0.0.3", "127.0.0.3");
         let ports = RelayPorts::new(&[vec![a, b], vec![]], lo, hi);
-        let mut pool = RelayPool::new(ports).unwrap();
+        let mut pool = RelayPool::new(ports, 0).unwrap();
         let ips: Vec<IpAddr> = (0..4)
             .map(|_| pool.allocate_in(&epoll, &request(Family::V4, false)).unwrap().1.ip())
             .collect();

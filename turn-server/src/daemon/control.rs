@@ -331,6 +331,7 @@ impl Control<'_> {
                     handed_off: read(&w.handed_off),
                     handed_in: read(&w.handed_in),
                     handoff_drops: read(&w.handoff_drops),
+                    relayed_internally: read(&w.relayed_internally),
                     connections: read(&w.connections),
                     connections_accepted: read(&w.connections_accepted),
                     closes: w.closes.iter().map(read).collect(),

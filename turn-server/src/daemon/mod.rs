@@ -228,7 +228,7 @@ pub fn run(config: Config, read: ReadConfig) -> Result<()> {
             limits: Arc::clone(&limits),
             flow_pins,
             server,
-            relays: RelayPool::new(Arc::clone(&relay_ports))?,
+            relays: RelayPool::new(Arc::clone(&relay_ports), index)?,
             quota: Arc::clone(&quota),
             directory: Arc::clone(&directory),
             inboxes: Arc::clone(&inboxes),

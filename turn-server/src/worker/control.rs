@@ -25,6 +25,8 @@ use crate::relay::Relays;
 pub enum Command {
     /// A datagram for one of its allocations that another worker received.
     Handoff(Handoff),
+    /// Datagrams relays of another worker sent to relays of this one (relay to relay).
+    Relayed(super::sink::Internal),
     /// List its allocations.
     Allocations(oneshot::Sender<Vec<AllocationInfo>>),
     /// End the allocations of `user` and/or from `client` (at least one is set).
@@ -141,6 +143,9 @@ impl Core {
     pub(super) fn on_command(&mut self, command: Command) {
         match command {
             Command::Handoff(handoff) => self.on_handoff(handoff),
+            Command::Relayed(batch) => {
+                self.relay_in(batch);
+            }
             Command::Allocations(reply) => {
                 let now = Instant::now();
                 let list = self

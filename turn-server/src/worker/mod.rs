@@ -101,6 +101,8 @@ pub struct WorkerStats {
     pub handed_off: AtomicU64,
     /// Datagrams received from other workers.
     pub handed_in: AtomicU64,
+    /// Datagrams one of this worker's relays sent to another, handed over in the worker.
+    pub relayed_internally: AtomicU64,
     /// Hand-offs dropped because the owner's inbox was full.
     pub handoff_drops: AtomicU64,
     /// Live allocations of this worker.
@@ -421,6 +423,7 @@ impl Worker {
             drops = %by_reason(c.drops_by_name()),
             handed_off = core.stats.handed_off.load(Ordering::Relaxed),
             handed_in = core.stats.handed_in.load(Ordering::Relaxed),
+            relayed_internally = core.stats.relayed_internally.load(Ordering::Relaxed),
             handoff_drops = core.stats.handoff_drops.load(Ordering::Relaxed),
             pin_failures = core.stats.pin_failures.load(Ordering::Relaxed),
             connections_accepted = core.stats.connections_accepted.load(Ordering::Relaxed),
@@ -483,10 +486,69 @@ impl Core {
         self.on_client_datagram(Instant::now(), unix_secs(), from, &handoff.data, false);
     }
 
+    /// Hands over what the batch's relays sent to other relays of the daemon: this
+    /// worker's own at once, each other worker's in one command.
+    fn deliver_internal(&mut self) {
+        for owner in 0..self.sink.internal.len() {
+            if self.sink.internal[owner].items.is_empty() {
+                continue;
+            }
+            let batch = std::mem::take(&mut self.sink.internal[owner]);
+            if owner == self.index {
+                self.sink.internal[owner] = self.relay_in(batch);
+                continue;
+            }
+            // The receiver counts what it takes in (`relayed_internally`); a full inbox
+            // loses the batch, counted like a lost hand-off.
+            let count = batch.items.len() as u64;
+            let command = Command::Relayed(batch);
+            if !matches!(self.inboxes.get(owner).map(|inbox| inbox.try_send(command)), Some(Ok(())))
+            {
+                bump(&self.stats.handoff_drops, count);
+            }
+        }
+    }
+
+    /// Datagrams relays of the daemon sent to relays of this worker: each reaches the
+    /// receiving allocation as if its socket had received it from the sender's address
+    /// (its permissions and channels apply as they would). Counted as received datagrams,
+    /// so the worker's load still reflects its work; one whose relay is gone meanwhile is
+    /// dropped, as the kernel would. Returns the emptied batch for reuse.
+    fn relay_in(&mut self, mut batch: sink::Internal) -> sink::Internal {
+        let now = Instant::now();
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let (mut count, mut bytes, mut gone) = (0u64, 0u64, 0u64);
+        for &(to, from, start, len) in &batch.items {
+            let (Some(id), Some(data), Some(slot)) = (
+                self.pool.bound_to(to),
+                batch.bytes.get(start..start + len),
+                scratch.get_mut(PEER_HEADROOM..PEER_HEADROOM + len),
+            ) else {
+                gone += 1;
+                continue;
+            };
+            slot.copy_from_slice(data);
+            let output = self.server.handle_peer_datagram(now, id, from, &mut scratch, len);
+            self.sink.send(&self.pool, output);
+            count += 1;
+            bytes += len as u64;
+        }
+        batch.items.clear();
+        batch.bytes.clear();
+        self.scratch = scratch;
+        bump(&self.stats.packets, count);
+        bump(&self.stats.bytes, bytes);
+        bump(&self.stats.relayed_internally, count);
+        bump(&self.stats.handoff_drops, gone);
+        batch
+    }
+
     /// Book-keeping after a batch: allocation events (logs, directory, pins, connection
     /// phases, counts), then the batch's writes to stream clients.
     fn after_batch(&mut self) {
-        // The batch's UDP datagrams, both ways, before anything else.
+        // Relay to relay inside the worker first: what it makes for clients joins the
+        // stage. Then the batch's UDP datagrams, both ways, before anything else.
+        self.deliver_internal();
         self.sink.flush(&self.pool);
         let now = Instant::now();
         while let Some(event) = self.server.poll_event() {

@@ -33,7 +33,31 @@ pub(super) struct Sink {
     /// UDP datagrams of the current batch, both ways, sent grouped by socket and
     /// destination so that runs of equal-sized datagrams go out as one GSO send.
     staged: Staged,
+    /// Datagrams from the worker's relays to other relays of the daemon, by the worker
+    /// that holds the receiving relay, for the core to hand over.
+    pub(super) internal: Vec<Internal>,
     pub(super) io_errors: RateLimitedLog,
+}
+
+/// Datagrams relays of the daemon send to other relays of the daemon: (to, from, start,
+/// length) in `bytes`, both addresses the relays' bound ones. Bounded like the stage; past
+/// the bound they go through the kernel.
+#[derive(Debug, Default)]
+pub struct Internal {
+    pub(super) bytes: Vec<u8>,
+    pub(super) items: Vec<(SocketAddr, SocketAddr, usize, usize)>,
+}
+
+impl Internal {
+    /// Queues a datagram; false when the queue is full.
+    fn push(&mut self, to: SocketAddr, from: SocketAddr, data: &[u8]) -> bool {
+        if self.bytes.len() + data.len() > STAGED_BYTES {
+            return false;
+        }
+        self.items.push((to, from, self.bytes.len(), data.len()));
+        self.bytes.extend_from_slice(data);
+        true
+    }
 }
 
 impl Sink {
@@ -42,6 +66,7 @@ impl Sink {
             listeners,
             connections,
             staged: Staged::default(),
+            internal: Vec::new(),
             io_errors: RateLimitedLog::default(),
         }
     }
@@ -51,6 +76,20 @@ impl Sink {
         match output {
             Output::None => {}
             Output::ToPeer { relay, peer, data, dont_fragment: false } => {
+                // To another relay of this daemon (relay to relay: both ends of a call on
+                // this server): handed over at the end of the batch, to the worker that
+                // holds it, as the kernel would deliver it, minus a send, a receive and a
+                // wake-up per datagram.
+                if let Some(owner) = pool.owner_of(peer)
+                    && let Some(from) = pool.get(relay).map(|r| r.local)
+                {
+                    if self.internal.len() <= owner {
+                        self.internal.resize_with(owner + 1, Internal::default);
+                    }
+                    if self.internal[owner].push(peer, from, data) {
+                        return;
+                    }
+                }
                 self.stage(pool, Dest::Peer { relay, peer }, data);
             }
             Output::ToPeer { relay, peer, data, .. } => {
@@ -349,7 +388,7 @@ mod tests {
         };
         let lo = 42_000 + (std::process::id() % 1000) as u16 * 8;
         let ports = crate::relay::RelayPorts::new(&[vec![v4], vec![]], lo, lo + 7);
-        let mut pool = RelayPool::new(ports).unwrap();
+        let mut pool = RelayPool::new(ports, 0).unwrap();
         let request = RelayRequest {
             family: Family::V4,
             even_port: false,
@@ -414,7 +453,8 @@ mod tests {
         let state = quinn_udp::UdpSocketState::new((&socket).into()).unwrap();
         let local = socket.local_addr().unwrap();
         let listeners = vec![Listener { socket, state, local }];
-        let pool = RelayPool::new(crate::relay::RelayPorts::new(&[vec![], vec![]], 1, 1)).unwrap();
+        let pool =
+            RelayPool::new(crate::relay::RelayPorts::new(&[vec![], vec![]], 1, 1), 0).unwrap();
         let client = UdpSocket::bind("127.0.0.1:0").unwrap();
         let dest = Dest::Client { group: 0, client: client.local_addr().unwrap(), src_ip: None };
         let mut staged = Staged::default();
@@ -434,7 +474,8 @@ mod tests {
         let state = quinn_udp::UdpSocketState::new((&socket).into()).unwrap();
         let local = socket.local_addr().unwrap();
         let listeners = vec![Listener { socket, state, local }];
-        let pool = RelayPool::new(crate::relay::RelayPorts::new(&[vec![], vec![]], 1, 1)).unwrap();
+        let pool =
+            RelayPool::new(crate::relay::RelayPorts::new(&[vec![], vec![]], 1, 1), 0).unwrap();
         let client1 = UdpSocket::bind("127.0.0.1:0").unwrap();
         let client2 = UdpSocket::bind("127.0.0.1:0").unwrap();
         let to = |c: &UdpSocket| Dest::Client {
