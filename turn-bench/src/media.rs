@@ -525,15 +525,11 @@ impl MediaReport {
                 );
             }
         }
-        if let Some(c) = &self.server_cpu {
-            let per = c.cpu_us_per_packet.map_or("n/a".into(), |v| format!("{v:.3}"));
-            let _ = writeln!(
-                s,
-                "  server CPU pid {}: {:.1}% of a core, {} us over {} forwarded packets = {per} us/packet",
-                c.pid, c.delta.cpu_pct, c.delta.cpu_us, c.relayed_packets
-            );
-        }
-        let _ = writeln!(s, "  generator  {:.1}% of a core", self.generator_cpu.cpu_pct);
+        s.push_str(&crate::report::cpu_lines(
+            self.server_cpu.as_ref(),
+            &self.generator_cpu,
+            "forwarded",
+        ));
         if self.stray > 0 {
             let _ = writeln!(
                 s,

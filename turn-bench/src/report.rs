@@ -134,6 +134,22 @@ pub fn pct(part: u64, whole: u64) -> f64 {
     if whole == 0 { 0.0 } else { 100.0 * part as f64 / whole as f64 }
 }
 
+/// The server's CPU per packet (`what`: "relayed", "forwarded") and the generator's, as
+/// report lines.
+pub(crate) fn cpu_lines(server: Option<&ServerCpu>, generator: &CpuDelta, what: &str) -> String {
+    let mut s = String::new();
+    if let Some(c) = server {
+        let per = c.cpu_us_per_packet.map_or("n/a".into(), |v| format!("{v:.3}"));
+        let _ = writeln!(
+            s,
+            "  server CPU pid {}: {:.1}% of a core, {} us over {} {what} packets = {per} us/packet",
+            c.pid, c.delta.cpu_pct, c.delta.cpu_us, c.relayed_packets
+        );
+    }
+    let _ = writeln!(s, "  generator  {:.1}% of a core", generator.cpu_pct);
+    s
+}
+
 pub(crate) fn phase(p: &PhaseReport) -> String {
     format!(
         "{} flows in {:.0} ms ({} requests, {} retransmits, {} auth rounds{}{})",
@@ -220,15 +236,7 @@ impl LoadReport {
                 );
             }
         }
-        if let Some(c) = &self.server_cpu {
-            let per = c.cpu_us_per_packet.map_or("n/a".into(), |v| format!("{v:.3}"));
-            let _ = writeln!(
-                s,
-                "  server CPU pid {}: {:.1}% of a core, {} us over {} relayed packets = {per} us/packet",
-                c.pid, c.delta.cpu_pct, c.delta.cpu_us, c.relayed_packets
-            );
-        }
-        let _ = writeln!(s, "  generator  {:.1}% of a core", self.generator_cpu.cpu_pct);
+        s.push_str(&cpu_lines(self.server_cpu.as_ref(), &self.generator_cpu, "relayed"));
         if self.peer_foreign > 0 {
             let _ = writeln!(
                 s,

@@ -1,8 +1,10 @@
 //! `cargo xtask bench`: the same load against turn-server, coturn, pion/turn and a bare UDP
-//! forwarder (the floor), one server at a time, in one run, on loopback. Each server is
-//! started here, measured with `turn-bench` (which reads the server's CPU and memory from
-//! /proc by its PID), and stopped by its PID. The results go to `target/bench/results.jsonl`
-//! and into BENCHMARKS.md between the `bench:begin` / `bench:end` markers, with an SVG chart.
+//! forwarder (the floor), one server at a time, in one run, on loopback. Every cell runs
+//! `reps` times, the servers in turn within a case, and the report gives medians with the
+//! lowest and highest run. Each server is started here (fresh for every run), measured
+//! with `turn-bench` (which reads the server's CPU and memory from /proc by its PID), and
+//! stopped by its PID. The results go to `target/bench/results.jsonl` and into
+//! BENCHMARKS.md between the `bench:begin` / `bench:end` markers, with an SVG chart.
 
 use std::{
     fmt::Write as _,
@@ -14,6 +16,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
+
+use crate::bench_stream::spread;
 
 pub(crate) const USER: &str = "bench";
 pub(crate) const PASSWORD: &str = "bench";
@@ -322,7 +326,7 @@ pub(crate) struct Case {
 }
 
 fn cases(quick: bool) -> Vec<Case> {
-    let secs = if quick { "3" } else { "6" };
+    let secs = if quick { "3" } else { "4" };
     let mut cases = Vec::new();
     for total in PACED_RATES {
         cases.push(Case {
@@ -441,46 +445,52 @@ fn cell(v: Option<f64>, digits: usize) -> String {
     v.map_or("-".into(), |x| format!("{x:.digits$}"))
 }
 
-/// Runs every case against every server and writes the report.
-pub fn run(tools: &Tools, quick: bool, report: &Path) -> Result<()> {
+/// One run's outcome: (server, case, result or error).
+type Outcome = (String, String, std::result::Result<Value, String>);
+
+/// Runs every case against every server `reps` times (the servers in turn within a case,
+/// a fresh server per run) and writes the report.
+pub fn run(tools: &Tools, quick: bool, reps: usize, report: &Path) -> Result<()> {
     std::fs::create_dir_all(&tools.out_dir)?;
     let results_path = tools.out_dir.join("results.jsonl");
     let mut results = String::new();
-    let servers = servers();
+    let servers: Vec<Server> =
+        servers().into_iter().filter(|s| s.kind != Kind::Pion || tools.pion.is_some()).collect();
     let cases = cases(quick);
-    let mut table: Vec<(String, String, std::result::Result<Value, String>)> = Vec::new();
-    for server in &servers {
-        if server.kind == Kind::Pion && tools.pion.is_none() {
-            continue;
-        }
+    let mut table: Vec<Outcome> = Vec::new();
+    for rep in 0..reps {
         for case in &cases {
-            // A forwarder to one fixed destination has no allocations and no return path.
-            if server.kind == Kind::Floor && (case.alloc || case.args.iter().any(|a| a == "--echo"))
-            {
-                continue;
-            }
-            let peer_port = free_port()?;
-            println!("xtask: bench: {} / {}", server.name, case.name);
-            // A fresh server per case: no state carried from one case to the next.
-            let outcome = start(server, tools, peer_port)
-                .and_then(|running| measure(server, case, tools, &running, peer_port))
-                .map_err(|e| format!("{e:#}"));
-            match &outcome {
-                Ok(v) => {
-                    let _ = writeln!(
-                        results,
-                        "{}",
-                        serde_json::json!({"server": server.name, "case": case.name, "result": v})
-                    );
+            for server in &servers {
+                // A forwarder to one fixed destination has no allocations and no return
+                // path.
+                if server.kind == Kind::Floor
+                    && (case.alloc || case.args.iter().any(|a| a == "--echo"))
+                {
+                    continue;
                 }
-                Err(e) => println!("xtask: bench:   failed: {e}"),
+                let peer_port = free_port()?;
+                println!("xtask: bench: rep {}/{reps}: {} / {}", rep + 1, server.name, case.name);
+                // A fresh server per run: no state carried from one run to the next.
+                let outcome = start(server, tools, peer_port)
+                    .and_then(|running| measure(server, case, tools, &running, peer_port))
+                    .map_err(|e| format!("{e:#}"));
+                match &outcome {
+                    Ok(v) => {
+                        let _ = writeln!(
+                            results,
+                            "{}",
+                            serde_json::json!({"server": server.name, "case": case.name, "rep": rep, "result": v})
+                        );
+                    }
+                    Err(e) => println!("xtask: bench:   failed: {e}"),
+                }
+                table.push((server.name.clone(), case.name.clone(), outcome));
             }
-            table.push((server.name.clone(), case.name.clone(), outcome));
         }
     }
     std::fs::write(&results_path, &results)?;
     let balance = run_balance(tools, quick);
-    let mut markdown = render(&table, &cases, &servers, quick);
+    let mut markdown = render(&table, &cases, &servers, quick, reps);
     markdown.push_str(&render_balance(&balance, quick));
     let svg = chart(&table, &balance);
     let svg_path = report.parent().unwrap_or(Path::new(".")).join("docs").join("bench.svg");
@@ -498,11 +508,26 @@ pub fn run(tools: &Tools, quick: bool, report: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The successful runs of `server` on `case`.
+fn runs<'a>(table: &'a [Outcome], server: &str, case: &str) -> Vec<&'a Value> {
+    table
+        .iter()
+        .filter(|(s, c, _)| s == server && c == case)
+        .filter_map(|(_, _, r)| r.as_ref().ok())
+        .collect()
+}
+
+/// Median (lowest-highest) of a field over runs.
+fn med(runs: &[&Value], path: &[&str], digits: usize) -> (Option<f64>, String) {
+    spread(runs.iter().filter_map(|v| f(v, path)).collect(), digits)
+}
+
 fn render(
-    table: &[(String, String, std::result::Result<Value, String>)],
+    table: &[Outcome],
     cases: &[Case],
     servers: &[Server],
     quick: bool,
+    reps: usize,
 ) -> String {
     let mut md = String::new();
     let RunContext { date, kernel, commit, coturn } = RunContext::now();
@@ -513,15 +538,12 @@ fn render(
     );
     let _ = writeln!(
         md,
-        "Run on {date}, Linux {}, {} CPUs; turn-server at commit {commit}, coturn {} (Debian), pion/turn {} (Debian's golang-github-pion-turn.v2-dev, ../shared/peers/pion-mt); all on 127.0.0.1, one server at a time (started fresh for each case, stopped by its PID). Load from `turn-bench` (one sender thread, embedded peer, 160-byte payloads). CPU is the server process's utime+stime from /proc over the measured window; per packet = that CPU / packets relayed. ![chart](docs/bench.svg)\n",
+        "Run on {date}, Linux {}, {} CPUs; turn-server at commit {commit}, coturn {} (Debian), pion/turn {} (Debian's golang-github-pion-turn.v2-dev, ../shared/peers/pion-mt); all on 127.0.0.1, one server at a time (started fresh for each run, stopped by its PID). Every cell ran {reps} time(s), the servers in turn within each case; cells show the median and, where it matters, (lowest-highest); loss is the worst run's. Load from `turn-bench` (one sender thread, embedded peer, 160-byte payloads). CPU is the server process's utime+stime from /proc over the measured window; per packet = that CPU / packets relayed. ![chart](docs/bench.svg)\n",
         kernel,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         coturn,
         dpkg("golang-github-pion-turn.v2-dev")
     );
-    let get = |server: &str, case: &str| {
-        table.iter().find(|(s, c, _)| s == server && c == case).map(|(_, _, r)| r)
-    };
     for case in cases {
         let _ = writeln!(md, "### {}\n", case.name);
         if case.alloc {
@@ -532,64 +554,68 @@ fn render(
         } else {
             let _ = writeln!(
                 md,
-                "| server | offered pps | delivered pps | loss % | server CPU us/packet | server CPU % | RTT p50 / p99 us | Jain fairness |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+                "| server | offered pps | delivered pps | worst loss % | server CPU us/packet | server CPU % | RTT p50 / p99 us | Jain fairness |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
             );
         }
         for server in servers {
-            let Some(result) = get(&server.name, &case.name) else { continue };
-            match result {
-                Err(e) => {
-                    let _ = writeln!(md, "| {} | failed: {} |", server.name, e.replace('|', "/"));
-                }
-                Ok(v) if case.alloc => {
-                    let _ = writeln!(
-                        md,
-                        "| {} | {} | {} | {} |",
-                        server.name,
-                        cell(f(v, &["allocs_per_s"]), 0),
-                        cell(f(v, &["cpu_us_per_alloc"]), 1),
-                        cell(f(v, &["bytes_per_allocation"]), 0)
-                    );
-                }
-                Ok(v) => {
-                    let rtt = match (
-                        f(v, &["echo_path", "rtt_us", "p50"]),
-                        f(v, &["echo_path", "rtt_us", "p99"]),
-                    ) {
-                        (Some(a), Some(b)) => format!("{a:.0} / {b:.0}"),
-                        _ => "-".into(),
-                    };
-                    let _ = writeln!(
-                        md,
-                        "| {} | {} | {} | {} | {} | {} | {} | {} |",
-                        server.name,
-                        cell(f(v, &["offered_pps"]), 0),
-                        cell(f(v, &["delivered_pps"]), 0),
-                        cell(f(v, &["loss_pct"]), 3),
-                        cell(f(v, &["server_cpu", "cpu_us_per_packet"]), 2),
-                        cell(f(v, &["server_cpu", "cpu_pct"]), 0),
-                        rtt,
-                        cell(f(v, &["fairness", "jain"]), 3)
-                    );
-                }
+            let all: Vec<_> =
+                table.iter().filter(|(s, c, _)| *s == server.name && *c == case.name).collect();
+            if all.is_empty() {
+                continue;
             }
+            let ok = runs(table, &server.name, &case.name);
+            if ok.is_empty() {
+                let e =
+                    all.iter().find_map(|(_, _, r)| r.as_ref().err()).cloned().unwrap_or_default();
+                let _ = writeln!(md, "| {} | failed: {} |", server.name, e.replace('|', "/"));
+                continue;
+            }
+            if case.alloc {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} |",
+                    server.name,
+                    med(&ok, &["allocs_per_s"], 0).1,
+                    med(&ok, &["cpu_us_per_alloc"], 1).1,
+                    med(&ok, &["bytes_per_allocation"], 0).1
+                );
+                continue;
+            }
+            let worst = ok.iter().filter_map(|v| f(v, &["loss_pct"])).reduce(f64::max);
+            let rtt = match (
+                med(&ok, &["echo_path", "rtt_us", "p50"], 0).0,
+                med(&ok, &["echo_path", "rtt_us", "p99"], 0).0,
+            ) {
+                (Some(a), Some(b)) => format!("{a:.0} / {b:.0}"),
+                _ => "-".into(),
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                server.name,
+                cell(med(&ok, &["offered_pps"], 0).0, 0),
+                med(&ok, &["delivered_pps"], 0).1,
+                cell(worst, 3),
+                med(&ok, &["server_cpu", "cpu_us_per_packet"], 2).1,
+                cell(med(&ok, &["server_cpu", "cpu_pct"], 0).0, 0),
+                rtt,
+                cell(med(&ok, &["fairness", "jain"], 3).0, 3)
+            );
         }
         md.push('\n');
     }
     let _ = writeln!(
         md,
-        "### Highest lossless paced rate (8 flows, loss < {LOSSLESS_PCT}%, rates {})\n\n| server | highest lossless rate (pps) |\n| --- | ---: |",
+        "### Highest lossless paced rate (8 flows, median run's loss < {LOSSLESS_PCT}%, rates {})\n\n| server | highest lossless rate (pps) |\n| --- | ---: |",
         PACED_RATES.map(|r| format!("{}k", r / 1000)).join(", ")
     );
     for server in servers {
         let best = PACED_RATES
             .iter()
             .filter(|&&rate| {
-                let name = format!("paced {}k pps, 8 flows", rate / 1000);
-                get(&server.name, &name).and_then(|r| r.as_ref().ok()).is_some_and(|v| {
-                    f(v, &["loss_pct"]).is_some_and(|l| l < LOSSLESS_PCT)
-                        && f(v, &["offered_pps"]).is_some_and(|o| o >= 0.95 * f64::from(rate))
-                })
+                let ok = runs(table, &server.name, &format!("paced {}k pps, 8 flows", rate / 1000));
+                med(&ok, &["loss_pct"], 3).0.is_some_and(|l| l < LOSSLESS_PCT)
+                    && med(&ok, &["offered_pps"], 0).0.is_some_and(|o| o >= 0.95 * f64::from(rate))
             })
             .max();
         if table.iter().any(|(s, _, _)| *s == server.name) {
@@ -692,10 +718,7 @@ fn render_balance(rows: &[Value], quick: bool) -> String {
 }
 
 /// Three bar panels: delivered pps flat out, CPU per packet at 160k pps, steering balance.
-fn chart(
-    table: &[(String, String, std::result::Result<Value, String>)],
-    balance: &[Value],
-) -> String {
+fn chart(table: &[Outcome], balance: &[Value]) -> String {
     let color = |name: &str| {
         if name.starts_with("turn-server") || name.starts_with("p2c") || name.starts_with("least") {
             "#2b7bb9"
@@ -705,11 +728,17 @@ fn chart(
             "#d9822b"
         }
     };
+    // Each server's median over its runs, in the order the servers ran.
     let metric = |case: &str, path: &[&str]| -> Vec<(String, f64)> {
-        table
-            .iter()
-            .filter(|(_, c, _)| c == case)
-            .filter_map(|(s, _, r)| Some((s.clone(), f(r.as_ref().ok()?, path)?)))
+        let mut names: Vec<&String> = Vec::new();
+        for (s, c, _) in table {
+            if c == case && !names.contains(&s) {
+                names.push(s);
+            }
+        }
+        names
+            .into_iter()
+            .filter_map(|s| Some((s.clone(), med(&runs(table, s, case), path, 2).0?)))
             .collect()
     };
     let mut panels = vec![

@@ -6,7 +6,8 @@
 //! * `test`       setup, build-ebpf, lint, and the whole test suite (root tests included)
 //! * `lint`       `cargo fmt --check` and clippy with `-D warnings`
 //! * `bench`      turn-server, coturn, pion/turn and the floor side by side (BENCHMARKS.md);
-//!   `bench --stream`: TURN over TCP and TLS beside coturn
+//!   `bench --stream`: TURN over TCP and TLS beside coturn; `bench --bidir`: both
+//!   directions at once; `bench --media`: media-like calls, relay to relay
 
 use std::{
     ffi::OsStr,
@@ -16,6 +17,7 @@ use std::{
 
 mod bench;
 mod bench_bidir;
+mod bench_media;
 mod bench_stream;
 
 use anyhow::{Context, Result, bail};
@@ -78,8 +80,12 @@ enum Cmd {
         /// and pion (its own section of BENCHMARKS.md).
         #[arg(long, conflicts_with = "stream")]
         bidir: bool,
-        /// Repetitions of every cell (--stream, --bidir), servers interleaved; medians
-        /// reported.
+        /// Only media-like calls (two allocations per call, audio and video both ways,
+        /// relay to relay): the most calls held without loss, turn-server beside coturn and
+        /// pion (its own section of BENCHMARKS.md).
+        #[arg(long, conflicts_with_all = ["stream", "bidir"])]
+        media: bool,
+        /// Repetitions of every cell (every mode), servers interleaved; medians reported.
         #[arg(long, default_value_t = 3)]
         reps: usize,
     },
@@ -92,7 +98,9 @@ fn main() -> Result<()> {
         Cmd::Run { args } => run(&args),
         Cmd::Test { args } => test(&args),
         Cmd::Lint => lint(),
-        Cmd::Bench { quick, stream, bidir, reps } => bench(quick, stream, bidir, reps),
+        Cmd::Bench { quick, stream, bidir, media, reps } => {
+            bench(quick, stream, bidir, media, reps)
+        }
     }
 }
 
@@ -308,7 +316,7 @@ fn test(extra: &[String]) -> Result<()> {
     )
 }
 
-fn bench(quick: bool, stream: bool, bidir: bool, reps: usize) -> Result<()> {
+fn bench(quick: bool, stream: bool, bidir: bool, media: bool, reps: usize) -> Result<()> {
     setup()?;
     build_ebpf()?;
     let root = root();
@@ -354,5 +362,8 @@ fn bench(quick: bool, stream: bool, bidir: bool, reps: usize) -> Result<()> {
     if bidir {
         return bench_bidir::run(&tools, quick, reps.max(1), &root.join("BENCHMARKS.md"));
     }
-    bench::run(&tools, quick, &root.join("BENCHMARKS.md"))
+    if media {
+        return bench_media::run(&tools, quick, reps.max(1), &root.join("BENCHMARKS.md"));
+    }
+    bench::run(&tools, quick, reps.max(1), &root.join("BENCHMARKS.md"))
 }
