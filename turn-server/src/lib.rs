@@ -7,7 +7,8 @@
 //! * [`load`]: the per-worker load score P2C compares.
 //! * [`bpffs`]: where steering maps are pinned, and clean-up after a killed daemon.
 //! * [`worker`]: a worker thread: its sockets, its protocol state, its epoll set.
-//! * [`relay`]: relay sockets, the worker's share of the port range.
+//! * [`relay`]: relay sockets, the worker's share of the port range, and which worker holds
+//!   which relayed address (relay-to-relay hand-over).
 //! * [`shared`]: cross-worker state on cold paths: quotas, the allocation directory.
 //! * [`setup`]: configuration to protocol core, credentials, relay addresses, privileges.
 //! * [`daemon`]: startup, control loop (signals, load publishing, reload, drain),

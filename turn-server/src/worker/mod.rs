@@ -12,7 +12,8 @@
 //! * `udp.rs`: UDP listener and relay sockets (batched receives, ICMP errors).
 //! * `stream.rs`: TCP and TLS listeners and connections (framing, deadlines, limits).
 //! * `sink.rs`: the one place outputs are executed (staged datagrams both ways, GSO runs,
-//!   sendmmsg to a listener's clients; queued writes to connections).
+//!   sendmmsg to a listener's clients; queued writes to connections; datagrams from one
+//!   relay of the daemon to another, handed to the worker that holds the receiver).
 //!
 //! The per-packet path (receive a batch, hand each datagram to the protocol core, send what
 //! it returns) takes no lock, touches no shared map and does not allocate. Shared state is
