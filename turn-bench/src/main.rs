@@ -51,6 +51,31 @@ fn secs(v: f64, what: &str) -> Result<Duration> {
         .with_context(|| format!("{what}: {v} is not a valid number of seconds"))
 }
 
+/// The measurement timeline of `load` and `media`.
+#[derive(clap::Args, Clone, Copy)]
+struct Timing {
+    /// Measured interval, seconds.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Traffic before the measured interval, seconds.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Time after the interval for packets in flight to arrive, seconds.
+    #[arg(long, default_value_t = 0.5)]
+    drain: f64,
+}
+
+impl Timing {
+    /// (duration, warmup, drain), checked.
+    fn durations(self) -> Result<(Duration, Duration, Duration)> {
+        Ok((
+            secs(self.duration, "--duration")?,
+            secs(self.warmup, "--warmup")?,
+            bounded(self.drain, "--drain")?,
+        ))
+    }
+}
+
 #[derive(Parser)]
 #[command(name = "turn-bench", about = "Benchmarks for turn-server")]
 struct Cli {
@@ -124,15 +149,8 @@ enum Cmd {
         /// Payload bytes (application data, at least 24).
         #[arg(long, default_value_t = 160)]
         size: usize,
-        /// Measured interval, seconds.
-        #[arg(long, default_value_t = 5.0)]
-        duration: f64,
-        /// Traffic before the measured interval, seconds.
-        #[arg(long, default_value_t = 1.0)]
-        warmup: f64,
-        /// Time after the interval for packets in flight to arrive, seconds.
-        #[arg(long, default_value_t = 0.5)]
-        drain: f64,
+        #[command(flatten)]
+        timing: Timing,
         /// Send indications instead of ChannelData (no ChannelBind; echoes come back as
         /// Data indications).
         #[arg(long)]
@@ -231,14 +249,8 @@ enum Cmd {
         video_pps: f64,
         #[arg(long, default_value_t = 1200)]
         video_size: usize,
-        /// Measured interval, seconds.
-        #[arg(long, default_value_t = 5.0)]
-        duration: f64,
-        #[arg(long, default_value_t = 1.0)]
-        warmup: f64,
-        /// Time after the interval for packets in flight to arrive, seconds.
-        #[arg(long, default_value_t = 0.5)]
-        drain: f64,
+        #[command(flatten)]
+        timing: Timing,
         /// PID of the server process: its CPU time per forwarded packet.
         #[arg(long)]
         server_pid: Option<u32>,
@@ -364,9 +376,7 @@ fn main() -> Result<()> {
             rate,
             flat_out,
             size,
-            duration,
-            warmup,
-            drain,
+            timing,
             send_indications,
             echo,
             server_pid,
@@ -383,6 +393,7 @@ fn main() -> Result<()> {
                 (Some(_), _, _) => bail!("--server needs --user and --password"),
                 (None, u, p) => (u.unwrap_or_default(), p.unwrap_or_default()),
             };
+            let (duration, warmup, drain) = timing.durations()?;
             let args = load::LoadArgs {
                 server,
                 floor,
@@ -392,9 +403,9 @@ fn main() -> Result<()> {
                 flows,
                 rate: if flat_out { None } else { rate },
                 size,
-                duration: secs(duration, "--duration")?,
-                warmup: secs(warmup, "--warmup")?,
-                drain: bounded(drain, "--drain")?,
+                duration,
+                warmup,
+                drain,
                 send_indications,
                 echo,
                 server_pid,
@@ -424,9 +435,7 @@ fn main() -> Result<()> {
             audio_size,
             video_pps,
             video_size,
-            duration,
-            warmup,
-            drain,
+            timing,
             server_pid,
             threads,
             in_flight,
@@ -437,6 +446,7 @@ fn main() -> Result<()> {
                 (Some(_), _, _) => bail!("--server needs --user and --password"),
                 (None, u, p) => (u.unwrap_or_default(), p.unwrap_or_default()),
             };
+            let (duration, warmup, drain) = timing.durations()?;
             let report = media::run(media::MediaArgs {
                 server,
                 user,
@@ -447,9 +457,9 @@ fn main() -> Result<()> {
                 audio_size,
                 video_pps,
                 video_size,
-                duration: secs(duration, "--duration")?,
-                warmup: secs(warmup, "--warmup")?,
-                drain: bounded(drain, "--drain")?,
+                duration,
+                warmup,
+                drain,
                 server_pid,
                 threads,
                 in_flight,
