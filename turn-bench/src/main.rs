@@ -51,6 +51,19 @@ fn secs(v: f64, what: &str) -> Result<Duration> {
         .with_context(|| format!("{what}: {v} is not a valid number of seconds"))
 }
 
+/// The long-term credentials `--server` needs (empty without a server).
+fn credentials(
+    server: Option<SocketAddr>,
+    user: Option<String>,
+    password: Option<String>,
+) -> Result<(String, String)> {
+    match (server, user, password) {
+        (Some(_), Some(u), Some(p)) => Ok((u, p)),
+        (Some(_), _, _) => bail!("--server needs --user and --password"),
+        (None, u, p) => Ok((u.unwrap_or_default(), p.unwrap_or_default())),
+    }
+}
+
 /// The measurement timeline of `load` and `media`.
 #[derive(clap::Args, Clone, Copy)]
 struct Timing {
@@ -388,11 +401,7 @@ fn main() -> Result<()> {
             in_flight,
             buffer,
         } => {
-            let (user, password) = match (server, user, password) {
-                (Some(_), Some(u), Some(p)) => (u, p),
-                (Some(_), _, _) => bail!("--server needs --user and --password"),
-                (None, u, p) => (u.unwrap_or_default(), p.unwrap_or_default()),
-            };
+            let (user, password) = credentials(server, user, password)?;
             let (duration, warmup, drain) = timing.durations()?;
             let args = load::LoadArgs {
                 server,
@@ -441,11 +450,7 @@ fn main() -> Result<()> {
             in_flight,
             json,
         } => {
-            let (user, password) = match (server, user, password) {
-                (Some(_), Some(u), Some(p)) => (u, p),
-                (Some(_), _, _) => bail!("--server needs --user and --password"),
-                (None, u, p) => (u.unwrap_or_default(), p.unwrap_or_default()),
-            };
+            let (user, password) = credentials(server, user, password)?;
             let (duration, warmup, drain) = timing.durations()?;
             let report = media::run(media::MediaArgs {
                 server,
