@@ -368,6 +368,16 @@ mod tests {
         stun::Family,
     };
 
+    /// One listener socket on 127.0.0.1 and a pool with no relay addresses.
+    fn one_listener() -> (Vec<Listener>, RelayPool) {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let state = quinn_udp::UdpSocketState::new((&socket).into()).unwrap();
+        let local = socket.local_addr().unwrap();
+        let pool =
+            RelayPool::new(crate::relay::RelayPorts::new(&[vec![], vec![]], 1, 1), 0).unwrap();
+        (vec![Listener { socket, state, local }], pool)
+    }
+
     fn receive_all(socket: &UdpSocket, want: usize) -> Vec<Vec<u8>> {
         socket.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
         let mut got = Vec::new();
@@ -449,12 +459,7 @@ mod tests {
     fn a_run_never_exceeds_what_one_udp_send_can_carry() {
         // 64 equal datagrams of 1,024 bytes fill the stage (64 KiB) exactly, more than one
         // UDP send may carry (65,507 bytes): the run must be split, nothing lost.
-        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let state = quinn_udp::UdpSocketState::new((&socket).into()).unwrap();
-        let local = socket.local_addr().unwrap();
-        let listeners = vec![Listener { socket, state, local }];
-        let pool =
-            RelayPool::new(crate::relay::RelayPorts::new(&[vec![], vec![]], 1, 1), 0).unwrap();
+        let (listeners, pool) = one_listener();
         let client = UdpSocket::bind("127.0.0.1:0").unwrap();
         let dest = Dest::Client { group: 0, client: client.local_addr().unwrap(), src_ip: None };
         let mut staged = Staged::default();
@@ -470,12 +475,7 @@ mod tests {
 
     #[test]
     fn staged_datagrams_reach_each_client_in_order_from_the_listener_socket() {
-        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let state = quinn_udp::UdpSocketState::new((&socket).into()).unwrap();
-        let local = socket.local_addr().unwrap();
-        let listeners = vec![Listener { socket, state, local }];
-        let pool =
-            RelayPool::new(crate::relay::RelayPorts::new(&[vec![], vec![]], 1, 1), 0).unwrap();
+        let (listeners, pool) = one_listener();
         let client1 = UdpSocket::bind("127.0.0.1:0").unwrap();
         let client2 = UdpSocket::bind("127.0.0.1:0").unwrap();
         let to = |c: &UdpSocket| Dest::Client {
@@ -505,6 +505,6 @@ mod tests {
         staged.flush(&pool, &listeners, &mut log);
         let mut buf = [0u8; 8];
         let (_, from) = client1.recv_from(&mut buf).unwrap();
-        assert_eq!(from, local);
+        assert_eq!(from, listeners[0].local);
     }
 }
