@@ -533,11 +533,13 @@ pub fn worker_total(logs: &str, field: &str) -> u64 {
         .sum()
 }
 
-/// Connection closes by reason, summed over the workers' "worker stopped" lines (the
-/// daemon must have stopped).
+/// Connection closes by reason, summed over the workers' "worker stopped" lines and the
+/// TLS handshake thread's "handshake thread stopped" (the daemon must have stopped).
 pub fn closes(logs: &str) -> std::collections::BTreeMap<String, u64> {
     let mut total = std::collections::BTreeMap::new();
-    for line in logs.lines().filter(|l| l.contains("worker stopped")) {
+    let last_words =
+        |l: &&str| l.contains("worker stopped") || l.contains("handshake thread stopped");
+    for line in logs.lines().filter(last_words) {
         let Some(summary) = json_field(line, "closes") else { continue };
         for pair in summary.split(',').filter(|p| !p.is_empty()) {
             if let Some((reason, n)) = pair.split_once('=') {

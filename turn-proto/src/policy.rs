@@ -27,8 +27,9 @@
 //! and applies the same rules to IPv4 addresses embedded in IPv6 ones:
 //! IPv4-mapped `::ffff:a.b.c.d`, IPv4-translated `::ffff:0:a.b.c.d`,
 //! IPv4-compatible `::a.b.c.d`, 6to4 `2002:AABB:CCDD::/16`, NAT64
-//! `64:ff9b::/96` and `64:ff9b:1::/48`, and both the server and the
-//! (obfuscated) client address of Teredo `2001:0::/32`.
+//! `64:ff9b::/96` and `64:ff9b:1::/48` (in each RFC 6052 layout it may use: /48, /56,
+//! /64 and /96), and both the server and the (obfuscated) client address of Teredo
+//! `2001:0::/32`.
 //!
 //! Operator ranges come on top, coturn style: `deny` ranges are refused,
 //! and `allow` ranges are accepted even if a `deny` range or a default rule
@@ -169,13 +170,28 @@ pub struct PeerPolicy {
 }
 
 impl PeerPolicy {
-    /// Check a peer transport address (port 0 is refused).
+    /// Check a peer transport address (port 0 is refused), taking any port of the relay
+    /// range on a relay address for another allocation's relayed address. Where the
+    /// server knows which ports its relays hold, [`PeerPolicy::check_peer_held`] is exact.
     pub fn check_peer(&self, peer: &SocketAddr) -> Result<(), DenyReason> {
+        self.check_peer_held(peer, |_| true)
+    }
+
+    /// Check a peer transport address (port 0 is refused). `holds` tells whether a relay
+    /// of this server holds an address: only then is one of the server's own relay
+    /// addresses with a port in the relay range another allocation's relayed address
+    /// (any other port there, held by nobody or by another program, stays refused).
+    pub fn check_peer_held(
+        &self,
+        peer: &SocketAddr,
+        holds: impl FnOnce(SocketAddr) -> bool,
+    ) -> Result<(), DenyReason> {
         if peer.port() == 0 {
             return Err(DenyReason::PortZero);
         }
         let relayed = self.own_relays.contains(&peer.ip())
-            && self.relay_ports.is_some_and(|(lo, hi)| (lo..=hi).contains(&peer.port()));
+            && self.relay_ports.is_some_and(|(lo, hi)| (lo..=hi).contains(&peer.port()))
+            && holds(*peer);
         self.check(&peer.ip(), relayed)
     }
 
@@ -287,37 +303,57 @@ fn default_category(ip: &IpAddr) -> Option<DenyReason> {
 }
 
 /// IPv4 addresses embedded in an IPv6 address by the well-known transition
-/// mechanisms (up to two, for Teredo).
-pub fn embedded_ipv4(a: &Ipv6Addr) -> [Option<Ipv4Addr>; 2] {
+/// mechanisms (up to four: Teredo embeds two, and a local-use NAT64 prefix may use any
+/// of four layouts).
+pub fn embedded_ipv4(a: &Ipv6Addr) -> [Option<Ipv4Addr>; 4] {
     let o = a.octets();
     let s = a.segments();
-    let last = Ipv4Addr::new(o[12], o[13], o[14], o[15]);
+    let v4 = |i: [usize; 4]| Ipv4Addr::new(o[i[0]], o[i[1]], o[i[2]], o[i[3]]);
+    let last = v4([12, 13, 14, 15]);
     // ::ffff:a.b.c.d (mapped) and ::ffff:0:a.b.c.d (translated)
     if s[..5] == [0; 5] && s[5] == 0xffff {
-        return [Some(last), None];
+        return [Some(last), None, None, None];
     }
     if s[..4] == [0; 4] && s[4] == 0xffff && s[5] == 0 {
-        return [Some(last), None];
+        return [Some(last), None, None, None];
     }
     // ::a.b.c.d (IPv4-compatible, deprecated), excluding :: and ::1
     if s[..6] == [0; 6] && u32::from(last) > 1 {
-        return [Some(last), None];
+        return [Some(last), None, None, None];
     }
     // 6to4: 2002:AABB:CCDD::/16
     if s[0] == 0x2002 {
-        return [Some(Ipv4Addr::new(o[2], o[3], o[4], o[5])), None];
+        return [Some(v4([2, 3, 4, 5])), None, None, None];
     }
     // Teredo: 2001:0000:SSSS:SSSS:flags:port:~CCCC:~CCCC
     if s[0] == 0x2001 && s[1] == 0 {
-        let server = Ipv4Addr::new(o[4], o[5], o[6], o[7]);
-        let client = Ipv4Addr::new(!o[12], !o[13], !o[14], !o[15]);
-        return [Some(server), Some(client)];
+        let server = v4([4, 5, 6, 7]);
+        let client = Ipv4Addr::from(!u32::from(last));
+        return [Some(server), Some(client), None, None];
     }
-    // NAT64 well-known prefix 64:ff9b::/96 and local-use 64:ff9b:1::/48
-    if s[0] == 0x64 && s[1] == 0xff9b && (s[2..6] == [0; 4] || s[2] == 1) {
-        return [Some(last), None];
+    // NAT64 well-known prefix 64:ff9b::/96 (RFC 6052 §2.1: only with /96).
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return [Some(last), None, None, None];
     }
-    [None, None]
+    // NAT64 local-use prefix 64:ff9b:1::/48 (RFC 8215): a network may use it, or a longer
+    // prefix inside it, with any RFC 6052 layout of /48 or more, and nothing in the
+    // address says which. Every reading a layout allows is checked: /96 always, the
+    // shorter ones when the octet after the first 64 bits (u) and their suffix are zero
+    // (RFC 6052 §2.2).
+    if s[..3] == [0x64, 0xff9b, 1] {
+        let zero = |from: usize| o[from..].iter().all(|&b| b == 0);
+        let layouts = [([6, 7, 9, 10], 11), ([7, 9, 10, 11], 12), ([9, 10, 11, 12], 13)];
+        let mut out = [None, None, None, Some(last)];
+        for (slot, (at, suffix)) in out.iter_mut().zip(layouts) {
+            *slot = (o[8] == 0 && zero(suffix)).then(|| v4(at));
+        }
+        // The zero suffix of a shorter layout reads as 0.0.0.0 in /96: not an address.
+        if last.is_unspecified() && out[..3].iter().flatten().any(|ip| !ip.is_unspecified()) {
+            out[3] = None;
+        }
+        return out;
+    }
+    [None, None, None, None]
 }
 
 #[cfg(test)]
@@ -512,12 +548,55 @@ mod tests {
             listener_only.check_ip(&"192.0.2.2".parse().unwrap()),
             Err(DenyReason::OwnAddress)
         );
+        // Where the server knows which ports its relays hold, only those are peers.
+        let held = |a: SocketAddr| a.port() == 50000;
+        assert_eq!(p.check_peer_held(&"192.0.2.2:50000".parse().unwrap(), held), Ok(()));
+        assert_eq!(
+            p.check_peer_held(&"192.0.2.2:50001".parse().unwrap(), held),
+            Err(DenyReason::OwnAddress),
+            "a relay port no relay holds (maybe another program's)"
+        );
         // Without a relay range, no exception.
         let none = PeerPolicy { relay_ports: None, ..p.clone() };
         assert_eq!(
             none.check_peer(&"192.0.2.2:50000".parse().unwrap()),
             Err(DenyReason::OwnAddress)
         );
+    }
+
+    #[test]
+    fn nat64_local_use_prefix_in_every_layout() {
+        let p = PeerPolicy::default();
+        // 10.0.0.1 (0a00:0001) and 192.168.1.1 (c0a8:0101) in the RFC 6052 layouts of a
+        // prefix inside 64:ff9b:1::/48.
+        for s in [
+            // /96
+            "64:ff9b:1::10.0.0.1",
+            "64:ff9b:1:abcd:0:0:c0a8:101",
+            // /64: v4 in octets 9..12, after the zero u octet
+            "64:ff9b:1:abcd:a:0:100:0",
+            "64:ff9b:1:abcd:c0:a801:100:0",
+            // /56: octet 7, then 9..11
+            "64:ff9b:1:ab0a:0:1:0:0",
+            // /48: octets 6..7, then 9..10
+            "64:ff9b:1:a00:0:100::",
+            "64:ff9b:1:c0a8:1:100::",
+        ] {
+            assert!(denied(&p, s), "{s} should be denied");
+        }
+        for s in [
+            "64:ff9b:1::8.8.8.8",
+            "64:ff9b:1:abcd:8:808:800:0",
+            "64:ff9b:1:808:8:800::",
+            // a non-zero u octet: only the /96 reading is a layout
+            "64:ff9b:1:a00:ff01:0:808:808",
+        ] {
+            assert!(!denied(&p, s), "{s} should be allowed");
+        }
+        // The well-known prefix is /96 only.
+        assert!(!denied(&p, "64:ff9b::a00:1:0:808:808"));
+        assert!(denied(&p, "64:ff9b::"), "0.0.0.0 in /96");
+        assert!(denied(&p, "64:ff9b:1::"), "0.0.0.0 in every layout");
     }
 
     #[test]

@@ -1334,3 +1334,235 @@ fn creations_and_deletions_are_never_dropped_from_the_event_queue() {
     );
     assert_eq!(sim.server.counters().events_dropped, 1, "the refresh event");
 }
+
+/// A spoofer: it knows neither the victim's password nor a nonce the victim was given
+/// (it never sees the answers sent to the address it forges), but it has the realm and a
+/// nonce of its own, from an address of its own.
+fn spoofer(sim: &mut Sim) -> Client {
+    let mut forger = Client::new("198.51.100.66:5000", "alice", "not-the-password");
+    let req = forger.build(
+        Method::ALLOCATE,
+        Class::Request,
+        forger.clone().next_txid(),
+        &[Attribute::RequestedTransport(attr::PROTOCOL_UDP)],
+    );
+    forger.learn(&Resp { bytes: sim.client_datagram(forger.addr, &req).client_bytes().to_vec() });
+    forger
+}
+
+/// The spoofer's `i`-th signed request of `method`.
+fn forged(forger: &Client, method: Method, i: u32) -> Vec<u8> {
+    let mut txid = [0xF0; 12];
+    txid[..4].copy_from_slice(&i.to_be_bytes());
+    forger.build(method, Class::Request, turn_proto::stun::TransactionId(txid), &[])
+}
+
+/// One password guess as a real guesser makes it: an unsigned Allocate for the 401 and
+/// its nonce, then the signed one. Returns whether the signed one was verified.
+fn guess(sim: &mut Sim, c: &mut Client) -> bool {
+    let alloc = [Attribute::RequestedTransport(attr::PROTOCOL_UDP)];
+    c.signer.nonce = None;
+    let req = c.build(Method::ALLOCATE, Class::Request, c.clone().next_txid(), &alloc);
+    let Out::ToClient { data, .. } = sim.client_datagram(c.addr, &req) else { return false };
+    c.learn(&Resp { bytes: data });
+    let before = sim.server.counters().integrity_checks;
+    let txid = c.next_txid();
+    let req = c.build(Method::ALLOCATE, Class::Request, txid, &alloc);
+    let _ = sim.client_datagram(c.addr, &req);
+    sim.server.counters().integrity_checks > before
+}
+
+#[test]
+fn spoofed_failures_from_the_victims_address_never_throttle_its_allocation() {
+    let mut sim = Sim::default();
+    let mut victim = allocated(&mut sim, "192.0.2.100:40000");
+    assert_eq!(victim.create_permission(&mut sim, &[peer(PEER)]).class(), Class::SuccessResponse);
+    // Someone really behind the same address (a CGNAT neighbour) guesses passwords with
+    // nonces it was given: that address's share of failures runs out.
+    let mut guesser = Client::new("192.0.2.100:45000", "alice", "guess");
+    for _ in 0..30 {
+        guess(&mut sim, &mut guesser);
+    }
+    assert!(sim.server.counters().rate_limited_auth > 0, "the guesser is throttled");
+    let failures = sim.server.counters().auth_failures;
+    let forger = spoofer(&mut sim);
+    // Then, for half an hour, a spoofer keeps sending signed requests in the victim's
+    // name from its address (other ports and its very 5-tuple). Each has a nonce the
+    // server never gave that source: a 438 (or, beyond the address's share of answers,
+    // nothing) and no failure. The victim's allocation counts only its own failures: its
+    // Refresh and permissions keep going, and when its nonce goes stale it still gets its
+    // 438 (although its address has no unauthenticated answers left) and goes on.
+    let mut spoofed = 0u32;
+    for _ in 0..8 {
+        sim.advance(250);
+        for _ in 0..40 {
+            let port =
+                if spoofed.is_multiple_of(3) { 40000 } else { 41000 + (spoofed % 20000) as u16 };
+            let from: std::net::SocketAddr = format!("192.0.2.100:{port}").parse().unwrap();
+            let out = sim.client_datagram(from, &forged(&forger, Method::REFRESH, spoofed));
+            if let Out::ToClient { data, .. } = out {
+                assert_eq!(Resp { bytes: data }.error_code(), Some(438));
+            }
+            spoofed += 1;
+        }
+        let r = victim.refresh(&mut sim, Some(600));
+        assert_eq!(r.class(), Class::SuccessResponse, "{:?}", r.error_code());
+        let r = victim.create_permission(&mut sim, &[peer(PEER)]);
+        assert_eq!(r.class(), Class::SuccessResponse, "{:?}", r.error_code());
+    }
+    assert_eq!(sim.server.counters().auth_failures, failures, "spoofs count as no failure");
+    assert!(sim.server.counters().stale_nonces > 0, "the victim's nonce went stale meanwhile");
+    let out = victim.send_indication(&mut sim, peer(PEER), b"still here");
+    assert!(matches!(out, Out::ToPeer { .. }));
+}
+
+#[test]
+fn the_workers_of_a_daemon_share_the_per_source_limits() {
+    use std::sync::Arc;
+    use turn_proto::server::{Server, SourceLimits};
+    let cfg = test_config();
+    let limits = Arc::new(SourceLimits::new(&cfg));
+    let mut workers: Vec<Sim> = (0..4)
+        .map(|_| {
+            let mut sim = Sim::new(cfg.clone());
+            sim.server = Server::with_limits(cfg.clone(), Arc::clone(&limits)).unwrap();
+            sim
+        })
+        .collect();
+    // A source that varies its port lands on every worker (the kernel hashes the
+    // 4-tuple): the documented rates hold in total, not per worker.
+    let mut answered = 0;
+    for i in 0..200u32 {
+        let c = Client::alice(&format!("192.0.2.120:{}", 20000 + i));
+        let req = c.build(
+            Method::ALLOCATE,
+            Class::Request,
+            c.clone().next_txid(),
+            &[Attribute::RequestedTransport(attr::PROTOCOL_UDP)],
+        );
+        if matches!(workers[i as usize % 4].client_datagram(c.addr, &req), Out::ToClient { .. }) {
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 40, "the burst of 401s per source, across all workers");
+    // Password guesses from varying ports: the burst of failures in total.
+    let mut verified = 0;
+    for i in 0..100u32 {
+        let mut g = Client::new(&format!("192.0.2.121:{}", 20000 + i), "alice", "guess");
+        verified += usize::from(guess(&mut workers[i as usize % 4], &mut g));
+    }
+    assert_eq!(verified, 10, "ten guesses verified, whatever the worker");
+}
+
+#[test]
+fn unauthenticated_answers_carry_no_more_than_the_client_needs() {
+    let mut sim = Sim::default();
+    let c = Client::alice("192.0.2.130:40000");
+    // The smallest Allocate a client sends first: header and REQUESTED-TRANSPORT.
+    let req = c.build(
+        Method::ALLOCATE,
+        Class::Request,
+        c.clone().next_txid(),
+        &[Attribute::RequestedTransport(attr::PROTOCOL_UDP)],
+    );
+    assert_eq!(req.len(), 28);
+    let r = Resp { bytes: sim.client_datagram(c.addr, &req).client_bytes().to_vec() };
+    assert_eq!(r.error_code(), Some(401));
+    let m = r.msg();
+    let ec = m.get(attr::ERROR_CODE).unwrap();
+    assert_eq!(ec.len(), 4, "no reason phrase");
+    assert!(m.get(attr::SOFTWARE).is_none() && !m.has_fingerprint());
+    let nonce = m.get(attr::NONCE).unwrap().len();
+    // Header, ERROR-CODE, REALM, NONCE, PASSWORD-ALGORITHMS (two algorithms): nothing else.
+    let pad = |n: usize| n.div_ceil(4) * 4;
+    assert_eq!(r.bytes.len(), 20 + 8 + 4 + pad(REALM.len()) + 4 + pad(nonce) + 4 + 8);
+    assert!(r.bytes.len() <= 4 * req.len(), "{} bytes for a 28-byte request", r.bytes.len());
+    // A malformed signed request: a bare 400.
+    let bad = c.build(
+        Method::ALLOCATE,
+        Class::Request,
+        c.clone().next_txid(),
+        &[Attribute::MessageIntegrity(&[0; 20])],
+    );
+    let r = Resp { bytes: sim.client_datagram(c.addr, &bad).client_bytes().to_vec() };
+    assert_eq!(r.error_code(), Some(400));
+    assert_eq!(r.bytes.len(), 20 + 8);
+}
+
+#[test]
+fn binding_answers_are_limited_per_source_except_to_a_5_tuple_with_an_allocation() {
+    let mut sim = Sim::default();
+    let binding = |c: &mut Client| {
+        let txid = c.next_txid();
+        c.build(Method::BINDING, Class::Request, txid, &[])
+    };
+    let mut stranger = Client::alice("192.0.2.140:40000");
+    let answered = (0..300)
+        .filter(|_| {
+            let req = binding(&mut stranger);
+            matches!(sim.client_datagram(stranger.addr, &req), Out::ToClient { .. })
+        })
+        .count();
+    assert_eq!(answered, 100, "the default burst of Binding answers per source");
+    // A client with an allocation on that address keeps its keepalives answered.
+    let mut client = allocated(&mut sim, "192.0.2.140:40001");
+    for _ in 0..300 {
+        let req = binding(&mut client);
+        assert!(matches!(sim.client_datagram(client.addr, &req), Out::ToClient { .. }));
+    }
+}
+
+#[test]
+fn allocations_per_client_address_are_capped_ipv6_by_its_64() {
+    use turn_proto::server::LocalQuota;
+    let mut sim = Sim::default();
+    sim.quota = LocalQuota::new(0, 0).with_per_address(2);
+    for (addr, ok) in [
+        ("192.0.2.150:40000", true),
+        ("192.0.2.150:40001", true),
+        ("192.0.2.150:40002", false),
+        ("192.0.2.151:40000", true),
+        ("[2001:db8:1:2::1]:40000", true),
+        ("[2001:db8:1:2::ffff]:40000", true),
+        ("[2001:db8:1:2:8000::1]:40000", false),
+        ("[2001:db8:1:3::1]:40000", true),
+    ] {
+        let mut c = Client::alice(addr);
+        let r = c.allocate(&mut sim);
+        let expected = if ok { None } else { Some(486) };
+        assert_eq!(r.error_code(), expected, "{addr}");
+    }
+    // REST usernames with a bare expiry are each their own user, yet the same cap holds.
+    let expiry = (UNIX0 + 3600).to_string();
+    let password = turn_proto::credentials::rest_password(b"new-secret", &expiry);
+    let mut rest = Client::new("192.0.2.150:40003", &expiry, &password);
+    assert_eq!(rest.allocate(&mut sim).error_code(), Some(486));
+    // Deleting one gives the address its place back.
+    let mut first = Client::alice("192.0.2.150:40000");
+    first.counter = 100; // transaction ids its predecessor did not use
+    let r = first.refresh(&mut sim, Some(0));
+    assert_eq!(r.class(), Class::SuccessResponse, "{:?}", r.error_code());
+    let r = rest.allocate(&mut sim);
+    assert_eq!(r.class(), Class::SuccessResponse, "{:?}", r.error_code());
+}
+
+#[test]
+fn relay_to_relay_reaches_only_ports_this_servers_relays_hold() {
+    let mut cfg = test_config();
+    let relay_ip = ip("203.0.113.1");
+    cfg.peer_policy.own = vec![relay_ip];
+    cfg.peer_policy.own_relays = vec![relay_ip];
+    cfg.peer_policy.relay_ports = Some((49152, 65535));
+    let mut sim = Sim::new(cfg);
+    let mut a = allocated(&mut sim, "192.0.2.160:40000");
+    let _b = allocated(&mut sim, "192.0.2.161:40000");
+    let held: Vec<std::net::SocketAddr> = sim.relays.addrs.values().copied().collect();
+    let b_relay = held[1];
+    // B's relayed address: a peer like any other.
+    assert_eq!(a.channel_bind(&mut sim, 0x4000, b_relay).class(), Class::SuccessResponse);
+    assert!(matches!(a.send_indication(&mut sim, b_relay, b"hi"), Out::ToPeer { .. }));
+    // A port of the relay range no relay holds (free, or another program's): refused.
+    let unheld = std::net::SocketAddr::new(relay_ip, 60001);
+    assert_eq!(a.channel_bind(&mut sim, 0x4001, unheld).error_code(), Some(403));
+    assert!(matches!(a.send_indication(&mut sim, unheld, b"hi"), Out::None));
+}

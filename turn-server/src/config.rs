@@ -60,6 +60,16 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Connections one source address holds at once by default: room for a large office
 /// behind one NAT address, too few for one address to take the whole server.
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 1_000;
+/// Connections without an allocation yet (TLS handshake, login) held at once by default:
+/// a tenth of the connections, so that however many such connections strangers open,
+/// nine tenths stay for clients that logged in.
+pub const DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS: usize = 1_000;
+/// ... and per source address by default (an IPv6 address counts by its /64): a client
+/// needs one for a few round trips, a large NAT a few dozen at once.
+pub const DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP: usize = 64;
+/// Allocations one client address holds at once by default (an IPv6 address counts by
+/// its /64), whatever the usernames: as many as the connections a NAT address may hold.
+pub const DEFAULT_ADDRESS_QUOTA: usize = 1_000;
 
 /// The whole configuration. Keys are the TOML keys (snake_case).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -81,8 +91,15 @@ pub struct Config {
     pub pkey: Option<PathBuf>,
     /// TCP and TLS connections held at once, across workers (0 = unlimited).
     pub max_connections: usize,
-    /// TCP and TLS connections one source address holds at once (0 = unlimited).
+    /// TCP and TLS connections one source address holds at once (0 = unlimited); an IPv6
+    /// address counts by its /64.
     pub max_connections_per_ip: usize,
+    /// TCP and TLS connections that have no allocation yet (in their TLS handshake, or
+    /// logging in), held at once across workers (0 = no cap of their own); beyond, a
+    /// worker closes its oldest such connection to take the new one, or refuses it.
+    pub max_unauthenticated_connections: usize,
+    /// ... per source address (an IPv6 address counts by its /64); beyond, refused.
+    pub max_unauthenticated_connections_per_ip: usize,
     /// Seconds a TLS client has to complete its handshake.
     pub tls_handshake_timeout_secs: u64,
     /// Seconds a TCP or TLS connection has (after the TLS handshake) to send its first
@@ -127,6 +144,12 @@ pub struct Config {
     /// Shared secrets of the TURN REST scheme (coturn's static-auth-secret); several are
     /// accepted for rotation.
     pub static_auth_secrets: Vec<String>,
+    /// A file of static users, one `name:password` (or `name:0x<md5 key>`) per line (blank
+    /// lines and `#` comments skipped), read at start and at every reload: credentials
+    /// out of the command line, where every local user could read them.
+    pub users_file: Option<PathBuf>,
+    /// A file of REST shared secrets, one per line, read at start and at every reload.
+    pub static_auth_secrets_file: Option<PathBuf>,
     /// Local addresses relay sockets bind to, at most one per family (default: the
     /// listening address, or the host's main address when listening on a wildcard).
     pub relay_ips: Vec<IpAddr>,
@@ -151,6 +174,9 @@ pub struct Config {
     pub user_quota: usize,
     /// Allocations in total across all workers (0 = unlimited).
     pub total_quota: usize,
+    /// Allocations one client address holds across all workers, whatever usernames it
+    /// uses (0 = unlimited); an IPv6 address counts by its /64.
+    pub address_quota: usize,
     /// Longest accepted lifetime of a REST credential: a username whose expiry is
     /// further in the future is refused (0 = no limit).
     pub rest_max_ttl_secs: u64,
@@ -158,8 +184,13 @@ pub struct Config {
     /// twice that (0 = no limit); beyond, requests go unanswered (counted).
     pub unauthenticated_responses_per_sec: u32,
     /// Failed authentications per second per source address, bursts of ten (0 = no
-    /// limit); beyond, that address's signed requests are dropped unverified (counted).
+    /// limit); beyond, that address's signed requests are dropped unverified (counted),
+    /// except those of a client's 5-tuple that holds an allocation. Only requests with a
+    /// nonce the source was given count, so a spoofed source costs its owner nothing.
     pub failed_auth_per_sec: u32,
+    /// Binding answers per second per source address, bursts of twice that (0 = no
+    /// limit); a 5-tuple that holds an allocation is always answered.
+    pub binding_responses_per_sec: u32,
     /// Permissions per allocation.
     pub max_permissions_per_allocation: usize,
     /// Peer addresses allowed even where a default rule denies them (CIDR or address).
@@ -212,6 +243,8 @@ impl Default for Config {
             pkey: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+            max_unauthenticated_connections: DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS,
+            max_unauthenticated_connections_per_ip: DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP,
             tls_handshake_timeout_secs: 10,
             stream_first_message_timeout_secs: 10,
             stream_allocation_timeout_secs: 30,
@@ -232,6 +265,8 @@ impl Default for Config {
             realm: None,
             users: Vec::new(),
             static_auth_secrets: Vec::new(),
+            users_file: None,
+            static_auth_secrets_file: None,
             relay_ips: Vec::new(),
             external_ips: Vec::new(),
             min_port: 49152,
@@ -243,9 +278,11 @@ impl Default for Config {
             nonce_lifetime_secs: 600,
             user_quota: DEFAULT_USER_QUOTA,
             total_quota: DEFAULT_TOTAL_QUOTA,
+            address_quota: DEFAULT_ADDRESS_QUOTA,
             rest_max_ttl_secs: 86_400,
             unauthenticated_responses_per_sec: 20,
             failed_auth_per_sec: 1,
+            binding_responses_per_sec: 50,
             max_permissions_per_allocation: 64,
             allowed_peer_ips: Vec::new(),
             denied_peer_ips: Vec::new(),
@@ -265,6 +302,18 @@ impl Default for Config {
             admin_socket: PathBuf::from(DEFAULT_ADMIN_SOCKET),
         }
     }
+}
+
+/// The non-blank lines of a credentials file that are not `#` comments, trimmed.
+fn read_lines(path: &Path) -> Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect())
 }
 
 impl Config {
@@ -365,10 +414,10 @@ impl Config {
                 bail!("{key}: must be at least 1");
             }
         }
-        for user in &self.users {
+        for user in &self.all_users()? {
             parse_user(user).context("users")?;
         }
-        if self.static_auth_secrets.iter().any(String::is_empty) {
+        if self.all_static_auth_secrets()?.iter().any(String::is_empty) {
             bail!("static_auth_secrets: a secret is empty");
         }
         let mut relays = self.relay_ips.clone();
@@ -407,6 +456,25 @@ impl Config {
             bail!("realm: must be 1 to 763 bytes (RFC 8489 REALM)");
         }
         Ok(())
+    }
+
+    /// The static users: `users`, then the lines of `users_file`.
+    pub fn all_users(&self) -> Result<Vec<String>> {
+        let mut users = self.users.clone();
+        if let Some(path) = &self.users_file {
+            users.extend(read_lines(path).context("users_file")?);
+        }
+        Ok(users)
+    }
+
+    /// The REST shared secrets: `static_auth_secrets`, then the lines of
+    /// `static_auth_secrets_file`.
+    pub fn all_static_auth_secrets(&self) -> Result<Vec<String>> {
+        let mut secrets = self.static_auth_secrets.clone();
+        if let Some(path) = &self.static_auth_secrets_file {
+            secrets.extend(read_lines(path).context("static_auth_secrets_file")?);
+        }
+        Ok(secrets)
     }
 
     /// The admin group's id, if one is configured.

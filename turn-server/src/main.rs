@@ -178,10 +178,18 @@ struct ServeArgs {
     /// TCP and TLS connections at once, 0 = unlimited [config: max_connections, default 10000].
     #[arg(long = "max-connections", value_name = "N")]
     max_connections: Option<usize>,
-    /// TCP and TLS connections per source address, 0 = unlimited
+    /// TCP and TLS connections per source address (IPv6: per /64), 0 = unlimited
     /// [config: max_connections_per_ip, default 1000].
     #[arg(long = "max-connections-per-ip", value_name = "N")]
     max_connections_per_ip: Option<usize>,
+    /// TCP and TLS connections without an allocation yet (handshake, login), 0 = no cap of
+    /// their own [config: max_unauthenticated_connections, default 1000].
+    #[arg(long = "max-unauthenticated-connections", value_name = "N")]
+    max_unauthenticated_connections: Option<usize>,
+    /// ... per source address (IPv6: per /64) [config:
+    /// max_unauthenticated_connections_per_ip, default 64].
+    #[arg(long = "max-unauthenticated-connections-per-ip", value_name = "N")]
+    max_unauthenticated_connections_per_ip: Option<usize>,
     /// Seconds to complete a TLS handshake [config: tls_handshake_timeout_secs, default 10].
     #[arg(long = "tls-handshake-timeout", value_name = "SECS")]
     tls_handshake_timeout: Option<u64>,
@@ -228,12 +236,22 @@ struct ServeArgs {
     /// Realm for long-term credentials [config: realm, default: the host name].
     #[arg(short = 'r', long = "realm")]
     realm: Option<String>,
-    /// Static user NAME:PASSWORD (or NAME:0xMD5KEY); repeat for several [config: users].
+    /// Static user NAME:PASSWORD (or NAME:0xMD5KEY); repeat for several. Anyone on the host
+    /// can read a command line (/proc/PID/cmdline): prefer --users-file [config: users].
     #[arg(short = 'u', long = "user", value_name = "NAME:PASS")]
     user: Vec<String>,
-    /// Shared secret of TURN REST credentials; repeat for rotation [config: static_auth_secrets].
+    /// File of static users, one NAME:PASS per line, re-read on reload [config: users_file].
+    #[arg(long = "users-file", value_name = "FILE")]
+    users_file: Option<PathBuf>,
+    /// Shared secret of TURN REST credentials; repeat for rotation. Readable by anyone on
+    /// the host in /proc/PID/cmdline: prefer --static-auth-secret-file
+    /// [config: static_auth_secrets].
     #[arg(long = "static-auth-secret", value_name = "SECRET")]
     static_auth_secret: Vec<String>,
+    /// File of REST shared secrets, one per line, re-read on reload
+    /// [config: static_auth_secrets_file].
+    #[arg(long = "static-auth-secret-file", value_name = "FILE")]
+    static_auth_secret_file: Option<PathBuf>,
     /// Local address relay sockets bind to; repeat, several per family are used in turn
     /// [config: relay_ips].
     #[arg(long = "relay-ip", value_name = "IP")]
@@ -254,6 +272,10 @@ struct ServeArgs {
     /// Allocations per user across workers, 0 = unlimited [config: user_quota, default 100].
     #[arg(long = "user-quota", value_name = "N")]
     user_quota: Option<usize>,
+    /// Allocations per client address (IPv6: per /64) whatever the usernames, 0 = unlimited
+    /// [config: address_quota, default 1000].
+    #[arg(long = "address-quota", value_name = "N")]
+    address_quota: Option<usize>,
     /// 401/400/438 answers per second per source address, 0 = no limit
     /// [config: unauthenticated_responses_per_sec, default 20].
     #[arg(long = "unauthenticated-responses-per-sec", value_name = "N")]
@@ -262,6 +284,10 @@ struct ServeArgs {
     /// [config: failed_auth_per_sec, default 1].
     #[arg(long = "failed-auth-per-sec", value_name = "N")]
     failed_auth_per_sec: Option<u32>,
+    /// Binding answers per second per source address, 0 = no limit
+    /// [config: binding_responses_per_sec, default 50].
+    #[arg(long = "binding-responses-per-sec", value_name = "N")]
+    binding_responses_per_sec: Option<u32>,
     /// Longest accepted REST credential lifetime in seconds, 0 = no limit
     /// [config: rest_max_ttl_secs, default 86400].
     #[arg(long = "rest-max-ttl", value_name = "SECS")]
@@ -341,6 +367,12 @@ impl ServeArgs {
         if let Some(n) = self.max_connections_per_ip {
             config.max_connections_per_ip = n;
         }
+        if let Some(n) = self.max_unauthenticated_connections {
+            config.max_unauthenticated_connections = n;
+        }
+        if let Some(n) = self.max_unauthenticated_connections_per_ip {
+            config.max_unauthenticated_connections_per_ip = n;
+        }
         if let Some(secs) = self.tls_handshake_timeout {
             config.tls_handshake_timeout_secs = secs;
         }
@@ -389,6 +421,12 @@ impl ServeArgs {
         if !self.static_auth_secret.is_empty() {
             config.static_auth_secrets = self.static_auth_secret.clone();
         }
+        if let Some(path) = &self.users_file {
+            config.users_file = Some(path.clone());
+        }
+        if let Some(path) = &self.static_auth_secret_file {
+            config.static_auth_secrets_file = Some(path.clone());
+        }
         if !self.relay_ip.is_empty() {
             config.relay_ips = self.relay_ip.clone();
         }
@@ -407,11 +445,17 @@ impl ServeArgs {
         if let Some(n) = self.user_quota {
             config.user_quota = n;
         }
+        if let Some(n) = self.address_quota {
+            config.address_quota = n;
+        }
         if let Some(n) = self.unauthenticated_responses_per_sec {
             config.unauthenticated_responses_per_sec = n;
         }
         if let Some(n) = self.failed_auth_per_sec {
             config.failed_auth_per_sec = n;
+        }
+        if let Some(n) = self.binding_responses_per_sec {
+            config.binding_responses_per_sec = n;
         }
         if let Some(secs) = self.rest_max_ttl {
             config.rest_max_ttl_secs = secs;

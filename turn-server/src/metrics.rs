@@ -149,6 +149,27 @@ pub struct Scrape {
     /// Per-user bytes `[to_peer, to_client]`, the top users and `_other`.
     pub users: Vec<(String, [u64; 2])>,
     pub draining: bool,
+    /// The TLS handshake thread: in progress, completed, closes by reason.
+    pub handshakes: HandshakeSnapshot,
+}
+
+/// The TLS handshake thread in a [`Scrape`].
+#[derive(Debug, Default, Clone)]
+pub struct HandshakeSnapshot {
+    pub in_flight: u64,
+    pub completed: u64,
+    pub closes: Vec<u64>,
+}
+
+impl HandshakeSnapshot {
+    /// Reads the thread's counters (relaxed loads).
+    pub fn read(stats: &crate::worker::handshake::HandshakeStats) -> HandshakeSnapshot {
+        HandshakeSnapshot {
+            in_flight: stats.in_flight.load(Ordering::Relaxed),
+            completed: stats.completed.load(Ordering::Relaxed),
+            closes: stats.closes.iter().map(|c| c.load(Ordering::Relaxed)).collect(),
+        }
+    }
 }
 
 /// One listener group in a [`Scrape`].
@@ -400,10 +421,10 @@ impl Collector for Scrape {
         let closes = CloseReason::ALL
             .iter()
             .map(|r| {
-                (
-                    vec![("reason", r.name().to_string())],
-                    sum(&|s| s.closes.get(*r as usize).copied().unwrap_or(0)),
-                )
+                let i = *r as usize;
+                let in_handshake = self.handshakes.closes.get(i).copied().unwrap_or(0);
+                let by_workers = sum(&|s| s.closes.get(i).copied().unwrap_or(0));
+                (vec![("reason", r.name().to_string())], by_workers + in_handshake)
             })
             .collect();
         counters(
@@ -411,6 +432,18 @@ impl Collector for Scrape {
             "turn_connection_closes",
             "TCP and TLS connections closed or refused, by reason",
             closes,
+        )?;
+        gauges(
+            &mut e,
+            "turn_tls_handshakes_in_flight",
+            "TLS handshakes in progress (on the handshake thread)",
+            vec![(vec![], self.handshakes.in_flight as f64)],
+        )?;
+        counters(
+            &mut e,
+            "turn_tls_handshakes",
+            "TLS handshakes completed",
+            vec![(vec![], self.handshakes.completed)],
         )?;
         counters(
             &mut e,

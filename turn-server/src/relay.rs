@@ -56,7 +56,6 @@ pub struct PortLease {
 struct PortSet {
     in_use: Vec<bool>,
     free: usize,
-    cursor: usize,
 }
 
 struct AddressPorts {
@@ -79,12 +78,9 @@ impl RelayPorts {
     /// Ports `min_port..=max_port` on each of `addresses`.
     pub fn new(addresses: &RelayAddresses, min_port: u16, max_port: u16) -> Arc<RelayPorts> {
         let len = usize::from(max_port.saturating_sub(min_port)) + 1;
-        // Start at a different point at every start, so that a restart does not reuse the
-        // ports its predecessor's clients were just told about.
-        let start = (std::process::id() as usize).wrapping_mul(2_654_435_761) % len;
         let set = |address: &RelayAddress| AddressPorts {
             address: *address,
-            ports: Mutex::new(PortSet { in_use: vec![false; len], free: len, cursor: start }),
+            ports: Mutex::new(PortSet { in_use: vec![false; len], free: len }),
             owners: (0..len).map(|_| AtomicU16::new(0)).collect(),
         };
         Arc::new(RelayPorts {
@@ -133,8 +129,12 @@ impl RelayPorts {
             if set.free == 0 {
                 continue;
             }
+            // RFC 8656 §7.2 asks for RFC 6056 behaviour: a port nobody can predict. A
+            // random place in the range, then the next free port from there (RFC 6056
+            // §3.3.1, "simple port randomization").
+            let start = rand::random_range(0..len);
             for step in 0..len {
-                let i = (set.cursor + step) % len;
+                let i = (start + step) % len;
                 let port = self.first_port + i as u16;
                 if set.in_use[i] || (even && port % 2 == 1) {
                     continue;
@@ -154,7 +154,6 @@ impl RelayPorts {
                         let _ = enable_recverr(&socket, addr.is_ipv6());
                         set.in_use[i] = true;
                         set.free -= 1;
-                        set.cursor = (i + 1) % len;
                         let lease = PortLease { family: f, address: index, port };
                         return Ok((socket.into(), lease, entry.address));
                     }
@@ -178,6 +177,19 @@ impl RelayPorts {
         let i = usize::from(addr.port().checked_sub(self.first_port)?);
         let owner = entry.owners.get(i)?.load(Ordering::Acquire);
         (owner > 0).then(|| usize::from(owner - 1))
+    }
+
+    /// True when a relay of this daemon holds `addr`: one of the relay addresses (bound or
+    /// advertised) and a port of the range that a relay holds now.
+    pub fn holds(&self, addr: SocketAddr) -> bool {
+        let f = usize::from(addr.is_ipv6());
+        let Some(i) = addr.port().checked_sub(self.first_port).map(usize::from) else {
+            return false;
+        };
+        self.families[f]
+            .iter()
+            .filter(|e| e.address.bind == addr.ip() || e.address.advertised == addr.ip())
+            .any(|e| e.ports.lock().is_ok_and(|set| set.in_use.get(i).copied().unwrap_or(false)))
     }
 
     /// Records which worker holds `lease` (`None`: no one).
@@ -510,6 +522,10 @@ impl RelayAllocator for Relays<'_> {
 
     fn release(&mut self, id: RelayId) {
         self.pool.release(id);
+    }
+
+    fn holds(&self, relayed: SocketAddr) -> bool {
+        self.pool.ports.holds(relayed)
     }
 }
 

@@ -30,9 +30,9 @@ pub fn credentials(
     config: &Config,
     generated: Option<&GeneratedUser>,
 ) -> Result<(CredentialsConfig, Option<GeneratedUser>)> {
-    let users = config.users.iter().map(|u| parse_user(u)).collect::<Result<Vec<_>>>()?;
+    let users = config.all_users()?.iter().map(|u| parse_user(u)).collect::<Result<Vec<_>>>()?;
     let rest_secrets: Vec<Vec<u8>> =
-        config.static_auth_secrets.iter().map(|s| s.as_bytes().to_vec()).collect();
+        config.all_static_auth_secrets()?.iter().map(|s| s.as_bytes().to_vec()).collect();
     let rest_max_ttl_secs = config.rest_max_ttl_secs;
     if !users.is_empty() || !rest_secrets.is_empty() {
         return Ok((CredentialsConfig { users, rest_secrets, rest_max_ttl_secs }, None));
@@ -133,6 +133,8 @@ pub fn server_config(
         unauthenticated_responses_burst: config.unauthenticated_responses_per_sec.saturating_mul(2),
         failed_auth_per_sec: config.failed_auth_per_sec,
         failed_auth_burst: config.failed_auth_per_sec.saturating_mul(2).max(10),
+        binding_responses_per_sec: config.binding_responses_per_sec,
+        binding_responses_burst: config.binding_responses_per_sec.saturating_mul(2),
         seed,
         ..ServerConfig::default()
     })

@@ -14,29 +14,38 @@ use std::{
     },
 };
 
-use turn_proto::server::{FiveTuple, Quota, QuotaExceeded};
+use turn_proto::server::{FiveTuple, Quota, QuotaExceeded, source_key};
 
-/// Per-user and total allocation quotas across all workers (0 = unlimited). Called once
-/// per allocation created and once per allocation gone.
+/// Per-user, per-address and total allocation quotas across all workers (0 = unlimited).
+/// Called once per allocation created and once per allocation gone.
 #[derive(Debug, Default)]
 pub struct SharedQuota {
     per_user: AtomicUsize,
+    per_address: AtomicUsize,
     total: AtomicUsize,
     in_use: AtomicUsize,
-    users: Mutex<HashMap<String, usize>>,
+    held: Mutex<Held>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    users: HashMap<String, usize>,
+    /// By [`source_key`]: an IPv6 client counts by its /64.
+    addresses: HashMap<IpAddr, usize>,
 }
 
 impl SharedQuota {
-    pub fn new(per_user: usize, total: usize) -> Self {
+    pub fn new(per_user: usize, per_address: usize, total: usize) -> Self {
         let quota = Self::default();
-        quota.set_limits(per_user, total);
+        quota.set_limits(per_user, per_address, total);
         quota
     }
 
     /// New limits (reload): they apply to the allocations that follow; none held is
     /// taken back.
-    pub fn set_limits(&self, per_user: usize, total: usize) {
+    pub fn set_limits(&self, per_user: usize, per_address: usize, total: usize) {
         self.per_user.store(per_user, Ordering::Relaxed);
+        self.per_address.store(per_address, Ordering::Relaxed);
         self.total.store(total, Ordering::Relaxed);
     }
 
@@ -47,31 +56,44 @@ impl SharedQuota {
 }
 
 impl Quota for SharedQuota {
-    fn try_acquire(&self, user: &str) -> Result<(), QuotaExceeded> {
+    fn try_acquire(&self, user: &str, client: IpAddr) -> Result<(), QuotaExceeded> {
         // A poisoned lock means a worker panicked while counting: refuse rather than guess.
-        let mut users = self.users.lock().map_err(|_| QuotaExceeded)?;
-        let held = users.get(user).copied().unwrap_or(0);
-        let (per_user, total) =
-            (self.per_user.load(Ordering::Relaxed), self.total.load(Ordering::Relaxed));
-        if (per_user > 0 && held >= per_user)
+        let mut held = self.held.lock().map_err(|_| QuotaExceeded)?;
+        let address = source_key(&client);
+        let by_user = held.users.get(user).copied().unwrap_or(0);
+        let by_address = held.addresses.get(&address).copied().unwrap_or(0);
+        let (per_user, per_address, total) = (
+            self.per_user.load(Ordering::Relaxed),
+            self.per_address.load(Ordering::Relaxed),
+            self.total.load(Ordering::Relaxed),
+        );
+        if (per_user > 0 && by_user >= per_user)
+            || (per_address > 0 && by_address >= per_address)
             || (total > 0 && self.in_use.load(Ordering::Relaxed) >= total)
         {
             return Err(QuotaExceeded);
         }
-        users.insert(user.to_owned(), held + 1);
+        held.users.insert(user.to_owned(), by_user + 1);
+        held.addresses.insert(address, by_address + 1);
         self.in_use.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
-    fn release(&self, user: &str) {
-        let Ok(mut users) = self.users.lock() else { return };
-        if let Some(held) = users.get_mut(user) {
-            *held -= 1;
-            if *held == 0 {
-                users.remove(user);
-            }
-            self.in_use.fetch_sub(1, Ordering::Relaxed);
+    fn release(&self, user: &str, client: IpAddr) {
+        let Ok(mut held) = self.held.lock() else { return };
+        let Some(n) = held.users.get_mut(user) else { return };
+        *n -= 1;
+        if *n == 0 {
+            held.users.remove(user);
         }
+        let address = source_key(&client);
+        if let Some(n) = held.addresses.get_mut(&address) {
+            *n -= 1;
+            if *n == 0 {
+                held.addresses.remove(&address);
+            }
+        }
+        self.in_use.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -82,64 +104,137 @@ pub enum LimitReached {
     Total,
     /// `max_connections_per_ip` for this source address.
     PerAddress,
+    /// `max_unauthenticated_connections` across all workers (a worker may close its oldest
+    /// connection without an allocation to make room).
+    Unauthenticated,
+    /// `max_unauthenticated_connections_per_ip` for this source address.
+    UnauthenticatedPerAddress,
 }
 
-/// Connections held at once: in total and per source address (0 = unlimited).
+/// The connection caps (0 = unlimited).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectionCaps {
+    /// Connections held at once, across workers.
+    pub total: usize,
+    /// ... per source address.
+    pub per_address: usize,
+    /// Connections without an allocation yet, across workers.
+    pub unauthenticated: usize,
+    /// ... per source address.
+    pub unauthenticated_per_address: usize,
+}
+
+impl ConnectionCaps {
+    /// The caps of a configuration.
+    pub fn of(config: &crate::config::Config) -> ConnectionCaps {
+        ConnectionCaps {
+            total: config.max_connections,
+            per_address: config.max_connections_per_ip,
+            unauthenticated: config.max_unauthenticated_connections,
+            unauthenticated_per_address: config.max_unauthenticated_connections_per_ip,
+        }
+    }
+}
+
+/// Connections held at once, in total and per source address (an IPv6 address counts by
+/// its /64: whoever has one address of a /64 usually has them all), with a smaller budget
+/// of their own for connections that have no allocation yet: strangers, however many
+/// addresses they connect from, hold at most `unauthenticated` of the `total` slots, and
+/// clients that logged in keep the rest.
 #[derive(Debug, Default)]
 pub struct ConnectionLimits {
-    max_total: AtomicUsize,
-    max_per_address: AtomicUsize,
-    total: AtomicUsize,
-    per_address: Mutex<HashMap<IpAddr, usize>>,
+    caps: Mutex<ConnectionCaps>,
+    held: Mutex<HeldConnections>,
+}
+
+#[derive(Debug, Default)]
+struct HeldConnections {
+    total: usize,
+    unauthenticated: usize,
+    /// Per source key: (all, unauthenticated).
+    per_address: HashMap<IpAddr, (usize, usize)>,
 }
 
 impl ConnectionLimits {
-    pub fn new(max_total: usize, max_per_address: usize) -> Self {
+    pub fn new(caps: ConnectionCaps) -> Self {
         let limits = Self::default();
-        limits.set_limits(max_total, max_per_address);
+        limits.set_limits(caps);
         limits
     }
 
     /// New limits (reload): they apply to the connections that follow; none open is
     /// closed.
-    pub fn set_limits(&self, max_total: usize, max_per_address: usize) {
-        self.max_total.store(max_total, Ordering::Relaxed);
-        self.max_per_address.store(max_per_address, Ordering::Relaxed);
+    pub fn set_limits(&self, caps: ConnectionCaps) {
+        if let Ok(mut current) = self.caps.lock() {
+            *current = caps;
+        }
     }
 
-    /// Takes one connection for `ip`.
+    fn caps(&self) -> ConnectionCaps {
+        self.caps.lock().map(|c| *c).unwrap_or_default()
+    }
+
+    /// Takes one connection for `ip`, without an allocation yet.
     pub fn try_acquire(&self, ip: IpAddr) -> Result<(), LimitReached> {
+        let caps = self.caps();
         // A poisoned lock means a worker panicked while counting: refuse rather than guess.
-        let mut map = self.per_address.lock().map_err(|_| LimitReached::Total)?;
-        let max_total = self.max_total.load(Ordering::Relaxed);
-        if max_total > 0 && self.total.load(Ordering::Relaxed) >= max_total {
+        let mut held = self.held.lock().map_err(|_| LimitReached::Total)?;
+        if caps.total > 0 && held.total >= caps.total {
             return Err(LimitReached::Total);
         }
-        let max_per_address = self.max_per_address.load(Ordering::Relaxed);
-        let held = map.entry(ip).or_insert(0);
-        if max_per_address > 0 && *held >= max_per_address {
+        let (all, unauthenticated) =
+            held.per_address.get(&source_key(&ip)).copied().unwrap_or((0, 0));
+        if caps.per_address > 0 && all >= caps.per_address {
             return Err(LimitReached::PerAddress);
         }
-        *held += 1;
-        self.total.fetch_add(1, Ordering::Relaxed);
+        if caps.unauthenticated_per_address > 0
+            && unauthenticated >= caps.unauthenticated_per_address
+        {
+            return Err(LimitReached::UnauthenticatedPerAddress);
+        }
+        if caps.unauthenticated > 0 && held.unauthenticated >= caps.unauthenticated {
+            return Err(LimitReached::Unauthenticated);
+        }
+        held.per_address.insert(source_key(&ip), (all + 1, unauthenticated + 1));
+        held.total += 1;
+        held.unauthenticated += 1;
         Ok(())
     }
 
-    /// Gives back a connection of `ip` taken with [`Self::try_acquire`].
-    pub fn release(&self, ip: IpAddr) {
-        let Ok(mut map) = self.per_address.lock() else { return };
-        if let Some(held) = map.get_mut(&ip) {
-            *held -= 1;
-            if *held == 0 {
-                map.remove(&ip);
-            }
-            self.total.fetch_sub(1, Ordering::Relaxed);
+    /// A connection of `ip` taken with [`Self::try_acquire`] got its allocation: it no
+    /// longer counts as unauthenticated.
+    pub fn authenticated(&self, ip: IpAddr) {
+        let Ok(mut held) = self.held.lock() else { return };
+        let Some(entry) = held.per_address.get_mut(&source_key(&ip)) else { return };
+        if entry.1 > 0 {
+            entry.1 -= 1;
+            held.unauthenticated = held.unauthenticated.saturating_sub(1);
         }
     }
 
-    /// Connections held across all workers.
-    pub fn held(&self) -> usize {
-        self.total.load(Ordering::Relaxed)
+    /// Gives back a connection of `ip` (`authenticated`: [`Self::authenticated`] was
+    /// called for it).
+    pub fn release(&self, ip: IpAddr, authenticated: bool) {
+        let Ok(mut held) = self.held.lock() else { return };
+        let key = source_key(&ip);
+        let Some(entry) = held.per_address.get_mut(&key) else { return };
+        entry.0 -= 1;
+        let unauthenticated = !authenticated && entry.1 > 0;
+        if unauthenticated {
+            entry.1 -= 1;
+        }
+        if entry.0 == 0 {
+            held.per_address.remove(&key);
+        }
+        held.total = held.total.saturating_sub(1);
+        if unauthenticated {
+            held.unauthenticated = held.unauthenticated.saturating_sub(1);
+        }
+    }
+
+    /// Connections held across all workers, and how many of them have no allocation yet.
+    pub fn held(&self) -> (usize, usize) {
+        self.held.lock().map_or((0, 0), |h| (h.total, h.unauthenticated))
     }
 }
 
@@ -193,31 +288,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn quotas_per_user_and_total() {
-        let q = SharedQuota::new(2, 3);
-        assert!(q.try_acquire("a").is_ok());
-        assert!(q.try_acquire("a").is_ok());
-        assert_eq!(q.try_acquire("a"), Err(QuotaExceeded));
-        assert!(q.try_acquire("b").is_ok());
-        assert_eq!(q.try_acquire("c"), Err(QuotaExceeded), "total reached");
-        q.release("a");
-        assert!(q.try_acquire("c").is_ok());
+    fn quotas_per_user_per_address_and_total() {
+        let q = SharedQuota::new(2, 0, 3);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        assert!(q.try_acquire("a", ip).is_ok());
+        assert!(q.try_acquire("a", ip).is_ok());
+        assert_eq!(q.try_acquire("a", ip), Err(QuotaExceeded));
+        assert!(q.try_acquire("b", ip).is_ok());
+        assert_eq!(q.try_acquire("c", ip), Err(QuotaExceeded), "total reached");
+        q.release("a", ip);
+        assert!(q.try_acquire("c", ip).is_ok());
         assert_eq!(q.in_use(), 3);
-        q.release("nobody");
+        q.release("nobody", ip);
         assert_eq!(q.in_use(), 3);
+        // Per address: an IPv6 client by its /64, whatever user it names.
+        let q = SharedQuota::new(0, 2, 0);
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2::2".parse().unwrap();
+        assert!(q.try_acquire("1700000000", a).is_ok());
+        assert!(q.try_acquire("1700000001", b).is_ok());
+        assert_eq!(q.try_acquire("1700000002", b), Err(QuotaExceeded));
+        assert!(q.try_acquire("x", "2001:db8:1:3::1".parse().unwrap()).is_ok());
+        q.release("1700000000", a);
+        assert!(q.try_acquire("1700000002", b).is_ok());
     }
 
     #[test]
     fn zero_means_unlimited() {
-        let q = SharedQuota::new(0, 0);
+        let q = SharedQuota::new(0, 0, 0);
         for _ in 0..1000 {
-            assert!(q.try_acquire("a").is_ok());
+            assert!(q.try_acquire("a", "192.0.2.1".parse().unwrap()).is_ok());
         }
     }
 
     #[test]
     fn connection_limits_total_and_per_address() {
-        let limits = ConnectionLimits::new(3, 2);
+        let caps = ConnectionCaps { total: 3, per_address: 2, ..Default::default() };
+        let limits = ConnectionLimits::new(caps);
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();
         assert_eq!(limits.try_acquire(a), Ok(()));
@@ -225,15 +332,52 @@ mod tests {
         assert_eq!(limits.try_acquire(a), Err(LimitReached::PerAddress));
         assert_eq!(limits.try_acquire(b), Ok(()));
         assert_eq!(limits.try_acquire(b), Err(LimitReached::Total));
-        limits.release(a);
-        assert_eq!(limits.held(), 2);
+        limits.release(a, false);
+        assert_eq!(limits.held(), (2, 2));
         assert_eq!(limits.try_acquire(b), Ok(()));
-        limits.release("192.0.2.9".parse().unwrap()); // never taken: no effect
-        assert_eq!(limits.held(), 3);
-        let unlimited = ConnectionLimits::new(0, 0);
+        limits.release("192.0.2.9".parse().unwrap(), false); // never taken: no effect
+        assert_eq!(limits.held(), (3, 3));
+        let unlimited = ConnectionLimits::new(ConnectionCaps::default());
         for _ in 0..10_000 {
             assert!(unlimited.try_acquire(a).is_ok());
         }
+    }
+
+    #[test]
+    fn strangers_have_a_budget_of_their_own_counted_by_64() {
+        let caps = ConnectionCaps {
+            total: 10,
+            per_address: 10,
+            unauthenticated: 4,
+            unauthenticated_per_address: 2,
+        };
+        let limits = ConnectionLimits::new(caps);
+        // Every address of one /64 counts as one.
+        let net = |i: u16| -> IpAddr { format!("2001:db8:7:1::{i:x}").parse().unwrap() };
+        assert_eq!(limits.try_acquire(net(1)), Ok(()));
+        assert_eq!(limits.try_acquire(net(2)), Ok(()));
+        assert_eq!(limits.try_acquire(net(3)), Err(LimitReached::UnauthenticatedPerAddress));
+        // Another /64, then the total budget of strangers is spent.
+        let other = |i: u16| -> IpAddr { format!("2001:db8:7:2::{i:x}").parse().unwrap() };
+        assert_eq!(limits.try_acquire(other(1)), Ok(()));
+        assert_eq!(limits.try_acquire(other(2)), Ok(()));
+        assert_eq!(
+            limits.try_acquire("192.0.2.1".parse().unwrap()),
+            Err(LimitReached::Unauthenticated)
+        );
+        // Clients that log in leave it, and the slots they hold are not the strangers'.
+        for i in [1, 2] {
+            limits.authenticated(net(i));
+        }
+        assert_eq!(limits.held(), (4, 2));
+        let c: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(limits.try_acquire(c), Ok(()));
+        assert_eq!(limits.try_acquire(c), Ok(()));
+        assert_eq!(limits.try_acquire(c), Err(LimitReached::UnauthenticatedPerAddress));
+        limits.release(net(1), true);
+        limits.release(c, false);
+        assert_eq!(limits.held(), (4, 3));
+        assert_eq!(limits.try_acquire(net(3)), Ok(()), "its /64 has one stranger now");
     }
 
     #[test]

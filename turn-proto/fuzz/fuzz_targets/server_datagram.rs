@@ -21,7 +21,7 @@
 
 use std::cell::Cell;
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
@@ -63,6 +63,10 @@ impl RelayAllocator for Relays {
     fn release(&mut self, id: RelayId) {
         assert!(self.live.remove(&id), "relay released twice or never allocated");
     }
+
+    fn holds(&self, relayed: SocketAddr) -> bool {
+        relayed.port() % 2 == 0
+    }
 }
 
 #[derive(Default)]
@@ -71,7 +75,7 @@ struct CountQuota {
 }
 
 impl Quota for CountQuota {
-    fn try_acquire(&self, _user: &str) -> Result<(), QuotaExceeded> {
+    fn try_acquire(&self, _user: &str, _client: IpAddr) -> Result<(), QuotaExceeded> {
         if self.held.get() >= 3 {
             return Err(QuotaExceeded);
         }
@@ -79,7 +83,7 @@ impl Quota for CountQuota {
         Ok(())
     }
 
-    fn release(&self, _user: &str) {
+    fn release(&self, _user: &str, _client: IpAddr) {
         self.held.set(self.held.get() - 1);
         assert!(self.held.get() >= 0, "quota released more than acquired");
     }

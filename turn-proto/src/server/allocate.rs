@@ -179,7 +179,7 @@ impl Server {
         // (Allocation Quota Reached) error".
         let username: Box<str> = username.into();
         let quota_key: Box<str> = self.creds.quota_key(auth.identity).into();
-        if host.quota.try_acquire(&quota_key).is_err() {
+        if host.quota.try_acquire(&quota_key, ft.client.ip()).is_err() {
             self.counters.quota_rejections += 1;
             return Err(TurnError::Code(code::ALLOCATION_QUOTA_REACHED));
         }
@@ -223,7 +223,7 @@ impl Server {
             }
         }
         if granted.iter().all(Option::is_none) {
-            host.quota.release(&quota_key);
+            host.quota.release(&quota_key, ft.client.ip());
             // Both failed: 440 only if every family was unsupported.
             let code =
                 if failures.iter().flatten().all(|&c| c == code::ADDRESS_FAMILY_NOT_SUPPORTED) {

@@ -1,8 +1,20 @@
 //! Long-term credential authentication of requests (RFC 8489 §9.2.4) and the answers to
 //! requests that fail it (401, 400, 438), limited per source address.
-
-use std::net::SocketAddr;
-use std::time::Instant;
+//!
+//! Who pays for a failure: a request whose NONCE is not one this server gave to the
+//! request's own source (address and port) is answered 438 and counts against nobody, so
+//! a spoofed source, which never sees the answers sent to its owner, cannot make a single
+//! failure count in its owner's name. A failure with a valid nonce counts against the
+//! source address (password guessing from many ports is one guesser), shared by every
+//! worker; once an address used its share, its signed requests are dropped unverified,
+//! except those of a 5-tuple that holds an allocation: that 5-tuple counts its own
+//! failures only, so that nobody else, from its address or behind the same NAT, can keep
+//! a live allocation from refreshing. Answers to unauthenticated requests are limited per
+//! source address too (reflection), again except to a 5-tuple that holds an allocation.
+//!
+//! This checks the nonce before the message integrity, where RFC 8489 §9.2.4 lists it
+//! after: a request that has both a stale nonce and a wrong integrity is answered 438
+//! instead of 401 (the client retries with the fresh nonce and then gets the 401).
 
 use super::responses::{IntegrityKind, Signer, code};
 use super::{AuthFailure, Ctx, DropReason, FiveTuple, Output, Server};
@@ -10,7 +22,7 @@ use crate::credentials::{Identity, Key, PasswordAlgorithm};
 use crate::nonce::{NonceCheck, SecurityFeatures};
 use crate::stun::attr;
 use crate::stun::attr::Attribute;
-use crate::stun::{EncodeError, Message};
+use crate::stun::{Class, EncodeError, Message};
 
 /// A successfully authenticated request.
 #[derive(Debug, Clone, Copy)]
@@ -31,17 +43,20 @@ pub(super) enum Rejection {
     BadRequest,
     /// 438 with a fresh NONCE.
     StaleNonce,
+    /// Not verified: the source failed too often lately (dropped, no answer).
+    Throttled,
 }
 
 impl Server {
-    /// Long-term credential checks, in the order of RFC 8489 §9.2.4.
+    /// Long-term credential checks, in the order of RFC 8489 §9.2.4 but for the nonce
+    /// (see the module docs). `held`: the 5-tuple's live allocation.
     pub(super) fn authenticate<'a>(
         &mut self,
         msg: &Message<'a>,
-        client: SocketAddr,
-        now: Instant,
-        unix_secs: u64,
+        cx: &Ctx,
+        held: Option<u32>,
     ) -> Result<Auth<'a>, Rejection> {
+        let client = cx.ft.client;
         let has_mi = msg.has_message_integrity();
         let has_mi256 = msg.has_message_integrity_sha256();
         // §9.2.4: "If the message does not contain a MESSAGE-INTEGRITY or
@@ -92,9 +107,22 @@ impl Server {
                 _ => return Err(Rejection::BadRequest),
             }
         }
+        // "If the NONCE is no longer valid, ... 438 (Stale Nonce)." Checked first: a
+        // nonce minted for this very source proves the request comes from where the
+        // answers go, and only then may a failure count against that source.
+        let NonceCheck::Valid { issued: nonce_issued } =
+            self.nonces.check(nonce, cx.unix_secs, client)
+        else {
+            self.counters.stale_nonces += 1;
+            return Err(Rejection::StaleNonce);
+        };
+        // A source that keeps failing authentication is not even verified for a while.
+        if self.throttled(held, cx) {
+            return Err(Rejection::Throttled);
+        }
         // A request for another realm cannot be verified: challenge again.
         if realm != self.cfg.realm.as_bytes() {
-            self.auth_failed(client, now, AuthFailure::WrongRealm);
+            self.auth_failed(held, cx, AuthFailure::WrongRealm);
             return Err(Rejection::Unauthenticated);
         }
         // "If the value of the USERNAME or USERHASH attribute is not valid,
@@ -103,7 +131,7 @@ impl Server {
             (Some(u), _) => std::str::from_utf8(u)
                 .ok()
                 .filter(|u| u.len() <= attr::MAX_USERNAME_LEN)
-                .and_then(|u| self.creds.by_username(u, unix_secs)),
+                .and_then(|u| self.creds.by_username(u, cx.unix_secs)),
             (None, Some(h)) => self.creds.by_userhash(h),
             (None, None) => None,
         };
@@ -123,20 +151,13 @@ impl Server {
             // key derivation and one integrity check), so that response times do not
             // tell which usernames exist.
             let _ = verify(self.decoy_key.as_bytes());
-            self.auth_failed(client, now, AuthFailure::UnknownUser);
+            self.auth_failed(held, cx, AuthFailure::UnknownUser);
             return Err(Rejection::Unauthenticated);
         };
         let key = self.creds.find_key(identity, algorithm, verify);
         let Some(key) = key else {
-            self.auth_failed(client, now, AuthFailure::BadIntegrity);
+            self.auth_failed(held, cx, AuthFailure::BadIntegrity);
             return Err(Rejection::Unauthenticated);
-        };
-        // "If the NONCE is no longer valid, ... 438 (Stale Nonce)."
-        let NonceCheck::Valid { issued: nonce_issued } =
-            self.nonces.check(nonce, unix_secs, client)
-        else {
-            self.counters.stale_nonces += 1;
-            return Err(Rejection::StaleNonce);
         };
         // "Any response generated by the server MUST include the
         // MESSAGE-INTEGRITY-SHA256 attribute ... unless the request was
@@ -147,23 +168,57 @@ impl Server {
         Ok(Auth { identity, key, kind, nonce_issued })
     }
 
-    /// Counts a failed authentication against its source (password guessing).
-    pub(super) fn auth_failed(&mut self, client: SocketAddr, now: Instant, why: AuthFailure) {
+    /// True when the failures that count against this request's sender used their share:
+    /// its allocation's own when the 5-tuple holds one, else its address's.
+    fn throttled(&mut self, held: Option<u32>, cx: &Ctx) -> bool {
+        let (per_sec, burst) = (self.cfg.failed_auth_per_sec, self.cfg.failed_auth_burst);
+        match held {
+            Some(idx) => {
+                let now_ms = self.millis(cx.now);
+                per_sec > 0
+                    && self
+                        .table
+                        .get(idx)
+                        .is_some_and(|a| a.strikes.exhausted(now_ms, per_sec, burst))
+            }
+            None => self.limits.failed_auth.exhausted(&cx.ft.client.ip(), cx.now),
+        }
+    }
+
+    /// Counts a failed authentication (password guessing) against its sender: the
+    /// 5-tuple's allocation when it holds one, else the source address.
+    fn auth_failed(&mut self, held: Option<u32>, cx: &Ctx, why: AuthFailure) {
         self.counters.auth_failures += 1;
         self.counters.auth_failures_by[why as usize] += 1;
-        let _ = self.failed_auth.allow(&client.ip(), now);
+        let (per_sec, burst) = (self.cfg.failed_auth_per_sec, self.cfg.failed_auth_burst);
+        match held {
+            Some(idx) => {
+                let now_ms = self.millis(cx.now);
+                if per_sec > 0
+                    && let Some(a) = self.table.get_mut(idx)
+                {
+                    let _ = a.strikes.take(now_ms, per_sec, burst);
+                }
+            }
+            None => {
+                let _ = self.limits.failed_auth.allow(&cx.ft.client.ip(), cx.now);
+            }
+        }
     }
 
     /// Answers an unauthenticated or failed request (401, 400, 438), unless its source
-    /// already drew its share of such answers.
+    /// address already drew its share of such answers. A 5-tuple that holds an allocation
+    /// (`held`) is always answered: it is a client of ours, not a reflection victim, and a
+    /// Refresh with a stale nonce must get its 438 whatever others sent from its address.
     pub(super) fn reject<'a>(
         &mut self,
         cx: &Ctx,
         signer: &Signer,
         rej: Rejection,
+        held: Option<u32>,
         out: &'a mut [u8],
     ) -> Output<'a> {
-        if !self.unauthenticated.allow(&cx.ft.client.ip(), cx.now) {
+        if held.is_none() && !self.limits.unauthenticated.allow(&cx.ft.client.ip(), cx.now) {
             self.counters.rate_limited_responses += 1;
             return self.dropped(DropReason::RateLimited);
         }
@@ -179,16 +234,22 @@ impl Server {
         ft: FiveTuple,
         unix_secs: u64,
     ) -> Result<usize, EncodeError> {
+        // No more than the client needs (an unauthenticated answer may go to a spoofed
+        // source): no reason phrase (RFC 8489 §14.8 allows an empty one), no SOFTWARE, a
+        // FINGERPRINT only if the request had one.
         let code = match rej {
-            Rejection::BadRequest => {
-                return self.write_error(out, signer, code::BAD_REQUEST, |_| Ok(()));
+            Rejection::BadRequest | Rejection::Throttled => {
+                return self.write_response(out, signer, Class::ErrorResponse, |enc| {
+                    enc.error_code(code::BAD_REQUEST, "")
+                });
             }
             Rejection::Unauthenticated => code::UNAUTHENTICATED,
             Rejection::StaleNonce => code::STALE_NONCE,
         };
         // After the 5-tuple's tombstone, if any, so that a real client's retry is taken.
         let nonce = self.nonces.issue(self.tombstones.nonce_time(&ft, unix_secs), ft.client);
-        self.write_error(out, signer, code, |enc| {
+        self.write_response(out, signer, Class::ErrorResponse, |enc| {
+            enc.error_code(code, "")?;
             enc.raw(attr::REALM, self.cfg.realm.as_bytes())?;
             enc.raw(attr::NONCE, nonce.as_bytes())?;
             if !self.password_algorithms.is_empty() {

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use super::auth::Auth;
 use super::responses::{BAD_REQUEST, Reply, TurnError, code};
-use super::{ChannelBinding, DropReason, FiveTuple, Output, Server, secs};
+use super::{ChannelBinding, DropReason, FiveTuple, Output, RelayAllocator, Server, secs};
 use crate::channel_data;
 use crate::channel_data::ChannelData;
 use crate::stun::attr;
@@ -57,6 +57,7 @@ impl Server {
         ft: FiveTuple,
         msg: &Message<'_>,
         auth: &Auth<'_>,
+        relays: &(impl RelayAllocator + ?Sized),
     ) -> Result<Reply, TurnError> {
         let idx = self.owned_allocation(&ft, now, auth)?;
         let tid = msg.transaction_id();
@@ -93,7 +94,7 @@ impl Server {
             return Err(BAD_REQUEST);
         }
         // Peer policy -> 403.
-        if self.cfg.peer_policy.check_peer(&peer).is_err() {
+        if self.cfg.peer_policy.check_peer_held(&peer, |a| relays.holds(a)).is_err() {
             return Err(TurnError::Code(code::FORBIDDEN));
         }
         // Capacity -> 508.

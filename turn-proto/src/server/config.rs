@@ -74,10 +74,16 @@ pub struct ServerConfig {
     pub unauthenticated_responses_per_sec: u32,
     pub unauthenticated_responses_burst: u32,
     /// Failed authentications per second and source address, and the burst; beyond,
-    /// signed requests from that source are dropped unverified (0: no limit). Default 1
-    /// and 10.
+    /// signed requests from that source's 5-tuples that hold no allocation are dropped
+    /// unverified (0: no limit). Only requests with a nonce the source was given count, so
+    /// a spoofed source costs its owner nothing; a 5-tuple that holds an allocation counts
+    /// its own failures, at the same rate, apart from everyone else's. Default 1 and 10.
     pub failed_auth_per_sec: u32,
     pub failed_auth_burst: u32,
+    /// Binding answers per second and source address, and the burst (0: no limit); a
+    /// 5-tuple that holds an allocation is not limited. Default 50 and 100.
+    pub binding_responses_per_sec: u32,
+    pub binding_responses_burst: u32,
     /// Buckets of each per-source limiter (a fixed table, whatever the number of
     /// sources; colliding sources share one). Default 16384.
     pub source_limit_slots: usize,
@@ -116,6 +122,8 @@ impl Default for ServerConfig {
             unauthenticated_responses_burst: 40,
             failed_auth_per_sec: 1,
             failed_auth_burst: 10,
+            binding_responses_per_sec: 50,
+            binding_responses_burst: 100,
             source_limit_slots: 16_384,
             seed: 0x5eed,
         }

@@ -5,7 +5,9 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use super::{DropReason, FiveTuple, Output, PEER_HEADROOM, PeerIcmp, RelayId, Server};
+use super::{
+    DropReason, FiveTuple, Output, PEER_HEADROOM, PeerIcmp, RelayAllocator, RelayId, Server,
+};
 use crate::channel_data;
 use crate::stun::attr::{self, Attribute};
 use crate::stun::message::pad4;
@@ -20,6 +22,7 @@ impl Server {
         now: Instant,
         ft: FiveTuple,
         msg: &Message<'a>,
+        relays: &(impl RelayAllocator + ?Sized),
     ) -> Output<'a> {
         let Some((idx, a)) = self.table.index_of(&ft).and_then(|i| Some((i, self.table.get(i)?)))
         else {
@@ -68,7 +71,7 @@ impl Server {
         }
         // "The server MAY impose restrictions on the IP address and port
         // values ... silently discards".
-        if self.cfg.peer_policy.check_peer(&peer).is_err() {
+        if self.cfg.peer_policy.check_peer_held(&peer, |a| relays.holds(a)).is_err() {
             return self.dropped(DropReason::PeerDenied);
         }
         if let Some(a) = self.table.get_mut(idx) {

@@ -47,6 +47,7 @@ mod responses;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use config::{ConfigError, ServerConfig};
@@ -57,6 +58,7 @@ pub use host::{
     Host, LocalQuota, Quota, QuotaExceeded, RelayAllocator, RelayError, RelayId, RelayRequest,
     Unlimited,
 };
+pub use limiter::{RateTable, SourceLimits, source_key};
 pub use table::{
     Allocation, AllocationTraffic, ChannelBinding, ClientConn, FiveTuple, Permission, RelaySocket,
     Transport,
@@ -234,10 +236,11 @@ pub struct Server {
     cache: RetransmitCache,
     /// 5-tuples whose allocation ended recently (replayed Allocates, see `replay.rs`).
     tombstones: replay::Tombstones,
-    /// Unauthenticated responses (401, 400, 438) per source address.
-    unauthenticated: limiter::SourceLimiter,
-    /// Failed authentications per source address.
-    failed_auth: limiter::SourceLimiter,
+    /// Per-source limits (unauthenticated answers, failed authentications, Binding
+    /// answers), shared with the daemon's other workers.
+    limits: Arc<SourceLimits>,
+    /// The origin of the millisecond clock of the allocations' own buckets.
+    epoch: Option<Instant>,
     /// The last (monotonic, wall) time pair seen, to date events that come without a
     /// wall time (expiry).
     wall: Option<(Instant, u64)>,
@@ -252,6 +255,18 @@ impl std::fmt::Debug for Server {
             .field("realm", &self.cfg.realm)
             .field("allocations", &self.table.len())
             .finish_non_exhaustive()
+    }
+}
+
+/// A configuration [`Server::prepare`] checked, for [`Server::apply`].
+pub struct Prepared {
+    cfg: ServerConfig,
+    derived: Derived,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared").field("realm", &self.cfg.realm).finish_non_exhaustive()
     }
 }
 
@@ -298,8 +313,19 @@ fn secs(s: u32) -> Duration {
 }
 
 impl Server {
-    /// Build a server from a configuration.
+    /// Build a server from a configuration, with per-source limits of its own.
     pub fn new(cfg: ServerConfig) -> Result<Server, ConfigError> {
+        let limits = Arc::new(SourceLimits::new(&cfg));
+        Server::with_limits(cfg, limits)
+    }
+
+    /// Build a server that shares `limits` (made with [`SourceLimits::new`]) with the other
+    /// workers of a daemon, so that a source that varies its port, and so reaches every
+    /// worker, gets the configured rates in total, not once per worker.
+    pub fn with_limits(
+        cfg: ServerConfig,
+        limits: Arc<SourceLimits>,
+    ) -> Result<Server, ConfigError> {
         cfg.validate()?;
         let Derived { creds, nonces, password_algorithms } = Derived::of(&cfg)?;
         Ok(Server {
@@ -309,18 +335,8 @@ impl Server {
                 secs(cfg.retransmit_cache_ttl_secs),
             ),
             tombstones: replay::Tombstones::new(cfg.replay_tombstones, cfg.nonce_lifetime_secs),
-            unauthenticated: limiter::SourceLimiter::new(
-                cfg.source_limit_slots,
-                cfg.unauthenticated_responses_per_sec,
-                cfg.unauthenticated_responses_burst,
-                cfg.seed ^ 0x51ed_270b_27c1_4a57,
-            ),
-            failed_auth: limiter::SourceLimiter::new(
-                cfg.source_limit_slots,
-                cfg.failed_auth_per_sec,
-                cfg.failed_auth_burst,
-                cfg.seed ^ 0x2545_f491_4f6c_dd1d,
-            ),
+            limits,
+            epoch: None,
             wall: None,
             events: VecDeque::new(),
             counters: Counters::default(),
@@ -348,30 +364,25 @@ impl Server {
     /// Keep `nonce_secret` (or nonces already issued turn stale: clients see one 438) and
     /// the table and cache sizes (changes to them apply only to a new `Server`).
     pub fn reconfigure(&mut self, cfg: ServerConfig) -> Result<(), ConfigError> {
+        let prepared = Server::prepare(cfg)?;
+        self.apply(prepared);
+        Ok(())
+    }
+
+    /// Checks a configuration and derives what [`Server::apply`] needs, without touching
+    /// any server: the first half of [`Server::reconfigure`], for a daemon that changes
+    /// every worker or none (each worker prepares; only when all succeeded do they apply).
+    pub fn prepare(cfg: ServerConfig) -> Result<Prepared, ConfigError> {
         cfg.validate()?;
-        let Derived { creds, nonces, password_algorithms } = Derived::of(&cfg)?;
-        let limits = |c: &ServerConfig| {
-            (
-                c.unauthenticated_responses_per_sec,
-                c.unauthenticated_responses_burst,
-                c.failed_auth_per_sec,
-                c.failed_auth_burst,
-            )
-        };
-        if limits(&cfg) != limits(&self.cfg) {
-            self.unauthenticated = limiter::SourceLimiter::new(
-                cfg.source_limit_slots,
-                cfg.unauthenticated_responses_per_sec,
-                cfg.unauthenticated_responses_burst,
-                cfg.seed ^ 0x51ed_270b_27c1_4a57,
-            );
-            self.failed_auth = limiter::SourceLimiter::new(
-                cfg.source_limit_slots,
-                cfg.failed_auth_per_sec,
-                cfg.failed_auth_burst,
-                cfg.seed ^ 0x2545_f491_4f6c_dd1d,
-            );
-        }
+        let derived = Derived::of(&cfg)?;
+        Ok(Prepared { cfg, derived })
+    }
+
+    /// Takes a configuration [`Server::prepare`] accepted; cannot fail.
+    pub fn apply(&mut self, prepared: Prepared) {
+        let Prepared { cfg, derived: Derived { creds, nonces, password_algorithms } } = prepared;
+        // Shared with the other workers: each applies the same rates, the buckets stay.
+        self.limits.set_rates(&cfg);
         self.decoy_key = crate::credentials::long_term_key(
             PasswordAlgorithm::Md5,
             "",
@@ -389,7 +400,6 @@ impl Server {
             }
         }
         self.cfg = cfg;
-        Ok(())
     }
 
     /// Every live allocation (for an operator's listing).
@@ -539,6 +549,19 @@ impl Server {
         self.table.trim_stale();
     }
 
+    /// The index of `ft`'s allocation if it is live at `now`.
+    fn live_allocation(&self, ft: &FiveTuple, now: Instant) -> Option<u32> {
+        let idx = self.table.index_of(ft)?;
+        self.table.get(idx).is_some_and(|a| a.expires_at > now).then_some(idx)
+    }
+
+    /// Milliseconds since the server's first use, plus one (the clock of the allocations'
+    /// own buckets).
+    fn millis(&mut self, now: Instant) -> u64 {
+        let epoch = *self.epoch.get_or_insert(now);
+        now.saturating_duration_since(epoch).as_millis() as u64 + 1
+    }
+
     /// The wall time (UNIX seconds) at monotonic time `now`, from the last pair seen.
     fn wall_at(&self, now: Instant) -> u64 {
         self.wall.map_or(0, |(at, unix)| unix + now.saturating_duration_since(at).as_secs())
@@ -565,7 +588,7 @@ impl Server {
         for r in a.relays.iter().flatten() {
             host.relays.release(r.id);
         }
-        host.quota.release(&a.quota_key);
+        host.quota.release(&a.quota_key, a.five_tuple.client.ip());
         match reason {
             DeleteReason::Expired => self.counters.allocations_expired += 1,
             DeleteReason::ClientRequest => self.counters.allocations_deleted += 1,
@@ -646,9 +669,12 @@ impl Server {
                 self.counters.requests += 1;
                 self.counters.requests_by_method[5] += 1;
                 let signer = self.unsigned(&msg);
-                self.reject(&cx, &signer, Rejection::BadRequest, out)
+                let held = self.live_allocation(&cx.ft, cx.now);
+                self.reject(&cx, &signer, Rejection::BadRequest, held, out)
             }
-            (Class::Indication, Method::SEND) => self.send_indication(cx.now, cx.ft, &msg),
+            (Class::Indication, Method::SEND) => {
+                self.send_indication(cx.now, cx.ft, &msg, &*host.relays)
+            }
             (Class::Indication, Method::BINDING) => self.dropped(DropReason::BindingIndication),
             (Class::Indication, _) => self.dropped(DropReason::UnknownIndication),
             _ => self.dropped(DropReason::UnexpectedClass),
@@ -657,10 +683,19 @@ impl Server {
 
     /// RFC 8489 §6.3.1: Binding requests are answered without
     /// authentication with the client's reflexive address.
+    /// Answers are limited per source address like those to unauthenticated requests (a
+    /// spoofed source must not turn the server into a reflector), except to a 5-tuple
+    /// that holds an allocation (a client's keepalives on its own 5-tuple).
     fn binding<'a>(&mut self, cx: &Ctx, msg: &Message<'a>, out: &'a mut [u8]) -> Output<'a> {
         self.counters.requests += 1;
         self.counters.requests_by_method[0] += 1;
         self.counters.binding_requests += 1;
+        if self.live_allocation(&cx.ft, cx.now).is_none()
+            && !self.limits.binding.allow(&cx.ft.client.ip(), cx.now)
+        {
+            self.counters.rate_limited_responses += 1;
+            return self.dropped(DropReason::RateLimited);
+        }
         let signer = self.unsigned(msg);
         let unknown = msg.unknown_comprehension_required::<16>();
         let r = if unknown.is_empty() {
@@ -707,15 +742,16 @@ impl Server {
             return self.dropped(DropReason::BufferTooSmall);
         }
         let mut signer = self.unsigned(msg);
-        // A source that keeps failing authentication is not even verified for a while.
-        let signed = msg.has_message_integrity() || msg.has_message_integrity_sha256();
-        if signed && self.failed_auth.exhausted(&ft.client.ip(), now) {
-            self.counters.rate_limited_auth += 1;
-            return self.dropped(DropReason::AuthThrottled);
-        }
-        let auth = match self.authenticate(msg, ft.client, now, cx.unix_secs) {
+        // The 5-tuple's live allocation, if it has one: it is limited by its own failures
+        // only, never by other 5-tuples' (see `auth.rs`).
+        let held = self.live_allocation(&ft, now);
+        let auth = match self.authenticate(msg, cx, held) {
             Ok(a) => a,
-            Err(rej) => return self.reject(cx, &signer, rej, out),
+            Err(Rejection::Throttled) => {
+                self.counters.rate_limited_auth += 1;
+                return self.dropped(DropReason::AuthThrottled);
+            }
+            Err(rej) => return self.reject(cx, &signer, rej, held, out),
         };
         // A replayed Allocate for a 5-tuple whose allocation ended since its nonce was
         // issued: 438 with a nonce from after the end (see `replay.rs`).
@@ -724,7 +760,7 @@ impl Server {
             && self.tombstones.refuses(&ft, auth.nonce_issued)
         {
             self.counters.replays_refused += 1;
-            return self.reject(cx, &signer, Rejection::StaleNonce, out);
+            return self.reject(cx, &signer, Rejection::StaleNonce, held, out);
         }
         signer.integrity = Some((auth.key, auth.kind));
         // RFC 8489 §6.3.1: unknown comprehension-required attributes -> 420.
@@ -736,7 +772,7 @@ impl Server {
                 Method::ALLOCATE => self.allocate(cx, msg, &auth, host),
                 Method::REFRESH => self.refresh(now, ft, msg, &auth, host),
                 Method::CREATE_PERMISSION => self.create_permission(now, ft, msg, &auth),
-                _ => self.channel_bind(now, ft, msg, &auth),
+                _ => self.channel_bind(now, ft, msg, &auth, &*host.relays),
             }
         };
         let r = self.write_reply(out, &signer, result);

@@ -168,6 +168,8 @@ pub struct Allocation {
     pub created_at: Instant,
     /// What it relayed so far.
     pub traffic: AllocationTraffic,
+    /// Its 5-tuple's failed authentications (counted apart from its address's).
+    pub(crate) strikes: super::limiter::Bucket,
     scheduled: Option<Instant>,
 }
 
@@ -204,6 +206,7 @@ impl Allocation {
             dont_fragment: false,
             created_at,
             traffic: AllocationTraffic::default(),
+            strikes: super::limiter::Bucket::default(),
             scheduled: None,
         }
     }

@@ -61,6 +61,8 @@ pub struct FakeRelays {
     pub fail_next: Option<RelayError>,
     pub no_v6: bool,
     pub requests: Vec<(Family, bool, bool)>,
+    /// The relayed address of each live relay.
+    pub addrs: std::collections::BTreeMap<RelayId, SocketAddr>,
 }
 
 impl RelayAllocator for FakeRelays {
@@ -80,12 +82,18 @@ impl RelayAllocator for FakeRelays {
             Family::V6 => SocketAddr::new("2001:db8::1".parse().unwrap(), port),
         };
         assert!(self.live.insert(id));
+        self.addrs.insert(id, addr);
         Ok((id, addr))
     }
 
     fn release(&mut self, id: RelayId) {
         assert!(self.live.remove(&id), "release of unknown relay {id:?}");
+        self.addrs.remove(&id);
         self.released.push(id);
+    }
+
+    fn holds(&self, relayed: SocketAddr) -> bool {
+        self.addrs.values().any(|a| *a == relayed)
     }
 }
 

@@ -59,6 +59,8 @@ pub struct Control<'a> {
     pub reloader: Reloader,
     pub relay_ports: Arc<RelayPorts>,
     pub user_traffic: Option<Arc<UserTraffic>>,
+    /// The TLS handshake thread's counters.
+    pub handshakes: Arc<crate::worker::handshake::HandshakeStats>,
     pub metrics_max_users: usize,
     /// The readiness status (`serving ...`), restored after an undrain.
     pub status: String,
@@ -389,6 +391,7 @@ impl Control<'_> {
             groups,
             users,
             draining: phase.stopping.is_some() || phase.drained,
+            handshakes: metrics::HandshakeSnapshot::read(&self.handshakes),
         }
     }
 

@@ -23,7 +23,7 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 use turn_common::Mode;
-use turn_proto::server::Transport;
+use turn_proto::server::{SourceLimits, Transport};
 
 use self::{
     control::{Control, Requests, Signals, notify},
@@ -37,10 +37,13 @@ use crate::{
     metrics::{self, UserTraffic},
     relay::{RelayAddresses, RelayPool, RelayPorts},
     setup,
-    shared::{ConnectionLimits, Directory, SharedQuota},
+    shared::{ConnectionCaps, ConnectionLimits, Directory, SharedQuota},
     steering::{Steering, SteeringOptions},
     tls::TlsCerts,
-    worker::{self, INBOX_CAPACITY, RunState, StreamSettings, WorkerSetup, WorkerStats},
+    worker::{
+        self, INBOX_CAPACITY, RunState, StreamSettings, WorkerSetup, WorkerStats,
+        handshake::{self, HandshakeSetup, HandshakeStats},
+    },
 };
 
 /// A listener group with its steering program, if any.
@@ -187,7 +190,8 @@ pub fn run(config: Config, read: ReadConfig) -> Result<()> {
     setup::drop_privileges(&config)?;
 
     let (state_tx, state_rx) = watch::channel(RunState::Running);
-    let quota = Arc::new(SharedQuota::new(config.user_quota, config.total_quota));
+    let quota =
+        Arc::new(SharedQuota::new(config.user_quota, config.address_quota, config.total_quota));
     let user_traffic = config.metrics_per_user.then(|| Arc::new(UserTraffic::default()));
     let relay_ports = RelayPorts::new(&relay_addresses, config.min_port, config.max_port);
     let directory = Arc::new(Directory::default());
@@ -200,8 +204,36 @@ pub fn run(config: Config, read: ReadConfig) -> Result<()> {
     let inboxes: Arc<[worker::Inbox]> = senders.into();
     let mut handles = Vec::with_capacity(workers);
     let mut stats = Vec::with_capacity(workers);
-    let limits =
-        Arc::new(ConnectionLimits::new(config.max_connections, config.max_connections_per_ip));
+    let limits = Arc::new(ConnectionLimits::new(ConnectionCaps::of(&config)));
+    // TLS handshakes on a thread of their own, off the workers' relay path. At most half
+    // the budget of connections without an allocation is in handshakes at once.
+    let handshake_stats = Arc::new(HandshakeStats::default());
+    let mut handshake_thread = None;
+    let handshakes = match &streams.tls {
+        Some(tls) => {
+            let (handle, thread) = handshake::spawn(HandshakeSetup {
+                tls: Arc::clone(tls),
+                timeout: streams.handshake_timeout,
+                max_in_flight: (config.max_unauthenticated_connections / 2).max(1),
+                limits: Arc::clone(&limits),
+                inboxes: Arc::clone(&inboxes),
+                stats: Arc::clone(&handshake_stats),
+            })
+            .context("starting the TLS handshake thread")?;
+            handshake_thread = Some(thread);
+            Some(handle)
+        }
+        None => None,
+    };
+    // The per-source limits (answers to strangers, failed logins, Binding answers), one
+    // table for every worker: a source that varies its port reaches every worker.
+    let source_limits = Arc::new(SourceLimits::new(&setup::server_config(
+        &config,
+        &credentials,
+        &relay_addresses,
+        nonce_secret,
+        rand::random(),
+    )?));
     for ((index, sockets), inbox) in worker_sockets.into_iter().enumerate().zip(receivers) {
         let worker_stats = Arc::new(WorkerStats::default());
         stats.push(Arc::clone(&worker_stats));
@@ -219,13 +251,15 @@ pub fn run(config: Config, read: ReadConfig) -> Result<()> {
             rand::random(),
         )?;
         let server =
-            turn_proto::server::Server::new(server_config).map_err(|e| anyhow::anyhow!("{e}"))?;
+            turn_proto::server::Server::with_limits(server_config, Arc::clone(&source_limits))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
         handles.push(worker::spawn(WorkerSetup {
             index,
             listeners: sockets.udp,
             stream_listeners: sockets.streams,
             streams: streams.clone(),
             limits: Arc::clone(&limits),
+            handshakes: handshakes.clone(),
             flow_pins,
             server,
             relays: RelayPool::new(Arc::clone(&relay_ports), index)?,
@@ -326,6 +360,7 @@ pub fn run(config: Config, read: ReadConfig) -> Result<()> {
         reloader,
         relay_ports: Arc::clone(&relay_ports),
         user_traffic,
+        handshakes: Arc::clone(&handshake_stats),
         metrics_max_users: config.metrics_max_users,
         status,
     };
@@ -361,6 +396,13 @@ pub fn run(config: Config, read: ReadConfig) -> Result<()> {
             Ok(Err(e)) => error!(worker = index, error = %format!("{e:#}"), "worker failed"),
             Err(_) => error!(worker = index, "worker panicked"),
         }
+    }
+    // The workers' handles on the handshake thread are gone with them: it stops.
+    drop(handshakes);
+    if let Some(thread) = handshake_thread
+        && thread.join().is_err()
+    {
+        error!("the TLS handshake thread panicked");
     }
     outcome
 }

@@ -3,7 +3,11 @@
 //!
 //! All or nothing: the new file is parsed, its credentials and peer rules checked by
 //! building a protocol core from them, and the TLS certificate read, before anything is
-//! applied; a bad file leaves the running configuration in place and the error says why.
+//! applied; then every worker prepares the new configuration (checks and derives it) and
+//! says so, and only once all have does any apply it (an infallible switch, which each
+//! worker makes at its next look at its inbox: within the same millisecond or so). A bad
+//! file, or a worker that cannot prepare, leaves the running configuration in place
+//! everywhere and the error says why.
 //! Keys that need a restart (listeners, relay addresses, workers, steering, metrics and
 //! admin endpoints, ...) are reported, not applied.
 
@@ -11,12 +15,13 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use tokio::sync::oneshot;
+use turn_proto::server::ServerConfig;
 
 use crate::{
     config::Config,
     relay::RelayAddresses,
     setup::{self, GeneratedUser},
-    shared::{ConnectionLimits, SharedQuota},
+    shared::{ConnectionCaps, ConnectionLimits, SharedQuota},
     tls::TlsCerts,
     worker::{Command, Inbox},
 };
@@ -26,7 +31,9 @@ use crate::{
 pub const RELOADABLE: &[&str] = &[
     "realm",
     "users",
+    "users_file",
     "static_auth_secrets",
+    "static_auth_secrets_file",
     "rest_max_ttl_secs",
     "software",
     "nonce_lifetime_secs",
@@ -42,10 +49,14 @@ pub const RELOADABLE: &[&str] = &[
     "allow_own_address_peers",
     "unauthenticated_responses_per_sec",
     "failed_auth_per_sec",
+    "binding_responses_per_sec",
     "user_quota",
     "total_quota",
+    "address_quota",
     "max_connections",
     "max_connections_per_ip",
+    "max_unauthenticated_connections",
+    "max_unauthenticated_connections_per_ip",
     "drain_timeout_secs",
 ];
 
@@ -53,7 +64,9 @@ pub const RELOADABLE: &[&str] = &[
 fn apply_reloadable(running: &mut Config, new: &Config) {
     running.realm.clone_from(&new.realm);
     running.users.clone_from(&new.users);
+    running.users_file.clone_from(&new.users_file);
     running.static_auth_secrets.clone_from(&new.static_auth_secrets);
+    running.static_auth_secrets_file.clone_from(&new.static_auth_secrets_file);
     running.rest_max_ttl_secs = new.rest_max_ttl_secs;
     running.software.clone_from(&new.software);
     running.nonce_lifetime_secs = new.nonce_lifetime_secs;
@@ -69,11 +82,35 @@ fn apply_reloadable(running: &mut Config, new: &Config) {
     running.allow_own_address_peers = new.allow_own_address_peers;
     running.unauthenticated_responses_per_sec = new.unauthenticated_responses_per_sec;
     running.failed_auth_per_sec = new.failed_auth_per_sec;
+    running.binding_responses_per_sec = new.binding_responses_per_sec;
     running.user_quota = new.user_quota;
     running.total_quota = new.total_quota;
+    running.address_quota = new.address_quota;
     running.max_connections = new.max_connections;
     running.max_connections_per_ip = new.max_connections_per_ip;
+    running.max_unauthenticated_connections = new.max_unauthenticated_connections;
+    running.max_unauthenticated_connections_per_ip = new.max_unauthenticated_connections_per_ip;
     running.drain_timeout_secs = new.drain_timeout_secs;
+}
+
+/// Asks every worker to prepare `config`; Ok once all have.
+async fn prepare_all(workers: &[Inbox], config: &ServerConfig) -> Result<()> {
+    let mut replies = Vec::with_capacity(workers.len());
+    for inbox in workers {
+        let (tx, rx) = oneshot::channel();
+        let command = Command::Prepare(Box::new(config.clone()), tx);
+        inbox.send(command).await.map_err(|_| anyhow!("a worker has stopped"))?;
+        replies.push(rx);
+    }
+    for (i, reply) in replies.into_iter().enumerate() {
+        match reply.await {
+            Ok(Ok(())) => {}
+            // Not expected: every worker got what a throwaway core accepted.
+            Ok(Err(e)) => bail!("worker {i} refused the configuration: {e}"),
+            Err(_) => bail!("worker {i} has stopped"),
+        }
+    }
+    Ok(())
 }
 
 /// The keys whose value differs between two configurations.
@@ -154,7 +191,10 @@ impl Reloader {
     /// (all or nothing).
     pub async fn reload(&mut self, workers: &[Inbox]) -> Result<Reloaded> {
         let new = (self.read)().context("reading the configuration")?;
-        if self.generated.is_none() && new.users.is_empty() && new.static_auth_secrets.is_empty() {
+        if self.generated.is_none()
+            && new.all_users()?.is_empty()
+            && new.all_static_auth_secrets()?.is_empty()
+        {
             bail!(
                 "the new configuration has no users and no static_auth_secrets: every client \
                  would be refused"
@@ -171,24 +211,20 @@ impl Reloader {
             None => None,
         };
 
-        // Everything is valid: apply.
-        let mut replies = Vec::with_capacity(workers.len());
-        for inbox in workers {
-            let (tx, rx) = oneshot::channel();
-            let command = Command::Reconfigure(Box::new(server_config.clone()), tx);
-            inbox.send(command).await.map_err(|_| anyhow!("a worker has stopped"))?;
-            replies.push(rx);
-        }
-        for (i, reply) in replies.into_iter().enumerate() {
-            match reply.await {
-                Ok(Ok(())) => {}
-                // Not expected: every worker got what a throwaway core accepted.
-                Ok(Err(e)) => bail!("worker {i} refused the configuration: {e}"),
-                Err(_) => bail!("worker {i} has stopped"),
+        // Everything is valid: every worker prepares it...
+        if let Err(e) = prepare_all(workers, &server_config).await {
+            for inbox in workers {
+                let _ = inbox.send(Command::Abort).await;
             }
+            return Err(e);
         }
-        self.quota.set_limits(new.user_quota, new.total_quota);
-        self.limits.set_limits(new.max_connections, new.max_connections_per_ip);
+        // ...then all apply it.
+        for inbox in workers {
+            // A worker that stopped now takes the daemon down (the control loop sees it).
+            let _ = inbox.send(Command::Commit).await;
+        }
+        self.quota.set_limits(new.user_quota, new.address_quota, new.total_quota);
+        self.limits.set_limits(ConnectionCaps::of(&new));
         let certificate = match (&self.tls, staged) {
             (Some(tls), Some(staged)) => {
                 tls.install(staged);
@@ -217,7 +253,9 @@ mod tests {
             r#"
             realm = "example.org"
             users = ["alice:pw"]
+            users_file = "/dev/null"
             static_auth_secrets = ["s"]
+            static_auth_secrets_file = "/dev/null"
             rest_max_ttl_secs = 7
             software = "x"
             nonce_lifetime_secs = 7
@@ -233,10 +271,14 @@ mod tests {
             allow_own_address_peers = true
             unauthenticated_responses_per_sec = 7
             failed_auth_per_sec = 7
+            binding_responses_per_sec = 7
             user_quota = 7
             total_quota = 7
+            address_quota = 7
             max_connections = 7
             max_connections_per_ip = 7
+            max_unauthenticated_connections = 7
+            max_unauthenticated_connections_per_ip = 7
             drain_timeout_secs = 7
             "#,
         )

@@ -15,7 +15,7 @@ use tokio::sync::{
     mpsc::{self, error::TrySendError},
     oneshot,
 };
-use turn_proto::server::{Allocation, Host, ServerConfig};
+use turn_proto::server::{Allocation, Host, Server, ServerConfig};
 
 use super::{Core, Handoff, stream::CloseReason};
 use crate::relay::Relays;
@@ -31,8 +31,15 @@ pub enum Command {
     Allocations(oneshot::Sender<Vec<AllocationInfo>>),
     /// End the allocations of `user` and/or from `client` (at least one is set).
     Kick { user: Option<String>, client: Option<SocketAddr>, reply: oneshot::Sender<usize> },
-    /// Take a new configuration (reload); answers with the error, if any.
-    Reconfigure(Box<ServerConfig>, oneshot::Sender<Result<(), String>>),
+    /// Check and stage a new configuration (reload, first half); answers with the error,
+    /// if any. Nothing changes until [`Command::Commit`].
+    Prepare(Box<ServerConfig>, oneshot::Sender<Result<(), String>>),
+    /// Apply the staged configuration (every worker prepared it).
+    Commit,
+    /// Forget the staged configuration (some worker could not prepare it).
+    Abort,
+    /// A TLS connection this worker accepted, its handshake done.
+    Handshaken(Box<super::handshake::Handshaken>),
 }
 
 /// A worker's command channel, and the eventfd in its epoll set that wakes it: every
@@ -158,21 +165,36 @@ impl Core {
             Command::Kick { user, client, reply } => {
                 let _ = reply.send(self.kick(user.as_deref(), client));
             }
-            Command::Reconfigure(mut config, reply) => {
-                // The worker keeps its own seed (rate-limiter hashing, decoy keys).
+            Command::Prepare(mut config, reply) => {
+                // The worker keeps its own seed (decoy keys, transaction ids).
                 config.seed = self.server.config().seed;
-                let outcome = self.server.reconfigure(*config).map_err(|e| e.to_string());
+                let outcome = match Server::prepare(*config) {
+                    Ok(prepared) => {
+                        self.staged = Some(prepared);
+                        Ok(())
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
                 let _ = reply.send(outcome);
             }
+            Command::Commit => {
+                if let Some(prepared) = self.staged.take() {
+                    self.server.apply(prepared);
+                }
+            }
+            Command::Abort => self.staged = None,
+            Command::Handshaken(done) => self.on_handshaken(*done),
         }
     }
 
     /// Ends the allocations of `user` and/or `client`; a TCP or TLS client's connection
     /// is closed too (its allocation lived on it).
     fn kick(&mut self, user: Option<&str>, client: Option<SocketAddr>) -> usize {
+        // A user's allocations are those under its name and those it is charged for (REST
+        // usernames `expiry:user`, as quotas and metrics count them).
         let chosen = |a: &Allocation| {
             (user.is_some() || client.is_some())
-                && user.is_none_or(|u| &*a.username == u)
+                && user.is_none_or(|u| &*a.username == u || &*a.quota_key == u)
                 && client.is_none_or(|c| a.five_tuple.client == c)
         };
         let connections: Vec<_> = self

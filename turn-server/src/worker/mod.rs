@@ -11,6 +11,7 @@
 //! * `sendmmsg.rs`: one system call for datagrams to several clients.
 //! * `udp.rs`: UDP listener and relay sockets (batched receives, ICMP errors).
 //! * `stream.rs`: TCP and TLS listeners and connections (framing, deadlines, limits).
+//! * `handshake.rs`: the TLS handshake thread (handshakes off the relay path).
 //! * `sink.rs`: the one place outputs are executed (staged datagrams both ways, GSO runs,
 //!   sendmmsg to a listener's clients; queued writes to connections; datagrams from one
 //!   relay of the daemon to another, handed to the worker that holds the receiver).
@@ -21,6 +22,7 @@
 //! when allocations come and go (quotas, directory, flow pins).
 
 mod control;
+pub mod handshake;
 mod sendmmsg;
 mod sink;
 mod source;
@@ -154,6 +156,8 @@ pub struct WorkerSetup {
     pub streams: StreamSettings,
     /// Connection limits shared by the workers.
     pub limits: Arc<ConnectionLimits>,
+    /// The TLS handshake thread (when TLS is served).
+    pub handshakes: Option<handshake::Handshakes>,
     /// Per listener group: this worker's handle on the group's flow pins (None: no steering).
     pub flow_pins: Vec<Option<FlowPins>>,
     pub server: Server,
@@ -252,6 +256,9 @@ struct Core {
     stream_listeners: Vec<StreamListener>,
     streams: StreamSettings,
     limits: Arc<ConnectionLimits>,
+    handshakes: Option<handshake::Handshakes>,
+    /// A configuration prepared for a reload, until the control thread says to apply it.
+    staged: Option<turn_proto::server::Prepared>,
     sink: Sink,
 }
 
@@ -320,6 +327,8 @@ impl Worker {
                 sink: Sink::new(listeners, Connections::new(&setup.streams)),
                 streams: setup.streams,
                 limits: setup.limits,
+                handshakes: setup.handshakes,
+                staged: None,
             },
             state: setup.state,
             inbox: setup.inbox,
@@ -560,7 +569,11 @@ impl Core {
                     if five_tuple.transport.is_stream() {
                         // A connection's allocation lives on the worker that accepted it:
                         // no directory entry, no flow pin.
-                        self.sink.connections.allocation_created(conn, &self.streams, now);
+                        if let Some(ip) =
+                            self.sink.connections.allocation_created(conn, &self.streams, now)
+                        {
+                            self.limits.authenticated(ip);
+                        }
                     } else {
                         self.directory.insert(five_tuple, self.index);
                         if let Some(Some(pins)) = self.flow_pins.get_mut(conn.0 as usize)

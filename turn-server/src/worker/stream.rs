@@ -12,6 +12,11 @@
 //!   client that does not read loses packets, as over UDP, instead of stalling anyone);
 //! * time: a TLS handshake, the first valid STUN message, the first allocation, and
 //!   silence after an allocation ended each have a deadline;
+//! * strangers: a connection that has no allocation yet counts against a budget of its
+//!   own (in total and per source address, see [`ConnectionLimits`]); when the total is
+//!   spent, the worker closes its oldest such connection to take a new one;
+//! * TLS handshakes run on a thread of their own ([`super::handshake`]), not on the
+//!   worker that relays UDP; the connection comes back to its worker once it is done;
 //! * garbage (bytes that cannot be framed, or a first message that is not STUN) closes
 //!   the connection at once.
 //!
@@ -19,6 +24,7 @@
 //! in the protocol core (its relays and quota are released).
 
 use std::{
+    collections::VecDeque,
     io::{self, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
@@ -61,6 +67,12 @@ pub enum CloseReason {
     TooManyConnections,
     /// `max_connections_per_ip` reached for its address: refused at accept.
     TooManyFromAddress,
+    /// The budget of connections without an allocation (in total, or for its address) was
+    /// spent: refused at accept.
+    TooManyUnauthenticated,
+    /// Closed, still without an allocation, to make room for a newer connection (the
+    /// oldest goes first when the budget of such connections is spent).
+    Evicted,
     /// The daemon stopped.
     Shutdown,
     /// The operator ended its allocation (`turn-server kick`).
@@ -69,7 +81,7 @@ pub enum CloseReason {
 
 impl CloseReason {
     /// Number of reasons.
-    pub const COUNT: usize = 13;
+    pub const COUNT: usize = 15;
     /// All reasons, in index order.
     pub const ALL: [CloseReason; CloseReason::COUNT] = [
         CloseReason::PeerClosed,
@@ -83,6 +95,8 @@ impl CloseReason {
         CloseReason::IdleTimeout,
         CloseReason::TooManyConnections,
         CloseReason::TooManyFromAddress,
+        CloseReason::TooManyUnauthenticated,
+        CloseReason::Evicted,
         CloseReason::Shutdown,
         CloseReason::Kicked,
     ];
@@ -101,6 +115,8 @@ impl CloseReason {
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::TooManyConnections => "too_many_connections",
             CloseReason::TooManyFromAddress => "too_many_from_address",
+            CloseReason::TooManyUnauthenticated => "too_many_unauthenticated",
+            CloseReason::Evicted => "evicted",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Kicked => "kicked",
         }
@@ -129,8 +145,6 @@ pub(super) struct StreamListener {
 /// Where a connection is in its life (what its deadline is for).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
-    /// TLS handshake in progress.
-    Handshake,
     /// Waiting for the first valid STUN message.
     FirstMessage,
     /// Talking STUN, no allocation yet.
@@ -149,6 +163,8 @@ pub(super) struct Connection {
     accepted_at: Instant,
     phase: Phase,
     deadline: Option<Instant>,
+    /// It had an allocation: it no longer counts as a stranger's.
+    authenticated: bool,
     /// Bytes read (plaintext) not yet framed.
     rbuf: Vec<u8>,
     /// Bytes (TLS records, or plaintext over TCP) not yet written, from `wpos`.
@@ -199,7 +215,6 @@ impl Connection {
     /// The deadline of the current phase.
     fn phase_deadline(&self, settings: &StreamSettings, now: Instant) -> Option<Instant> {
         match self.phase {
-            Phase::Handshake => Some(self.accepted_at + settings.handshake_timeout),
             Phase::FirstMessage => Some(now + settings.first_message_timeout),
             Phase::Unallocated => Some(self.accepted_at + settings.allocation_timeout),
             Phase::Allocated => None,
@@ -215,7 +230,6 @@ impl Connection {
     /// Why the connection is closed when its deadline passes.
     fn timeout_reason(&self) -> CloseReason {
         match self.phase {
-            Phase::Handshake => CloseReason::HandshakeTimeout,
             Phase::FirstMessage => CloseReason::FirstMessageTimeout,
             Phase::Unallocated | Phase::Allocated => CloseReason::AllocationTimeout,
             Phase::Ended => CloseReason::IdleTimeout,
@@ -228,12 +242,7 @@ impl Connection {
     }
 
     /// Reads once from the socket into the read buffer (through rustls for TLS).
-    pub(super) fn fill(
-        &mut self,
-        scratch: &mut [u8],
-        settings: &StreamSettings,
-        now: Instant,
-    ) -> Result<Filled, CloseReason> {
+    pub(super) fn fill(&mut self, scratch: &mut [u8]) -> Result<Filled, CloseReason> {
         let Some(tls) = self.tls.as_mut() else {
             return match self.stream.read(scratch) {
                 Ok(0) => Ok(Filled::Closed),
@@ -247,10 +256,16 @@ impl Connection {
             };
         };
         let mut probe = Probe { stream: &mut self.stream, full: false };
+        // Plaintext rustls decrypted before (in the handshake thread, say) may be waiting
+        // even when the socket has nothing new.
+        let buffered = tls.process_new_packets().is_ok_and(|s| s.plaintext_bytes_to_read() > 0);
         let eof = match tls.read_tls(&mut probe) {
             Ok(0) => true,
             Ok(_) => false,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Filled::WouldBlock),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && !buffered => {
+                return Ok(Filled::WouldBlock);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {
                 return Ok(Filled::Data { more: true });
             }
@@ -279,16 +294,12 @@ impl Connection {
                 }
             }
         }
-        // Handshake messages (or a KeyUpdate answer) to send.
+        // Post-handshake messages (a KeyUpdate answer, say) to send.
         while tls.wants_write() {
             match tls.write_tls(&mut self.wbuf) {
                 Ok(n) if n > 0 => {}
                 _ => break,
             }
-        }
-        let handshaken = !tls.is_handshaking();
-        if self.phase == Phase::Handshake && handshaken {
-            self.enter(Phase::FirstMessage, settings, now);
         }
         Ok(if closed { Filled::Closed } else { Filled::Data { more } })
     }
@@ -325,8 +336,9 @@ pub(super) struct Connections {
     live: usize,
     /// Slots with bytes to write at the end of the batch.
     dirty: Vec<u32>,
-    /// The TLS configuration of TLS listeners' connections.
-    tls: Option<Arc<rustls::ServerConfig>>,
+    /// Connections without an allocation yet, oldest first, by slot and generation
+    /// (entries of connections closed or authenticated since are skipped when met).
+    strangers: VecDeque<(u32, u32)>,
     /// Bytes waiting to be written, per connection, at most.
     write_buffer: usize,
     /// Messages dropped because a connection's write buffer was full.
@@ -350,7 +362,7 @@ impl Connections {
             free: Vec::new(),
             live: 0,
             dirty: Vec::new(),
-            tls: settings.tls.clone(),
+            strangers: VecDeque::new(),
             write_buffer: settings.write_buffer,
             write_drops: 0,
         }
@@ -361,14 +373,16 @@ impl Connections {
         self.live
     }
 
-    /// Registers an accepted connection in `epoll`; returns its slot and `ClientConn`.
+    /// Registers an accepted connection in `epoll` (TCP, or TLS with its handshake done
+    /// and the TLS bytes not yet written); returns its slot and `ClientConn`.
     pub(super) fn insert(
         &mut self,
         epoll: &Epoll,
         stream: TcpStream,
+        tls: Option<(Box<rustls::ServerConnection>, Vec<u8>)>,
         five_tuple: FiveTuple,
-        settings: &StreamSettings,
-        now: Instant,
+        accepted_at: Instant,
+        now: (Instant, &StreamSettings),
     ) -> io::Result<(u32, ClientConn)> {
         let slot = match self.free.pop() {
             Some(slot) => slot,
@@ -378,43 +392,54 @@ impl Connections {
                 (self.slots.len() - 1) as u32
             }
         };
-        if let Err(e) =
-            epoll.add_with(stream.as_raw_fd(), Source::Connection(slot).token(), READ_EVENTS)
+        let (tls, wbuf) = match tls {
+            Some((tls, unwritten)) => (Some(tls), unwritten),
+            None => (None, Vec::new()),
+        };
+        let events = if wbuf.is_empty() { READ_EVENTS } else { READ_WRITE_EVENTS };
+        if let Err(e) = epoll.add_with(stream.as_raw_fd(), Source::Connection(slot).token(), events)
         {
             self.free.push(slot);
             return Err(e);
         }
-        let tls = match (&self.tls, five_tuple.transport) {
-            (Some(config), Transport::Tls) => {
-                match rustls::ServerConnection::new(Arc::clone(config)) {
-                    Ok(c) => Some(Box::new(c)),
-                    Err(e) => {
-                        let _ = epoll.delete(stream.as_raw_fd());
-                        self.free.push(slot);
-                        return Err(io::Error::other(e));
-                    }
-                }
-            }
-            _ => None,
-        };
-        let phase = if tls.is_some() { Phase::Handshake } else { Phase::FirstMessage };
         let mut connection = Connection {
             stream,
             tls,
             five_tuple,
-            accepted_at: now,
-            phase,
+            accepted_at,
+            phase: Phase::FirstMessage,
             deadline: None,
+            authenticated: false,
             rbuf: Vec::new(),
-            wbuf: Vec::new(),
+            waiting_writable: !wbuf.is_empty(),
+            wbuf,
             wpos: 0,
-            waiting_writable: false,
             dirty: false,
         };
-        connection.enter(phase, settings, now);
+        let (now, settings) = now;
+        connection.enter(Phase::FirstMessage, settings, now);
         self.slots[slot as usize] = Some(connection);
         self.live += 1;
-        Ok((slot, conn_id(slot, self.generations[slot as usize])))
+        let generation = self.generations[slot as usize];
+        self.strangers.push_back((slot, generation));
+        Ok((slot, conn_id(slot, generation)))
+    }
+
+    /// The oldest connection that has no allocation yet, if any (its slot).
+    pub(super) fn oldest_stranger(&mut self) -> Option<u32> {
+        while let Some(&(slot, generation)) = self.strangers.front() {
+            let live = self.generations.get(slot as usize) == Some(&generation)
+                && self
+                    .slots
+                    .get(slot as usize)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|c| !c.authenticated);
+            if live {
+                return Some(slot);
+            }
+            self.strangers.pop_front();
+        }
+        None
     }
 
     /// The connection in `slot`, with its `ClientConn`.
@@ -535,15 +560,18 @@ impl Connections {
     }
 
     /// The protocol core created an allocation on `conn`: no deadline while it lives.
+    /// Returns the client's address the first time (it no longer counts as a stranger).
     pub(super) fn allocation_created(
         &mut self,
         conn: ClientConn,
         settings: &StreamSettings,
         now: Instant,
-    ) {
-        if let Some(c) = self.get_mut(conn) {
-            c.enter(Phase::Allocated, settings, now);
-        }
+    ) -> Option<std::net::IpAddr> {
+        let c = self.get_mut(conn)?;
+        c.enter(Phase::Allocated, settings, now);
+        let first = !c.authenticated;
+        c.authenticated = true;
+        first.then(|| c.five_tuple.client.ip())
     }
 
     /// The allocation of `conn` ended (expired, or deleted by the client) while its
@@ -645,7 +673,7 @@ pub(super) fn cut_messages(
 impl Connection {
     /// True once the connection sent a valid STUN message.
     pub(super) fn started(&self) -> bool {
-        !matches!(self.phase, Phase::Handshake | Phase::FirstMessage)
+        self.phase != Phase::FirstMessage
     }
 
     /// The first valid STUN message arrived: the allocation deadline starts.
@@ -701,7 +729,8 @@ impl Connection {
 
 impl super::Core {
     /// Accepts the connections waiting on stream listener `index` (a bounded number per
-    /// turn), within the connection limits.
+    /// turn), within the connection limits; a TLS connection goes to the handshake thread
+    /// first.
     pub(super) fn accept(&mut self, index: usize) {
         let now = Instant::now();
         for _ in 0..ACCEPTS_PER_TURN {
@@ -719,18 +748,14 @@ impl super::Core {
                     return;
                 }
             };
-            if let Err(limit) = self.limits.try_acquire(peer.ip()) {
-                let reason = match limit {
-                    crate::shared::LimitReached::Total => CloseReason::TooManyConnections,
-                    crate::shared::LimitReached::PerAddress => CloseReason::TooManyFromAddress,
-                };
+            if let Err(reason) = self.take_slot(peer.ip(), now) {
                 self.count_close(reason);
                 continue; // dropping the stream closes it
             }
             let local = match stream.local_addr() {
                 Ok(local) => local,
                 Err(_) => {
-                    self.limits.release(peer.ip());
+                    self.limits.release(peer.ip(), false);
                     self.count_close(CloseReason::IoError);
                     continue;
                 }
@@ -740,21 +765,91 @@ impl super::Core {
                 .and_then(|()| stream.set_nodelay(true))
                 .and_then(|()| socket2::SockRef::from(&stream).set_tcp_keepalive(&KEEPALIVE));
             if configured.is_err() {
-                self.limits.release(peer.ip());
+                self.limits.release(peer.ip(), false);
                 self.count_close(CloseReason::IoError);
                 continue;
             }
             let five_tuple = FiveTuple { client: peer, listener: local, transport };
-            let epoll = &self.epoll;
-            if let Err(e) =
-                self.sink.connections.insert(epoll, stream, five_tuple, &self.streams, now)
-            {
-                self.limits.release(peer.ip());
-                self.count_close(CloseReason::IoError);
-                self.sink.io_errors.log("new connection", &e);
+            super::bump(&self.stats.connections_accepted, 1);
+            if transport == Transport::Tls {
+                let pending = super::handshake::Pending {
+                    stream,
+                    five_tuple,
+                    accepted_at: now,
+                    worker: self.index,
+                };
+                let refused = match &self.handshakes {
+                    Some(handshakes) => handshakes.submit(pending).is_err(),
+                    None => true,
+                };
+                if refused {
+                    self.limits.release(peer.ip(), false);
+                    self.count_close(CloseReason::TooManyUnauthenticated);
+                }
                 continue;
             }
-            super::bump(&self.stats.connections_accepted, 1);
+            let epoll = &self.epoll;
+            let inserted = self.sink.connections.insert(
+                epoll,
+                stream,
+                None,
+                five_tuple,
+                now,
+                (now, &self.streams),
+            );
+            if let Err(e) = inserted {
+                self.limits.release(peer.ip(), false);
+                self.count_close(CloseReason::IoError);
+                self.sink.io_errors.log("new connection", &e);
+            }
+        }
+    }
+
+    /// Takes a connection slot for `ip` within the limits; when the budget of connections
+    /// without an allocation is spent, this worker's oldest such connection makes room.
+    fn take_slot(&mut self, ip: std::net::IpAddr, now: Instant) -> Result<(), CloseReason> {
+        use crate::shared::LimitReached;
+        for _ in 0..2 {
+            match self.limits.try_acquire(ip) {
+                Ok(()) => return Ok(()),
+                Err(LimitReached::Unauthenticated) => {
+                    let Some(oldest) = self.sink.connections.oldest_stranger() else {
+                        return Err(CloseReason::TooManyUnauthenticated);
+                    };
+                    self.close_connection(oldest, CloseReason::Evicted, now);
+                }
+                Err(LimitReached::Total) => return Err(CloseReason::TooManyConnections),
+                Err(LimitReached::PerAddress) => return Err(CloseReason::TooManyFromAddress),
+                Err(LimitReached::UnauthenticatedPerAddress) => {
+                    return Err(CloseReason::TooManyUnauthenticated);
+                }
+            }
+        }
+        Err(CloseReason::TooManyUnauthenticated)
+    }
+
+    /// A TLS connection whose handshake the handshake thread completed: it joins this
+    /// worker's connections, and what the client sent with its handshake is read now
+    /// (epoll would not tell: it was read off the socket already).
+    pub(super) fn on_handshaken(&mut self, done: super::handshake::Handshaken) {
+        let now = Instant::now();
+        let super::handshake::Handshaken { stream, tls, five_tuple, accepted_at, unwritten } = done;
+        let ip = five_tuple.client.ip();
+        let inserted = self.sink.connections.insert(
+            &self.epoll,
+            stream,
+            Some((tls, unwritten)),
+            five_tuple,
+            accepted_at,
+            (now, &self.streams),
+        );
+        match inserted {
+            Ok((slot, _)) => self.read_connection(slot),
+            Err(e) => {
+                self.limits.release(ip, false);
+                self.count_close(CloseReason::IoError);
+                self.sink.io_errors.log("new connection", &e);
+            }
         }
     }
 
@@ -767,7 +862,7 @@ impl super::Core {
         let mut close = None;
         for _ in 0..READS_PER_TURN {
             let Some((conn, c)) = self.sink.connections.by_slot(slot) else { return };
-            let filled = match c.fill(&mut self.read_scratch, &self.streams, now) {
+            let filled = match c.fill(&mut self.read_scratch) {
                 Ok(filled) => filled,
                 Err(reason) => {
                     close = Some(reason);
@@ -836,7 +931,7 @@ impl super::Core {
         if !matches!(reason, CloseReason::Reset | CloseReason::IoError | CloseReason::TlsError) {
             c.finish();
         }
-        self.limits.release(c.peer().ip());
+        self.limits.release(c.peer().ip(), c.authenticated);
         self.count_close(reason);
         let mut relays = Relays { pool: &mut self.pool, epoll: &self.epoll };
         self.server.handle_connection_closed(
