@@ -124,6 +124,56 @@ fn two_clients_of_one_server_talk_relay_to_relay_by_default() {
     assert!(out.contains("403"), "the host's service must stay refused:\n{out}");
 }
 
+#[test]
+fn a_relay_port_no_relay_holds_is_not_a_peer() {
+    let test = "a_relay_port_no_relay_holds_is_not_a_peer";
+    if !tools(test) {
+        return;
+    }
+    // A service of the host on its "public" relay address, on a port inside the relay
+    // range that no relay holds (another program took it first): relay to relay is for
+    // other allocations' relayed addresses only.
+    let ns = Netns::new("unheld", &["192.0.2.2/32"]);
+    let _service = ns.spawn("turnutils_peer", &["-L", "192.0.2.2", "-p", "60000"]);
+    let daemon = daemon_in(&ns, "192.0.2.2", &[]);
+    let port = daemon.addr().port().to_string();
+    let mut args: Vec<&str> = ns.exec()[1..].to_vec();
+    args.extend(["turnutils_uclient", "-c", "-p", &port, "-e", "192.0.2.2", "-r", "60000"]);
+    args.extend(["-u", "alice", "-w", "secret", "-n", "20", "-m", "1", "-z", "5", "192.0.2.2"]);
+    let (_, out) = run_tool("ip", &args, UCLIENT);
+    assert!(out.contains("403"), "a relay port held by another program must be refused:\n{out}");
+    assert!(!out.contains("Total lost packets 0 "), "{out}");
+}
+
+#[test]
+fn every_host_address_is_own_even_one_added_after_start() {
+    let test = "every_host_address_is_own_even_one_added_after_start";
+    if !tools(test) {
+        return;
+    }
+    // The server listens on 192.0.2.2 only; the host has 192.0.2.3 too, and gets 192.0.2.9
+    // once the server runs. Services on either are the host's, not peers.
+    let ns = Netns::new("own-later", &["192.0.2.2/32", "192.0.2.3/32"]);
+    let daemon = daemon_in(&ns, "192.0.2.2", &[]);
+    let _service = ns.spawn("turnutils_peer", &["-L", "192.0.2.3", "-p", "3480"]);
+    let (_, out) = uclient_in(&ns, &daemon, "192.0.2.2", "192.0.2.3", &[]);
+    assert!(out.contains("403"), "another address of the host is its own:\n{out}");
+    let added = std::process::Command::new("ip")
+        .args(["-n", &ns.name, "addr", "add", "192.0.2.9/32", "dev", "lo"])
+        .status()
+        .unwrap();
+    assert!(added.success());
+    let _later = ns.spawn("turnutils_peer", &["-L", "192.0.2.9", "-p", "3480"]);
+    // The kernel announces the address; the workers take it within moments.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !daemon.logs().contains("addresses changed") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, out) = uclient_in(&ns, &daemon, "192.0.2.2", "192.0.2.9", &[]);
+    assert!(out.contains("403"), "an address added after start is the host's own:\n{out}");
+    assert!(!out.contains("Total lost packets 0 "), "{out}");
+}
+
 /// [`turn_tests::relaying_daemon`] with a second user, `bob:builder`.
 fn relaying_daemon(extra: &[&str]) -> Daemon {
     turn_tests::relaying_daemon(&[&["--user", "bob:builder"], extra].concat())

@@ -13,16 +13,18 @@
 //!   `198.18.0.0/15`, `fc00::/7` (ULA), `fec0::/10` (old site-local),
 //!   `100::/64` (discard);
 //! * unless `allow_link_local`: `169.254.0.0/16`, `fe80::/10`;
-//! * unless `allow_own`: the server's own addresses (`own`: its listening, relay and
-//!   external addresses, and the host's interface addresses when it listens on a
-//!   wildcard), so that a client cannot reach the services of the TURN host through its
-//!   public address (which a host firewall typically opens to the host itself). Own
-//!   loopback addresses follow `allow_loopback` instead: allowing loopback peers already
-//!   means allowing this host. One exception: another allocation's relayed address
-//!   (one of `own_relays` with a port in `relay_ports`) is a peer like any other, so two
-//!   clients of this server can talk relay to relay (both with relay-only ICE policies,
-//!   a common WebRTC set-up). A permission for such an address is granted by IP; its
-//!   ports are checked where a port is known (ChannelBind, each Send indication);
+//! * unless `allow_own`: the server's own addresses (`own`: every address of the host's
+//!   interfaces, and its listening, relay and external addresses), so that a client
+//!   cannot reach the services of the TURN host through its public address (which a host
+//!   firewall typically opens to the host itself). Own loopback addresses follow
+//!   `allow_loopback` instead: allowing loopback peers already means allowing this host.
+//!   One exception: another allocation's relayed address (one of `own_relays` with a port
+//!   in `relay_ports` that a relay of the server holds, see
+//!   [`PeerPolicy::check_peer_held`]) is a peer like any other, so two clients of this
+//!   server can talk relay to relay (both with relay-only ICE policies, a common WebRTC
+//!   set-up). A permission for such an address is granted by IP; its ports are checked
+//!   where a port is known (ChannelBind, each Send indication, and each ChannelData on a
+//!   channel bound to one);
 //!
 //! and applies the same rules to IPv4 addresses embedded in IPv6 ones:
 //! IPv4-mapped `::ffff:a.b.c.d`, IPv4-translated `::ffff:0:a.b.c.d`,

@@ -1555,7 +1555,7 @@ fn relay_to_relay_reaches_only_ports_this_servers_relays_hold() {
     cfg.peer_policy.relay_ports = Some((49152, 65535));
     let mut sim = Sim::new(cfg);
     let mut a = allocated(&mut sim, "192.0.2.160:40000");
-    let _b = allocated(&mut sim, "192.0.2.161:40000");
+    let mut b = allocated(&mut sim, "192.0.2.161:40000");
     let held: Vec<std::net::SocketAddr> = sim.relays.addrs.values().copied().collect();
     let b_relay = held[1];
     // B's relayed address: a peer like any other.
@@ -1565,4 +1565,12 @@ fn relay_to_relay_reaches_only_ports_this_servers_relays_hold() {
     let unheld = std::net::SocketAddr::new(relay_ip, 60001);
     assert_eq!(a.channel_bind(&mut sim, 0x4001, unheld).error_code(), Some(403));
     assert!(matches!(a.send_indication(&mut sim, unheld, b"hi"), Out::None));
+    // While B lives its relayed address takes ChannelData; once B's allocation ended the
+    // channel leads nowhere (whatever takes that port next is not a relay of ours).
+    assert!(matches!(a.channel_data(&mut sim, 0x4000, b"to b"), Out::ToPeer { .. }));
+    assert_eq!(b.refresh(&mut sim, Some(0)).class(), Class::SuccessResponse);
+    let denied = sim.server.counters().drops[DropReason::PeerDenied as usize];
+    assert!(matches!(a.channel_data(&mut sim, 0x4000, b"to b"), Out::None));
+    assert!(matches!(a.send_indication(&mut sim, b_relay, b"hi"), Out::None));
+    assert_eq!(sim.server.counters().drops[DropReason::PeerDenied as usize], denied + 2);
 }

@@ -201,9 +201,9 @@ pub struct Config {
     pub allow_loopback_peers: bool,
     /// Allow private, CGNAT and ULA peers (a relay inside a private network).
     pub allow_private_peers: bool,
-    /// Allow the server's own addresses as peers (listening, relay, external, and the
-    /// host's interface addresses when listening on a wildcard). Off: a client cannot reach
-    /// the TURN host's own services through its public address.
+    /// Allow the server's own addresses as peers (every interface address of the host,
+    /// followed as they change, and the listening, relay and external addresses). Off: a
+    /// client cannot reach the TURN host's own services through its public address.
     pub allow_own_address_peers: bool,
     /// SOFTWARE attribute in responses ("" for none).
     pub software: String,
@@ -400,6 +400,21 @@ impl Config {
                 self.min_port,
                 self.max_port
             );
+        }
+        // A relay port is a peer (relay to relay); a listening port never is.
+        let relay_range = self.min_port..=self.max_port;
+        for (key, port) in [
+            ("listening_port", self.listening_port),
+            ("tls_listening_port", self.tls_listening_port),
+        ] {
+            if port != 0 && relay_range.contains(&port) {
+                bail!(
+                    "{key}: {port} is inside the relay port range {}-{} (min_port/max_port); \
+                     keep the relay ports apart from the listening ports",
+                    self.min_port,
+                    self.max_port
+                );
+            }
         }
         if self.default_lifetime_secs == 0 || self.default_lifetime_secs > self.max_lifetime_secs {
             bail!("default_lifetime_secs: must be at least 1 and at most max_lifetime_secs");
@@ -710,6 +725,11 @@ mod tests {
         assert!(err.contains("workers"), "{err}");
         let err = Config::from_toml("listening_port = 70000\n").unwrap_err().to_string();
         assert!(err.contains("listening_port"), "{err}");
+        // A listening port inside the relay range would be a relay-to-relay peer.
+        let err = Config::from_toml("listening_port = 50000\n").unwrap_err().to_string();
+        assert!(err.contains("listening_port") && err.contains("49152-65535"), "{err}");
+        let err = Config::from_toml("min_port = 5000\nmax_port = 6000\n").unwrap_err().to_string();
+        assert!(err.contains("tls_listening_port"), "{err}");
     }
 }
 

@@ -11,6 +11,7 @@
 //!   which relayed address (relay-to-relay hand-over).
 //! * [`shared`]: cross-worker state on cold paths: quotas, the allocation directory.
 //! * [`setup`]: configuration to protocol core, credentials, relay addresses, privileges.
+//! * [`addresses`]: the host's own addresses, watched for changes (netlink).
 //! * [`daemon`]: startup, control loop (signals, load publishing, reload, drain),
 //!   shutdown.
 //! * [`metrics`]: the Prometheus endpoint: per-worker counters summed at scrape time.
@@ -18,6 +19,7 @@
 //!   `kick`, `drain`, `reload`).
 //! * [`inspect`]: `turn-server load` and `steering set`, through the pinned maps.
 
+pub mod addresses;
 pub mod admin;
 pub mod bpffs;
 pub mod config;

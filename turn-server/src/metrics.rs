@@ -518,6 +518,7 @@ impl Collector for Scrape {
             "Allocation pins that could not be written (pin map full)",
             per(&|s| s.pin_failures),
         )?;
+
         let mut pinned = Vec::new();
         let mut modes = Vec::new();
         for g in &self.groups {

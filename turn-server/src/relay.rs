@@ -45,6 +45,19 @@ fn family_index(family: Family) -> usize {
     }
 }
 
+/// What an address is to the daemon's relays ([`RelayPorts::lookup`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayPort {
+    /// Not a relay address with a port of the relay range.
+    NotRelay,
+    /// A relay address and a port of the range that no relay holds (free, or another
+    /// program's): never a peer.
+    Free,
+    /// Held by a relay of `worker`; `bound`: `addr` is the socket's bound address (not
+    /// only its advertised one), so a datagram can be handed over inside the daemon.
+    Held { worker: usize, bound: bool },
+}
+
 /// Which port of which address an allocation holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortLease {
@@ -169,33 +182,47 @@ impl RelayPorts {
         Err(RelayError::InsufficientCapacity)
     }
 
+    /// What `addr` is to this daemon: not one of its relay addresses and ports, a port of
+    /// its relay range that no relay holds, or a relayed address (with the worker whose
+    /// relay holds it). Lock-free: read on the packet path.
+    pub fn lookup(&self, addr: SocketAddr) -> RelayPort {
+        let f = usize::from(addr.is_ipv6());
+        let Some(i) = addr.port().checked_sub(self.first_port).map(usize::from) else {
+            return RelayPort::NotRelay;
+        };
+        let mut ours = RelayPort::NotRelay;
+        for e in &self.families[f] {
+            let bound = e.address.bind == addr.ip();
+            if !bound && e.address.advertised != addr.ip() {
+                continue;
+            }
+            let Some(owner) = e.owners.get(i) else { continue };
+            match owner.load(Ordering::Acquire) {
+                0 => ours = RelayPort::Free,
+                w => return RelayPort::Held { worker: usize::from(w - 1), bound },
+            }
+        }
+        ours
+    }
+
     /// The worker whose relay is bound to `addr` (a relay address and port of this
     /// daemon), if any.
     pub fn owner_of(&self, addr: SocketAddr) -> Option<usize> {
-        let f = usize::from(addr.is_ipv6());
-        let entry = self.families[f].iter().find(|e| e.address.bind == addr.ip())?;
-        let i = usize::from(addr.port().checked_sub(self.first_port)?);
-        let owner = entry.owners.get(i)?.load(Ordering::Acquire);
-        (owner > 0).then(|| usize::from(owner - 1))
+        match self.lookup(addr) {
+            RelayPort::Held { worker, bound: true } => Some(worker),
+            _ => None,
+        }
     }
 
     /// True when a relay of this daemon holds `addr`: one of the relay addresses (bound or
     /// advertised) and a port of the range that a relay holds now.
     pub fn holds(&self, addr: SocketAddr) -> bool {
-        let f = usize::from(addr.is_ipv6());
-        let Some(i) = addr.port().checked_sub(self.first_port).map(usize::from) else {
-            return false;
-        };
-        self.families[f]
-            .iter()
-            .filter(|e| e.address.bind == addr.ip() || e.address.advertised == addr.ip())
-            .any(|e| e.ports.lock().is_ok_and(|set| set.in_use.get(i).copied().unwrap_or(false)))
+        matches!(self.lookup(addr), RelayPort::Held { .. })
     }
 
     /// Records which worker holds `lease` (`None`: no one).
     fn set_owner(&self, lease: PortLease, worker: Option<u16>) {
         if let Some(entry) = self.families.get(lease.family).and_then(|l| l.get(lease.address))
-            && !entry.address.bind.is_unspecified()
             && let Some(owner) = entry.owners.get(usize::from(lease.port - self.first_port))
         {
             owner.store(worker.map_or(0, |w| w.saturating_add(1)), Ordering::Release);
@@ -430,6 +457,11 @@ impl RelayPool {
         (u64::from(relay.generation) == id.0 >> 32).then_some(relay)
     }
 
+    /// What `addr` is to the daemon's relays (see [`RelayPorts::lookup`]).
+    pub fn lookup(&self, addr: SocketAddr) -> RelayPort {
+        self.ports.lookup(addr)
+    }
+
     /// The worker whose relay is bound to `addr`, if any (this one included).
     pub fn owner_of(&self, addr: SocketAddr) -> Option<usize> {
         self.ports.owner_of(addr)
@@ -473,8 +505,8 @@ impl RelayPool {
         // A wildcard-bound relay has no one address to match.
         if !address.bind.is_unspecified() {
             self.by_local.insert(local, id);
-            self.ports.set_owner(lease, Some(self.worker));
         }
+        self.ports.set_owner(lease, Some(self.worker));
         self.slots[slot as usize] = Some(Relay { socket, local, generation, lease });
         self.live += 1;
         Ok((id, SocketAddr::new(address.advertised, lease.port)))
@@ -641,9 +673,19 @@ mod tests {
             first.owner_of(SocketAddr::new("127.0.0.2".parse().unwrap(), local_a.port())),
             None
         );
+        // What relay-to-relay policy and the send path see: held (by its bound or its
+        // advertised address), a free port of the range, or not a relay port at all.
+        assert_eq!(ports.lookup(local_a), RelayPort::Held { worker: 0, bound: true });
+        assert_eq!(ports.lookup(advertised_a), RelayPort::Held { worker: 0, bound: false });
+        assert!(ports.holds(advertised_a));
+        assert_eq!(ports.lookup(SocketAddr::new(local_a.ip(), free)), RelayPort::Free);
+        assert!(!ports.holds(SocketAddr::new(advertised_a.ip(), free)));
+        assert_eq!(ports.lookup(SocketAddr::new(local_a.ip(), lo - 1)), RelayPort::NotRelay);
+        assert_eq!(ports.lookup(SocketAddr::new(local_a.ip(), hi + 1)), RelayPort::NotRelay);
         first.release(a);
         assert_eq!(second.owner_of(local_a), None);
         assert_eq!(first.bound_to(local_a), None);
+        assert_eq!(ports.lookup(advertised_a), RelayPort::Free);
     }
 
     #[test]

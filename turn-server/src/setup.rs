@@ -13,6 +13,7 @@ use turn_proto::{
 };
 
 use crate::{
+    addresses::interface_addresses,
     config::{Config, lookup_id, parse_net, parse_user},
     relay::{RelayAddress, RelayAddresses},
 };
@@ -73,17 +74,12 @@ pub fn peer_policy(config: &Config, relays: &RelayAddresses) -> Result<PeerPolic
     })
 }
 
-/// The server's own addresses: listening (the host's interface addresses for a wildcard,
-/// as they are at start), relay and external addresses.
+/// The server's own addresses: every address of the host's interfaces as they are now
+/// (the daemon reads them again when they change, see [`crate::addresses`]), and the
+/// listening, relay and external addresses.
 pub fn own_addresses(config: &Config, relays: &RelayAddresses) -> Vec<IpAddr> {
-    let mut own: Vec<IpAddr> = Vec::new();
-    for ip in &config.listening_ips {
-        if ip.is_unspecified() {
-            own.extend(interface_addresses().into_iter().filter(|a| a.is_ipv4() == ip.is_ipv4()));
-        } else {
-            own.push(*ip);
-        }
-    }
+    let mut own: Vec<IpAddr> = interface_addresses();
+    own.extend(&config.listening_ips);
     for relay in relays.iter().flatten() {
         own.extend([relay.bind, relay.advertised]);
     }
@@ -201,36 +197,6 @@ fn main_address(v4: bool) -> Option<IpAddr> {
     candidates.retain(|ip| rank(ip) < 4);
     candidates.sort_by_key(rank);
     candidates.first().copied()
-}
-
-/// The addresses of the host's interfaces that are up, both families.
-fn interface_addresses() -> Vec<IpAddr> {
-    let mut candidates = Vec::new();
-    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `list`, which we walk read-only and free once.
-    unsafe {
-        if libc::getifaddrs(&mut list) != 0 {
-            return candidates;
-        }
-        let mut cursor = list;
-        while !cursor.is_null() {
-            let entry = &*cursor;
-            let up = entry.ifa_flags & libc::IFF_UP as u32 != 0;
-            if up && !entry.ifa_addr.is_null() {
-                let family = i32::from((*entry.ifa_addr).sa_family);
-                if family == libc::AF_INET {
-                    let sin = &*(entry.ifa_addr as *const libc::sockaddr_in);
-                    candidates.push(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
-                } else if family == libc::AF_INET6 {
-                    let sin6 = &*(entry.ifa_addr as *const libc::sockaddr_in6);
-                    candidates.push(IpAddr::from(sin6.sin6_addr.s6_addr));
-                }
-            }
-            cursor = entry.ifa_next;
-        }
-        libc::freeifaddrs(list);
-    }
-    candidates
 }
 
 /// Raises the open-file limit so that every relay port can hold a socket. Returns the limit
@@ -392,7 +358,7 @@ mod tests {
     }
 
     #[test]
-    fn own_addresses_cover_listening_relay_external_and_wildcard_interfaces() {
+    fn own_addresses_cover_listening_relay_external_and_every_interface_address() {
         let config = Config {
             listening_ips: vec!["192.0.2.2".parse().unwrap()],
             relay_ips: vec!["192.0.2.3".parse().unwrap()],
@@ -417,12 +383,11 @@ mod tests {
         for denied in ["203.0.113.9:3478", "192.0.2.3:22", "192.0.2.2:49152"] {
             assert!(policy.check_peer(&denied.parse().unwrap()).is_err(), "{denied}");
         }
-        // A wildcard listener: every interface address of that family (loopback at least).
-        let config =
-            Config { listening_ips: vec!["0.0.0.0".parse().unwrap()], ..Config::default() };
-        let own = own_addresses(&config, &relay_addresses(&config).unwrap());
+        // Every interface address of the host, whatever the listeners (loopback at least).
         assert!(own.contains(&"127.0.0.1".parse().unwrap()), "{own:?}");
-        assert!(own.iter().all(|ip| ip.is_ipv4()), "{own:?}");
+        for ip in crate::addresses::interface_addresses() {
+            assert!(own.contains(&ip), "{ip}: {own:?}");
+        }
     }
 
     #[test]

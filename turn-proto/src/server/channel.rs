@@ -20,6 +20,7 @@ impl Server {
         now: Instant,
         ft: FiveTuple,
         datagram: &'a [u8],
+        relays: &(impl RelayAllocator + ?Sized),
     ) -> Output<'a> {
         let Ok(cd) = ChannelData::parse(datagram) else {
             return self.dropped(DropReason::MalformedChannelData);
@@ -36,6 +37,11 @@ impl Server {
             return self.dropped(DropReason::NoChannel);
         };
         let peer = ch.peer;
+        // Another allocation's relayed address is a peer only while a relay holds it: once
+        // its allocation ended, whatever takes that port is not one.
+        if ch.relayed && !relays.holds(peer) {
+            return self.dropped(DropReason::PeerDenied);
+        }
         // Relaying also requires a permission for the peer (RFC 8656 §9).
         if !a.has_permission(&peer.ip(), now) {
             return self.dropped(DropReason::NoPermission);
@@ -94,9 +100,12 @@ impl Server {
             return Err(BAD_REQUEST);
         }
         // Peer policy -> 403.
-        if self.cfg.peer_policy.check_peer_held(&peer, |a| relays.holds(a)).is_err() {
+        let policy = &self.cfg.peer_policy;
+        if policy.check_peer_held(&peer, |a| relays.holds(a)).is_err() {
             return Err(TurnError::Code(code::FORBIDDEN));
         }
+        // Allowed only as another allocation's relayed address?
+        let relayed = policy.check_peer_held(&peer, |_| false).is_err();
         // Capacity -> 508.
         let existing = a.channels.iter().any(|c| c.number == number);
         if !existing && a.channels.len() >= self.cfg.max_channels_per_allocation {
@@ -112,10 +121,16 @@ impl Server {
         if let Some(a) = self.table.get_mut(idx) {
             // "creates or refreshes the channel binding".
             match a.channels.iter_mut().find(|c| c.number == number) {
-                Some(c) => c.expires_at = c.expires_at.max(channel_expiry),
-                None => {
-                    a.channels.push(ChannelBinding { number, peer, expires_at: channel_expiry })
+                Some(c) => {
+                    c.expires_at = c.expires_at.max(channel_expiry);
+                    c.relayed = relayed;
                 }
+                None => a.channels.push(ChannelBinding {
+                    number,
+                    peer,
+                    expires_at: channel_expiry,
+                    relayed,
+                }),
             }
             // "also installs or refreshes a permission for the IP address".
             a.install_permission(peer.ip(), permission_expiry, cap);

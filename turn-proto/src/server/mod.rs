@@ -392,14 +392,27 @@ impl Server {
         self.creds = creds;
         self.nonces = nonces;
         self.password_algorithms = password_algorithms;
-        let policy = &cfg.peer_policy;
+        self.cfg = cfg;
+        self.prune_denied_peers();
+    }
+
+    /// The server's own addresses changed (an interface address came or went): the peer
+    /// rules take the new list at once, and permissions and channels to an address that is
+    /// now the server's own are removed.
+    pub fn set_own_addresses(&mut self, own: Vec<std::net::IpAddr>) {
+        self.cfg.peer_policy.own = own;
+        self.prune_denied_peers();
+    }
+
+    /// Removes the permissions and channels the peer rules deny (after they changed).
+    fn prune_denied_peers(&mut self) {
+        let policy = &self.cfg.peer_policy;
         for idx in self.table.live_indices() {
             if let Some(a) = self.table.get_mut(idx) {
                 a.permissions.retain(|p| policy.check_ip(&p.ip).is_ok());
                 a.channels.retain(|c| policy.check_peer(&c.peer).is_ok());
             }
         }
-        self.cfg = cfg;
     }
 
     /// Every live allocation (for an operator's listing).
@@ -626,7 +639,7 @@ impl Server {
     {
         let ClientInput { now, unix_secs, five_tuple: ft, conn, data } = input;
         match data.first().map(|b| b >> 6) {
-            Some(0b01) => self.client_channel_data(now, ft, data),
+            Some(0b01) => self.client_channel_data(now, ft, data, &*host.relays),
             Some(0b00) => match Message::parse(data) {
                 Ok(msg) => self.client_stun(Ctx { now, unix_secs, ft, conn }, msg, out, host),
                 Err(_) => self.dropped(DropReason::MalformedStun),

@@ -136,6 +136,10 @@ pub struct ChannelBinding {
     pub peer: SocketAddr,
     /// End of the active period.
     pub expires_at: Instant,
+    /// The peer is another allocation's relayed address on this server, a peer only while
+    /// a relay holds it (the relay-to-relay exception of the own-address rule): each
+    /// ChannelData checks that one still does.
+    pub relayed: bool,
 }
 
 /// An allocation (RFC 8656 §2.2, §6).

@@ -20,6 +20,7 @@ use turn_proto::server::Transport;
 
 use super::{SteeredGroup, reload::Reloader, socket_meminfo};
 use crate::{
+    addresses::AddressWatch,
     admin::{self, AdminCall, AdminRequest},
     inspect::mode_name,
     load::{LoadEstimator, WorkerLoads, WorkerSample},
@@ -103,8 +104,34 @@ impl Control<'_> {
         cert_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut phase = Phase::default();
         let has_tls = self.reloader.tls().is_some();
+        // The host's addresses, watched: the peer rules follow them (the server's own).
+        let registered = AddressWatch::new().and_then(|w| {
+            // SAFETY: an AddressWatch owns its descriptor (an OwnedFd) for its whole life
+            // and always returns that one from as_raw_fd.
+            unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(w, tokio::io::Interest::READABLE)
+            }
+            .map_err(|e| e.into_parts().1)
+        });
+        let watch = match registered {
+            Ok(watch) => Some(watch),
+            Err(e) => {
+                warn!(error = %e, "cannot watch the host's addresses: the server's own addresses are those at start");
+                None
+            }
+        };
+        let mut own = self.own_addresses();
         loop {
             tokio::select! {
+                ready = async { watch.as_ref()?.readable().await.ok() }, if watch.is_some() => {
+                    if let Some(mut guard) = ready {
+                        let changed = guard.get_inner().drain();
+                        guard.clear_ready();
+                        if changed {
+                            self.addresses_changed(&mut own).await;
+                        }
+                    }
+                }
                 _ = signals.term.recv() => {
                     if phase.stopping.is_some() {
                         info!("second SIGTERM: stopping now");
@@ -160,6 +187,35 @@ impl Control<'_> {
 }
 
 impl Control<'_> {
+    /// The server's own addresses now (every interface address, listening, relay and
+    /// external addresses).
+    fn own_addresses(&self) -> Vec<std::net::IpAddr> {
+        crate::setup::own_addresses(self.reloader.running(), self.reloader.relays())
+    }
+
+    /// The kernel announced an address change: when the server's own addresses differ
+    /// from `own`, every worker's peer rules take the new list.
+    async fn addresses_changed(&mut self, own: &mut Vec<std::net::IpAddr>) {
+        let now = self.own_addresses();
+        if now == *own {
+            return;
+        }
+        let added: Vec<String> =
+            now.iter().filter(|ip| !own.contains(ip)).map(ToString::to_string).collect();
+        let removed: Vec<String> =
+            own.iter().filter(|ip| !now.contains(ip)).map(ToString::to_string).collect();
+        info!(
+            added = %added.join(","),
+            removed = %removed.join(","),
+            "the host's addresses changed: peer rules updated"
+        );
+        let shared = Arc::new(now.clone());
+        for inbox in self.inboxes.iter() {
+            let _ = inbox.send(Command::OwnAddresses(Arc::clone(&shared))).await;
+        }
+        *own = now;
+    }
+
     /// Reads the configuration again and applies it; the outcome goes to the log (and to
     /// the admin API's caller).
     async fn reload(&mut self, why: &str) -> Result<super::reload::Reloaded, String> {

@@ -182,6 +182,11 @@ impl Reloader {
         &self.running
     }
 
+    /// The relay addresses (fixed at start).
+    pub fn relays(&self) -> &RelayAddresses {
+        &self.relays
+    }
+
     /// The TLS certificate files, if TLS is on.
     pub fn tls(&self) -> Option<&TlsCerts> {
         self.tls.as_deref()

@@ -40,6 +40,8 @@ pub enum Command {
     Abort,
     /// A TLS connection this worker accepted, its handshake done.
     Handshaken(Box<super::handshake::Handshaken>),
+    /// The host's own addresses changed: the peer rules take the new list.
+    OwnAddresses(Arc<Vec<std::net::IpAddr>>),
 }
 
 /// A worker's command channel, and the eventfd in its epoll set that wakes it: every
@@ -184,6 +186,7 @@ impl Core {
             }
             Command::Abort => self.staged = None,
             Command::Handshaken(done) => self.on_handshaken(*done),
+            Command::OwnAddresses(own) => self.server.set_own_addresses(own.to_vec()),
         }
     }
 
