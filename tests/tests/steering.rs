@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
+    os::unix::fs::MetadataExt,
     path::Path,
     process::{Command, Output},
     time::Duration,
@@ -369,4 +370,151 @@ fn a_second_daemon_on_a_steered_listener_is_refused() {
     assert!(err.contains(&format!("already served by turn-server pid {}", first.pid())), "{err}");
     let owners = turn_server::bpffs::owners(&listener_dir(&root, first.addr()));
     assert_eq!(owners.iter().map(|o| o.pid).collect::<Vec<_>>(), vec![first.pid()]);
+}
+
+/// The mode bits of a pin (file or directory).
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn the_admin_group_reads_every_map_and_writes_only_the_configuration() {
+    let test = "the_admin_group_reads_every_map_and_writes_only_the_configuration";
+    if !require_root(test) || !require_tool(test, "setpriv", "util-linux") {
+        return;
+    }
+    let root = PinRoot::new("group-modes");
+    let daemon =
+        Daemon::start(&["--workers", "2", "--bpf-pin-root", root.arg(), "--admin-group", "65534"]);
+    let dir = listener_dir(&root, daemon.addr());
+    // What the daemon alone writes (sockets, allocation pins, loads...) the group only reads.
+    for map in ["TURN_SOCKETS", "TURN_ALLOCS", "TURN_MEMO", "TURN_LOAD", "TURN_PLACED"] {
+        assert_eq!(mode_of(&dir.join(map)), 0o640, "{map}");
+    }
+    assert_eq!(mode_of(&dir.join("TURN_CONFIG")), 0o660, "`steering set` writes it");
+    assert_eq!(mode_of(&dir), 0o750);
+    // And a member of the group can still look (read-only) and switch the mode.
+    let pid = daemon.pid().to_string();
+    let out = as_nobody(&[
+        "load",
+        "--json",
+        "--interval",
+        "0.2",
+        "--pin-root",
+        root.arg(),
+        "--pid",
+        &pid,
+    ]);
+    assert!(out.status.success(), "load as the group: {}", String::from_utf8_lossy(&out.stderr));
+    let out = as_nobody(&["steering", "set", "least", "--pin-root", root.arg()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_pin_root_another_user_planted_is_not_used_and_the_daemon_serves() {
+    if !require_root("a_pin_root_another_user_planted_is_not_used_and_the_daemon_serves") {
+        return;
+    }
+    // A local user (uid 65534) created the pin root first, and in it the listener
+    // directory of the port the daemon will use, with the owner marker of a live process
+    // (pid 1), so that the daemon would take the port for another turn-server's.
+    let root = PinRoot::new("planted");
+    let port = turn_tests::free_udp_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let planted = listener_dir(&root, addr);
+    let pid1 = std::fs::read_to_string("/proc/1/stat").unwrap();
+    let start = pid1.rsplit_once(')').unwrap().1.split_whitespace().nth(19).unwrap().to_owned();
+    std::fs::create_dir_all(planted.join(format!("owner-1-{start}"))).unwrap();
+    for dir in [root.0.clone(), planted.parent().unwrap().to_owned(), planted.clone()] {
+        std::os::unix::fs::lchown(&dir, Some(65534), Some(65534)).unwrap();
+    }
+    let port = port.to_string();
+    let daemon = Daemon::start(&[
+        "--workers",
+        "2",
+        "--no-tcp",
+        "--steering",
+        "p2c",
+        "--listening-port",
+        &port,
+        "--bpf-pin-root",
+        root.arg(),
+    ]);
+    assert_eq!(daemon.addr(), addr);
+    let logs = daemon.logs();
+    assert!(logs.contains("belongs to uid 65534"), "{logs}");
+    assert!(logs.contains("steering p2c") || logs.contains("\"steering\":\"p2c\""), "{logs}");
+    // Nothing was pinned, chmodded or chowned there.
+    assert!(!planted.join("TURN_LOAD").exists());
+    assert_eq!(std::fs::symlink_metadata(&planted).unwrap().uid(), 65534);
+    let mut client = turn_tests::StunClient::new("127.0.0.1", addr, "alice", "secret");
+    client.send_allocate();
+    assert!(client.receive(Duration::from_secs(2)).is_some(), "the daemon answers");
+}
+
+#[test]
+fn a_pin_root_that_is_a_symbolic_link_is_not_followed() {
+    if !require_root("a_pin_root_that_is_a_symbolic_link_is_not_followed") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    // Someone made the pin root a link to another directory of bpffs (another program's
+    // private one): the daemon must neither pin there nor chmod or chown it.
+    let victim = PinRoot::new("victim");
+    std::fs::create_dir_all(victim.0.join("keep")).unwrap();
+    std::fs::set_permissions(&victim.0, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let link = PinRoot::new("link");
+    std::os::unix::fs::symlink(&victim.0, &link.0).unwrap();
+    let daemon = Daemon::start(&["--workers", "2", "--bpf-pin-root", link.arg()]);
+    assert!(daemon.logs().contains("is a symbolic link"), "{}", daemon.logs());
+    assert_eq!(mode_of(&victim.0), 0o700);
+    let names: Vec<_> =
+        std::fs::read_dir(&victim.0).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("keep")], "nothing pinned in the target");
+    drop(daemon);
+    std::fs::remove_file(&link.0).unwrap();
+}
+
+#[test]
+fn a_shared_pin_root_keeps_other_programs_pins() {
+    if !require_root("a_shared_pin_root_keeps_other_programs_pins") {
+        return;
+    }
+    let root = PinRoot::new("shared");
+    let theirs = [root.0.join("other-tool").join("state"), root.0.join("v2").join("xdp-links")];
+    for dir in &theirs {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let mut daemon = Daemon::start(&["--workers", "2", "--bpf-pin-root", root.arg()]);
+    daemon.signal_and_wait(libc::SIGTERM, Duration::from_secs(10)).unwrap();
+    for dir in &theirs {
+        assert!(dir.is_dir(), "{} is another program's and must stay", dir.display());
+    }
+    assert!(!listener_dir(&root, daemon.addr()).exists(), "the daemon's own pins are gone");
+}
+
+#[test]
+fn the_daemon_mounts_bpffs_private() {
+    let test = "the_daemon_mounts_bpffs_private";
+    if !require_root(test) || !require_tool(test, "unshare", "util-linux") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    // In a mount namespace of its own where nothing is mounted on /sys/fs/bpf, the daemon
+    // mounts bpffs itself: mode 0700, not the kernel's default 1777.
+    let wrapper = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "umount -l /sys/fs/bpf && exec \"$@\"",
+        "sh",
+    ];
+    let daemon = Daemon::start_as(&wrapper, &["--workers", "2", "--steering", "p2c"]);
+    let mount = format!("/proc/{}/root/sys/fs/bpf", daemon.pid());
+    let mode = std::fs::metadata(&mount).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "bpffs mounted with mode {:o}", mode & 0o7777);
 }

@@ -12,10 +12,21 @@
 //! put them, and slots name sockets across processes. A listener directory is stale when
 //! none of its owners is alive; "alive" compares the start time, so a reused pid or a
 //! renamed binary is never mistaken for the owner.
+//!
+//! Trust: the daemon runs as root, and what it finds in the pin root decides what it
+//! removes, chmods and chowns, and whether it starts at all. So the pin root must be a
+//! directory (not a symbolic link) owned by root or by the daemon's own user and writable
+//! by nobody else, and so must every directory between it and its bpffs mount (or be
+//! sticky, as a root-owned /sys/fs/bpf may be): otherwise it is not used ([`prepare_root`]).
+//! bpffs is mounted mode 0700 when the daemon mounts it. Nothing in the root is followed
+//! through a symbolic link, and the stale clean-up removes only what carries this
+//! project's marks: listener directories of its layouts holding nothing but its maps and
+//! owner markers.
 
 use std::{
     io,
     net::SocketAddr,
+    os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
@@ -133,13 +144,56 @@ pub fn remove_owner(dir: &Path, owner: Owner) {
 
 /// The owners recorded in a listener directory, alive or not, sorted.
 pub fn owners(dir: &Path) -> Vec<Owner> {
+    if !is_real_dir(dir) {
+        return Vec::new();
+    }
     let mut found: Vec<Owner> = std::fs::read_dir(dir)
         .map(|entries| {
-            entries.flatten().filter_map(|e| Owner::parse(e.file_name().to_str()?)).collect()
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .filter_map(|e| Owner::parse(e.file_name().to_str()?))
+                .collect()
         })
         .unwrap_or_default();
     found.sort();
     found
+}
+
+/// True for a directory that is not reached through a symbolic link.
+fn is_real_dir(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
+}
+
+/// The names this project pins in a listener directory (besides owner markers).
+const OUR_PINS: [&str; 7] = [
+    turn_common::MAP_SOCKETS,
+    turn_common::MAP_CONFIG,
+    turn_common::MAP_LOAD,
+    turn_common::MAP_PLACED,
+    turn_common::MAP_STATS,
+    turn_common::MAP_ALLOCS,
+    turn_common::MAP_MEMO,
+];
+
+/// True when `dir` is a listener directory of this project: named `udp-...` or `tcp-...`,
+/// a real directory, holding nothing but this project's maps and owner markers.
+fn is_our_listener_dir(dir: &Path) -> bool {
+    let named = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("udp-") || n.starts_with("tcp-"));
+    if !named || !is_real_dir(dir) {
+        return false;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    entries.flatten().all(|e| {
+        let name = e.file_name();
+        let name = name.to_str().unwrap_or("");
+        let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+        (is_dir && Owner::parse(name).is_some())
+            || (!is_dir && !e.file_type().is_ok_and(|t| t.is_symlink()) && OUR_PINS.contains(&name))
+    })
 }
 
 fn is_bpffs(path: &Path) -> bool {
@@ -152,19 +206,24 @@ fn is_bpffs(path: &Path) -> bool {
     rc == 0 && stat.f_type as i64 == BPF_FS_MAGIC
 }
 
-/// Makes sure `root` is a directory in a BPF filesystem, mounting bpffs on /sys/fs/bpf
-/// when `root` is below it and nothing is mounted there yet (as systemd normally does).
+/// Makes sure `root` is a directory in a BPF filesystem that only root (or this
+/// process's user) can write, mounting bpffs on /sys/fs/bpf (mode 0700) when `root` is
+/// below it and nothing is mounted there yet (as systemd normally does). A root, or a
+/// directory on the way to it, that someone else could have planted or could change is
+/// refused with the reason.
 pub fn prepare_root(root: &Path) -> io::Result<()> {
     let mount_point = Path::new("/sys/fs/bpf");
     if root.starts_with(mount_point) && !is_bpffs(mount_point) {
         let rc = unsafe {
-            // SAFETY: constant, NUL-terminated C strings; no data argument.
+            // SAFETY: constant, NUL-terminated C strings; the data is bpffs's option
+            // string. mode=0700: the kernel's default (1777) lets every local user create
+            // directories there.
             libc::mount(
                 c"bpf".as_ptr(),
                 c"/sys/fs/bpf".as_ptr(),
                 c"bpf".as_ptr(),
                 0,
-                std::ptr::null(),
+                c"mode=0700".as_ptr().cast(),
             )
         };
         if rc != 0 {
@@ -175,42 +234,114 @@ pub fn prepare_root(root: &Path) -> io::Result<()> {
             ));
         }
     }
-    std::fs::create_dir_all(root.join(LAYOUT))?;
+    // Created with mode 0700 where missing; what exists must be trustworthy as it is.
+    create_private(root)?;
     if !is_bpffs(root) {
         return Err(io::Error::other(format!("{} is not in a BPF filesystem", root.display())));
+    }
+    check_trusted(root, false)?;
+    let mut ancestor = root.parent();
+    while let Some(dir) = ancestor {
+        check_trusted(dir, true)?;
+        if !is_bpffs(dir) {
+            break; // the mount point was the last directory in bpffs
+        }
+        ancestor = dir.parent();
+    }
+    let layout = root.join(LAYOUT);
+    create_private(&layout)?;
+    check_trusted(&layout, false)
+}
+
+/// Creates `dir` (and missing parents) with mode 0700, whatever the umask.
+fn create_private(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::symlink_metadata(dir) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Refuses `dir` unless it is a real directory (not a symbolic link), owned by root or
+/// by this process's user, and writable by no one else; `sticky_ok`: a world-writable
+/// directory with the sticky bit (nobody can rename or remove what others put there, as
+/// in /tmp) is fine too (an ancestor such as a default-mounted /sys/fs/bpf).
+fn check_trusted(dir: &Path, sticky_ok: bool) -> io::Result<()> {
+    let meta = std::fs::symlink_metadata(dir)?;
+    let refuse = |why: String| {
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} {why}: not used for the steering pins (remove it, or choose another \
+                 bpf_pin_root)",
+                dir.display()
+            ),
+        ))
+    };
+    if meta.file_type().is_symlink() {
+        return refuse("is a symbolic link".into());
+    }
+    if !meta.is_dir() {
+        return refuse("is not a directory".into());
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != 0 && meta.uid() != me {
+        return refuse(format!("belongs to uid {}, not to root", meta.uid()));
+    }
+    let mode = meta.permissions().mode();
+    let sticky = mode & 0o1000 != 0;
+    if mode & 0o022 != 0 && !(sticky_ok && sticky) {
+        return refuse(format!("is writable by group or others (mode {:o})", mode & 0o7777));
     }
     Ok(())
 }
 
-/// Removes the pins no running process owns: listener directories of the current layout
-/// without a live owner, and the directories of older layouts (`v1` kept one directory per
-/// daemon pid) whose process is gone. Returns what was removed.
+/// Removes the pins no running process owns, and only this project's: listener
+/// directories of the current layout without a live owner, and the directories of the
+/// previous layout (`v1` kept one directory per daemon pid, holding listener directories)
+/// whose process is gone. Anything else in the root (another program's pins, if the root
+/// is shared) is left alone. Returns what was removed.
 pub fn remove_stale(root: &Path) -> Vec<PathBuf> {
     let mut removed = Vec::new();
-    let Ok(layouts) = std::fs::read_dir(root) else { return removed };
-    for layout in layouts.flatten() {
-        let current = layout.file_name() == LAYOUT;
-        let Ok(entries) = std::fs::read_dir(layout.path()) else { continue };
+    let current = root.join(LAYOUT);
+    if is_real_dir(&current)
+        && let Ok(entries) = std::fs::read_dir(&current)
+    {
         for entry in entries.flatten() {
             let path = entry.path();
-            let live = if current {
-                owners(&path).iter().any(Owner::is_alive)
-            } else {
-                // Older layouts name a pid only: keep what a running process may still use.
-                entry
-                    .file_name()
-                    .to_str()
-                    .and_then(|n| n.parse::<u32>().ok())
-                    .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
-            };
-            if !live && std::fs::remove_dir_all(&path).is_ok() {
+            if is_our_listener_dir(&path)
+                && !owners(&path).iter().any(Owner::is_alive)
+                && std::fs::remove_dir_all(&path).is_ok()
+            {
                 removed.push(path);
             }
         }
-        if !current {
-            // An emptied directory of an old layout goes too.
-            let _ = std::fs::remove_dir(layout.path());
+    }
+    let old = root.join("v1");
+    if is_real_dir(&old)
+        && let Ok(entries) = std::fs::read_dir(&old)
+    {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let ours = is_real_dir(&path)
+                && std::fs::read_dir(&path).is_ok_and(|listeners| {
+                    listeners.flatten().all(|l| is_our_listener_dir(&l.path()))
+                });
+            // Older layouts name a pid only: keep what a running process may still use.
+            let live = Path::new(&format!("/proc/{pid}")).exists();
+            if ours && !live && std::fs::remove_dir_all(&path).is_ok() {
+                removed.push(path);
+            }
         }
+        // An emptied directory of the old layout goes too.
+        let _ = std::fs::remove_dir(&old);
     }
     removed
 }
@@ -229,7 +360,7 @@ pub fn live_listeners(root: &Path) -> Vec<LiveListener> {
             entries
                 .flatten()
                 .map(|e| e.path())
-                .filter(|p| p.is_dir())
+                .filter(|p| is_real_dir(p))
                 .filter_map(|dir| {
                     let owners: Vec<Owner> =
                         owners(&dir).into_iter().filter(Owner::is_alive).collect();
@@ -246,24 +377,45 @@ pub fn live_listeners(root: &Path) -> Vec<LiveListener> {
 }
 
 /// Restricts a listener directory and its pins to their owner (`uid`, the user the daemon
-/// runs as, or root), or to the owner and `gid` (the admin group).
+/// runs as, or root), or to the owner and `gid` (the admin group): the group may read
+/// every map (`turn-server load`) and write only the configuration (`steering set`).
+/// Symbolic links are never followed (nor expected: the root is private).
 pub fn restrict(dir: &Path, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let (dir_mode, file_mode) = if gid.is_some() { (0o750, 0o660) } else { (0o700, 0o600) };
+    let group = gid.is_some();
     let mut paths = vec![dir.to_owned()];
     if let Ok(entries) = std::fs::read_dir(dir) {
         paths.extend(entries.flatten().map(|e| e.path()));
     }
     for path in paths {
-        let mode = if path.is_dir() { dir_mode } else { file_mode };
+        let meta = std::fs::symlink_metadata(&path)?;
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        let writable_by_group = path.file_name().is_some_and(|n| n == turn_common::MAP_CONFIG);
+        let mode = match (meta.is_dir(), group) {
+            (true, false) => 0o700,
+            (true, true) => 0o750,
+            (false, false) => 0o600,
+            (false, true) if writable_by_group => 0o660,
+            (false, true) => 0o640,
+        };
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
         if uid.is_some() || gid.is_some() {
-            std::os::unix::fs::chown(&path, uid, gid)?;
+            std::os::unix::fs::lchown(&path, uid, gid)?;
         }
     }
-    // The layout and root directories must be traversable to reach the listener.
+    // The layout and root directories: listable when the admin group must find the
+    // listener directories (their names are the listening addresses), traversable only
+    // when just the daemon's own user must reach its directory, private otherwise.
+    let parents_mode = match (group, uid.is_some()) {
+        (true, _) => 0o755,
+        (false, true) => 0o711,
+        (false, false) => 0o700,
+    };
     for parent in dir.ancestors().skip(1).take(2) {
-        let _ = std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755));
+        if is_real_dir(parent) {
+            let _ = std::fs::set_permissions(parent, std::fs::Permissions::from_mode(parents_mode));
+        }
     }
     Ok(())
 }
@@ -284,6 +436,45 @@ mod tests {
         let dir6 = listener_dir(root, "[::1]:3478".parse().unwrap());
         assert!(dir6.ends_with("udp-::1-3478"));
         assert_eq!(listener_name(&dir6), "udp [::1]:3478");
+    }
+
+    #[test]
+    fn an_untrustworthy_root_is_refused() {
+        let base = std::env::temp_dir().join(format!("turn-bpffs-trust-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let private = base.join("private");
+        create_private(&private).unwrap();
+        let mode = std::fs::metadata(&private).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o700, "created private whatever the umask");
+        check_trusted(&private, false).unwrap();
+        // Writable by others: refused, unless sticky where a sticky ancestor is fine.
+        let open = base.join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = check_trusted(&open, false).unwrap_err().to_string();
+        assert!(err.contains("writable by group or others"), "{err}");
+        assert!(check_trusted(&open, true).is_err(), "world-writable without the sticky bit");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(check_trusted(&open, true).is_ok());
+        assert!(check_trusted(&open, false).is_err(), "the root itself must be private");
+        // A symbolic link, even to a good directory: refused.
+        let link = base.join("link");
+        std::os::unix::fs::symlink(&private, &link).unwrap();
+        let err = check_trusted(&link, false).unwrap_err().to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+        // Someone else's (only root can give a directory away; CI runs as root).
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+        assert!(root || !ci, "this test needs root to give a directory away, and CI=true");
+        if root {
+            let theirs = base.join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::lchown(&theirs, Some(65534), None).unwrap();
+            let err = check_trusted(&theirs, false).unwrap_err().to_string();
+            assert!(err.contains("uid 65534"), "{err}");
+        }
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]
@@ -318,10 +509,34 @@ mod tests {
         let old_layout = root.join("v1").join((u32::MAX - 1).to_string());
         std::fs::create_dir_all(old_layout.join("udp-127_0_0_1-1")).unwrap();
 
+        // What is not this project's (a shared root): another program's directories, a
+        // listener-like directory holding something else, a symbolic link.
+        let foreign = [
+            root.join("cilium").join("state"),
+            root.join("v1").join("not-a-pid"),
+            root.join(LAYOUT).join("xdp-links"),
+        ];
+        for dir in &foreign {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        let mixed = listener_dir(&root, "127.0.0.1:4".parse().unwrap());
+        std::fs::create_dir_all(mixed.join("their-map")).unwrap();
+        let link = root.join(LAYOUT).join("udp-127_0_0_1-5");
+        std::os::unix::fs::symlink(&dead, &link).unwrap();
+
         let removed = remove_stale(&root);
         assert!(removed.contains(&dead) && removed.contains(&orphan), "{removed:?}");
+        for kept in foreign.iter().chain([&mixed]) {
+            assert!(kept.is_dir(), "{} is not ours and must stay", kept.display());
+        }
+        assert!(std::fs::symlink_metadata(&link).is_ok(), "a link is never followed nor removed");
+        std::fs::remove_file(&link).unwrap();
+        std::fs::remove_dir_all(root.join("cilium")).unwrap();
+        std::fs::remove_dir_all(root.join("v1")).unwrap();
+        std::fs::remove_dir_all(root.join(LAYOUT).join("xdp-links")).unwrap();
+        std::fs::remove_dir_all(&mixed).unwrap();
         assert!(removed.contains(&old_layout), "{removed:?}");
-        assert!(!dead.exists() && !orphan.exists() && !root.join("v1").exists());
+        assert!(!dead.exists() && !orphan.exists() && !old_layout.exists());
         assert_eq!(
             live_listeners(&root),
             vec![LiveListener { dir: live.clone(), owners: vec![me] }]

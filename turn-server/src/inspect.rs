@@ -115,7 +115,7 @@ pub fn find_listeners(root: &Path, pid: Option<u32>) -> Result<(u32, Vec<LiveLis
 }
 
 fn open(group: &Path) -> Result<GroupMaps> {
-    GroupMaps::open_pinned(group).map_err(|e| {
+    GroupMaps::open_pinned_as(group, true).map_err(|e| {
         let denied = std::error::Error::source(&e)
             .and_then(|s| s.downcast_ref::<aya::maps::MapError>())
             .is_some_and(|m| format!("{m:?}").contains("PermissionDenied"));

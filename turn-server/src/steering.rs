@@ -156,25 +156,45 @@ impl GroupMaps {
         })
     }
 
-    /// Opens the maps pinned in a listener directory.
+    /// Opens the maps pinned in a listener directory, every one for reading and writing.
     pub fn open_pinned(dir: &Path) -> Result<Self, SteeringError> {
-        fn data(dir: &Path, name: &'static str) -> Result<MapData, SteeringError> {
-            MapData::from_pin(dir.join(name)).map_err(map_err(name))
-        }
-        fn open<M>(dir: &Path, name: &'static str) -> Result<M, SteeringError>
-        where
-            M: TryFrom<Map, Error = MapError>,
-        {
-            let map = Map::from_map_data(data(dir, name)?).map_err(map_err(name))?;
+        Self::open_pinned_as(dir, false)
+    }
+
+    /// Opens the maps pinned in a listener directory; `inspect`: every map read-only but
+    /// the configuration (what `turn-server load` and `steering set` need, and all the
+    /// admin group may have).
+    pub fn open_pinned_as(dir: &Path, inspect: bool) -> Result<Self, SteeringError> {
+        let data = |name: &'static str| -> Result<MapData, SteeringError> {
+            let read_only = inspect && name != MAP_CONFIG;
+            let fd = obj_get(&dir.join(name), read_only).map_err(|e| SteeringError::Map {
+                map: name,
+                source: Box::new(MapError::PinError {
+                    name: Some(name.to_owned()),
+                    error: aya::pin::PinError::SyscallError(aya::sys::SyscallError {
+                        call: "BPF_OBJ_GET",
+                        io_error: e,
+                    }),
+                }),
+            })?;
+            MapData::from_fd(fd).map_err(map_err(name))
+        };
+        let open = |name: &'static str| -> Result<Map, SteeringError> {
+            Map::from_map_data(data(name)?).map_err(map_err(name))
+        };
+        fn cast<M: TryFrom<Map, Error = MapError>>(
+            map: Map,
+            name: &'static str,
+        ) -> Result<M, SteeringError> {
             M::try_from(map).map_err(map_err(name))
         }
-        let allocs = data(dir, MAP_ALLOCS)?;
-        let memo = data(dir, MAP_MEMO)?;
+        let allocs = data(MAP_ALLOCS)?;
+        let memo = data(MAP_MEMO)?;
         Ok(Self {
-            config: open(dir, MAP_CONFIG)?,
-            load: open(dir, MAP_LOAD)?,
-            placed: open(dir, MAP_PLACED)?,
-            stats: open(dir, MAP_STATS)?,
+            config: cast(open(MAP_CONFIG)?, MAP_CONFIG)?,
+            load: cast(open(MAP_LOAD)?, MAP_LOAD)?,
+            placed: cast(open(MAP_PLACED)?, MAP_PLACED)?,
+            stats: cast(open(MAP_STATS)?, MAP_STATS)?,
             allocs_fd: clone_fd(&allocs, MAP_ALLOCS)?,
             memo_fd: clone_fd(&memo, MAP_MEMO)?,
             allocs: typed(allocs, MAP_ALLOCS)?,
@@ -588,6 +608,41 @@ fn dup_map(ebpf: &Ebpf, name: &'static str) -> Result<OwnedFd, SteeringError> {
         _ => return Err(SteeringError::Missing(name)),
     };
     clone_fd(data, name)
+}
+
+/// BPF_OBJ_GET on a pinned object, read-only or read-write (aya 0.14's `from_pin` asks for
+/// both, which a group allowed only to read is refused).
+fn obj_get(path: &Path, read_only: bool) -> std::io::Result<OwnedFd> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_F_RDONLY: u32 = 1 << 3;
+    #[repr(C)]
+    struct ObjAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(std::io::Error::other)?;
+    let attr = ObjAttr {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: if read_only { BPF_F_RDONLY } else { 0 },
+    };
+    // SAFETY: bpf(2) with a BPF_OBJ_GET attribute of its stated size, whose path pointer
+    // outlives the call; the kernel zero-extends the rest of `union bpf_attr`.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const ObjAttr,
+            std::mem::size_of::<ObjAttr>() as u32,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: BPF_OBJ_GET returned a new descriptor that nothing else owns.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
 }
 
 fn clone_fd(data: &MapData, map: &'static str) -> Result<OwnedFd, SteeringError> {
