@@ -125,6 +125,80 @@ pub fn listener_name(dir: &Path) -> String {
     }
 }
 
+/// Handles on a listener directory and its parent, opened when its maps are pinned, so
+/// that the daemon removes its pins at exit by descriptor: without following anything,
+/// and after it dropped what it needed to reach the directory by path (a daemon run as a
+/// dedicated user reaches a pin root below a root-only /sys/fs/bpf only while it holds
+/// CAP_DAC_READ_SEARCH, which it drops once set up).
+#[derive(Debug)]
+pub struct PinnedDir {
+    dir: std::os::fd::OwnedFd,
+    parent: std::os::fd::OwnedFd,
+    name: std::ffi::CString,
+}
+
+fn open_dir_fd(
+    at: Option<&std::os::fd::OwnedFd>,
+    path: &std::ffi::CStr,
+) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let dirfd = at.map_or(libc::AT_FDCWD, |fd| fd.as_raw_fd());
+    // SAFETY: openat with a NUL-terminated path; the descriptor is checked and owned.
+    let fd = unsafe {
+        libc::openat(
+            dirfd,
+            path.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+impl PinnedDir {
+    /// Opens `dir` (a listener directory) and its parent, following no symbolic link at
+    /// their last component.
+    pub fn open(dir: &Path) -> io::Result<PinnedDir> {
+        let c = |p: &Path| {
+            std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(io::Error::other)
+        };
+        let parent_path = dir.parent().ok_or_else(|| io::Error::other("no parent"))?;
+        let name = c(Path::new(dir.file_name().ok_or_else(|| io::Error::other("no name"))?))?;
+        let parent = open_dir_fd(None, &c(parent_path)?)?;
+        let dir = open_dir_fd(Some(&parent), &name)?;
+        Ok(PinnedDir { dir, parent, name })
+    }
+
+    /// Removes `pins`, `owner`'s marker and, when it can, the directory itself; true when
+    /// the pins and the marker are gone. (The emptied directory stays when its parent is
+    /// root's and the daemon runs as `proc_user`, or another owner's marker is in it: the
+    /// next start removes it if it is stale.)
+    pub fn remove(&self, pins: &[&str], owner: Option<Owner>) -> bool {
+        use std::os::fd::AsRawFd;
+        let unlink = |fd: &std::os::fd::OwnedFd, name: &std::ffi::CStr, flags| {
+            // SAFETY: unlinkat relative to a directory descriptor we own, NUL-terminated.
+            let rc = unsafe { libc::unlinkat(fd.as_raw_fd(), name.as_ptr(), flags) };
+            rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT)
+        };
+        let mut removed = true;
+        for pin in pins {
+            if let Ok(name) = std::ffi::CString::new(*pin) {
+                removed &= unlink(&self.dir, &name, 0);
+            }
+        }
+        if let Some(owner) = owner
+            && let Ok(marker) = std::ffi::CString::new(owner.marker())
+        {
+            removed &= unlink(&self.dir, &marker, libc::AT_REMOVEDIR);
+        }
+        let _ = unlink(&self.parent, &self.name, libc::AT_REMOVEDIR);
+        removed
+    }
+}
+
 /// Records `owner` as steering the group whose maps are in `dir`.
 pub fn add_owner(dir: &Path, owner: Owner) -> io::Result<()> {
     std::fs::create_dir(dir.join(owner.marker()))

@@ -255,27 +255,77 @@ pub fn turn_url(transport: Transport, addr: SocketAddr) -> String {
     }
 }
 
-/// Switches to `proc_user`/`proc_group`, if configured. Called once everything that needs
-/// privileges (binding, BPF, pins) is done and before the workers start.
-pub fn drop_privileges(config: &Config) -> Result<()> {
-    let gid = config.proc_group.as_deref().map(|g| lookup_id(g, false)).transpose()?;
-    let uid = config.proc_user.as_deref().map(|u| lookup_id(u, true)).transpose()?;
-    // SAFETY: plain syscalls through glibc's wrappers, which apply them to every thread.
+/// What the daemon runs as once [`drop_privileges`] is done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningAs {
+    pub uid: u32,
+    pub gid: u32,
+    /// Capabilities still held (none, or CAP_NET_BIND_SERVICE for relay ports below 1024).
+    pub capabilities: Vec<String>,
+}
+
+/// Drops what the daemon no longer needs once everything privileged is done (binding,
+/// BPF, pins) and before any other thread starts, so that no thread that parses network
+/// input ever holds it: the supplementary groups always; `proc_group`, or `proc_user`'s
+/// own group, and `proc_user`, when configured; then every capability (effective,
+/// permitted, inheritable, ambient) but CAP_NET_BIND_SERVICE when relay ports below 1024
+/// are still to be bound. The bounding set stays (an upgrade may start the binary again).
+pub fn drop_privileges(config: &Config) -> Result<RunningAs> {
+    let user = config.proc_user.as_deref().map(user_ids).transpose()?;
+    let gid = match (&config.proc_group, user) {
+        (Some(group), _) => Some(lookup_id(group, false)?),
+        (None, Some((_, primary))) => Some(primary),
+        (None, None) => None,
+    };
+    // SAFETY: getgroups with a zero size only counts; setgroups/setgid/setuid are plain
+    // syscalls through glibc's wrappers, which apply them to every thread.
     unsafe {
+        if libc::getgroups(0, std::ptr::null_mut()) > 0 && libc::setgroups(0, std::ptr::null()) != 0
+        {
+            return Err(std::io::Error::last_os_error())
+                .context("cannot drop the supplementary groups");
+        }
         if let Some(gid) = gid
-            && (libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(gid) != 0)
+            && libc::setgid(gid) != 0
         {
             return Err(std::io::Error::last_os_error())
                 .context(format!("cannot switch to group {gid}"));
         }
-        if let Some(uid) = uid
+        if let Some((uid, _)) = user
             && libc::setuid(uid) != 0
         {
             return Err(std::io::Error::last_os_error())
                 .context(format!("cannot switch to user {uid}"));
         }
     }
-    Ok(())
+    use caps::{CapSet, Capability, CapsHashSet};
+    let held = caps::read(None, CapSet::Permitted).context("reading the capabilities")?;
+    let mut keep = CapsHashSet::new();
+    if config.min_port < 1024 && held.contains(&Capability::CAP_NET_BIND_SERVICE) {
+        keep.insert(Capability::CAP_NET_BIND_SERVICE);
+    }
+    let dropped = caps::clear(None, CapSet::Ambient)
+        .and_then(|()| caps::set(None, CapSet::Inheritable, &CapsHashSet::new()))
+        .and_then(|()| caps::set(None, CapSet::Effective, &keep))
+        .and_then(|()| caps::set(None, CapSet::Permitted, &keep));
+    dropped.context("cannot drop the capabilities")?;
+    // SAFETY: getuid/getgid have no preconditions and cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mut capabilities: Vec<String> = keep.iter().map(ToString::to_string).collect();
+    capabilities.sort();
+    Ok(RunningAs { uid, gid, capabilities })
+}
+
+/// A user's uid and primary gid, by name or number.
+fn user_ids(name: &str) -> Result<(u32, u32)> {
+    let uid = lookup_id(name, true)?;
+    // SAFETY: getpwuid's static result is read at once.
+    let gid = unsafe {
+        let pw = libc::getpwuid(uid);
+        (!pw.is_null()).then(|| (*pw).pw_gid)
+    };
+    // A bare uid without a passwd entry: its group is the same number.
+    Ok((uid, gid.unwrap_or(uid)))
 }
 
 /// The uid the daemon will run as (owner of its pins).

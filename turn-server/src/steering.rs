@@ -418,6 +418,8 @@ pub struct Steering {
     allocs_fd: MapData,
     num_sockets: u32,
     pin_dir: Option<PathBuf>,
+    /// The pin directory by descriptor, to remove the pins at exit.
+    pinned: Option<bpffs::PinnedDir>,
     owner: Option<bpffs::Owner>,
 }
 
@@ -486,15 +488,23 @@ impl Steering {
 
         // Attached: now the maps may be shown to other processes.
         let mut owner = None;
+        let mut pinned_dir = None;
         if let Some(dir) = &options.pin_dir {
             let pinned = bpffs::Owner::current()
                 .map_err(|source| SteeringError::Pin { dir: dir.clone(), source })
                 .and_then(|me| {
                     pin_maps(&ebpf, dir, me)?;
-                    Ok(me)
+                    let handle = bpffs::PinnedDir::open(dir).map_err(|source| {
+                        unpin_maps(dir, Some(me));
+                        SteeringError::Pin { dir: dir.clone(), source }
+                    })?;
+                    Ok((me, handle))
                 });
             match pinned {
-                Ok(me) => owner = Some(me),
+                Ok((me, handle)) => {
+                    owner = Some(me);
+                    pinned_dir = Some(handle);
+                }
                 Err(e) => {
                     let _ = SkReuseport::detach(sockets[0].as_fd());
                     return Err(e);
@@ -511,6 +521,7 @@ impl Steering {
             allocs_fd,
             num_sockets,
             pin_dir: options.pin_dir,
+            pinned: pinned_dir,
             owner,
         })
     }
@@ -556,13 +567,13 @@ impl Steering {
         Ok(FlowPins { pins: typed(data, MAP_ALLOCS)?, slot })
     }
 
-    /// Detaches the program from the group `member` belongs to and removes the pins.
-    pub fn detach(self, member: BorrowedFd<'_>) -> Result<(), SteeringError> {
+    /// Detaches the program from the group `member` belongs to and removes the pins (by
+    /// descriptor: the daemon may no longer be able to reach them by path). Returns
+    /// whether the pin directory is gone (it always is but for a failure worth a warning).
+    pub fn detach(self, member: BorrowedFd<'_>) -> Result<bool, SteeringError> {
         let detached = SkReuseport::detach(member).map_err(|e| SteeringError::Program(Box::new(e)));
-        if let Some(dir) = &self.pin_dir {
-            unpin_maps(dir, self.owner);
-        }
-        detached
+        let removed = self.pinned.as_ref().is_none_or(|p| p.remove(&PINNED_MAPS, self.owner));
+        detached.map(|()| removed)
     }
 }
 

@@ -187,7 +187,21 @@ pub fn run(config: Config, read: ReadConfig) -> Result<()> {
     let metrics_listener = bind_metrics(&config)?;
     let admin_listener = bind_admin(&config, uid, gid)?;
 
-    setup::drop_privileges(&config)?;
+    let running_as = setup::drop_privileges(&config)?;
+    let capabilities = if running_as.capabilities.is_empty() {
+        "none".to_owned()
+    } else {
+        running_as.capabilities.join(",")
+    };
+    if running_as.uid == 0 {
+        warn!(
+            capabilities = %capabilities,
+            "running as root: network input is parsed by uid 0 (without capabilities); set \
+             proc_user, or run the daemon as a dedicated user (contrib/turn-server.service)"
+        );
+    } else {
+        info!(uid = running_as.uid, gid = running_as.gid, capabilities = %capabilities, "privileges dropped");
+    }
 
     let (state_tx, state_rx) = watch::channel(RunState::Running);
     let quota =
@@ -378,8 +392,11 @@ pub fn run(config: Config, read: ReadConfig) -> Result<()> {
         if let (Some(steering), Some(member)) = (group.steering, group.members.first()) {
             let transport = group.transport.name();
             match steering.detach(member.as_fd()) {
-                Ok(()) => {
+                Ok(true) => {
                     info!(listen = %group.local, transport, "steering program detached, pins removed")
+                }
+                Ok(false) => {
+                    warn!(listen = %group.local, transport, "steering program detached; some pins could not be removed (the next start removes them)")
                 }
                 Err(e) => {
                     warn!(listen = %group.local, transport, error = %e, "detaching steering failed")
