@@ -116,9 +116,13 @@ pub fn send_flows(
     }
 }
 
-/// A UDP port that was free a moment ago on 127.0.0.1 (for tools that cannot bind port 0).
+/// A port that was free a moment ago on 127.0.0.1, for UDP and TCP (for tools that cannot
+/// bind port 0, and for a daemon's listening port: below its relay range, see
+/// [`turn_launch::free_port`]).
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).unwrap()
+    let port = turn_launch::free_port();
+    assert_ne!(port, 0, "no free port in 10000-19999 on 127.0.0.1");
+    port
 }
 
 /// A child process killed (and waited for) when dropped.

@@ -187,7 +187,8 @@ fn after_kill_9_a_restart_on_the_same_port_relays_without_loss() {
     let root = PinRoot::new("kill-relay");
     let peer_port = turn_tests::free_udp_port();
     let _peer = turn_tests::start_peer(peer_port);
-    let mut first = relaying_daemon(&root, &[]);
+    let port = turn_tests::free_udp_port().to_string();
+    let mut first = relaying_daemon(&root, &["--listening-port", &port]);
     let addr = first.addr();
     let (ok, out) = relay_with_uclient(&first, peer_port, &["-n", "50", "-m", "2", "-z", "5"]);
     assert!(ok && turn_tests::uclient_lost(&out) == Some(0), "{out}");
@@ -197,7 +198,6 @@ fn after_kill_9_a_restart_on_the_same_port_relays_without_loss() {
 
     // Same address and port: the stale maps of the killed daemon are replaced by fresh ones
     // and the new daemon's program steers the new group.
-    let port = addr.port().to_string();
     let second = relaying_daemon(&root, &["--listening-port", &port]);
     assert_eq!(second.addr(), addr);
     assert!(second.logs().contains("removed the pins of a daemon that is no longer running"));
@@ -356,10 +356,11 @@ fn a_second_daemon_on_a_steered_listener_is_refused() {
         return;
     }
     let root = PinRoot::new("second");
-    let first = Daemon::start(&["--workers", "2", "--bpf-pin-root", root.arg()]);
+    let port = turn_tests::free_udp_port().to_string();
+    let first =
+        Daemon::start(&["--workers", "2", "--bpf-pin-root", root.arg(), "--listening-port", &port]);
     // With SO_REUSEPORT the second bind would succeed and take half of the first one's
     // new clients; the live owner of the listener's pins says it is taken.
-    let port = first.addr().port().to_string();
     let out = Command::new(server_bin())
         .args(["--listening-ip", "127.0.0.1", "--listening-port", &port, "--workers", "2"])
         .args(["--bpf-pin-root", root.arg(), "--log-format", "json"])

@@ -40,6 +40,23 @@ pub fn server_bin() -> PathBuf {
     candidates.iter().find(|c| c.is_file()).cloned().unwrap_or_else(|| candidates[1].clone())
 }
 
+/// A port free for both UDP and TCP on 127.0.0.1 a moment ago, in 10000-19999: below the
+/// kernel's ephemeral ports (where `--listening-port 0` and clients' ports land) and below
+/// the default relay range, which a daemon refuses its listening ports to be in. Probed
+/// from a per-process, per-call starting point, so parallel tests rarely try the same one.
+pub fn free_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let salt = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let start = (std::process::id().wrapping_mul(7919) ^ salt.wrapping_mul(104_729)) % 10_000;
+    (0..10_000u32)
+        .map(|i| 10_000 + ((start + i * 37) % 10_000) as u16)
+        .find(|&port| {
+            std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+        })
+        .unwrap_or(0)
+}
+
 /// One listening socket group the daemon reported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Listening {

@@ -8,7 +8,6 @@
 
 use std::{
     fmt::Write as _,
-    net::UdpSocket,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -98,8 +97,13 @@ impl Drop for Running {
     }
 }
 
+/// A port for a server to listen on (outside turn-server's relay range and the
+/// ephemeral ports) or a peer.
 pub(crate) fn free_port() -> Result<u16> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+    match turn_launch::free_port() {
+        0 => bail!("no free port in 10000-19999 on 127.0.0.1"),
+        port => Ok(port),
+    }
 }
 
 /// Everything the run needs to find.
