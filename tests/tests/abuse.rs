@@ -381,3 +381,106 @@ fn a_replayed_allocate_neither_recreates_nor_charges() {
     let live: u64 = maps.loads().unwrap().iter().map(|l| l.allocations).sum();
     assert_eq!(live, 1, "only the new allocation lives");
 }
+
+#[test]
+fn idle_connections_to_the_metrics_endpoint_do_not_keep_scrapes_out_nor_delay_steering() {
+    let test =
+        "idle_connections_to_the_metrics_endpoint_do_not_keep_scrapes_out_nor_delay_steering";
+    if !require_root(test) {
+        return;
+    }
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let root = turn_tests::PinRoot::new("metrics-abuse");
+    let daemon = relaying_daemon(&[
+        "--prometheus",
+        "--prometheus-port",
+        "0",
+        "--steering",
+        "p2c",
+        "--bpf-pin-root",
+        root.arg(),
+    ]);
+    let metrics = daemon.metrics.expect("metrics endpoint");
+    // The control thread publishes the workers' load every 50 ms: with datagrams flowing,
+    // each publication moves the published packet count. Counted for 2 s, quiet first.
+    let dir = turn_server::bpffs::listener_dir(&root.0, daemon.addr());
+    let maps = turn_server::steering::GroupMaps::open_pinned(&dir).unwrap();
+    let to = daemon.addr();
+    let publications = || {
+        let traffic = std::thread::spawn(move || {
+            turn_tests::send_flows(to, 8, 2, 100, 150, Duration::from_millis(10));
+        });
+        let (mut changes, mut last) = (0u32, 0u64);
+        let window = std::time::Instant::now();
+        while window.elapsed() < Duration::from_secs(2) {
+            let packets: u64 = maps.loads().unwrap().iter().map(|l| l.packets).sum();
+            if packets != last {
+                changes += 1;
+                last = packets;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        traffic.join().unwrap();
+        changes
+    };
+    let quiet = publications();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    // 300 connections that never send a request, reopened as they are closed, for the
+    // whole test.
+    let holder = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut held: Vec<std::net::TcpStream> = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                // Still open: nothing to read yet (the server closes the ones it drops).
+                held.retain(|s| {
+                    let mut b = [0u8; 1];
+                    let _ = s.set_nonblocking(true);
+                    matches!(
+                        std::io::Read::read(&mut &*s, &mut b),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+                    )
+                });
+                while held.len() < 300 {
+                    match std::net::TcpStream::connect(metrics) {
+                        Ok(s) => held.push(s),
+                        Err(_) => break,
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    // Scrapers in tight loops besides.
+    let scrapers: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = turn_tests::ops::http_get(metrics, "/metrics", &[]);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // A real scrape gets its answer at once.
+    for i in 0..5 {
+        let asked = std::time::Instant::now();
+        let (code, text) = turn_tests::ops::http_get(metrics, "/metrics", &[]).expect("an answer");
+        let took = asked.elapsed();
+        eprintln!("scrape {i}: {code} in {took:?}");
+        assert_eq!(code, 200);
+        assert!(text.contains("turn_allocations"), "{text}");
+        assert!(took < Duration::from_secs(3), "scrape {i} took {took:?}");
+    }
+    // Meanwhile the load publication keeps its pace.
+    let flooded = publications();
+    stop.store(true, Ordering::Relaxed);
+    holder.join().unwrap();
+    for s in scrapers {
+        s.join().unwrap();
+    }
+    eprintln!("load publications seen in 2 s: {quiet} quiet, {flooded} under the flood");
+    assert!(quiet >= 20, "{quiet} load publications in 2 s without a flood");
+    assert!(4 * flooded >= 3 * quiet, "{flooded} publications under the flood, {quiet} without");
+}

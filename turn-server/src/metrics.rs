@@ -20,7 +20,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -637,30 +637,50 @@ pub fn top_users(totals: HashMap<Box<str>, [u64; 2]>, max: usize) -> Vec<(String
 /// A scrape request to the control thread: it answers with the exposition text.
 pub type ScrapeRequest = oneshot::Sender<String>;
 
-/// Most concurrent scrapes; more wait for a slot.
-const CONCURRENT: usize = 16;
+/// Connections still sending their request head, at most: a new one closes the oldest
+/// (whoever holds connections open without asking cannot keep a scraper out).
+const WAITING: usize = 64;
+/// Requests being answered at once, at most; more wait for a slot (they asked already).
+const CONCURRENT: usize = 8;
 /// Longest request head.
 const MAX_REQUEST: usize = 8 * 1024;
-/// Time to send the request head.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time to send the request head (a scraper sends it at once).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time to answer once asked (the control thread renders, the client reads).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `GET /metrics` on `listener`, asking the control thread for the text.
+///
+/// Bounded against idle or slow connections: a connection has [`REQUEST_TIMEOUT`] to send
+/// its request head, at most [`WAITING`] connections may be at that stage (a new one
+/// closes the oldest), and at most [`CONCURRENT`] requests are answered at once.
 pub async fn serve(listener: tokio::net::TcpListener, scrapes: mpsc::Sender<ScrapeRequest>) {
     let slots = Arc::new(Semaphore::new(CONCURRENT));
+    let mut waiting: std::collections::VecDeque<(tokio::task::AbortHandle, Arc<AtomicBool>)> =
+        std::collections::VecDeque::new();
     loop {
-        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else { return };
         let Ok((stream, _)) = listener.accept().await else { continue };
-        let scrapes = scrapes.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT * 2, answer(stream, scrapes)).await;
+        // Forget those that asked (or ended); close the oldest still silent when full.
+        waiting.retain(|(task, asked)| !task.is_finished() && !asked.load(Ordering::Relaxed));
+        while waiting.len() >= WAITING {
+            if let Some((task, _)) = waiting.pop_front() {
+                task.abort();
+            }
+        }
+        let asked = Arc::new(AtomicBool::new(false));
+        let (scrapes, slots, flag) = (scrapes.clone(), Arc::clone(&slots), Arc::clone(&asked));
+        let task = tokio::spawn(async move {
+            let _ = answer(stream, scrapes, slots, flag).await;
         });
+        waiting.push_back((task.abort_handle(), asked));
     }
 }
 
 async fn answer(
     mut stream: tokio::net::TcpStream,
     scrapes: mpsc::Sender<ScrapeRequest>,
+    slots: Arc<Semaphore>,
+    asked: Arc<AtomicBool>,
 ) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
@@ -678,6 +698,20 @@ async fn answer(
     if !matches!(read, Ok(Ok(()))) {
         return Ok(());
     }
+    asked.store(true, Ordering::Relaxed);
+    let Ok(_slot) = slots.acquire_owned().await else { return Ok(()) };
+    match tokio::time::timeout(ANSWER_TIMEOUT, respond(&mut stream, &head, scrapes)).await {
+        Ok(result) => result,
+        Err(_) => Ok(()),
+    }
+}
+
+/// Answers the request whose head is `head`.
+async fn respond(
+    stream: &mut tokio::net::TcpStream,
+    head: &[u8],
+    scrapes: mpsc::Sender<ScrapeRequest>,
+) -> std::io::Result<()> {
     let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
     let mut parts = line.split(|&b| b == b' ');
     let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());

@@ -32,6 +32,9 @@ use crate::{
 /// How often the control thread publishes worker loads to the steering maps.
 const LOAD_PUBLISH_INTERVAL: Duration = Duration::from_millis(50);
 
+/// How long a count of the allocation pins serves scrapes (a walk of every pin map).
+const PIN_COUNT_TTL: Duration = Duration::from_secs(1);
+
 /// How often the control thread looks at the TLS certificate files for a change.
 const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -62,6 +65,8 @@ pub struct Control<'a> {
     pub user_traffic: Option<Arc<UserTraffic>>,
     /// The TLS handshake thread's counters.
     pub handshakes: Arc<crate::worker::handshake::HandshakeStats>,
+    /// Allocation pins per group and worker, and when they were counted (see `scrape`).
+    pub pin_counts: Option<(Instant, Vec<Option<Vec<u64>>>)>,
     pub metrics_max_users: usize,
     /// The readiness status (`serving ...`), restored after an undrain.
     pub status: String,
@@ -123,6 +128,29 @@ impl Control<'_> {
         let mut own = self.own_addresses();
         loop {
             tokio::select! {
+                // The load publication first whenever it is due: a flood of scrapes or admin
+                // calls must not delay what steering places new flows by.
+                biased;
+                _ = tick.tick() => {
+                    if let Some(i) = self.workers.iter().position(|w| w.is_finished()) {
+                        bail!("worker {i} stopped unexpectedly");
+                    }
+                    loads = Some(self.publish_loads(&mut estimator));
+                    for steering in self.groups.iter_mut().filter_map(|g| g.steering.as_mut()) {
+                        steering.flush_logs();
+                    }
+                    if let Some(until) = phase.stopping {
+                        let left = self.live();
+                        if left == 0 {
+                            info!("drained: no allocation left");
+                            return Ok(());
+                        }
+                        if Instant::now() >= until {
+                            info!(allocations = left, "drain timeout: closing the remaining allocations");
+                            return Ok(());
+                        }
+                    }
+                }
                 ready = async { watch.as_ref()?.readable().await.ok() }, if watch.is_some() => {
                     if let Some(mut guard) = ready {
                         let changed = guard.get_inner().drain();
@@ -160,26 +188,6 @@ impl Control<'_> {
                 }
                 Some((request, reply)) = requests.admin.recv() => {
                     self.admin(request, reply, &mut phase).await;
-                }
-                _ = tick.tick() => {
-                    if let Some(i) = self.workers.iter().position(|w| w.is_finished()) {
-                        bail!("worker {i} stopped unexpectedly");
-                    }
-                    loads = Some(self.publish_loads(&mut estimator));
-                    for steering in self.groups.iter_mut().filter_map(|g| g.steering.as_mut()) {
-                        steering.flush_logs();
-                    }
-                    if let Some(until) = phase.stopping {
-                        let left = self.live();
-                        if left == 0 {
-                            info!("drained: no allocation left");
-                            return Ok(());
-                        }
-                        if Instant::now() >= until {
-                            info!(allocations = left, "drain timeout: closing the remaining allocations");
-                            return Ok(());
-                        }
-                    }
                 }
             }
         }
@@ -376,7 +384,7 @@ impl Control<'_> {
     }
 
     /// One scrape's numbers.
-    fn scrape(&self, loads: Option<&WorkerLoads>, phase: &Phase) -> Scrape {
+    fn scrape(&mut self, loads: Option<&WorkerLoads>, phase: &Phase) -> Scrape {
         let total_rate: f64 = loads.map_or(0.0, |l| l.packet_rates.iter().sum());
         let workers = self
             .stats
@@ -404,11 +412,13 @@ impl Control<'_> {
                 }
             })
             .collect();
-        let groups = self
-            .groups
-            .iter()
-            .map(|g| {
-                let pins = match (&g.steering, g.transport) {
+        // The pin maps are walked at most once a second, however often scrapers ask.
+        let fresh = self.pin_counts.as_ref().is_some_and(|(at, _)| at.elapsed() < PIN_COUNT_TTL);
+        if !fresh {
+            let counts = self
+                .groups
+                .iter()
+                .map(|g| match (&g.steering, g.transport) {
                     (Some(s), Transport::Udp) => match s.maps().pin_counts() {
                         Ok(counts) => Some(counts.allocations),
                         Err(e) => {
@@ -417,13 +427,20 @@ impl Control<'_> {
                         }
                     },
                     _ => None,
-                };
-                GroupSnapshot {
-                    listener: g.local.to_string(),
-                    transport: g.transport.name(),
-                    mode: group_mode(g),
-                    pins,
-                }
+                })
+                .collect();
+            self.pin_counts = Some((Instant::now(), counts));
+        }
+        let pin_counts = self.pin_counts.as_ref().map(|(_, c)| c.as_slice()).unwrap_or_default();
+        let groups = self
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(i, g)| GroupSnapshot {
+                listener: g.local.to_string(),
+                transport: g.transport.name(),
+                mode: group_mode(g),
+                pins: pin_counts.get(i).cloned().flatten(),
             })
             .collect();
         let users = match &self.user_traffic {

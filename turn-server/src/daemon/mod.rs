@@ -375,6 +375,7 @@ pub fn run(config: Config, read: ReadConfig) -> Result<()> {
         relay_ports: Arc::clone(&relay_ports),
         user_traffic,
         handshakes: Arc::clone(&handshake_stats),
+        pin_counts: None,
         metrics_max_users: config.metrics_max_users,
         status,
     };
