@@ -261,23 +261,10 @@ pub fn spoofed_requests(to: SocketAddr, count: u32, per_sec: u32, kind: Flood) -
     let SocketAddr::V4(to) = to else {
         return Err(io::Error::other("spoofed_flood sends IPv4 only"));
     };
-    // SAFETY: socket(2) with constant arguments; the fd is owned below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let dst = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: to.port().to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from(*to.ip()).to_be() },
-        sin_zero: [0; 8],
-    };
+    let spoofer = Spoofer::new()?;
     let start = Instant::now();
-    let stun_len = if kind == Flood::Allocate { 28 } else { 20 };
-    let mut storage = [0u8; 20 + 8 + 28];
-    let packet = &mut storage[..20 + 8 + stun_len];
+    let mut stun = [0u8; 28];
+    let stun = &mut stun[..if kind == Flood::Allocate { 28 } else { 20 }];
     for i in 0..count {
         // Pace: the i-th datagram not before i / per_sec seconds.
         let due = Duration::from_secs_f64(f64::from(i) / f64::from(per_sec.max(1)));
@@ -286,32 +273,69 @@ pub fn spoofed_requests(to: SocketAddr, count: u32, per_sec: u32, kind: Flood) -
         }
         let src = 0x7f01_0000u32 + i / 64_000;
         let sport = 1024 + (i % 64_000) as u16;
-        // IPv4 header (the kernel fills in the checksum and the total length).
-        packet[0] = 0x45;
-        packet[2..4].copy_from_slice(&((28 + stun_len) as u16).to_be_bytes());
-        packet[6] = 0x40; // DF
-        packet[8] = 64; // TTL
-        packet[9] = libc::IPPROTO_UDP as u8;
-        packet[12..16].copy_from_slice(&src.to_be_bytes());
-        packet[16..20].copy_from_slice(&to.ip().octets());
-        // UDP header, checksum 0 (none, allowed over IPv4).
-        packet[20..22].copy_from_slice(&sport.to_be_bytes());
-        packet[22..24].copy_from_slice(&to.port().to_be_bytes());
-        packet[24..26].copy_from_slice(&((8 + stun_len) as u16).to_be_bytes());
         // STUN request: type, length, magic cookie, transaction id (and for Allocate
         // REQUESTED-TRANSPORT UDP).
         let (typ, body) = if kind == Flood::Allocate { (3u16, 8u16) } else { (1, 0) };
-        packet[28..30].copy_from_slice(&typ.to_be_bytes());
-        packet[30..32].copy_from_slice(&body.to_be_bytes());
-        packet[32..36].copy_from_slice(&0x2112_a442u32.to_be_bytes());
-        packet[36..40].copy_from_slice(&i.to_be_bytes());
+        stun[0..2].copy_from_slice(&typ.to_be_bytes());
+        stun[2..4].copy_from_slice(&body.to_be_bytes());
+        stun[4..8].copy_from_slice(&0x2112_a442u32.to_be_bytes());
+        stun[8..12].copy_from_slice(&i.to_be_bytes());
         if kind == Flood::Allocate {
-            packet[48..56].copy_from_slice(&[0x00, 0x19, 0x00, 0x04, 17, 0, 0, 0]);
+            stun[20..28].copy_from_slice(&[0x00, 0x19, 0x00, 0x04, 17, 0, 0, 0]);
         }
+        spoofer.send(std::net::SocketAddrV4::new(src.into(), sport), to, stun)?;
+    }
+    Ok(count)
+}
+
+/// Sends UDP datagrams with any IPv4 source address and port, through a raw socket
+/// (needs root).
+pub struct Spoofer(std::os::fd::OwnedFd);
+
+impl Spoofer {
+    pub fn new() -> io::Result<Spoofer> {
+        // SAFETY: socket(2) with constant arguments; the fd is owned below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        Ok(Spoofer(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }))
+    }
+
+    /// Sends `payload` (at most 1400 bytes) from `src` to `to`.
+    pub fn send(
+        &self,
+        src: std::net::SocketAddrV4,
+        to: std::net::SocketAddrV4,
+        payload: &[u8],
+    ) -> io::Result<()> {
+        let mut storage = [0u8; 1428];
+        let len = 28 + payload.len();
+        let packet = storage.get_mut(..len).ok_or_else(|| io::Error::other("payload too large"))?;
+        // IPv4 header (the kernel fills in the checksum and the total length).
+        packet[0] = 0x45;
+        packet[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        packet[6] = 0x40; // DF
+        packet[8] = 64; // TTL
+        packet[9] = libc::IPPROTO_UDP as u8;
+        packet[12..16].copy_from_slice(&src.ip().octets());
+        packet[16..20].copy_from_slice(&to.ip().octets());
+        // UDP header, checksum 0 (none, allowed over IPv4).
+        packet[20..22].copy_from_slice(&src.port().to_be_bytes());
+        packet[22..24].copy_from_slice(&to.port().to_be_bytes());
+        packet[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        packet[28..].copy_from_slice(payload);
+        let dst = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: to.port().to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from(*to.ip()).to_be() },
+            sin_zero: [0; 8],
+        };
         // SAFETY: sendto with a buffer of its stated length and a sockaddr_in of its size.
         let rc = unsafe {
             libc::sendto(
-                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                std::os::fd::AsRawFd::as_raw_fd(&self.0),
                 packet.as_ptr().cast(),
                 packet.len(),
                 0,
@@ -319,11 +343,37 @@ pub fn spoofed_requests(to: SocketAddr, count: u32, per_sec: u32, kind: Flood) -
                 std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
             )
         };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
     }
-    Ok(count)
+}
+
+/// The `turn-server` built in release mode (what a user runs), beside the debug one
+/// cargo built for the tests (`cargo xtask test` builds both): `TURN_SERVER_RELEASE_BIN`,
+/// or `target/release/turn-server`. In CI a missing one fails the test.
+pub fn release_server_bin(test: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("TURN_SERVER_RELEASE_BIN").map(std::path::PathBuf::from).or_else(
+        || {
+            let debug = server_bin();
+            let target = debug.parent()?.parent()?;
+            Some(target.join("release").join("turn-server"))
+        },
+    )?;
+    if path.is_file() {
+        return Some(path);
+    }
+    let msg = format!("{test} runs the release daemon, and {} is missing", path.display());
+    if in_ci() {
+        panic!("{msg}: `cargo xtask test` builds it (cargo build --release -p turn-server)");
+    }
+    eprintln!("SKIPPED: {msg}; build it with `cargo build --release -p turn-server`");
+    None
+}
+
+/// Starts the release daemon `bin` with `args` (and the launcher's defaults).
+pub fn start_release(bin: &std::path::Path, args: &[&str]) -> Daemon {
+    let mut launch = turn_launch::Launch::new(args);
+    launch.bin = bin.to_owned();
+    launch.start().unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// A network namespace of one test, with loopback up and `addresses` on it; deleted (with

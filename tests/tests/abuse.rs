@@ -484,3 +484,184 @@ fn idle_connections_to_the_metrics_endpoint_do_not_keep_scrapes_out_nor_delay_st
     assert!(quiet >= 20, "{quiet} load publications in 2 s without a flood");
     assert!(4 * flooded >= 3 * quiet, "{flooded} publications under the flood, {quiet} without");
 }
+
+/// A signed request of `method` in `user`'s name as someone who knows neither the
+/// password nor a nonce the server gave the address it forges: any realm, any nonce, any
+/// MESSAGE-INTEGRITY.
+fn forged_request(method: turn_proto::stun::Method, i: u32) -> Vec<u8> {
+    use turn_proto::client::{AuthMode, Credentials, Signer};
+    use turn_proto::stun::{Class, TransactionId, attr::Attribute};
+    let creds = Credentials::new("alice", "not-the-password", None).unwrap();
+    let mut signer = Signer::new(std::sync::Arc::new(creds), AuthMode::Legacy);
+    signer.realm = Some("test".into());
+    signer.nonce = Some(format!("forged-nonce-{i:08}").into_bytes());
+    let mut tid = [0xF0; 12];
+    tid[..4].copy_from_slice(&i.to_be_bytes());
+    let mut buf = [0u8; 512];
+    let attrs = [Attribute::Lifetime(600)];
+    let n = signer
+        .encode(&mut buf, method, Class::Request, &TransactionId(tid), &attrs, false)
+        .unwrap();
+    buf[..n].to_vec()
+}
+
+#[test]
+fn spoofed_failures_in_a_victims_name_cost_it_no_refresh_and_no_datagram() {
+    let test = "spoofed_failures_in_a_victims_name_cost_it_no_refresh_and_no_datagram";
+    if !require_root(test) {
+        return;
+    }
+    let Some(bin) = turn_tests::release_server_bin(test) else { return };
+    let daemon = turn_tests::start_release(
+        &bin,
+        &["--workers", "2", "--realm", "test", "--user", "alice:secret", "--allow-loopback-peers"],
+    );
+    let std::net::SocketAddr::V4(server) = daemon.addr() else { panic!("IPv4 listener") };
+    // The victim: an allocation from 127.0.0.5 with a permission for its peer.
+    let mut victim = turn_tests::StunClient::new("127.0.0.5", daemon.addr(), "alice", "secret");
+    assert_eq!(victim.allocate(Duration::from_secs(2)), Some(0));
+    let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    peer.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    victim.send_create_permission(peer.local_addr().unwrap());
+    assert_eq!(victim.receive(Duration::from_secs(2)), Some(0));
+    let std::net::SocketAddr::V4(victim_addr) = victim.sock.local_addr().unwrap() else { panic!() };
+    // For 6 s, 2,000 signed requests a second in the victim's name, from its address:
+    // a third from its very 5-tuple, the rest from other ports of it.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let spoofer = turn_tests::Spoofer::new().expect("raw socket (root)");
+            let mut sent = 0u32;
+            let start = std::time::Instant::now();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let port = if sent % 3 == 0 {
+                    victim_addr.port()
+                } else {
+                    20_000 + (sent % 20_000) as u16
+                };
+                let from = std::net::SocketAddrV4::new(*victim_addr.ip(), port);
+                let method = if sent % 2 == 0 {
+                    turn_proto::stun::Method::REFRESH
+                } else {
+                    turn_proto::stun::Method::CREATE_PERMISSION
+                };
+                spoofer.send(from, server, &forged_request(method, sent)).unwrap();
+                sent += 1;
+                let due = Duration::from_secs_f64(f64::from(sent) / 2000.0);
+                if let Some(wait) = due.checked_sub(start.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            sent
+        })
+    };
+    // Meanwhile the victim refreshes, renews its permission and relays, every 100 ms.
+    let (mut refreshes, mut relayed) = (0u32, 0u32);
+    let until = std::time::Instant::now() + Duration::from_secs(6);
+    let mut buf = [0u8; 64];
+    while std::time::Instant::now() < until {
+        victim.send_refresh(600);
+        // Answers to the spoofed requests from its 5-tuple come to the victim too: skip
+        // them (438s) until its own Refresh's answer.
+        let mut answered = false;
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while !answered && std::time::Instant::now() < deadline {
+            let Some(bytes) = victim.receive_raw(Duration::from_millis(200)) else { continue };
+            let msg = turn_proto::stun::Message::parse(&bytes).unwrap();
+            answered = msg.class() == turn_proto::stun::Class::SuccessResponse
+                && msg.method() == turn_proto::stun::Method::REFRESH;
+        }
+        assert!(answered, "Refresh {refreshes} unanswered under the spoofed flood");
+        refreshes += 1;
+        victim.send_indication(peer.local_addr().unwrap(), b"still here");
+        let n = peer.recv(&mut buf).expect("a datagram lost under the spoofed flood");
+        assert_eq!(&buf[..n], b"still here");
+        relayed += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = flood.join().unwrap();
+    eprintln!(
+        "{refreshes} Refreshes answered, {relayed} datagrams relayed, {sent} spoofed requests"
+    );
+    assert!(sent > 5_000, "the flood ran: {sent}");
+}
+
+#[test]
+fn a_source_that_varies_its_port_gets_the_documented_rate_in_total() {
+    let test = "a_source_that_varies_its_port_gets_the_documented_rate_in_total";
+    if !require_root(test) {
+        return;
+    }
+    let Some(bin) = turn_tests::release_server_bin(test) else { return };
+    let mut daemon = turn_tests::start_release(
+        &bin,
+        &["--workers", "2", "--realm", "test", "--user", "alice:secret", "--steering", "hash"],
+    );
+    // 300 sockets of one address, one unauthenticated Allocate each, within a few tens of
+    // milliseconds: the kernel's hash spreads them over both workers; the default of 20
+    // answers a second, bursts of 40, holds for the address.
+    let sockets: Vec<std::net::UdpSocket> =
+        (0..300).map(|_| std::net::UdpSocket::bind("127.0.0.7:0").unwrap()).collect();
+    let allocate: [u8; 28] = [
+        0, 3, 0, 8, 0x21, 0x12, 0xa4, 0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 0, 0x19, 0, 4,
+        17, 0, 0, 0,
+    ];
+    let started = std::time::Instant::now();
+    for s in &sockets {
+        s.send_to(&allocate, daemon.addr()).unwrap();
+    }
+    let sent_in = started.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut answered = 0;
+    let mut buf = [0u8; 512];
+    for s in &sockets {
+        s.set_nonblocking(true).unwrap();
+        while s.recv(&mut buf).is_ok() {
+            answered += 1;
+        }
+    }
+    let allowed = 40 + (20.0 * (sent_in.as_secs_f64() + 0.3)).ceil() as usize;
+    eprintln!("{answered} of 300 answered (sent in {sent_in:?}, at most {allowed})");
+    assert!(answered >= 40, "the burst is answered: {answered}");
+    assert!(answered <= allowed, "{answered} answers, the address's rate allows {allowed}");
+
+    // Password guesses from as many ports (each with the nonce its own 401 gave it, the
+    // answers to strangers lifted for this part): ten failures (the burst) verified in
+    // all, then dropped unverified, whichever worker each reaches.
+    daemon.signal_and_wait(libc::SIGINT, Duration::from_secs(10)).unwrap();
+    let mut daemon = turn_tests::start_release(
+        &bin,
+        &[
+            "--workers",
+            "2",
+            "--realm",
+            "test",
+            "--user",
+            "alice:secret",
+            "--steering",
+            "hash",
+            "--unauthenticated-responses-per-sec",
+            "0",
+        ],
+    );
+    let mut guessers: Vec<_> = (0..100)
+        .map(|_| turn_tests::StunClient::new("127.0.0.8", daemon.addr(), "alice", "guess"))
+        .collect();
+    for g in &mut guessers {
+        g.send_allocate();
+        assert_eq!(g.receive(Duration::from_secs(2)), Some(401));
+    }
+    for g in &mut guessers {
+        g.send_allocate();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    daemon.signal_and_wait(libc::SIGINT, Duration::from_secs(10)).unwrap();
+    let logs = daemon.logs();
+    let failures = turn_tests::worker_total(&logs, "auth_failures");
+    let throttled = turn_tests::worker_total(&logs, "rate_limited");
+    eprintln!("{failures} guesses verified, {throttled} dropped unverified");
+    assert!(failures <= 11, "{failures} failures verified for one address");
+    assert!(failures + throttled >= 100, "every guess was counted: {failures} + {throttled}");
+}

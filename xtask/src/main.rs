@@ -307,6 +307,9 @@ fn test(extra: &[String]) -> Result<()> {
     // The end-to-end tests start the real daemon binary: build it first.
     step("test: cargo build --workspace --bins");
     run_cmd(cargo().current_dir(root()).args(["build", "--workspace", "--bins"]))?;
+    // The abuse and flood tests run the daemon a user runs: the release build.
+    step("test: cargo build --release -p turn-server");
+    run_cmd(cargo().current_dir(root()).args(["build", "--release", "-p", "turn-server"]))?;
     step("test: cargo test --workspace");
     run_cmd(
         cargo()
