@@ -535,13 +535,13 @@ fn spoofed_failures_in_a_victims_name_cost_it_no_refresh_and_no_datagram() {
             let mut sent = 0u32;
             let start = std::time::Instant::now();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let port = if sent % 3 == 0 {
+                let port = if sent.is_multiple_of(3) {
                     victim_addr.port()
                 } else {
                     20_000 + (sent % 20_000) as u16
                 };
                 let from = std::net::SocketAddrV4::new(*victim_addr.ip(), port);
-                let method = if sent % 2 == 0 {
+                let method = if sent.is_multiple_of(2) {
                     turn_proto::stun::Method::REFRESH
                 } else {
                     turn_proto::stun::Method::CREATE_PERMISSION
