@@ -371,8 +371,14 @@ pub fn release_server_bin(test: &str) -> Option<std::path::PathBuf> {
 
 /// Starts the release daemon `bin` with `args` (and the launcher's defaults).
 pub fn start_release(bin: &std::path::Path, args: &[&str]) -> Daemon {
+    start_release_as(bin, &[], args)
+}
+
+/// [`start_release`] under `wrapper` (e.g. `ip netns exec NS`).
+pub fn start_release_as(bin: &std::path::Path, wrapper: &[&str], args: &[&str]) -> Daemon {
     let mut launch = turn_launch::Launch::new(args);
     launch.bin = bin.to_owned();
+    launch.wrapper = wrapper.iter().map(|a| a.to_string()).collect();
     launch.start().unwrap_or_else(|e| panic!("{e:#}"))
 }
 

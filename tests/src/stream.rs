@@ -340,7 +340,8 @@ pub fn closed_by_server(stream: &mut TcpStream, timeout: Duration) -> bool {
 
 /// A TCP connection to `server` from `local_ip` (any port), without Nagle's delay.
 pub fn connect_from(local_ip: &str, server: SocketAddr) -> io::Result<TcpStream> {
-    let local: SocketAddr = format!("{local_ip}:0").parse().map_err(io::Error::other)?;
+    let ip: std::net::IpAddr = local_ip.parse().map_err(io::Error::other)?;
+    let local = SocketAddr::new(ip, 0);
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(local),
         socket2::Type::STREAM,
