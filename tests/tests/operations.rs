@@ -383,3 +383,62 @@ fn the_grafana_dashboard_queries_are_valid_promql_over_documented_metrics() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn secrets_from_files_stay_off_the_command_line_and_are_read_again_on_reload() {
+    if !require_root("secrets_from_files_stay_off_the_command_line_and_are_read_again_on_reload") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("turn-secret-files-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (users, secrets) = (dir.join("users"), dir.join("secrets"));
+    std::fs::write(&users, "# static users\nalice:file-secret\n\n").unwrap();
+    std::fs::write(&secrets, "rest-secret-1\n").unwrap();
+    let daemon = Daemon::start(&[
+        "--workers",
+        "2",
+        "--realm",
+        "test",
+        "--users-file",
+        users.to_str().unwrap(),
+        "--static-auth-secret-file",
+        secrets.to_str().unwrap(),
+    ]);
+    // Nothing secret in what every local user can read.
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", daemon.pid())).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    assert!(!cmdline.contains("file-secret") && !cmdline.contains("rest-secret"), "{cmdline}");
+    let tcp = daemon.addrs("tcp")[0];
+    StreamClient::tcp(tcp, "alice", "file-secret").unwrap().request(Request::Allocate).unwrap();
+    let expiry = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap()
+        + Duration::from_secs(3600))
+    .as_secs();
+    let rest_user = format!("{expiry}:bob");
+    let rest = |secret: &[u8]| turn_proto::credentials::rest_password(secret, &rest_user);
+    let mut bob = StreamClient::tcp(tcp, &rest_user, &rest(b"rest-secret-1")).unwrap();
+    bob.request(Request::Allocate).unwrap();
+    // A rotation in the files, then a reload: the new ones hold, the old ones no longer.
+    std::fs::write(&users, "alice:file-secret-2\n").unwrap();
+    std::fs::write(&secrets, "rest-secret-2\n").unwrap();
+    let (ok, _, err) = admin(&daemon, "reload", &[]);
+    assert!(ok, "{err}");
+    let mut old = StreamClient::tcp(tcp, "alice", "file-secret").unwrap();
+    assert_eq!(old.request(Request::Allocate).unwrap_err().code(), Some(401));
+    StreamClient::tcp(tcp, "alice", "file-secret-2").unwrap().request(Request::Allocate).unwrap();
+    let mut old_rest = StreamClient::tcp(tcp, &rest_user, &rest(b"rest-secret-1")).unwrap();
+    assert_eq!(old_rest.request(Request::Allocate).unwrap_err().code(), Some(401));
+    let mut bob2 = StreamClient::tcp(tcp, &rest_user, &rest(b"rest-secret-2")).unwrap();
+    bob2.request(Request::Allocate).unwrap();
+    // `kick bob` ends bob's REST allocations (`expiry:bob`), as quotas count them.
+    let (ok, out, err) = admin(&daemon, "kick", &["bob"]);
+    assert!(ok, "{err}");
+    assert!(out.contains('2'), "both of bob's allocations end: {out}");
+    assert!(allocations(&daemon).iter().all(|a| !a["user"].as_str().unwrap().ends_with(":bob")));
+    // A file that cannot be read is refused by the reload; the running credentials stay.
+    std::fs::remove_file(&secrets).unwrap();
+    let (ok, _, err) = admin(&daemon, "reload", &[]);
+    assert!(!ok && err.contains("static_auth_secrets_file"), "{err}");
+    StreamClient::tcp(tcp, "alice", "file-secret-2").unwrap().request(Request::Allocate).unwrap();
+    drop((bob, bob2));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
