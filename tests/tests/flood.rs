@@ -46,7 +46,9 @@ fn uclient(ns: &Netns, server: SocketAddr, peer: u16, extra: &[&str]) -> (bool, 
 /// 8 UDP flows of 100 datagrams/s each way for 3 s, echoed through the relay by
 /// `turn-bench load` inside `ns`: (round-trip loss %, round trip p50 and p99 in µs).
 fn echo_round_trips(ns: &Netns, server: SocketAddr) -> (f64, f64, f64) {
-    let bench = turn_tests::server_bin().with_file_name("turn-bench");
+    // Beside this test's own build (target/<profile>/deps/flood-*), whatever daemon runs.
+    let exe = std::env::current_exe().unwrap();
+    let bench = exe.parent().and_then(|d| d.parent()).unwrap().join("turn-bench");
     let bench = bench.to_str().unwrap();
     let server = server.to_string();
     let mut args: Vec<&str> = ns.exec()[1..].to_vec();
