@@ -645,6 +645,24 @@ mod tests {
         assert!(idle.allocate_in(&epoll, &request(Family::V4, false)).is_ok());
     }
 
+    /// RFC 8656 §7.2 / RFC 6056: nobody can tell the next relay port from the last ones.
+    #[test]
+    fn relay_ports_are_not_handed_out_in_sequence() {
+        let epoll = Epoll::new().unwrap();
+        let (lo, hi) = range(30_000, 1000);
+        let ports = RelayPorts::new(&[vec![address("127.0.0.1", "127.0.0.1")], vec![]], lo, hi);
+        let mut pool = RelayPool::new(ports, 0).unwrap();
+        let got: Vec<u16> = (0..20)
+            .map(|_| pool.allocate_in(&epoll, &request(Family::V4, false)).unwrap().1.port())
+            .collect();
+        let steps = got.windows(2).filter(|w| w[1] == w[0] + 1).count();
+        assert!(steps < 5, "ports in sequence: {got:?}");
+        let mut distinct = got.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), got.len());
+    }
+
     /// Which worker holds a relayed address, as relay-to-relay hand-over looks it up:
     /// by the bound address (not the advertised one), and no one once it is released.
     #[test]
