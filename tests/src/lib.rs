@@ -214,18 +214,14 @@ pub fn uclient_in_background(
     })
 }
 
-/// The daemon most relay tests use: 2 workers, realm `test`, user `alice:secret`, peers
-/// on loopback allowed, plus `extra`.
+/// What most relay tests give the daemon: 2 workers, realm `test`, user `alice:secret`,
+/// peers on loopback allowed.
+pub const RELAYING: [&str; 7] =
+    ["--workers", "2", "--realm", "test", "--user", "alice:secret", "--allow-loopback-peers"];
+
+/// The daemon most relay tests use: [`RELAYING`], plus `extra`.
 pub fn relaying_daemon(extra: &[&str]) -> Daemon {
-    let mut args = vec![
-        "--workers",
-        "2",
-        "--realm",
-        "test",
-        "--user",
-        "alice:secret",
-        "--allow-loopback-peers",
-    ];
+    let mut args = RELAYING.to_vec();
     args.extend_from_slice(extra);
     Daemon::start(&args)
 }

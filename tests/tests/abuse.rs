@@ -512,10 +512,7 @@ fn spoofed_failures_in_a_victims_name_cost_it_no_refresh_and_no_datagram() {
         return;
     }
     let Some(bin) = turn_tests::release_server_bin(test) else { return };
-    let daemon = turn_tests::start_release(
-        &bin,
-        &["--workers", "2", "--realm", "test", "--user", "alice:secret", "--allow-loopback-peers"],
-    );
+    let daemon = turn_tests::start_release(&bin, &turn_tests::RELAYING);
     let std::net::SocketAddr::V4(server) = daemon.addr() else { panic!("IPv4 listener") };
     // The victim: an allocation from 127.0.0.5 with a permission for its peer.
     let mut victim = turn_tests::StunClient::new("127.0.0.5", daemon.addr(), "alice", "secret");
@@ -595,10 +592,8 @@ fn a_source_that_varies_its_port_gets_the_documented_rate_in_total() {
         return;
     }
     let Some(bin) = turn_tests::release_server_bin(test) else { return };
-    let mut daemon = turn_tests::start_release(
-        &bin,
-        &["--workers", "2", "--realm", "test", "--user", "alice:secret", "--steering", "hash"],
-    );
+    let args = [&turn_tests::RELAYING[..], &["--steering", "hash"]].concat();
+    let mut daemon = turn_tests::start_release(&bin, &args);
     // 300 sockets of one address, one unauthenticated Allocate each, within a few tens of
     // milliseconds: the kernel's hash spreads them over both workers; the default of 20
     // answers a second, bursts of 40, holds for the address.
@@ -631,21 +626,9 @@ fn a_source_that_varies_its_port_gets_the_documented_rate_in_total() {
     // answers to strangers lifted for this part): ten failures (the burst) verified in
     // all, then dropped unverified, whichever worker each reaches.
     daemon.signal_and_wait(libc::SIGINT, Duration::from_secs(10)).unwrap();
-    let mut daemon = turn_tests::start_release(
-        &bin,
-        &[
-            "--workers",
-            "2",
-            "--realm",
-            "test",
-            "--user",
-            "alice:secret",
-            "--steering",
-            "hash",
-            "--unauthenticated-responses-per-sec",
-            "0",
-        ],
-    );
+    let args = [&turn_tests::RELAYING[..], &["--steering", "hash"]].concat();
+    let relaxed = [&args[..], &["--unauthenticated-responses-per-sec", "0"]].concat();
+    let mut daemon = turn_tests::start_release(&bin, &relaxed);
     let mut guessers: Vec<_> = (0..100)
         .map(|_| turn_tests::StunClient::new("127.0.0.8", daemon.addr(), "alice", "guess"))
         .collect();

@@ -96,19 +96,8 @@ fn a_flood_of_strangers_over_tcp_and_tls_leaves_clients_relaying_without_loss() 
     sh(&["ip", "-6", "route", "add", "local", "2001:db8::/32", "dev", "lo"]);
     sh(&["sysctl", "-q", "-w", "net.ipv6.ip_nonlocal_bind=1"]);
     let cert = TestCert::new("flood");
-    let mut args = vec![
-        "-L",
-        "127.0.0.1",
-        "-L",
-        "2001:db8::1",
-        "--workers",
-        "2",
-        "--realm",
-        "test",
-        "--user",
-        "alice:secret",
-        "--allow-loopback-peers",
-    ];
+    let mut args = vec!["-L", "127.0.0.1", "-L", "2001:db8::1"];
+    args.extend(turn_tests::RELAYING);
     args.extend_from_slice(&cert.args());
     let mut daemon = turn_tests::start_release_as(&bin, &ns.exec(), &args);
     let pick = |transport: &str, v6: bool| {
