@@ -626,7 +626,6 @@ fn a_source_that_varies_its_port_gets_the_documented_rate_in_total() {
     // answers to strangers lifted for this part): ten failures (the burst) verified in
     // all, then dropped unverified, whichever worker each reaches.
     daemon.signal_and_wait(libc::SIGINT, Duration::from_secs(10)).unwrap();
-    let args = [&turn_tests::RELAYING[..], &["--steering", "hash"]].concat();
     let relaxed = [&args[..], &["--unauthenticated-responses-per-sec", "0"]].concat();
     let mut daemon = turn_tests::start_release(&bin, &relaxed);
     let mut guessers: Vec<_> = (0..100)
