@@ -228,7 +228,11 @@ pub fn run(config: Config, read: ReadConfig) -> Result<()> {
             let (handle, thread) = handshake::spawn(HandshakeSetup {
                 tls: Arc::clone(tls),
                 timeout: streams.handshake_timeout,
-                max_in_flight: (config.max_unauthenticated_connections / 2).max(1),
+                // 0: no budget of their own, no bound of its own (max_connections holds).
+                max_in_flight: match config.max_unauthenticated_connections {
+                    0 => 0,
+                    n => (n / 2).max(1),
+                },
                 limits: Arc::clone(&limits),
                 inboxes: Arc::clone(&inboxes),
                 stats: Arc::clone(&handshake_stats),
