@@ -96,7 +96,8 @@ pub struct Config {
     pub max_connections_per_ip: usize,
     /// TCP and TLS connections that have no allocation yet (in their TLS handshake, or
     /// logging in), held at once across workers (0 = no cap of their own); beyond, a
-    /// worker closes its oldest such connection to take the new one, or refuses it.
+    /// worker closes one of its own (the oldest that has sent nothing valid yet, else the
+    /// oldest logging in) to take the new one, or refuses it.
     pub max_unauthenticated_connections: usize,
     /// ... per source address (an IPv6 address counts by its /64); beyond, refused.
     pub max_unauthenticated_connections_per_ip: usize,

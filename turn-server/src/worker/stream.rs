@@ -336,9 +336,11 @@ pub(super) struct Connections {
     live: usize,
     /// Slots with bytes to write at the end of the batch.
     dirty: Vec<u32>,
-    /// Connections without an allocation yet, oldest first, by slot and generation
-    /// (entries of connections closed or authenticated since are skipped when met).
-    strangers: VecDeque<(u32, u32)>,
+    /// Connections without an allocation yet, oldest first, by slot and generation:
+    /// those that have not sent a valid STUN message, and those that have (logging in).
+    /// Entries of connections closed, authenticated or moved on since are skipped when met.
+    silent: VecDeque<(u32, u32)>,
+    talking: VecDeque<(u32, u32)>,
     /// Bytes waiting to be written, per connection, at most.
     write_buffer: usize,
     /// Messages dropped because a connection's write buffer was full.
@@ -362,7 +364,8 @@ impl Connections {
             free: Vec::new(),
             live: 0,
             dirty: Vec::new(),
-            strangers: VecDeque::new(),
+            silent: VecDeque::new(),
+            talking: VecDeque::new(),
             write_buffer: settings.write_buffer,
             write_drops: 0,
         }
@@ -421,25 +424,40 @@ impl Connections {
         self.slots[slot as usize] = Some(connection);
         self.live += 1;
         let generation = self.generations[slot as usize];
-        self.strangers.push_back((slot, generation));
+        self.silent.push_back((slot, generation));
         Ok((slot, conn_id(slot, generation)))
     }
 
-    /// The oldest connection that has no allocation yet, if any (its slot).
+    /// The connection without an allocation to close first when the strangers' budget is
+    /// spent (its slot): the oldest of those that have sent nothing valid yet (what a flood
+    /// of idle connections is), else the oldest of those logging in (a client that speaks
+    /// STUN is kept over one that only holds a socket).
     pub(super) fn oldest_stranger(&mut self) -> Option<u32> {
-        while let Some(&(slot, generation)) = self.strangers.front() {
-            let live = self.generations.get(slot as usize) == Some(&generation)
-                && self
-                    .slots
+        let (slots, generations) = (&self.slots, &self.generations);
+        let current = |&(slot, generation): &(u32, u32), talking: bool| {
+            generations.get(slot as usize) == Some(&generation)
+                && slots
                     .get(slot as usize)
                     .and_then(Option::as_ref)
-                    .is_some_and(|c| !c.authenticated);
-            if live {
-                return Some(slot);
+                    .is_some_and(|c| !c.authenticated && c.started() == talking)
+        };
+        for (queue, talking) in [(&mut self.silent, false), (&mut self.talking, true)] {
+            while let Some(entry) = queue.front() {
+                if current(entry, talking) {
+                    return Some(entry.0);
+                }
+                queue.pop_front();
             }
-            self.strangers.pop_front();
         }
         None
+    }
+
+    /// Connection `slot` sent its first valid STUN message: it moves to the strangers
+    /// logging in.
+    pub(super) fn started_talking(&mut self, slot: u32) {
+        if let Some(&generation) = self.generations.get(slot as usize) {
+            self.talking.push_back((slot, generation));
+        }
     }
 
     /// The connection in `slot`, with its `ClientConn`.
@@ -897,6 +915,7 @@ impl super::Core {
                 c.put_rbuf(rbuf, used);
                 if first {
                     c.first_message(&self.streams, now);
+                    self.sink.connections.started_talking(slot);
                 }
             }
             if garbage {
