@@ -462,9 +462,11 @@ pub fn run(a: LoadArgs) -> Result<LoadReport> {
         sleep_until_ns(window.start_ns);
         let server_a = a.server_pid.map(|p| CpuSample::take(Proc::Pid(p))).transpose();
         let self_a = CpuSample::take(Proc::SelfProc);
+        let machine_a = procfs::machine_cpu_ns();
         sleep_until_ns(window.end_ns);
         let server_b = a.server_pid.map(|p| CpuSample::take(Proc::Pid(p))).transpose();
         let self_b = CpuSample::take(Proc::SelfProc);
+        let machine_b = procfs::machine_cpu_ns();
 
         for h in sends {
             h.join().map_err(|_| anyhow!("sender thread panicked"))??;
@@ -486,8 +488,9 @@ pub fn run(a: LoadArgs) -> Result<LoadReport> {
             (Some(x), Some(y)) => Some(procfs::cpu_delta(&x, &y, tck)),
             _ => None,
         };
-        let own = procfs::cpu_delta(&self_a?, &self_b?, tck);
-        Ok((pc, ec, (server, own)))
+        let (self_a, self_b) = (self_a?, self_b?);
+        let own = procfs::cpu_delta(&self_a, &self_b, tck);
+        Ok((pc, ec, (server, own, (machine_a, machine_b))))
     })?;
     let sent: u64 = txs.iter().map(|t| t.sent_window).sum();
     let send_failed: u64 = txs.iter().map(|t| t.failed).sum();
@@ -522,7 +525,7 @@ pub fn run(a: LoadArgs) -> Result<LoadReport> {
     let window_s = a.duration.as_secs_f64();
     let delivered: u64 = peer_counts.per_flow_window.iter().sum();
     let echoed: u64 = echo_counts.per_flow_window.iter().sum();
-    let (server_delta, own) = samples;
+    let (server_delta, own, (machine_a, machine_b)) = samples;
     let relayed = delivered + if a.echo { echoed } else { 0 };
     Ok(LoadReport {
         mode: framing.name(),
@@ -561,6 +564,7 @@ pub fn run(a: LoadArgs) -> Result<LoadReport> {
             cpu_us_per_packet: (relayed > 0).then(|| delta.cpu_us as f64 / relayed as f64),
         }),
         generator_cpu: own,
+        machine_cpu: procfs::MachineCpu::of(machine_a, machine_b, own.wall_us, relayed),
         peer_foreign: peer_counts.foreign,
         cleanup,
         cleanup_first_error,

@@ -287,6 +287,10 @@ pub struct MediaReport {
     pub latency_us: MediaLatency,
     pub server_cpu: Option<ServerCpu>,
     pub generator_cpu: CpuDelta,
+    /// Every task of the machine over the window (the root cgroup's CPU time), per
+    /// datagram delivered end to end (a relay forwards each twice; the direct exchange
+    /// measures what the generator alone costs per datagram).
+    pub machine_cpu: Option<procfs::MachineCpu>,
     /// Datagrams at a client that were not its partner's media.
     pub stray: u64,
     pub cleanup: Option<PhaseReport>,
@@ -396,11 +400,13 @@ pub fn run(a: MediaArgs) -> Result<MediaReport> {
         }
         let server_a = a.server_pid.map(|p| CpuSample::take(Proc::Pid(p))).transpose();
         let self_a = CpuSample::take(Proc::SelfProc);
+        let machine_a = procfs::machine_cpu_ns();
         while clock_ns() < window.end_ns {
             std::thread::sleep(Duration::from_millis(1));
         }
         let server_b = a.server_pid.map(|p| CpuSample::take(Proc::Pid(p))).transpose();
         let self_b = CpuSample::take(Proc::SelfProc);
+        let machine_b = procfs::machine_cpu_ns();
         let mut counts = Vec::new();
         for h in handles {
             counts.push(h.join().map_err(|_| anyhow!("generator thread panicked"))??);
@@ -409,7 +415,7 @@ pub fn run(a: MediaArgs) -> Result<MediaReport> {
             (Some(x), Some(y)) => Some(procfs::cpu_delta(&x, &y, tck)),
             _ => None,
         };
-        Ok((counts, (server, procfs::cpu_delta(&self_a?, &self_b?, tck))))
+        Ok((counts, (server, procfs::cpu_delta(&self_a?, &self_b?, tck), (machine_a, machine_b))))
     })?;
 
     let cleanup = if relay {
@@ -447,7 +453,7 @@ pub fn run(a: MediaArgs) -> Result<MediaReport> {
     both.merge(&latency[1]);
     let window_s = a.duration.as_secs_f64();
     let forwarded = if relay { delivered * 2 } else { 0 };
-    let (server_delta, generator_cpu) = samples;
+    let (server_delta, generator_cpu, (machine_a, machine_b)) = samples;
     Ok(MediaReport {
         mode: if relay { "relay" } else { "direct" },
         server: a.server,
@@ -479,6 +485,7 @@ pub fn run(a: MediaArgs) -> Result<MediaReport> {
             cpu_us_per_packet: (forwarded > 0).then(|| delta.cpu_us as f64 / forwarded as f64),
         }),
         generator_cpu,
+        machine_cpu: procfs::MachineCpu::of(machine_a, machine_b, generator_cpu.wall_us, delivered),
         stray,
         cleanup,
     })

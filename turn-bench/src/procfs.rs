@@ -121,6 +121,45 @@ pub fn ticks_to_us(ticks: u64, ticks_per_sec: u64) -> u64 {
     ticks.saturating_mul(1_000_000) / ticks_per_sec.max(1)
 }
 
+/// CPU time every task of the machine has used, in nanoseconds: the root cgroup's
+/// `cpuacct.usage` (cgroup v1), or `usage_usec` of the unified hierarchy's `cpu.stat`.
+/// Exact, unlike /proc/stat's tick samples (measured far off on this VM), and it sees
+/// the kernel's work done in softirq on anyone's behalf. None where neither exists.
+pub fn machine_cpu_ns() -> Option<u64> {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    if let Some(v1) = read("/sys/fs/cgroup/cpuacct/cpuacct.usage") {
+        return v1.trim().parse().ok();
+    }
+    let stat =
+        read("/sys/fs/cgroup/cpu.stat").or_else(|| read("/sys/fs/cgroup/unified/cpu.stat"))?;
+    let usec: u64 =
+        stat.lines().find_map(|l| l.strip_prefix("usage_usec ")?.trim().parse().ok())?;
+    Some(usec.saturating_mul(1000))
+}
+
+/// Whole-machine CPU over a measured window, per forwarded packet.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct MachineCpu {
+    /// CPU time of every task on the machine over the window, in microseconds.
+    pub cpu_us: u64,
+    /// In percent of one core.
+    pub cpu_pct: f64,
+    /// `cpu_us` over the datagrams forwarded (the same count as the server's figure).
+    pub cpu_us_per_packet: Option<f64>,
+}
+
+impl MachineCpu {
+    /// From two [`machine_cpu_ns`] readings `wall_us` apart, for `packets` forwarded.
+    pub fn of(a: Option<u64>, b: Option<u64>, wall_us: u64, packets: u64) -> Option<MachineCpu> {
+        let cpu_us = b?.saturating_sub(a?) / 1000;
+        Some(MachineCpu {
+            cpu_us,
+            cpu_pct: if wall_us == 0 { 0.0 } else { 100.0 * cpu_us as f64 / wall_us as f64 },
+            cpu_us_per_packet: (packets > 0).then(|| cpu_us as f64 / packets as f64),
+        })
+    }
+}
+
 /// Check that a PID names a live process we can read, for a clear early error.
 pub fn check_pid(pid: u32) -> Result<()> {
     Proc::Pid(pid)

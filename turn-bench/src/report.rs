@@ -110,6 +110,10 @@ pub struct LoadReport {
     pub echo_path: Option<EchoReport>,
     pub server_cpu: Option<ServerCpu>,
     pub generator_cpu: CpuDelta,
+    /// Every task of the machine over the window (the root cgroup's CPU time): what the
+    /// server's process CPU does not see (softirq work on its behalf, the load generator's
+    /// delivery work on loopback). None where the cgroup file is missing.
+    pub machine_cpu: Option<crate::procfs::MachineCpu>,
     /// Datagrams at the peer that were no flow's payload.
     pub peer_foreign: u64,
     pub cleanup: Option<PhaseReport>,
