@@ -53,6 +53,9 @@ pub struct LoadArgs {
     pub server_pid: Option<u32>,
     pub peer: SocketAddr,
     pub peer_threads: usize,
+    /// One peer socket (port) per flow instead of one peer address for all (what coturn's
+    /// `--multiplex-peer` needs); served by `peer_threads` threads.
+    pub peer_per_flow: bool,
     pub sender_threads: usize,
     pub batch: usize,
     pub in_flight: usize,
@@ -98,6 +101,11 @@ fn validate(a: &LoadArgs) -> Result<()> {
         _ => bail!("give exactly one of --server or --floor"),
     }
     net::require_loopback("--peer", a.peer)?;
+    if a.peer_per_flow && (a.floor.is_some() || a.send_indications) {
+        bail!(
+            "--peer-per-flow works with ChannelData through a TURN server (--server, no --send-indications)"
+        );
+    }
     if a.flows == 0 {
         bail!("--flows must be at least 1");
     }
@@ -363,9 +371,19 @@ pub fn run(a: LoadArgs) -> Result<LoadReport> {
     }
     let tck = procfs::clock_ticks_per_sec()?;
 
-    // The embedded peer.
-    let peer_socks = peer::bind(a.peer, a.peer_threads.max(1), a.buffer)?;
+    // The embedded peer: one address for every flow, or one per flow.
+    let peer_socks = if a.peer_per_flow {
+        peer::bind_per_flow(a.flows, a.buffer)?
+    } else {
+        peer::bind(a.peer, a.peer_threads.max(1), a.buffer)?
+    };
     let peer_addr = peer_socks[0].local_addr()?;
+    let peer_addrs: Vec<SocketAddr> = if a.peer_per_flow {
+        peer_socks.iter().map(UdpSocket::local_addr).collect::<std::io::Result<_>>()?
+    } else {
+        vec![peer_addr]
+    };
+    let peer_of = |i: usize| peer_addrs[i % peer_addrs.len()];
 
     // One socket per flow, connected to the server (or the floor).
     let creds = Arc::new(Credentials::new(&a.user, &a.password, a.realm.as_deref())?);
@@ -391,9 +409,9 @@ pub fn run(a: LoadArgs) -> Result<LoadReport> {
     let setup = if turn {
         let with_channel = !a.send_indications;
         let plan = |i: usize| {
-            let mut p = vec![Request::Allocate, Request::CreatePermission(peer_addr)];
+            let mut p = vec![Request::Allocate, Request::CreatePermission(peer_of(i))];
             if with_channel {
-                p.push(Request::ChannelBind { channel: channel_of(i), peer: peer_addr });
+                p.push(Request::ChannelBind { channel: channel_of(i), peer: peer_of(i) });
             }
             p
         };
@@ -438,8 +456,15 @@ pub fn run(a: LoadArgs) -> Result<LoadReport> {
     let chunk = chunk_len(a.flows, senders);
 
     let (peer_counts, echo_counts, samples) = std::thread::scope(|s| -> Result<_> {
-        let peers: Vec<_> =
-            peer_socks.iter().map(|sock| s.spawn(move || peer::serve(sock, &popts))).collect();
+        let peers: Vec<_> = if a.peer_per_flow {
+            let per = chunk_len(peer_socks.len(), a.peer_threads.max(1));
+            peer_socks
+                .chunks(per)
+                .map(|part| s.spawn(move || peer::serve_many(part, &popts)))
+                .collect()
+        } else {
+            peer_socks.iter().map(|sock| s.spawn(move || peer::serve(sock, &popts))).collect()
+        };
         let echoes: Vec<_> = if a.echo {
             socks
                 .chunks(chunk)
@@ -648,6 +673,7 @@ mod tests {
             warmup: Duration::from_secs(1),
             drain: Duration::from_millis(500),
             send_indications: false,
+            peer_per_flow: false,
             echo: false,
             server_pid: None,
             peer: "127.0.0.1:0".parse().unwrap(),

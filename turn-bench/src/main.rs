@@ -181,6 +181,10 @@ enum Cmd {
         peer: SocketAddr,
         #[arg(long, default_value_t = 1)]
         peer_threads: usize,
+        /// One peer socket (port) per flow, served by --peer-threads threads: for a server
+        /// that refuses two allocations the same peer address (coturn's --multiplex-peer).
+        #[arg(long)]
+        peer_per_flow: bool,
         /// Sender threads (flows are split between them); also the echo receiver threads.
         #[arg(long, default_value_t = 1)]
         sender_threads: usize,
@@ -396,6 +400,7 @@ fn main() -> Result<()> {
             json,
             peer,
             peer_threads,
+            peer_per_flow,
             sender_threads,
             batch,
             in_flight,
@@ -420,6 +425,7 @@ fn main() -> Result<()> {
                 server_pid,
                 peer,
                 peer_threads,
+                peer_per_flow,
                 sender_threads,
                 batch,
                 in_flight,

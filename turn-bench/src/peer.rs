@@ -83,6 +83,94 @@ pub fn bind(listen: SocketAddr, threads: usize, buffer: usize) -> Result<Vec<Udp
     Ok(socks)
 }
 
+/// Bind one peer socket per flow on 127.0.0.1, each on a port of its own (for a server
+/// that tells allocations apart by the exact peer address: coturn's `--multiplex-peer`
+/// refuses a second allocation's permission for an address another one uses).
+pub fn bind_per_flow(flows: usize, buffer: usize) -> Result<Vec<UdpSocket>> {
+    let opts = SockOpts {
+        reuse_port: false,
+        buffer: Some(buffer.min(256 << 10)),
+        timeout: Duration::ZERO,
+    };
+    (0..flows)
+        .map(|i| {
+            let sock = net::udp_socket(SocketAddr::from(([127, 0, 0, 1], 0)), None, opts)
+                .with_context(|| format!("peer socket of flow {i}"))?;
+            sock.set_nonblocking(true)?;
+            Ok(sock)
+        })
+        .collect()
+}
+
+/// Serve several non-blocking peer sockets from one thread (epoll) until `opts.stop_ns`.
+pub fn serve_many(socks: &[UdpSocket], opts: &PeerOpts) -> Result<PeerCounts> {
+    // SAFETY: epoll_create1 with a constant flag; the fd is checked and owned below.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if ep < 0 {
+        return Err(std::io::Error::last_os_error()).context("epoll_create1");
+    }
+    // SAFETY: a fresh descriptor that nothing else owns.
+    let ep = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(ep) };
+    for (i, sock) in socks.iter().enumerate() {
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: i as u64 };
+        // SAFETY: registers a socket we own, with a valid event.
+        let rc = unsafe {
+            libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, sock.as_raw_fd(), &mut ev)
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error()).context("epoll_ctl");
+        }
+    }
+    let mut c = PeerCounts { per_flow_window: vec![0; opts.flows], ..PeerCounts::default() };
+    let mut batch = Batch::new(opts.batch, net::MAX_DATAGRAM);
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+    while clock_ns() < opts.stop_ns {
+        // SAFETY: `events` holds as many entries as we pass.
+        let n = unsafe {
+            libc::epoll_wait(ep.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, 20)
+        };
+        for ev in events.iter().take(n.max(0) as usize) {
+            let Some(sock) = socks.get(ev.u64 as usize) else { continue };
+            let fd = sock.as_raw_fd();
+            loop {
+                let got = batch.recv(fd, libc::MSG_DONTWAIT).context("peer recvmmsg")?;
+                if got == 0 {
+                    break;
+                }
+                count(&mut c, &batch, got, opts);
+                if opts.echo {
+                    let sent = batch.send(fd, got, Dest::Sources);
+                    c.echoed += sent.ok as u64;
+                    c.echo_failed += sent.failed as u64;
+                }
+            }
+        }
+    }
+    Ok(c)
+}
+
+/// Counts a received batch of `n` datagrams.
+fn count(c: &mut PeerCounts, batch: &Batch, n: usize, opts: &PeerOpts) {
+    c.received += n as u64;
+    for i in 0..n {
+        match Stamp::read(batch.get(i)) {
+            Some(s) if (s.flow as usize) < opts.flows => {
+                if opts.window.contains(s.sent_ns) {
+                    c.per_flow_window[s.flow as usize] += 1;
+                }
+            }
+            // Standalone: any turn-bench payload is ours.
+            Some(_) if opts.flows == 0 => {}
+            _ => c.foreign += 1,
+        }
+        if opts.by_source
+            && let Some(src) = batch.source(i)
+        {
+            *c.by_source.entry(src).or_default() += 1;
+        }
+    }
+}
+
 /// Serve one peer socket until `opts.stop_ns`.
 pub fn serve(sock: &UdpSocket, opts: &PeerOpts) -> Result<PeerCounts> {
     let mut c = PeerCounts { per_flow_window: vec![0; opts.flows], ..PeerCounts::default() };
@@ -93,24 +181,7 @@ pub fn serve(sock: &UdpSocket, opts: &PeerOpts) -> Result<PeerCounts> {
         if n == 0 {
             continue;
         }
-        c.received += n as u64;
-        for i in 0..n {
-            match Stamp::read(batch.get(i)) {
-                Some(s) if (s.flow as usize) < opts.flows => {
-                    if opts.window.contains(s.sent_ns) {
-                        c.per_flow_window[s.flow as usize] += 1;
-                    }
-                }
-                // Standalone: any turn-bench payload is ours.
-                Some(_) if opts.flows == 0 => {}
-                _ => c.foreign += 1,
-            }
-            if opts.by_source
-                && let Some(src) = batch.source(i)
-            {
-                *c.by_source.entry(src).or_default() += 1;
-            }
-        }
+        count(&mut c, &batch, n, opts);
         if opts.echo {
             let sent = batch.send(fd, n, Dest::Sources);
             c.echoed += sent.ok as u64;
