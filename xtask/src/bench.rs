@@ -42,9 +42,31 @@ pub(crate) struct Server {
 pub(crate) enum Kind {
     TurnP2c,
     TurnHash,
+    /// coturn from Debian (4.6.1, 2022).
     Coturn,
+    /// coturn 4.17.1 (the current release), its default configuration.
+    CoturnCurrent,
+    /// coturn 4.17.1 in its fastest configuration: `--multiplex-peer --udp-gso` (one relay
+    /// socket per thread; it refuses two allocations of a thread the same peer address, so
+    /// the load generator gives each flow its own peer socket).
+    CoturnFastest,
     Pion,
     Floor,
+}
+
+impl Kind {
+    /// Arguments `turn-bench load` needs for this server.
+    pub(crate) fn load_args(self) -> &'static [&'static str] {
+        match self {
+            Kind::CoturnFastest => &["--peer-per-flow", "--peer-threads", "2"],
+            _ => &[],
+        }
+    }
+}
+
+/// Where `cargo xtask bench` builds coturn 4.17.1 (with ../shared/peers/build-coturn.sh).
+pub(crate) fn coturn_current_prefix(out_dir: &Path) -> PathBuf {
+    out_dir.join("coturn-4.17.1")
 }
 
 /// A running server, stopped (SIGINT, then SIGKILL) when dropped.
@@ -106,11 +128,26 @@ pub(crate) fn free_port() -> Result<u16> {
     }
 }
 
+/// `n` consecutive ports free on 127.0.0.1 (UDP), the first returned.
+pub(crate) fn free_port_run(n: u16) -> Result<u16> {
+    for _ in 0..100 {
+        let base = free_port()?;
+        if (0..n).all(|i| {
+            base.checked_add(i).is_some_and(|p| std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok())
+        }) {
+            return Ok(base);
+        }
+    }
+    bail!("no {n} consecutive free ports on 127.0.0.1")
+}
+
 /// Everything the run needs to find.
 pub struct Tools {
     pub turn_server: PathBuf,
     pub turn_bench: PathBuf,
     pub pion: Option<PathBuf>,
+    /// coturn 4.17.1's turnserver, when built.
+    pub coturn_current: Option<PathBuf>,
     pub out_dir: PathBuf,
 }
 
@@ -131,8 +168,21 @@ pub(crate) fn start(server: &Server, tools: &Tools, peer_port: u16) -> Result<Ru
     let log = std::fs::File::create(&log_path)?;
     let mut cmd = match server.kind {
         Kind::TurnP2c | Kind::TurnHash => bail!("{} is started above", server.name),
-        Kind::Coturn => {
-            let mut c = Command::new("turnserver");
+        Kind::Coturn | Kind::CoturnCurrent | Kind::CoturnFastest => {
+            let bin = match server.kind {
+                Kind::Coturn => PathBuf::from("turnserver"),
+                _ => match &tools.coturn_current {
+                    Some(bin) => bin.clone(),
+                    None => bail!("coturn 4.17.1 not built"),
+                },
+            };
+            let mut c = Command::new(bin);
+            if server.kind == Kind::CoturnFastest {
+                // Thread i binds BASE+2i and BASE+2i+1.
+                let base = free_port_run(2 * server.threads as u16)?;
+                c.args(["--multiplex-peer", "--multiplex-peer-port", &base.to_string()])
+                    .arg("--udp-gso");
+            }
             c.args(["-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1"])
                 .arg(format!("--listening-port={port}"))
                 .args([
@@ -260,9 +310,23 @@ pub(crate) struct RunContext {
     pub(crate) kernel: String,
     pub(crate) commit: String,
     pub(crate) coturn: String,
+    /// coturn 4.17.1's `--version`, when built.
+    #[serde(default)]
+    pub(crate) coturn_current: String,
 }
 
 impl RunContext {
+    /// [`RunContext::now`] with the version of the coturn 4.17.1 `tools` runs.
+    pub(crate) fn of(tools: &Tools) -> RunContext {
+        let mut context = RunContext::now();
+        if let Some(bin) = &tools.coturn_current
+            && let Ok(out) = Command::new(bin).arg("--version").output()
+        {
+            context.coturn_current = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        }
+        context
+    }
+
     pub(crate) fn now() -> RunContext {
         let out = |cmd: &mut Command| {
             cmd.output()
@@ -277,6 +341,7 @@ impl RunContext {
                 .to_owned(),
             commit: out(Command::new("git").args(["rev-parse", "--short", "HEAD"])),
             coturn: dpkg("coturn"),
+            coturn_current: String::new(),
         }
     }
 }
@@ -398,8 +463,10 @@ fn servers() -> Vec<Server> {
         s("turn-server p2c 2w", Kind::TurnP2c, 2),
         s("turn-server hash 2w", Kind::TurnHash, 2),
         s("turn-server 1w", Kind::TurnP2c, 1),
-        s("coturn 2 threads", Kind::Coturn, 2),
-        s("coturn 1 thread", Kind::Coturn, 1),
+        s("coturn 4.17.1 2 threads", Kind::CoturnCurrent, 2),
+        s("coturn 4.17.1 fastest 2 threads", Kind::CoturnFastest, 2),
+        s("coturn 4.6.1 2 threads", Kind::Coturn, 2),
+        s("coturn 4.6.1 1 thread", Kind::Coturn, 1),
         s("pion 2 sockets", Kind::Pion, 2),
         s("pion 1 socket", Kind::Pion, 1),
         s("floor 2 threads", Kind::Floor, 2),
@@ -436,6 +503,7 @@ pub(crate) fn measure(
             cmd.args(["--server", &running.addr, "-u", USER, "-w", PASSWORD, "--realm", REALM]);
         }
         cmd.args(["--peer", &format!("127.0.0.1:{peer_port}"), "--sender-threads", "1"]);
+        cmd.args(server.kind.load_args());
     }
     cmd.args(&case.args).args(["--server-pid", &pid, "--json"]);
     run_json(&mut cmd)
@@ -534,7 +602,7 @@ fn render(
     reps: usize,
 ) -> String {
     let mut md = String::new();
-    let RunContext { date, kernel, commit, coturn } = RunContext::now();
+    let RunContext { date, kernel, commit, coturn, .. } = RunContext::now();
     let _ = writeln!(
         md,
         "## Side by side: turn-server, coturn, pion/turn and the floor (`cargo xtask bench{}`)\n",
@@ -542,7 +610,7 @@ fn render(
     );
     let _ = writeln!(
         md,
-        "Run on {date}, Linux {}, {} CPUs; turn-server at commit {commit}, coturn {} (Debian), pion/turn {} (Debian's golang-github-pion-turn.v2-dev, ../shared/peers/pion-mt); all on 127.0.0.1, one server at a time (started fresh for each run, stopped by its PID). Every cell ran {reps} time(s), the servers in turn within each case; cells show the median and, where it matters, (lowest-highest); loss is the worst run's. Load from `turn-bench` (one sender thread, embedded peer, 160-byte payloads). CPU is the server process's utime+stime from /proc over the measured window; per packet = that CPU / packets relayed. ![chart](docs/bench.svg)\n",
+        "Run on {date}, Linux {}, {} CPUs; turn-server at commit {commit}, coturn 4.17.1 (built from the release archive, default and `--multiplex-peer --udp-gso` with a peer socket per flow) and coturn {} (Debian), pion/turn {} (Debian's golang-github-pion-turn.v2-dev, ../shared/peers/pion-mt); all on 127.0.0.1, one server at a time (started fresh for each run, stopped by its PID). Every cell ran {reps} time(s), the servers in turn within each case; cells show the median and, where it matters, (lowest-highest); loss is the worst run's. Load from `turn-bench` (one sender thread, embedded peer, 160-byte payloads). CPU is the server process's utime+stime from /proc over the measured window; per packet = that CPU / packets relayed. ![chart](docs/bench.svg)\n",
         kernel,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         coturn,

@@ -19,7 +19,7 @@ use crate::{
 const BEGIN: &str = "<!-- bench-bidir:begin -->";
 const END: &str = "<!-- bench-bidir:end -->";
 /// The server whose CPU the others are compared with.
-const BASELINE: &str = "coturn 2 threads";
+const BASELINE: &str = "coturn 4.17.1, 2 threads";
 
 /// (flows, packets/s per flow each way, payload bytes). The last is video-like: many
 /// light flows of 1,200-byte datagrams.
@@ -34,6 +34,10 @@ fn cells(quick: bool) -> Vec<(u32, u32, u32)> {
             (8, 10_000, 160),
             (64, 1_250, 160),
             (200, 150, 1200),
+            // The traffic relays carry: many light flows.
+            (400, 100, 160),
+            (1_000, 40, 160),
+            (2_000, 25, 160),
         ]
     }
 }
@@ -44,11 +48,12 @@ fn cell_name((flows, rate, size): (u32, u32, u32)) -> String {
 
 fn servers(tools: &Tools) -> Vec<Server> {
     let s = |name: &str, kind, extra| Server { name: name.into(), kind, threads: 2, extra };
-    let mut list = vec![
-        s("turn-server 2w", Kind::TurnP2c, vec![]),
-        s("turn-server 2w, no batch wait", Kind::TurnP2c, vec!["--batch-wait-us", "0"]),
-        s(BASELINE, Kind::Coturn, vec![]),
-    ];
+    let mut list = vec![s("turn-server 2w", Kind::TurnP2c, vec![])];
+    if tools.coturn_current.is_some() {
+        list.push(s(BASELINE, Kind::CoturnCurrent, vec![]));
+        list.push(s("coturn 4.17.1 fastest, 2 threads", Kind::CoturnFastest, vec![]));
+    }
+    list.push(s("coturn 4.6.1 (Debian), 2 threads", Kind::Coturn, vec![]));
     if tools.pion.is_some() {
         list.push(s("pion 2 sockets", Kind::Pion, vec![]));
     }
@@ -58,7 +63,7 @@ fn servers(tools: &Tools) -> Vec<Server> {
 /// Every cell, `reps` times, the servers in turn; then the report.
 pub fn run(tools: &Tools, quick: bool, reps: usize, report: &Path) -> Result<()> {
     std::fs::create_dir_all(&tools.out_dir)?;
-    let context = RunContext::now();
+    let context = RunContext::of(tools);
     let servers = servers(tools);
     let secs = if quick { "3" } else { "5" };
     let mut results: Vec<(String, String, Value)> = Vec::new();
@@ -138,21 +143,28 @@ fn render(
     );
     let _ = writeln!(
         md,
-        "Run on {}, Linux {}, {} CPUs, loopback; turn-server at commit {}, coturn {} (Debian), \
-         pion/turn from Debian's Go packages. Each flow is its own client socket and \
-         allocation with a channel; `turn-bench load --echo` sends payloads paced \
-         per flow, its peer sends every one back through the relay, so the server forwards \
-         the rate each way. {reps} run(s) per cell, servers interleaved, a fresh server per \
-         run; median (lowest-highest). Server CPU is the process's utime+stime over the \
-         measured window divided by the datagrams it forwarded (both directions); `vs \
-         coturn` is the ratio of the medians. RTT is the echo's round trip (client -> relay \
-         -> peer -> relay -> client), medians of the runs' p50 and p99. turn-server's default \
-         `batch_wait_us` is 200; the `no batch wait` row sets it to 0. The load generator \
-         shares the 2 cores with the server.\n",
+        "Run on {}, Linux {}, {} CPUs, loopback; turn-server at commit {}, coturn {} (built \
+         from the release archive) in its default configuration and in its fastest \
+         (`--multiplex-peer --udp-gso`), coturn {} (Debian), pion/turn from Debian's Go \
+         packages. Each flow is its own client socket and allocation with a channel; \
+         `turn-bench load --echo` sends payloads paced per flow, its peer sends every one \
+         back through the relay, so the server forwards the rate each way. coturn's fastest \
+         mode tells allocations apart by the exact peer address and refuses a second \
+         allocation of a thread a permission to an address another one uses (every flow to \
+         one peer fails its setup there): for it each flow has a peer socket of its own \
+         (`--peer-per-flow`). {reps} run(s) per cell, servers interleaved, a fresh server \
+         per run; median (lowest-highest). Server CPU is the process's utime+stime over the \
+         measured window divided by the datagrams it forwarded (both directions); machine \
+         CPU is every task's (the root cgroup's `cpuacct.usage`: the server, the generator, \
+         and the kernel's work for both, softirq included) over the same datagrams; `vs \
+         coturn 4.17.1` is the ratio of the server CPU medians. RTT is the echo's round \
+         trip (client -> relay -> peer -> relay -> client), medians of the runs' p50 and \
+         p99. The load generator shares the 2 cores with the server.\n",
         context.date,
         context.kernel,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         context.commit,
+        context.coturn_current,
         context.coturn
     );
     for &cell in &cells(quick) {
@@ -163,8 +175,8 @@ fn render(
             cell.0, cell.1, cell.2
         );
         md.push_str(
-            "| server | echoes/s delivered | worst loss | server CPU us per forwarded packet | vs coturn | RTT p50 / p99 us |\n\
-             | --- | ---: | ---: | ---: | ---: | ---: |\n",
+            "| server | echoes/s delivered | worst loss | server CPU us per forwarded packet | vs coturn 4.17.1 | machine CPU us per forwarded packet | RTT p50 / p99 us |\n\
+             | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         );
         let (baseline, _) = spread(values(BASELINE, &name, &cpu), 2);
         for server in servers {
@@ -182,9 +194,11 @@ fn render(
                 (Some(a), Some(b)) => format!("{a:.0} / {b:.0}"),
                 _ => "-".into(),
             };
+            let machine = ["machine_cpu", "cpu_us_per_packet"];
+            let (_, machine) = spread(values(server, &name, &machine), 2);
             let _ = writeln!(
                 md,
-                "| {server} | {delivered} | {loss} | {per_packet} | {ratio} | {rtt} |"
+                "| {server} | {delivered} | {loss} | {per_packet} | {ratio} | {machine} | {rtt} |"
             );
         }
         md.push('\n');

@@ -24,7 +24,7 @@ use crate::{
 const BEGIN: &str = "<!-- bench-media:begin -->";
 const END: &str = "<!-- bench-media:end -->";
 /// The server the others are compared with.
-const BASELINE: &str = "coturn 2 threads";
+const BASELINE: &str = "coturn 4.17.1, 2 threads";
 /// The same calls socket to socket.
 const DIRECT: &str = "direct (no relay)";
 /// Where CPU per packet and latency are compared: a load every server holds.
@@ -46,7 +46,12 @@ fn ladder(quick: bool) -> Vec<u32> {
 
 fn servers(tools: &Tools) -> Vec<Server> {
     let s = |name: &str, kind| Server { name: name.into(), kind, threads: 2, extra: vec![] };
-    let mut list = vec![s("turn-server 2w", Kind::TurnP2c), s(BASELINE, Kind::Coturn)];
+    let mut list = vec![s("turn-server 2w", Kind::TurnP2c)];
+    if tools.coturn_current.is_some() {
+        list.push(s(BASELINE, Kind::CoturnCurrent));
+        list.push(s("coturn 4.17.1 fastest, 2 threads", Kind::CoturnFastest));
+    }
+    list.push(s("coturn 4.6.1 (Debian), 2 threads", Kind::Coturn));
     if tools.pion.is_some() {
         list.push(s("pion 2 sockets", Kind::Pion));
     }
@@ -81,7 +86,7 @@ fn held(v: &Value, calls: u32, secs: f64) -> bool {
 /// The ladder, `reps` runs per step and server, interleaved; then the report.
 pub fn run(tools: &Tools, quick: bool, reps: usize, report: &Path) -> Result<()> {
     std::fs::create_dir_all(&tools.out_dir)?;
-    let context = RunContext::now();
+    let context = RunContext::of(tools);
     let servers = servers(tools);
     let (secs, secs_f) = if quick { ("3", 3.0) } else { ("5", 5.0) };
     let mut results: Vec<(String, u32, Value)> = Vec::new();
@@ -165,8 +170,10 @@ fn render(
     );
     let _ = writeln!(
         md,
-        "Run on {}, Linux {}, {} CPUs, loopback; turn-server at commit {}, coturn {} (Debian), \
-         pion/turn from Debian's Go packages; every server on 2 threads. `turn-bench media` \
+        "Run on {}, Linux {}, {} CPUs, loopback; turn-server at commit {}, coturn {} (built \
+         from the release archive; default configuration, and fastest: `--multiplex-peer \
+         --udp-gso`), coturn {} (Debian), pion/turn from Debian's Go packages; every server \
+         on 2 threads. `turn-bench media` \
          makes each call two clients, each with its own socket and allocation; each permits \
          and binds a channel to the other's relayed address, and both send audio \
          ({AUDIO_PPS} pps x 160 B) and video ({VIDEO_PPS} pps x 1,200 B) to it, so every packet \
@@ -182,13 +189,14 @@ fn render(
         context.kernel,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         context.commit,
+        context.coturn_current,
         context.coturn,
         4.0 * (AUDIO_PPS + VIDEO_PPS),
         ladder(quick).iter().map(u32::to_string).collect::<Vec<_>>().join(", "),
         OFFERED_SHARE * 100.0
     );
     md.push_str(
-        "| server | most calls held | vs coturn | server CPU us per forwarded packet at that load | one-way latency p50 / p99 us at that load |\n\
+        "| server | most calls held | vs coturn 4.17.1 | server CPU us per forwarded packet at that load | one-way latency p50 / p99 us at that load |\n\
          | --- | ---: | ---: | ---: | ---: |\n",
     );
     let baseline = most(BASELINE);
@@ -222,14 +230,17 @@ fn render(
         f64::from(REFERENCE_CALLS) * 4.0 * (AUDIO_PPS + VIDEO_PPS)
     );
     md.push_str(
-        "| server | calls without loss (median) | server CPU us per forwarded packet | vs coturn | one-way p50 / p99 us | added by the relay p50 / p99 us |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: |\n",
+        "| server | calls without loss (median) | server CPU us per forwarded packet | vs coturn 4.17.1 | machine CPU above the generator, us per forwarded packet | one-way p50 / p99 us | added by the relay p50 / p99 us |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     let at = REFERENCE_CALLS;
     let cpu_path = ["server_cpu", "cpu_us_per_packet"];
     let (base_cpu, _) = spread(values(BASELINE, at, &cpu_path), 2);
     let (d50, _) = spread(values(DIRECT, at, &["latency_us", "all", "p50"]), 0);
     let (d99, _) = spread(values(DIRECT, at, &["latency_us", "all", "p99"]), 0);
+    // The machine's CPU per delivered datagram, direct: what the generator alone costs.
+    let machine = ["machine_cpu", "cpu_us_per_packet"];
+    let (generator, _) = spread(values(DIRECT, at, &machine), 2);
     for server in servers.iter().map(|s| s.name.as_str()) {
         if runs(server, at).is_empty() {
             continue;
@@ -246,6 +257,12 @@ fn render(
             (Some(a), Some(b)) => format!("{a:.0} / {b:.0}"),
             _ => "-".into(),
         };
+        // Each delivered datagram is forwarded twice through a relay.
+        let above: Vec<f64> = values(server, at, &machine)
+            .into_iter()
+            .filter_map(|m| generator.map(|g| (m - g) / 2.0))
+            .collect();
+        let above = if server == DIRECT { "-".into() } else { spread(above, 2).1 };
         let added = if server == DIRECT {
             "-".into()
         } else {
@@ -253,12 +270,15 @@ fn render(
         };
         let _ = writeln!(
             md,
-            "| {server} | {lossless} | {cpu} | {ratio} | {} | {added} |",
+            "| {server} | {lossless} | {cpu} | {ratio} | {above} | {} | {added} |",
             pair(p50, p99)
         );
     }
     md.push_str(
-        "\nMedians of the runs, (lowest-highest) where there are several. Latency is one way, \
+        "\nMedians of the runs, (lowest-highest) where there are several. Machine CPU is every \
+         task's (the root cgroup's `cpuacct.usage`), per datagram delivered, less the direct \
+         exchange's median (the generator alone), halved (a relay forwards each twice). \
+         Latency is one way, \
          sender to the other end of the call, on one clock; \"added\" is the relay's median \
          minus the direct exchange's, per percentile. Every run, with what was sent, lost and \
          the generator's CPU: `target/bench/media.jsonl`.\n",

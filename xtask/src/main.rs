@@ -342,6 +342,7 @@ fn bench(quick: bool, stream: bool, bidir: bool, media: bool, reps: usize) -> Re
             turn_server: target_dir.join("release").join("turn-server"),
             turn_bench: target_dir.join("release").join("turn-bench"),
             pion: None,
+            coturn_current: None,
             out_dir,
         };
         return bench_stream::run(&tools, quick, reps.max(1), &root.join("BENCHMARKS.md"));
@@ -356,10 +357,22 @@ fn bench(quick: bool, stream: bool, bidir: bool, media: bool, reps: usize) -> Re
         step("bench: building pion/turn (Debian's golang packages)");
         run_cmd(Command::new("bash").arg(&script).arg(&pion))?;
     }
+    // coturn 4.17.1 (the current release) from the source archive beside the repository.
+    let coturn_script = root.join("..").join("shared").join("peers").join("build-coturn.sh");
+    let prefix = bench::coturn_current_prefix(&out_dir);
+    let coturn_bin = prefix.join("bin").join("turnserver");
+    if !coturn_bin.is_file() {
+        if !coturn_script.is_file() {
+            bail!("{} not found: coturn 4.17.1 cannot be built", coturn_script.display());
+        }
+        step("bench: building coturn 4.17.1 (../shared/peers/build-coturn.sh)");
+        run_cmd(Command::new("bash").arg(&coturn_script).arg(&prefix))?;
+    }
     let tools = bench::Tools {
         turn_server: target_dir.join("release").join("turn-server"),
         turn_bench: target_dir.join("release").join("turn-bench"),
         pion: Some(pion),
+        coturn_current: Some(coturn_bin),
         out_dir,
     };
     if bidir {
