@@ -273,13 +273,19 @@ pub(crate) fn start_turn_server(
         REALM,
         "--allow-loopback-peers",
         // One benchmark user holds thousands of allocations, and every client comes from
-        // 127.0.0.1: no per-user quota and no per-source limit (coturn has neither by
-        // default).
+        // 127.0.0.1: no per-user or per-address quota and no per-source limit (coturn has
+        // none of them by default).
         "--user-quota",
+        "0",
+        "--address-quota",
         "0",
         "--unauthenticated-responses-per-sec",
         "0",
+        "--binding-responses-per-sec",
+        "0",
         "--max-connections-per-ip",
+        "0",
+        "--max-unauthenticated-connections-per-ip",
         "0",
         "--bpf-pin-root",
         root.to_str().unwrap_or_default(),
