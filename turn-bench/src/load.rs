@@ -2,7 +2,8 @@
 //! relay timestamped payloads to an embedded peer at a paced or flat-out rate, optionally
 //! echoed back through the relay; delivered rate, loss, fairness, round-trip latency and
 //! the server's CPU per relayed packet. With `--floor` the same flows go through the bare
-//! UDP forwarder instead of a TURN server.
+//! UDP forwarder instead of a TURN server; with `--direct` they go socket to socket, no
+//! relay at all (what the generator alone costs the machine).
 
 use std::{
     net::{SocketAddr, UdpSocket},
@@ -38,12 +39,18 @@ pub const MAX_RUN: Duration = Duration::from_secs(240);
 pub struct LoadArgs {
     pub server: Option<SocketAddr>,
     pub floor: Option<SocketAddr>,
+    /// Neither: every flow sends straight to the peer (which echoes straight back).
+    pub direct: bool,
     pub user: String,
     pub password: String,
     pub realm: Option<String>,
     pub flows: usize,
     /// Per-flow packets/s; `None` is flat out.
     pub rate: Option<f64>,
+    /// The first `heavy` flows send at `heavy_rate` instead (their own sender thread): a mix
+    /// of a few heavy flows among many light ones.
+    pub heavy: usize,
+    pub heavy_rate: Option<f64>,
     pub size: usize,
     pub duration: Duration,
     pub warmup: Duration,
@@ -66,7 +73,10 @@ pub struct LoadArgs {
 enum Framing {
     ChannelData,
     SendIndication(SocketAddr),
+    /// Bare payloads to the floor forwarder.
     Raw,
+    /// Bare payloads straight to the peer.
+    Direct,
 }
 
 impl Framing {
@@ -75,12 +85,21 @@ impl Framing {
             Framing::ChannelData => "channel-data",
             Framing::SendIndication(_) => "send-indication",
             Framing::Raw => "floor",
+            Framing::Direct => "direct",
         }
     }
 }
 
 fn validate(a: &LoadArgs) -> Result<()> {
     match (a.server, a.floor) {
+        (Some(_), _) | (_, Some(_)) if a.direct => {
+            bail!("--direct sends to the peer itself: no --server or --floor")
+        }
+        (None, None) if a.direct => {
+            if a.send_indications {
+                bail!("--send-indications makes no sense with --direct (no TURN)");
+            }
+        }
         (Some(s), None) => net::require_loopback("--server", s)?,
         (None, Some(f)) => {
             net::require_loopback("--floor", f)?;
@@ -98,12 +117,12 @@ fn validate(a: &LoadArgs) -> Result<()> {
                 );
             }
         }
-        _ => bail!("give exactly one of --server or --floor"),
+        _ => bail!("give exactly one of --server, --floor or --direct"),
     }
     net::require_loopback("--peer", a.peer)?;
     if a.peer_per_flow && (a.floor.is_some() || a.send_indications) {
         bail!(
-            "--peer-per-flow works with ChannelData through a TURN server (--server, no --send-indications)"
+            "--peer-per-flow works with ChannelData through a TURN server (--server, no --send-indications) or --direct"
         );
     }
     if a.flows == 0 {
@@ -120,6 +139,18 @@ fn validate(a: &LoadArgs) -> Result<()> {
         && !(r > 0.0 && r.is_finite())
     {
         bail!("--rate must be a positive number of packets/s per flow");
+    }
+    if a.heavy > 0 {
+        if a.heavy >= a.flows {
+            bail!("--heavy must be fewer than --flows (the rest are the light flows)");
+        }
+        match (a.rate, a.heavy_rate) {
+            (Some(_), Some(h)) if h > 0.0 && h.is_finite() => {}
+            (None, _) => bail!("--heavy needs paced flows (--rate), not --flat-out"),
+            _ => bail!("--heavy needs --heavy-rate, a positive number of packets/s per flow"),
+        }
+    } else if a.heavy_rate.is_some() {
+        bail!("--heavy-rate needs --heavy (how many flows send at it)");
     }
     if a.duration.is_zero() {
         bail!("--duration must be positive");
@@ -168,7 +199,7 @@ fn frame(
             stamp.write(payload);
             Ok(channel_data::CHANNEL_DATA_HEADER_LEN + size)
         }
-        Framing::Raw => {
+        Framing::Raw | Framing::Direct => {
             stamp.write(slot.get_mut(..size).context("slot too small")?);
             Ok(size)
         }
@@ -291,8 +322,12 @@ fn send_loop(
     }
 }
 
-/// The benchmark payload inside what a client receives from the server.
-fn echo_payload(d: &[u8]) -> Option<&[u8]> {
+/// The benchmark payload inside what a client receives from the server (or, direct, from
+/// the peer itself).
+fn echo_payload(d: &[u8], framing: Framing) -> Option<&[u8]> {
+    if matches!(framing, Framing::Direct) {
+        return Some(d);
+    }
     if d.first()? & 0xC0 == 0x40 {
         return ChannelData::parse(d).ok().map(|c| c.payload);
     }
@@ -319,6 +354,7 @@ fn echo_loop(
     window: Window,
     stop_ns: u64,
     batch: usize,
+    framing: Framing,
 ) -> Result<EchoCounts> {
     let mut c = EchoCounts { per_flow_window: vec![0; flows], ..EchoCounts::default() };
     let mut ep = Epoll::new(256)?;
@@ -337,7 +373,7 @@ fn echo_loop(
                 let n = b.recv(sock.as_raw_fd(), libc::MSG_DONTWAIT).context("client recvmmsg")?;
                 let now = clock_ns();
                 for i in 0..n {
-                    match echo_payload(b.get(i)).and_then(Stamp::read) {
+                    match echo_payload(b.get(i), framing).and_then(Stamp::read) {
                         Some(s) if s.flow as usize == flow => {
                             if window.contains(s.sent_ns) {
                                 c.per_flow_window[flow] += 1;
@@ -363,7 +399,6 @@ fn chunk_len(n: usize, parts: usize) -> usize {
 
 pub fn run(a: LoadArgs) -> Result<LoadReport> {
     validate(&a)?;
-    let target = a.server.or(a.floor).context("no target")?;
     let turn = a.server.is_some();
     net::raise_nofile(a.flows as u64 + 64)?;
     if let Some(pid) = a.server_pid {
@@ -384,6 +419,8 @@ pub fn run(a: LoadArgs) -> Result<LoadReport> {
         vec![peer_addr]
     };
     let peer_of = |i: usize| peer_addrs[i % peer_addrs.len()];
+    // Where the flows send: the server, the floor, or (direct) the peer.
+    let target = a.server.or(a.floor).unwrap_or(peer_addr);
 
     // One socket per flow, connected to the server (or the floor).
     let creds = Arc::new(Credentials::new(&a.user, &a.password, a.realm.as_deref())?);
@@ -394,12 +431,14 @@ pub fn run(a: LoadArgs) -> Result<LoadReport> {
     };
     let mut eps = Vec::with_capacity(a.flows);
     for i in 0..a.flows {
-        let sock = net::udp_socket(net::any_port_like(target), Some(target), opts)
+        let to = if a.direct { peer_of(i) } else { target };
+        let sock = net::udp_socket(net::any_port_like(to), Some(to), opts)
             .with_context(|| format!("socket of flow {i}"))?;
         eps.push(Endpoint { sock, client: Client::new(i as u32, rand::random(), creds.clone()) });
     }
     let channel_of = |i: usize| channel_data::MIN_CHANNEL + (i % 0x4000) as u16;
     let framing = match (turn, a.send_indications) {
+        (false, _) if a.direct => Framing::Direct,
         (false, _) => Framing::Raw,
         (true, false) => Framing::ChannelData,
         (true, true) => Framing::SendIndication(peer_addr),
@@ -454,6 +493,7 @@ pub fn run(a: LoadArgs) -> Result<LoadReport> {
         .collect();
     let senders = a.sender_threads.clamp(1, a.flows);
     let chunk = chunk_len(a.flows, senders);
+    let light_chunk = chunk_len(a.flows - a.heavy, senders.min(a.flows - a.heavy));
 
     let (peer_counts, echo_counts, samples) = std::thread::scope(|s| -> Result<_> {
         let peers: Vec<_> = if a.peer_per_flow {
@@ -470,16 +510,23 @@ pub fn run(a: LoadArgs) -> Result<LoadReport> {
                 .chunks(chunk)
                 .enumerate()
                 .map(|(k, part)| {
-                    s.spawn(move || echo_loop(part, k * chunk, a.flows, window, stop_ns, 64))
+                    s.spawn(move || {
+                        echo_loop(part, k * chunk, a.flows, window, stop_ns, 64, framing)
+                    })
                 })
                 .collect()
         } else {
             Vec::new()
         };
-        let sends: Vec<_> = txs
-            .chunks_mut(chunk)
-            .map(|part| {
-                s.spawn(move || send_loop(part, framing, a.size, a.rate, a.batch, start_ns, window))
+        // The heavy flows (if any) on a sender thread of their own, at their own rate.
+        let (heavy, light) = txs.split_at_mut(a.heavy);
+        let groups = heavy
+            .chunks_mut(a.heavy.max(1))
+            .map(|part| (part, a.heavy_rate))
+            .chain(light.chunks_mut(light_chunk).map(|part| (part, a.rate)));
+        let sends: Vec<_> = groups
+            .map(|(part, rate)| {
+                s.spawn(move || send_loop(part, framing, a.size, rate, a.batch, start_ns, window))
             })
             .collect();
 
@@ -559,9 +606,13 @@ pub fn run(a: LoadArgs) -> Result<LoadReport> {
         flows: a.flows,
         payload_bytes: a.size,
         rate_per_flow: a.rate,
-        target_pps: a.rate.map(|r| r * a.flows as f64),
+        heavy_flows: a.heavy,
+        heavy_rate_per_flow: a.heavy_rate,
+        target_pps: a
+            .rate
+            .map(|r| r * (a.flows - a.heavy) as f64 + a.heavy_rate.unwrap_or(0.0) * a.heavy as f64),
         echo: a.echo,
-        sender_threads: senders,
+        sender_threads: senders + usize::from(a.heavy > 0),
         peer_threads: peer_socks.len(),
         warmup_s: a.warmup.as_secs_f64(),
         window_s,
@@ -617,11 +668,13 @@ mod tests {
         let cd = ChannelData::parse(&slot[..n]).unwrap();
         assert_eq!(cd.channel, 0x4005);
         assert_eq!(Stamp::read(cd.payload), Some(want));
-        assert_eq!(echo_payload(&slot[..n]).map(<[u8]>::len), Some(100));
+        assert_eq!(echo_payload(&slot[..n], Framing::ChannelData).map(<[u8]>::len), Some(100));
 
         let n = frame(&mut slot, Framing::Raw, &t, 9, 1234, 64).unwrap();
         assert_eq!(n, 64);
         assert_eq!(Stamp::read(&slot[..n]), Some(want));
+        // Direct, the peer's echo is the bare payload.
+        assert_eq!(echo_payload(&slot[..n], Framing::Direct).and_then(Stamp::read), Some(want));
 
         let peer: SocketAddr = "127.0.0.1:4000".parse().unwrap();
         let n = frame(&mut slot, Framing::SendIndication(peer), &t, 9, 1234, 50).unwrap();
@@ -634,7 +687,7 @@ mod tests {
         );
         assert_eq!(Stamp::read(m.get(attr::DATA).unwrap()), Some(want));
         // A Send indication is not something a client receives: no echo payload.
-        assert_eq!(echo_payload(&slot[..n]), None);
+        assert_eq!(echo_payload(&slot[..n], Framing::ChannelData), None);
     }
 
     #[test]
@@ -646,9 +699,9 @@ mod tests {
         enc.xor_address(attr::XOR_PEER_ADDRESS, "127.0.0.1:9".parse().unwrap()).unwrap();
         enc.raw(attr::DATA, b"hello").unwrap();
         let n = enc.finish();
-        assert_eq!(echo_payload(&buf[..n]), Some(&b"hello"[..]));
-        assert_eq!(echo_payload(&[]), None);
-        assert_eq!(echo_payload(&[0xFF, 0, 0, 0]), None);
+        assert_eq!(echo_payload(&buf[..n], Framing::ChannelData), Some(&b"hello"[..]));
+        assert_eq!(echo_payload(&[], Framing::ChannelData), None);
+        assert_eq!(echo_payload(&[0xFF, 0, 0, 0], Framing::ChannelData), None);
     }
 
     #[test]
@@ -663,11 +716,14 @@ mod tests {
         LoadArgs {
             server: Some("127.0.0.1:3478".parse().unwrap()),
             floor: None,
+            direct: false,
             user: "u".into(),
             password: "p".into(),
             realm: None,
             flows: 4,
             rate: Some(100.0),
+            heavy: 0,
+            heavy_rate: None,
             size: 160,
             duration: Duration::from_secs(2),
             warmup: Duration::from_secs(1),
@@ -702,11 +758,32 @@ mod tests {
         assert!(validate(&a).is_ok());
         a.echo = true;
         assert!(validate(&a).is_err());
+        // Direct: to the peer itself, nothing else.
+        let mut a = args();
+        a.direct = true;
+        assert!(validate(&a).unwrap_err().to_string().contains("no --server"));
+        a.server = None;
+        a.echo = true;
+        assert!(validate(&a).is_ok());
         let mut a = args();
         a.duration = Duration::from_secs(300);
         assert!(validate(&a).is_err());
         let mut a = args();
         a.rate = Some(0.0);
         assert!(validate(&a).is_err());
+        // A mix: heavy flows need their rate, paced light flows, and at least one light flow.
+        let mut a = args();
+        a.heavy = 1;
+        assert!(validate(&a).unwrap_err().to_string().contains("--heavy-rate"));
+        a.heavy_rate = Some(1000.0);
+        assert!(validate(&a).is_ok());
+        a.heavy = 4;
+        assert!(validate(&a).unwrap_err().to_string().contains("fewer than --flows"));
+        a.heavy = 1;
+        a.rate = None;
+        assert!(validate(&a).unwrap_err().to_string().contains("--flat-out"));
+        let mut a = args();
+        a.heavy_rate = Some(1000.0);
+        assert!(validate(&a).unwrap_err().to_string().contains("needs --heavy"));
     }
 }

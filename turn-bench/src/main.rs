@@ -135,12 +135,17 @@ enum Cmd {
     /// peer. Loopback only.
     Load {
         /// TURN server (UDP).
-        #[arg(long, required_unless_present = "floor", conflicts_with = "floor")]
+        #[arg(long, required_unless_present_any = ["floor", "direct"], conflicts_with_all = ["floor", "direct"])]
         server: Option<SocketAddr>,
         /// Instead of TURN: send raw payloads to this bare forwarder (`turn-bench floor`,
         /// whose --to must be this run's --peer).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "direct")]
         floor: Option<SocketAddr>,
+        /// No relay: every flow sends its payloads straight to the peer (which, with --echo,
+        /// sends them straight back). What the generator alone costs the machine, to
+        /// subtract from a relayed run's whole-machine CPU.
+        #[arg(long)]
+        direct: bool,
         /// Long-term credentials user (needed with --server).
         #[arg(long, short = 'u')]
         user: Option<String>,
@@ -159,6 +164,13 @@ enum Cmd {
         /// Send as fast as the sender threads can (batches of --batch per flow).
         #[arg(long)]
         flat_out: bool,
+        /// The first N flows are heavy: they send at --heavy-rate (on a sender thread of
+        /// their own), the others at --rate.
+        #[arg(long, default_value_t = 0, requires = "heavy_rate")]
+        heavy: usize,
+        /// Packets/s per heavy flow.
+        #[arg(long, requires = "heavy")]
+        heavy_rate: Option<f64>,
         /// Payload bytes (application data, at least 24).
         #[arg(long, default_value_t = 160)]
         size: usize,
@@ -386,12 +398,15 @@ fn main() -> Result<()> {
         Cmd::Load {
             server,
             floor,
+            direct,
             user,
             password,
             realm,
             flows,
             rate,
             flat_out,
+            heavy,
+            heavy_rate,
             size,
             timing,
             send_indications,
@@ -411,11 +426,14 @@ fn main() -> Result<()> {
             let args = load::LoadArgs {
                 server,
                 floor,
+                direct,
                 user,
                 password,
                 realm,
                 flows,
                 rate: if flat_out { None } else { rate },
+                heavy,
+                heavy_rate,
                 size,
                 duration,
                 warmup,

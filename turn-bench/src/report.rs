@@ -90,6 +90,9 @@ pub struct LoadReport {
     pub payload_bytes: usize,
     /// Per-flow rate asked for; `None` when flat out.
     pub rate_per_flow: Option<f64>,
+    /// The first `heavy_flows` flows sent at `heavy_rate_per_flow` instead.
+    pub heavy_flows: usize,
+    pub heavy_rate_per_flow: Option<f64>,
     pub target_pps: Option<f64>,
     pub echo: bool,
     pub sender_threads: usize,
@@ -174,9 +177,12 @@ pub(crate) fn phase(p: &PhaseReport) -> String {
 impl LoadReport {
     pub fn text(&self) -> String {
         let mut s = String::new();
-        let rate = match self.rate_per_flow {
-            Some(r) => format!("{r} pps per flow"),
-            None => "flat out".into(),
+        let rate = match (self.rate_per_flow, self.heavy_rate_per_flow) {
+            (Some(r), Some(h)) => {
+                format!("{} flows at {h} pps and the rest at {r} pps each", self.heavy_flows)
+            }
+            (Some(r), None) => format!("{r} pps per flow"),
+            (None, _) => "flat out".into(),
         };
         let _ = writeln!(
             s,
