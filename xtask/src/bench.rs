@@ -42,6 +42,8 @@ pub(crate) struct Server {
 pub(crate) enum Kind {
     TurnP2c,
     TurnHash,
+    /// turn-server steering new flows to the least loaded worker.
+    TurnLeast,
     /// coturn from Debian (4.6.1, 2022).
     Coturn,
     /// coturn 4.17.1 (the current release), its default configuration.
@@ -155,8 +157,12 @@ pub(crate) fn start(server: &Server, tools: &Tools, peer_port: u16) -> Result<Ru
     let port = free_port()?;
     let addr = format!("127.0.0.1:{port}");
     let log_path = tools.out_dir.join(format!("{}.log", server.name));
-    if matches!(server.kind, Kind::TurnP2c | Kind::TurnHash) {
-        let steering = if server.kind == Kind::TurnP2c { "p2c" } else { "hash" };
+    if matches!(server.kind, Kind::TurnP2c | Kind::TurnHash | Kind::TurnLeast) {
+        let steering = match server.kind {
+            Kind::TurnP2c => "p2c",
+            Kind::TurnLeast => "least",
+            _ => "hash",
+        };
         let threads = server.threads.to_string();
         let port_arg = port.to_string();
         let mut args =
@@ -167,7 +173,9 @@ pub(crate) fn start(server: &Server, tools: &Tools, peer_port: u16) -> Result<Ru
     }
     let log = std::fs::File::create(&log_path)?;
     let mut cmd = match server.kind {
-        Kind::TurnP2c | Kind::TurnHash => bail!("{} is started above", server.name),
+        Kind::TurnP2c | Kind::TurnHash | Kind::TurnLeast => {
+            bail!("{} is started above", server.name)
+        }
         Kind::Coturn | Kind::CoturnCurrent | Kind::CoturnFastest => {
             let bin = match server.kind {
                 Kind::Coturn => PathBuf::from("turnserver"),

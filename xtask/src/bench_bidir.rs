@@ -6,13 +6,16 @@
 //! ratio of coturn's in the same run. The results go to `target/bench/bidir.jsonl` and into
 //! BENCHMARKS.md between the `bench-bidir` markers.
 
-use std::{fmt::Write as _, path::Path};
+use std::{fmt::Write as _, path::Path, process::Command};
 
 use anyhow::Result;
 use serde_json::Value;
 
 use crate::{
-    bench::{Case, Kind, RunContext, Server, Tools, f, free_port, measure, start, write_section},
+    bench::{
+        Case, Kind, RunContext, Server, Tools, f, free_port, measure, run_json, start,
+        write_section,
+    },
     bench_stream::spread,
 };
 
@@ -20,6 +23,8 @@ const BEGIN: &str = "<!-- bench-bidir:begin -->";
 const END: &str = "<!-- bench-bidir:end -->";
 /// The server whose CPU the others are compared with.
 const BASELINE: &str = "coturn 4.17.1, 2 threads";
+/// The same exchange without a relay: what the generator alone costs the machine.
+const DIRECT: &str = "direct (no relay)";
 
 /// (flows, packets/s per flow each way, payload bytes). The last is video-like: many
 /// light flows of 1,200-byte datagrams.
@@ -57,10 +62,59 @@ fn servers(tools: &Tools) -> Vec<Server> {
     if tools.pion.is_some() {
         list.push(s("pion 2 sockets", Kind::Pion, vec![]));
     }
+    // No server: `Floor` stands for "none" here (the run goes `turn-bench load --direct`).
+    list.push(s(DIRECT, Kind::Floor, vec![]));
     list
 }
 
-/// Every cell, `reps` times, the servers in turn; then the report.
+/// The echo load of `flows` x `rate` packets/s each way, `size`-byte payloads.
+fn case((flows, rate, size): (u32, u32, u32), name: String, secs: &str) -> Case {
+    let args = ["--echo", "--flows", &flows.to_string(), "--rate", &rate.to_string()]
+        .into_iter()
+        .chain(["--size", &size.to_string(), "--duration", secs])
+        .map(String::from)
+        .collect();
+    Case { name, args, alloc: false }
+}
+
+/// One run of `case` through `server` (a fresh one), or directly.
+fn run_case(server: &Server, case: &Case, tools: &Tools) -> Result<Value> {
+    if server.name == DIRECT {
+        return run_json(
+            Command::new(&tools.turn_bench)
+                .args(["load", "--direct", "--sender-threads", "1", "--json"])
+                .args(&case.args),
+        );
+    }
+    let peer_port = free_port()?;
+    start(server, tools, peer_port)
+        .and_then(|running| measure(server, case, tools, &running, peer_port))
+}
+
+/// The light-flow ceiling: flows of `CEILING_RATE` packets/s each way, more and more of them.
+const CEILING_RATE: u32 = 50;
+
+fn ceiling_ladder(quick: bool) -> Vec<u32> {
+    if quick { vec![500, 1_000] } else { vec![500, 1_000, 1_500, 2_000, 2_500, 3_000] }
+}
+
+fn ceiling_name(flows: u32) -> String {
+    format!("ceiling {flows} x {CEILING_RATE}")
+}
+
+/// A run held its flows: every datagram there and back, and the generator on target.
+fn held(v: &Value) -> bool {
+    let on_target = match (f(v, &["offered_pps"]), f(v, &["target_pps"])) {
+        (Some(o), Some(t)) => o >= 0.99 * t,
+        _ => false,
+    };
+    on_target
+        && f(v, &["loss_pct"]) == Some(0.0)
+        && f(v, &["echo_path", "round_trip_loss_pct"]) == Some(0.0)
+}
+
+/// Every cell, `reps` times, the servers in turn; then the light-flow ceiling (each server
+/// leaves the ladder at its first step most runs do not hold); then the report.
 pub fn run(tools: &Tools, quick: bool, reps: usize, report: &Path) -> Result<()> {
     std::fs::create_dir_all(&tools.out_dir)?;
     let context = RunContext::of(tools);
@@ -68,46 +122,47 @@ pub fn run(tools: &Tools, quick: bool, reps: usize, report: &Path) -> Result<()>
     let secs = if quick { "3" } else { "5" };
     let mut results: Vec<(String, String, Value)> = Vec::new();
     let mut raw = format!("{}\n", serde_json::json!({ "context": context }));
+    let mut record = |server: &Server, case: &Case, rep: usize| -> Option<Value> {
+        println!("xtask: bench: bidir rep {}/{reps}: {} / {}", rep + 1, server.name, case.name);
+        match run_case(server, case, tools) {
+            Ok(v) => {
+                let _ = writeln!(
+                    raw,
+                    "{}",
+                    serde_json::json!({"server": server.name, "cell": case.name, "rep": rep, "result": v})
+                );
+                results.push((server.name.clone(), case.name.clone(), v.clone()));
+                Some(v)
+            }
+            Err(e) => {
+                println!("xtask: bench:   failed: {e:#}");
+                None
+            }
+        }
+    };
     for rep in 0..reps {
         for &cell in &cells(quick) {
-            let case = Case {
-                name: cell_name(cell),
-                args: [
-                    "--echo",
-                    "--flows",
-                    &cell.0.to_string(),
-                    "--rate",
-                    &cell.1.to_string(),
-                    "--size",
-                    &cell.2.to_string(),
-                    "--duration",
-                    secs,
-                ]
-                .map(String::from)
-                .to_vec(),
-                alloc: false,
-            };
+            let case = case(cell, cell_name(cell), secs);
             for server in &servers {
-                println!(
-                    "xtask: bench: bidir rep {}/{reps}: {} / {}",
-                    rep + 1,
-                    server.name,
-                    case.name
-                );
-                let peer_port = free_port()?;
-                let outcome = start(server, tools, peer_port)
-                    .and_then(|running| measure(server, &case, tools, &running, peer_port));
-                match outcome {
-                    Ok(v) => {
-                        let _ = writeln!(
-                            raw,
-                            "{}",
-                            serde_json::json!({"server": server.name, "cell": case.name, "rep": rep, "result": v})
-                        );
-                        results.push((server.name.clone(), case.name.clone(), v));
-                    }
-                    Err(e) => println!("xtask: bench:   failed: {e:#}"),
+                record(server, &case, rep);
+            }
+        }
+    }
+    let mut racing = vec![true; servers.len()];
+    for flows in ceiling_ladder(quick) {
+        let case = case((flows, CEILING_RATE, 160), ceiling_name(flows), "3");
+        let mut held_runs = vec![0; servers.len()];
+        for rep in 0..reps {
+            for (k, server) in servers.iter().enumerate() {
+                if racing[k] && record(server, &case, rep).is_some_and(|v| held(&v)) {
+                    held_runs[k] += 1;
                 }
+            }
+        }
+        for (k, server) in servers.iter().enumerate() {
+            if racing[k] && held_runs[k] * 2 <= reps {
+                println!("xtask: bench: {} did not hold {flows} flows", server.name);
+                racing[k] = false;
             }
         }
     }
@@ -156,10 +211,13 @@ fn render(
          per run; median (lowest-highest). Server CPU is the process's utime+stime over the \
          measured window divided by the datagrams it forwarded (both directions); machine \
          CPU is every task's (the root cgroup's `cpuacct.usage`: the server, the generator, \
-         and the kernel's work for both, softirq included) over the same datagrams; `vs \
+         and the kernel's work for both, softirq included) over the same datagrams, and \
+         `above the generator` is that less the median of the same exchange without a relay \
+         (`direct`: every flow's socket to the peer and back, `turn-bench load --direct \
+         --echo`), per forwarded datagram: what relaying costs the machine; `vs \
          coturn 4.17.1` is the ratio of the server CPU medians. RTT is the echo's round \
          trip (client -> relay -> peer -> relay -> client), medians of the runs' p50 and \
-         p99. The load generator shares the 2 cores with the server.\n",
+         p99; \"added\" is that less the direct exchange's, per percentile. The load generator shares the 2 cores with the server.\n",
         context.date,
         context.kernel,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -175,10 +233,15 @@ fn render(
             cell.0, cell.1, cell.2
         );
         md.push_str(
-            "| server | echoes/s delivered | worst loss | server CPU us per forwarded packet | vs coturn 4.17.1 | machine CPU us per forwarded packet | RTT p50 / p99 us |\n\
-             | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+            "| server | echoes/s delivered | worst loss | server CPU us per forwarded packet | vs coturn 4.17.1 | machine CPU us per forwarded packet | above the generator | RTT p50 / p99 us | added by the relay p50 / p99 us |\n\
+             | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         );
         let (baseline, _) = spread(values(BASELINE, &name, &cpu), 2);
+        let machine = ["machine_cpu", "cpu_us_per_packet"];
+        let (generator, _) = spread(values(DIRECT, &name, &machine), 2);
+        let rtt_path = |p: &'static str| ["echo_path", "rtt_us", p];
+        let (d50, _) = spread(values(DIRECT, &name, &rtt_path("p50")), 0);
+        let (d99, _) = spread(values(DIRECT, &name, &rtt_path("p99")), 0);
         for server in servers {
             let (_, delivered) = spread(values(server, &name, &["delivered_pps"]), 0);
             let worst = values(server, &name, &["loss_pct"]).into_iter().reduce(f64::max);
@@ -190,19 +253,88 @@ fn render(
             };
             let (p50, _) = spread(values(server, &name, &["echo_path", "rtt_us", "p50"]), 0);
             let (p99, _) = spread(values(server, &name, &["echo_path", "rtt_us", "p99"]), 0);
-            let rtt = match (p50, p99) {
+            let pair = |a: Option<f64>, b: Option<f64>| match (a, b) {
                 (Some(a), Some(b)) => format!("{a:.0} / {b:.0}"),
                 _ => "-".into(),
             };
-            let machine = ["machine_cpu", "cpu_us_per_packet"];
-            let (_, machine) = spread(values(server, &name, &machine), 2);
+            let rtt = pair(p50, p99);
+            let added = if server == DIRECT {
+                "-".into()
+            } else {
+                pair(p50.zip(d50).map(|(a, b)| a - b), p99.zip(d99).map(|(a, b)| a - b))
+            };
+            let runs = values(server, &name, &machine);
+            let above = match generator {
+                Some(g) if server != DIRECT => spread(runs.iter().map(|m| m - g).collect(), 2).1,
+                _ => "-".into(),
+            };
+            let (_, machine) = spread(runs, 2);
             let _ = writeln!(
                 md,
-                "| {server} | {delivered} | {loss} | {per_packet} | {ratio} | {machine} | {rtt} |"
+                "| {server} | {delivered} | {loss} | {per_packet} | {ratio} | {machine} | {above} | {rtt} | {added} |"
             );
         }
         md.push('\n');
     }
-    md.push_str("Every run, with the rates sent and delivered: `target/bench/bidir.jsonl`.\n");
+    let _ = writeln!(
+        md,
+        "### Light flows: the most held without loss ({CEILING_RATE} packets/s each way per flow, 160-byte payloads)\n\n\
+         The number of flows climbs the ladder {}; every server still in runs {reps} time(s) per \
+         step (3 s measured), and leaves at the first step most of its runs do not hold (a \
+         run holds when no datagram is lost either way and the generator sent at least 99% of \
+         its target). Figures at the highest step held.\n",
+        ceiling_ladder(quick).iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+    );
+    md.push_str(
+        "| server | most flows held | vs coturn 4.17.1 | forwarded packets/s | server CPU us per forwarded packet | above the generator | RTT p50 / p99 us |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    let most = |server: &str| -> Option<u32> {
+        ceiling_ladder(quick)
+            .into_iter()
+            .take_while(|&flows| {
+                let runs: Vec<&Value> = results
+                    .iter()
+                    .filter(|(s, c, _)| s == server && *c == ceiling_name(flows))
+                    .map(|(_, _, v)| v)
+                    .collect();
+                !runs.is_empty() && runs.iter().filter(|v| held(v)).count() * 2 > runs.len()
+            })
+            .last()
+    };
+    let baseline = most(BASELINE);
+    for server in servers {
+        let Some(flows) = most(server) else {
+            let _ = writeln!(md, "| {server} | none | | | | | |");
+            continue;
+        };
+        let name = ceiling_name(flows);
+        let ratio = match baseline {
+            Some(b) if server != DIRECT => format!("{:.2}x", f64::from(flows) / f64::from(b)),
+            _ => "-".into(),
+        };
+        let forwarded = 2.0 * f64::from(flows) * f64::from(CEILING_RATE);
+        let (_, per_packet) = spread(values(server, &name, &cpu), 2);
+        let machine = ["machine_cpu", "cpu_us_per_packet"];
+        // The generator's cost at the same step (direct runs the whole ladder first in turn).
+        let (generator, _) = spread(values(DIRECT, &name, &machine), 2);
+        let above = match generator {
+            Some(g) if server != DIRECT => {
+                spread(values(server, &name, &machine).iter().map(|m| m - g).collect(), 2).1
+            }
+            _ => "-".into(),
+        };
+        let (p50, _) = spread(values(server, &name, &["echo_path", "rtt_us", "p50"]), 0);
+        let (p99, _) = spread(values(server, &name, &["echo_path", "rtt_us", "p99"]), 0);
+        let rtt = match (p50, p99) {
+            (Some(a), Some(b)) => format!("{a:.0} / {b:.0}"),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            md,
+            "| {server} | {flows} | {ratio} | {forwarded:.0} | {per_packet} | {above} | {rtt} |"
+        );
+    }
+    md.push_str("\nEvery run, with the rates sent and delivered: `target/bench/bidir.jsonl`.\n");
     md
 }

@@ -1,4 +1,5 @@
-//! `cargo xtask bench --stream`: TURN over TCP and TLS, turn-server beside coturn, in one
+//! `cargo xtask bench --stream`: TURN over TCP and TLS, turn-server beside coturn 4.17.1
+//! and 4.6.1, in one
 //! run on loopback. Every cell runs `--reps` times (3 by default), the servers
 //! interleaved within each repetition, each run on a freshly started server; the report
 //! gives the median and the spread (lowest-highest). Written to BENCHMARKS.md between the
@@ -26,26 +27,31 @@ use crate::bench::{PASSWORD, Process, REALM, RunContext, Running, Tools, USER, s
 const BEGIN: &str = "<!-- bench-stream:begin -->";
 const END: &str = "<!-- bench-stream:end -->";
 /// Total message rates tried, 8 connections together.
-const RATES: [u32; 5] = [20_000, 40_000, 80_000, 120_000, 160_000];
+const RATES: [u32; 4] = [20_000, 40_000, 80_000, 120_000];
 /// The rate the CPU-per-message comparison is read at (every server holds it).
 const CPU_RATE: u32 = 40_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Server {
-    TurnServer,
+    Turn,
+    /// coturn 4.17.1, the current release (the baseline).
+    CoturnCurrent,
+    /// coturn 4.6.1, Debian's.
     Coturn,
 }
 
 impl Server {
     fn name(self) -> &'static str {
         match self {
-            Server::TurnServer => "turn-server p2c 2w",
-            Server::Coturn => "coturn 2 threads",
+            Server::Turn => "turn-server p2c 2w",
+            Server::CoturnCurrent => "coturn 4.17.1 2 threads",
+            Server::Coturn => "coturn 4.6.1 2 threads",
         }
     }
 }
 
-const SERVERS: [Server; 2] = [Server::TurnServer, Server::Coturn];
+/// turn-server first, the baseline second (the ratio column divides them).
+const SERVERS: [Server; 3] = [Server::Turn, Server::CoturnCurrent, Server::Coturn];
 
 /// One measurement.
 #[derive(Clone, Debug)]
@@ -101,7 +107,7 @@ fn start(server: Server, tools: &Tools, cert_dir: &Path, tcp: u16, tls: u16) -> 
     let key = cert_dir.join("key.pem");
     let log = tools.out_dir.join(format!("stream-{}.log", server.name().replace(' ', "-")));
     match server {
-        Server::TurnServer => {
+        Server::Turn => {
             let (tcp_s, tls_s) = (tcp.to_string(), tls.to_string());
             let args = [
                 "-L",
@@ -123,8 +129,13 @@ fn start(server: Server, tools: &Tools, cert_dir: &Path, tcp: u16, tls: u16) -> 
             start_turn_server(tools, &args, format!("127.0.0.1:{tcp}"), log)
                 .context("starting turn-server")
         }
-        Server::Coturn => {
-            let child = Command::new("turnserver")
+        Server::Coturn | Server::CoturnCurrent => {
+            let bin = match (server, &tools.coturn_current) {
+                (Server::Coturn, _) => std::path::PathBuf::from("turnserver"),
+                (_, Some(bin)) => bin.clone(),
+                (_, None) => bail!("coturn 4.17.1 is not built"),
+            };
+            let child = Command::new(bin)
                 .args(["-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1"])
                 .arg(format!("--listening-port={tcp}"))
                 .arg(format!("--tls-listening-port={tls}"))
@@ -143,7 +154,7 @@ fn start(server: Server, tools: &Tools, cert_dir: &Path, tcp: u16, tls: u16) -> 
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
-                .context("starting coturn")?;
+                .with_context(|| format!("starting {}", server.name()))?;
             let mut running = Running {
                 process: Process::Other(child),
                 addr: format!("127.0.0.1:{tcp}"),
@@ -207,7 +218,7 @@ pub fn run(tools: &Tools, quick: bool, reps: usize, report: &Path) -> Result<()>
         bail!("turn-bench gen-cert failed");
     }
     let cells = cells();
-    let context = RunContext::now();
+    let context = RunContext::of(tools);
     let mut results: Vec<(Server, String, Value)> = Vec::new();
     let mut raw = format!("{}\n", serde_json::json!({ "context": context }));
     for rep in 0..reps {
@@ -303,13 +314,13 @@ fn render(
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "## TURN over TCP and TLS: turn-server beside coturn (`cargo xtask bench --stream{}`)\n",
+        "## TURN over TCP and TLS: turn-server beside coturn 4.17.1 and 4.6.1 (`cargo xtask bench --stream{}`)\n",
         if quick { " --quick" } else { "" }
     );
     let _ = writeln!(
         md,
-        "Run on {}, Linux {}, {} CPUs, loopback; turn-server at commit {}, coturn {} \
-         (Debian). {reps} repetition(s) per cell, servers interleaved, a fresh server per \
+        "Run on {}, Linux {}, {} CPUs, loopback; turn-server at commit {}, coturn {} (built \
+         from the release archive, default configuration) and coturn {} (Debian). {reps} repetition(s) per cell, servers interleaved, a fresh server per \
          run; median (lowest-highest). 8 connections, 200-byte \
          messages, clients with TCP_NODELAY (one message per segment, as media senders write); \
          `up` is client -> peer, `down` peer -> client. Both servers with 2 workers (relay \
@@ -318,19 +329,22 @@ fn render(
         context.kernel,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         context.commit,
+        context.coturn_current,
         context.coturn
     );
+    let rule =
+        |fixed: &str, per_server: &str| format!("{fixed}{}\n", per_server.repeat(SERVERS.len()));
     md.push_str(
         "### Relay at paced rates: messages/s delivered (median) and the worst loss of the runs\n\n\
          Over TCP a server that cannot keep up pushes back (the senders fall behind the target) \
          or drops (loss); on this 2-core machine the load generator shares the cores with the \
-         server, so above 40k messages/s it falls behind for both servers.\n\n",
+         server, so above 40k messages/s it falls behind for every server.\n\n",
     );
     md.push_str("| transport | direction | target |");
     for s in SERVERS {
         let _ = write!(md, " {} delivered | loss |", s.name());
     }
-    md.push_str("\n| --- | --- | ---: | ---: | ---: | ---: | ---: |\n");
+    md.push_str(&rule("\n| --- | --- | ---: |", " ---: | ---: |"));
     for transport in ["tcp", "tls"] {
         for direction in ["up", "down"] {
             for rate in RATES {
@@ -355,7 +369,7 @@ fn render(
     for s in SERVERS {
         let _ = write!(md, " {} |", s.name());
     }
-    md.push_str("\n| --- | --- | ---: | ---: |\n");
+    md.push_str(&rule("\n| --- | --- |", " ---: |"));
     for transport in ["tcp", "tls"] {
         for direction in ["up", "down"] {
             let _ = write!(md, "| {transport} | {direction} |");
@@ -385,7 +399,10 @@ fn render(
     for s in SERVERS {
         let _ = write!(md, " {} |", s.name());
     }
-    md.push_str(" ratio |\n| --- | --- | ---: | ---: | ---: |\n");
+    md.push_str(" turn-server / coturn 4.17.1 |");
+    md.push_str(&rule("\n| --- | --- |", " ---: |"));
+    md.pop();
+    md.push_str(" ---: |\n");
     for transport in ["tcp", "tls"] {
         for direction in ["up", "down"] {
             let cell = format!("{transport} {direction} {}k", CPU_RATE / 1000);
@@ -397,11 +414,8 @@ fn render(
                 (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
                 _ => "-".into(),
             };
-            let _ = writeln!(
-                md,
-                "| {transport} | {direction} | {} | {} | {ratio} |",
-                per[0].1, per[1].1
-            );
+            let cells: String = per.iter().map(|(_, text)| format!(" {text} |")).collect();
+            let _ = writeln!(md, "| {transport} | {direction} |{cells} {ratio} |");
         }
     }
     md.push_str("\n### Connection set-up (connect, handshake, Allocate with its 401 round, Refresh 0, close; 8 at a time)\n\n");

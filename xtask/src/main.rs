@@ -7,7 +7,8 @@
 //! * `lint`       `cargo fmt --check` and clippy with `-D warnings`
 //! * `bench`      turn-server, coturn, pion/turn and the floor side by side (BENCHMARKS.md);
 //!   `bench --stream`: TURN over TCP and TLS beside coturn; `bench --bidir`: both
-//!   directions at once; `bench --media`: media-like calls, relay to relay
+//!   directions at once; `bench --media`: media-like calls, relay to relay;
+//!   `bench --capacity`: 4 workers capped to 0.1 CPU each, hash, p2c and least
 
 use std::{
     ffi::OsStr,
@@ -17,6 +18,7 @@ use std::{
 
 mod bench;
 mod bench_bidir;
+mod bench_capacity;
 mod bench_media;
 mod bench_stream;
 
@@ -72,8 +74,8 @@ enum Cmd {
         /// Shorter cases (a few minutes) for development.
         #[arg(long)]
         quick: bool,
-        /// Only TURN over TCP and TLS, turn-server beside coturn (its own section of
-        /// BENCHMARKS.md).
+        /// Only TURN over TCP and TLS, turn-server beside coturn 4.17.1 and 4.6.1 (its own
+        /// section of BENCHMARKS.md).
         #[arg(long)]
         stream: bool,
         /// Only both directions at once (echo through the relay), turn-server beside coturn
@@ -85,6 +87,12 @@ enum Cmd {
         /// pion (its own section of BENCHMARKS.md).
         #[arg(long, conflicts_with_all = ["stream", "bidir"])]
         media: bool,
+        /// Only the capacity at 4 emulated cores: every server thread capped to 0.1 CPU in a
+        /// cgroup of its own, hash, p2c and least beside coturn 4.17.1, the load stepped as a
+        /// share of the summed capacity (its own section of BENCHMARKS.md). --reps is the
+        /// number of trials per step.
+        #[arg(long, conflicts_with_all = ["stream", "bidir", "media"])]
+        capacity: bool,
         /// Repetitions of every cell (every mode), servers interleaved; medians reported.
         #[arg(long, default_value_t = 3)]
         reps: usize,
@@ -98,8 +106,15 @@ fn main() -> Result<()> {
         Cmd::Run { args } => run(&args),
         Cmd::Test { args } => test(&args),
         Cmd::Lint => lint(),
-        Cmd::Bench { quick, stream, bidir, media, reps } => {
-            bench(quick, stream, bidir, media, reps)
+        Cmd::Bench { quick, stream, bidir, media, capacity, reps } => {
+            let mode = match (stream, bidir, media, capacity) {
+                (true, ..) => BenchMode::Stream,
+                (_, true, ..) => BenchMode::Bidir,
+                (_, _, true, _) => BenchMode::Media,
+                (.., true) => BenchMode::Capacity,
+                _ => BenchMode::Udp,
+            };
+            bench(mode, quick, reps)
         }
     }
 }
@@ -319,7 +334,17 @@ fn test(extra: &[String]) -> Result<()> {
     )
 }
 
-fn bench(quick: bool, stream: bool, bidir: bool, media: bool, reps: usize) -> Result<()> {
+/// What `cargo xtask bench` measures (each its own section of BENCHMARKS.md).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BenchMode {
+    Udp,
+    Stream,
+    Bidir,
+    Media,
+    Capacity,
+}
+
+fn bench(mode: BenchMode, quick: bool, reps: usize) -> Result<()> {
     setup()?;
     build_ebpf()?;
     let root = root();
@@ -337,16 +362,7 @@ fn bench(quick: bool, stream: bool, bidir: bool, media: bool, reps: usize) -> Re
         .unwrap_or_else(|| root.join("target"));
     let out_dir = target_dir.join("bench");
     std::fs::create_dir_all(&out_dir)?;
-    if stream {
-        let tools = bench::Tools {
-            turn_server: target_dir.join("release").join("turn-server"),
-            turn_bench: target_dir.join("release").join("turn-bench"),
-            pion: None,
-            coturn_current: None,
-            out_dir,
-        };
-        return bench_stream::run(&tools, quick, reps.max(1), &root.join("BENCHMARKS.md"));
-    }
+    let report = root.join("BENCHMARKS.md");
     // pion/turn from Debian's Go packages, with the script beside the repository.
     let script = root.join("..").join("shared").join("peers").join("build-pion.sh");
     let pion = out_dir.join("pion-mt");
@@ -375,11 +391,12 @@ fn bench(quick: bool, stream: bool, bidir: bool, media: bool, reps: usize) -> Re
         coturn_current: Some(coturn_bin),
         out_dir,
     };
-    if bidir {
-        return bench_bidir::run(&tools, quick, reps.max(1), &root.join("BENCHMARKS.md"));
+    let reps = reps.max(1);
+    match mode {
+        BenchMode::Bidir => bench_bidir::run(&tools, quick, reps, &report),
+        BenchMode::Media => bench_media::run(&tools, quick, reps, &report),
+        BenchMode::Capacity => bench_capacity::run(&tools, quick, reps, &report),
+        BenchMode::Stream => bench_stream::run(&tools, quick, reps, &report),
+        BenchMode::Udp => bench::run(&tools, quick, reps, &report),
     }
-    if media {
-        return bench_media::run(&tools, quick, reps.max(1), &root.join("BENCHMARKS.md"));
-    }
-    bench::run(&tools, quick, reps.max(1), &root.join("BENCHMARKS.md"))
 }
