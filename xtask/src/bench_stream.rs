@@ -338,7 +338,7 @@ fn render(
         "### Relay at paced rates: messages/s delivered (median) and the worst loss of the runs\n\n\
          Over TCP a server that cannot keep up pushes back (the senders fall behind the target) \
          or drops (loss); on this 2-core machine the load generator shares the cores with the \
-         server, so above 40k messages/s it falls behind for every server.\n\n",
+         server, so where a server delivers less than the target without loss, the senders fell behind.\n\n",
     );
     md.push_str("| transport | direction | target |");
     for s in SERVERS {
