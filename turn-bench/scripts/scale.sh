@@ -10,7 +10,18 @@
 set -u
 N=${1:-18000}
 B=target/release
-port() { python3 -c "import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind(('127.0.0.1',0));print(s.getsockname()[1])"; }
+# A free UDP port in 10000-19999: outside the relay range (49152-65535) turn-server refuses
+# to listen in, and outside the ephemeral ports.
+port() { python3 -c "
+import random, socket
+while True:
+    p = random.randint(10000, 19999)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.bind(('127.0.0.1', p)); print(p); break
+    except OSError:
+        pass
+"; }
 run_bench() { # name pid port
   sleep 1.5
   echo "== $1 (pid $2)"
