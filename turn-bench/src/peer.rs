@@ -137,16 +137,22 @@ pub fn serve_many(socks: &[UdpSocket], opts: &PeerOpts) -> Result<PeerCounts> {
                 if got == 0 {
                     break;
                 }
-                count(&mut c, &batch, got, opts);
-                if opts.echo {
-                    let sent = batch.send(fd, got, Dest::Sources);
-                    c.echoed += sent.ok as u64;
-                    c.echo_failed += sent.failed as u64;
-                }
+                take(&mut c, &mut batch, fd, got, opts);
             }
         }
     }
     Ok(c)
+}
+
+/// Counts a received batch of `n` datagrams on socket `fd` and, with `opts.echo`, sends
+/// them back where they came from.
+fn take(c: &mut PeerCounts, batch: &mut Batch, fd: std::os::fd::RawFd, n: usize, opts: &PeerOpts) {
+    count(c, batch, n, opts);
+    if opts.echo {
+        let sent = batch.send(fd, n, Dest::Sources);
+        c.echoed += sent.ok as u64;
+        c.echo_failed += sent.failed as u64;
+    }
 }
 
 /// Counts a received batch of `n` datagrams.
@@ -181,12 +187,7 @@ pub fn serve(sock: &UdpSocket, opts: &PeerOpts) -> Result<PeerCounts> {
         if n == 0 {
             continue;
         }
-        count(&mut c, &batch, n, opts);
-        if opts.echo {
-            let sent = batch.send(fd, n, Dest::Sources);
-            c.echoed += sent.ok as u64;
-            c.echo_failed += sent.failed as u64;
-        }
+        take(&mut c, &mut batch, fd, n, opts);
     }
     Ok(c)
 }
