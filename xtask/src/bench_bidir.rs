@@ -190,6 +190,19 @@ fn render(
             .collect()
     };
     let cpu = ["server_cpu", "cpu_us_per_packet"];
+    let machine = ["machine_cpu", "cpu_us_per_packet"];
+    // Median p50 and p99 of the echo's round trip.
+    let rtt = |server: &str, cell: &str| {
+        let p = |q: &str| spread(values(server, cell, &["echo_path", "rtt_us", q]), 0).0;
+        (p("p50"), p("p99"))
+    };
+    // Machine CPU per forwarded datagram less the direct exchange's median, per run.
+    let above = |server: &str, cell: &str| match spread(values(DIRECT, cell, &machine), 2).0 {
+        Some(g) if server != DIRECT => {
+            spread(values(server, cell, &machine).iter().map(|m| m - g).collect(), 2).1
+        }
+        _ => "-".into(),
+    };
     let mut md = String::new();
     let _ = writeln!(
         md,
@@ -237,11 +250,7 @@ fn render(
              | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         );
         let (baseline, _) = spread(values(BASELINE, &name, &cpu), 2);
-        let machine = ["machine_cpu", "cpu_us_per_packet"];
-        let (generator, _) = spread(values(DIRECT, &name, &machine), 2);
-        let rtt_path = |p: &'static str| ["echo_path", "rtt_us", p];
-        let (d50, _) = spread(values(DIRECT, &name, &rtt_path("p50")), 0);
-        let (d99, _) = spread(values(DIRECT, &name, &rtt_path("p99")), 0);
+        let (d50, d99) = rtt(DIRECT, &name);
         for server in servers {
             let (_, delivered) = spread(values(server, &name, &["delivered_pps"]), 0);
             let worst = values(server, &name, &["loss_pct"]).into_iter().reduce(f64::max);
@@ -251,24 +260,14 @@ fn render(
                 (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
                 _ => "-".into(),
             };
-            let (p50, _) = spread(values(server, &name, &["echo_path", "rtt_us", "p50"]), 0);
-            let (p99, _) = spread(values(server, &name, &["echo_path", "rtt_us", "p99"]), 0);
-            let pair = |a: Option<f64>, b: Option<f64>| match (a, b) {
-                (Some(a), Some(b)) => format!("{a:.0} / {b:.0}"),
-                _ => "-".into(),
-            };
-            let rtt = pair(p50, p99);
+            let (p50, p99) = rtt(server, &name);
             let added = if server == DIRECT {
                 "-".into()
             } else {
                 pair(p50.zip(d50).map(|(a, b)| a - b), p99.zip(d99).map(|(a, b)| a - b))
             };
-            let runs = values(server, &name, &machine);
-            let above = match generator {
-                Some(g) if server != DIRECT => spread(runs.iter().map(|m| m - g).collect(), 2).1,
-                _ => "-".into(),
-            };
-            let (_, machine) = spread(runs, 2);
+            let (rtt, above) = (pair(p50, p99), above(server, &name));
+            let (_, machine) = spread(values(server, &name, &machine), 2);
             let _ = writeln!(
                 md,
                 "| {server} | {delivered} | {loss} | {per_packet} | {ratio} | {machine} | {above} | {rtt} | {added} |"
@@ -315,21 +314,8 @@ fn render(
         };
         let forwarded = 2.0 * f64::from(flows) * f64::from(CEILING_RATE);
         let (_, per_packet) = spread(values(server, &name, &cpu), 2);
-        let machine = ["machine_cpu", "cpu_us_per_packet"];
-        // The generator's cost at the same step (direct runs the whole ladder first in turn).
-        let (generator, _) = spread(values(DIRECT, &name, &machine), 2);
-        let above = match generator {
-            Some(g) if server != DIRECT => {
-                spread(values(server, &name, &machine).iter().map(|m| m - g).collect(), 2).1
-            }
-            _ => "-".into(),
-        };
-        let (p50, _) = spread(values(server, &name, &["echo_path", "rtt_us", "p50"]), 0);
-        let (p99, _) = spread(values(server, &name, &["echo_path", "rtt_us", "p99"]), 0);
-        let rtt = match (p50, p99) {
-            (Some(a), Some(b)) => format!("{a:.0} / {b:.0}"),
-            _ => "-".into(),
-        };
+        let (p50, p99) = rtt(server, &name);
+        let (rtt, above) = (pair(p50, p99), above(server, &name));
         let _ = writeln!(
             md,
             "| {server} | {flows} | {ratio} | {forwarded:.0} | {per_packet} | {above} | {rtt} |"
@@ -337,4 +323,12 @@ fn render(
     }
     md.push_str("\nEvery run, with the rates sent and delivered: `target/bench/bidir.jsonl`.\n");
     md
+}
+
+/// "p50 / p99", or "-" when either is missing.
+fn pair(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) => format!("{a:.0} / {b:.0}"),
+        _ => "-".into(),
+    }
 }
