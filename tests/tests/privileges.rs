@@ -26,10 +26,24 @@ fn threads(pid: u32) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The status of every thread of `pid` once a thread named `name` is among them (within
+/// 5 s): READY=1 follows the spawn of the daemon's threads, but a thread names itself
+/// when it first runs, and until then it bears the process's name.
+fn threads_once_named(pid: u32, name: &str) -> Vec<(String, String)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let all = threads(pid);
+        if all.iter().any(|(n, _)| n == name) || std::time::Instant::now() >= deadline {
+            return all;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Asserts that no thread of `pid` holds a capability and that each runs as `uid`/`gid`
-/// with no supplementary group; returns the thread names seen.
-fn assert_unprivileged(pid: u32, uid: u32, gid: u32) -> Vec<String> {
-    let all = threads(pid);
+/// with no supplementary group, once its thread `named` runs; returns the thread names.
+fn assert_unprivileged(pid: u32, uid: u32, gid: u32, named: &str) -> Vec<String> {
+    let all = threads_once_named(pid, named);
     for (name, status) in &all {
         for cap in ["CapEff", "CapPrm", "CapAmb", "CapInh"] {
             assert_eq!(field(status, cap), "0000000000000000", "{name}: {cap}\n{status}");
@@ -60,7 +74,7 @@ fn proc_user_alone_drops_root_groups_and_every_capability() {
         &wrapper,
         &["--workers", "2", "--proc-user", "nobody", "--steering", "p2c"],
     );
-    let names = assert_unprivileged(daemon.pid(), 65534, primary_gid("nobody"));
+    let names = assert_unprivileged(daemon.pid(), 65534, primary_gid("nobody"), "worker-1");
     assert!(names.iter().any(|n| n == "worker-1"), "{names:?}");
     assert!(daemon.logs().contains("privileges dropped"), "{}", daemon.logs());
     let status = daemon.signal_and_wait(libc::SIGTERM, Duration::from_secs(10)).unwrap();
@@ -78,7 +92,7 @@ fn as_root_without_proc_user_no_thread_keeps_a_capability() {
     let mut args = vec!["--workers", "2", "--steering", "p2c"];
     args.extend_from_slice(&cert.args());
     let daemon = Daemon::start(&args);
-    let names = assert_unprivileged(daemon.pid(), 0, 0);
+    let names = assert_unprivileged(daemon.pid(), 0, 0, "tls-handshakes");
     assert!(names.iter().any(|n| n == "tls-handshakes"), "{names:?}");
     assert!(daemon.logs().contains("running as root"), "the operator is told: {}", daemon.logs());
 }
@@ -142,7 +156,7 @@ fn the_shipped_unit_runs_a_dedicated_user_that_keeps_no_capability() {
         ],
     );
     let pid = daemon.pid();
-    assert_unprivileged(pid, 65534, 65534);
+    assert_unprivileged(pid, 65534, 65534, "worker-1");
     let bounding =
         field(&std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap(), "CapBnd");
     assert_ne!(bounding, "0000000000000000", "the bounding set is the unit's");
