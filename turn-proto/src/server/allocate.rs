@@ -329,6 +329,7 @@ impl Server {
                     if let Some(r) = self.table.remove_relay(idx, f) {
                         host.relays.release(r.id);
                     }
+                    self.sync_fast_path(idx, Some(now));
                 }
                 _ => self.delete_allocation(idx, DeleteReason::ClientRequest, Some(now), host),
             }
@@ -341,6 +342,7 @@ impl Server {
         if let Some(a) = self.table.get_mut(idx) {
             a.expires_at = now + secs(desired);
         }
+        self.sync_fast_path(idx, Some(now));
         self.table.reschedule(idx);
         self.counters.allocations_refreshed += 1;
         self.push_event(Event::AllocationRefreshed {

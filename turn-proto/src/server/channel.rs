@@ -135,6 +135,7 @@ impl Server {
             // "also installs or refreshes a permission for the IP address".
             a.install_permission(peer.ip(), permission_expiry, cap);
         }
+        self.sync_fast_path(idx, Some(now));
         self.table.reschedule(idx);
         Ok(Reply::Empty)
     }

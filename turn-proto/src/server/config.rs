@@ -90,6 +90,9 @@ pub struct ServerConfig {
     /// Seed for the transaction IDs of Data indications (not security
     /// relevant; give each worker a different random value).
     pub seed: u64,
+    /// Announce the channel bindings a kernel fast path may relay
+    /// ([`Server::poll_fast_path`](super::Server::poll_fast_path)); off, nothing is queued.
+    pub fast_path: bool,
 }
 
 impl Default for ServerConfig {
@@ -126,6 +129,7 @@ impl Default for ServerConfig {
             binding_responses_burst: 100,
             source_limit_slots: 16_384,
             seed: 0x5eed,
+            fast_path: false,
         }
     }
 }

@@ -9,7 +9,9 @@
 //! * [`Server::handle_peer_datagram`] for every datagram a relay socket
 //!   receives;
 //! * [`Server::poll_timeout`] / [`Server::handle_timeout`] for expiry;
-//! * [`Server::poll_event`] for log-worthy events.
+//! * [`Server::poll_event`] for log-worthy events;
+//! * [`Server::poll_fast_path`] for the channel bindings a kernel fast path may relay
+//!   (with [`ServerConfig::fast_path`]).
 //!
 //! Each handler returns an [`Output`] telling the caller what to send.
 //! Relay sockets and quotas are provided by the caller through
@@ -24,6 +26,7 @@
 //! | `allocate.rs` | Allocate (RFC 8656 §7.2) and Refresh (§7.3) |
 //! | `permission.rs` | CreatePermission (RFC 8656 §9.2) |
 //! | `channel.rs` | ChannelBind (RFC 8656 §12.2) and ChannelData from the client (§12.4) |
+//! | `fast.rs` | the bindings a kernel fast path may relay (ChannelData both ways), as lossless changes |
 //! | `data.rs` | Send indications (RFC 8656 §11.2), data from peers (§11.3, §12.6), ICMP (§11.5) |
 //! | `responses.rs` | encoding and signing responses, error codes by name ([`code`]) |
 //! | `table.rs` | allocations, permissions, channels and the deadline heap |
@@ -42,6 +45,7 @@ mod allocate;
 mod auth;
 mod channel;
 mod data;
+mod fast;
 mod permission;
 mod responses;
 
@@ -54,6 +58,7 @@ pub use config::{ConfigError, ServerConfig};
 pub use counters::{
     AuthFailure, Counters, DropReason, ERROR_CODES, REQUEST_METHODS, TrafficCounters,
 };
+pub use fast::{FastBinding, FastPathChange};
 pub use host::{
     Host, LocalQuota, Quota, QuotaExceeded, RelayAllocator, RelayError, RelayId, RelayRequest,
     Unlimited,
@@ -245,6 +250,8 @@ pub struct Server {
     /// wall time (expiry).
     wall: Option<(Instant, u64)>,
     events: VecDeque<Event>,
+    /// Changes of the kernel fast path's bindings (lossless; see `fast.rs`).
+    fast_changes: VecDeque<FastPathChange>,
     counters: Counters,
     rng: u64,
 }
@@ -339,6 +346,7 @@ impl Server {
             epoch: None,
             wall: None,
             events: VecDeque::new(),
+            fast_changes: VecDeque::new(),
             counters: Counters::default(),
             rng: cfg.seed ^ 0x9E37_79B9_7F4A_7C15,
             creds,
@@ -407,11 +415,15 @@ impl Server {
     /// Removes the permissions and channels the peer rules deny (after they changed).
     fn prune_denied_peers(&mut self) {
         let policy = &self.cfg.peer_policy;
-        for idx in self.table.live_indices() {
+        let live = self.table.live_indices();
+        for &idx in &live {
             if let Some(a) = self.table.get_mut(idx) {
                 a.permissions.retain(|p| policy.check_ip(&p.ip).is_ok());
                 a.channels.retain(|c| policy.check_peer(&c.peer).is_ok());
             }
+        }
+        for idx in live {
+            self.sync_fast_path(idx, None);
         }
     }
 
@@ -526,6 +538,7 @@ impl Server {
             if let Some(a) = self.table.get_mut(idx) {
                 a.prune(now, holddown);
             }
+            self.sync_fast_path(idx, Some(now));
             self.table.reschedule(idx);
         }
         self.table.trim_stale();
@@ -594,6 +607,7 @@ impl Server {
         let Some(a) = self.table.remove(idx) else {
             return;
         };
+        self.end_fast_path(&a);
         if let Some(now) = ended {
             let unix = self.wall_at(now);
             self.tombstones.record(a.five_tuple, unix);

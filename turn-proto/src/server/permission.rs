@@ -67,6 +67,7 @@ impl Server {
                 }
             }
         }
+        self.sync_fast_path(idx, Some(now));
         self.table.reschedule(idx);
         Ok(Reply::Empty)
     }

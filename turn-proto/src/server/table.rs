@@ -174,6 +174,8 @@ pub struct Allocation {
     pub traffic: AllocationTraffic,
     /// Its 5-tuple's failed authentications (counted apart from its address's).
     pub(crate) strikes: super::limiter::Bucket,
+    /// The bindings announced to the kernel fast path (see `fast.rs`).
+    pub(crate) fast: Vec<super::fast::FastBinding>,
     scheduled: Option<Instant>,
 }
 
@@ -211,6 +213,7 @@ impl Allocation {
             created_at,
             traffic: AllocationTraffic::default(),
             strikes: super::limiter::Bucket::default(),
+            fast: Vec::new(),
             scheduled: None,
         }
     }
@@ -261,11 +264,14 @@ impl Allocation {
         true
     }
 
-    /// Earliest state change: allocation expiry, a permission expiry, or
-    /// the end of a channel's hold-down (a channel's own expiry needs no
-    /// action: the data path checks `expires_at` itself).
+    /// Earliest state change: allocation expiry, a permission expiry, the end of a
+    /// channel's hold-down (a channel's own expiry needs no action: the data path checks
+    /// `expires_at` itself), or the end of a binding announced to the kernel fast path.
     fn next_deadline(&self, holddown: Duration) -> Instant {
         let mut d = self.expires_at;
+        for f in &self.fast {
+            d = d.min(f.expires_at);
+        }
         for p in &self.permissions {
             d = d.min(p.expires_at);
         }
