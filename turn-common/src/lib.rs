@@ -1,4 +1,5 @@
-//! The contract between the `turn-ebpf` SK_REUSEPORT program and the userspace daemon.
+//! The contract between the kernel programs of `turn-ebpf` and the userspace daemon: here
+//! the SK_REUSEPORT steering program's, in [`fast`] the TC fast path's.
 //!
 //! Everything here is shared verbatim by both sides: map and program names, the
 //! `#[repr(C)]` map value types (no implicit padding, so the kernel and userspace agree
@@ -8,6 +9,8 @@
 //! The kernel side must not panic: this crate avoids `%` and `/` by runtime values and
 //! indexing, which would leave panic paths the BPF verifier rejects.
 #![no_std]
+
+pub mod fast;
 
 /// The program's function name in the object file (`#[sk_reuseport]` function).
 pub const PROGRAM_NAME: &str = "turn_steer";
@@ -270,6 +273,14 @@ mod user {
     unsafe impl aya::Pod for super::FlowMemo {}
     // SAFETY: `#[repr(C)]` byte arrays and bytes only: no padding, any bit pattern valid.
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::fast::ChannelKey {}
+    unsafe impl aya::Pod for super::fast::PeerKey {}
+    // SAFETY: `#[repr(C)]`, byte arrays and integers laid out without padding (size
+    // assertions in `fast.rs`): any bit pattern is valid.
+    unsafe impl aya::Pod for super::fast::Binding {}
+    unsafe impl aya::Pod for super::fast::Traffic {}
+    unsafe impl aya::Pod for super::fast::FastConfig {}
+    unsafe impl aya::Pod for super::fast::Endpoint {}
 }
 
 const _: () = assert!(core::mem::size_of::<SteeringConfig>() == 16);

@@ -4,6 +4,8 @@
 //! * [`config`]: the TOML configuration and its defaults.
 //! * [`listener`]: SO_REUSEPORT listener groups, one socket per worker.
 //! * [`steering`]: loads and attaches the eBPF program to a listener group.
+//! * [`fast_path`]: loads and attaches the TC program that relays ChannelData in the
+//!   kernel, and the workers' handles on its bindings.
 //! * [`load`]: the per-worker load score P2C compares.
 //! * [`bpffs`]: where steering maps are pinned, and clean-up after a killed daemon.
 //! * [`worker`]: a worker thread: its sockets, its protocol state, its epoll set.
@@ -25,6 +27,7 @@ pub mod bpffs;
 pub mod config;
 pub mod daemon;
 pub mod epoll;
+pub mod fast_path;
 pub mod inspect;
 pub mod listener;
 pub mod load;

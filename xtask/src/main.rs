@@ -235,12 +235,12 @@ fn setup() -> Result<()> {
     Ok(())
 }
 
-/// Where turn-server's build script expects the object.
-fn ebpf_object_path() -> PathBuf {
-    root().join("target").join("ebpf").join("turn-ebpf.o")
-}
+/// The kernel programs of `turn-ebpf`: (the binary's name, the object turn-server's build
+/// script embeds, under `target/ebpf/`).
+const EBPF_OBJECTS: [(&str, &str); 2] =
+    [("turn-ebpf", "turn-ebpf.o"), ("turn-fast", "turn-fast.o")];
 
-fn build_ebpf() -> Result<PathBuf> {
+fn build_ebpf() -> Result<()> {
     step(
         "build-ebpf: cargo +nightly build -p turn-ebpf --target bpfel-unknown-none -Z build-std=core --release",
     );
@@ -262,20 +262,21 @@ fn build_ebpf() -> Result<PathBuf> {
         .args(["+nightly", "build", "--package", "turn-ebpf", "--release", "--target", BPF_TARGET])
         .args(["-Z", "build-std=core"]);
     run_cmd(&mut cmd).context(
-        "building the eBPF program failed; on a fresh machine run `cargo xtask setup` first",
+        "building the eBPF programs failed; on a fresh machine run `cargo xtask setup` first",
     )?;
-    let built = target_dir.join(BPF_TARGET).join("release").join("turn-ebpf");
-    let dest = ebpf_object_path();
-    if let Some(dir) = dest.parent() {
-        std::fs::create_dir_all(dir)?;
+    let dir = root.join("target").join("ebpf");
+    std::fs::create_dir_all(&dir)?;
+    for (bin, object) in EBPF_OBJECTS {
+        let built = target_dir.join(BPF_TARGET).join("release").join(bin);
+        let dest = dir.join(object);
+        // Copy only when it changed, so turn-server is not rebuilt needlessly.
+        let new = std::fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
+        if std::fs::read(&dest).ok().as_deref() != Some(new.as_slice()) {
+            std::fs::write(&dest, &new).with_context(|| format!("writing {}", dest.display()))?;
+        }
+        step(&format!("build-ebpf: {} ({} bytes)", dest.display(), new.len()));
     }
-    // Copy only when it changed, so turn-server is not rebuilt needlessly.
-    let new = std::fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
-    if std::fs::read(&dest).ok().as_deref() != Some(new.as_slice()) {
-        std::fs::write(&dest, &new).with_context(|| format!("writing {}", dest.display()))?;
-    }
-    step(&format!("build-ebpf: {} ({} bytes)", dest.display(), new.len()));
-    Ok(dest)
+    Ok(())
 }
 
 fn run(args: &[String]) -> Result<()> {
