@@ -15,8 +15,10 @@ use turn_common::fast::Verdict;
 use turn_proto::server::{FastBinding, FiveTuple, RelayId, RelaySocket};
 use turn_server::fast_path::{FastMaps, FastPath, Interface};
 
-const REDIRECT: u32 = 7;
-const UP: u32 = u32::MAX; // TC_ACT_UNSPEC (-1): up the stack, next TCX program runs
+/// TC_ACT_OK: rewritten, up the stack from here (a local destination, from loopback).
+const DELIVERED: u32 = 0;
+const UP: u32 = u32::MAX; // TC_ACT_UNSPEC (-1): up the stack unchanged, next TCX program runs
+const LOOPBACK: u32 = 1;
 
 /// Runs `f` in a new network namespace, on a thread of its own.
 fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -158,14 +160,23 @@ impl Rig {
         slot
     }
 
-    /// Runs the program on `input`: (return value, output frame).
+    /// Runs the program on `input` as if it came on loopback: (return value, output).
     fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
+        self.run_on(input, LOOPBACK)
+    }
+
+    /// Runs the program on `input` received on interface `ingress`.
+    fn run_on(&self, input: &[u8], ingress: u32) -> (u32, Vec<u8>) {
         let mut out = vec![0u8; input.len() + 64];
+        // A `struct __sk_buff` with only `ingress_ifindex` (offset 36) set.
+        let mut ctx = [0u8; 192];
+        ctx[36..40].copy_from_slice(&ingress.to_ne_bytes());
         let program = self.fast.program().unwrap();
         let result = program
             .test_run(TestRunOptions {
                 data_in: Some(input),
                 data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
                 ..TestRunOptions::default()
             })
             .expect("BPF_PROG_TEST_RUN");
@@ -193,8 +204,8 @@ fn require_root(test: &str) -> bool {
     turn_tests::require_root(test)
 }
 
-/// Both directions, both families, to local addresses (the loopback re-injection): the
-/// output is byte for byte the datagram built from scratch, hop limit one less.
+/// Both directions, both families, between addresses of this host on loopback: the output
+/// is byte for byte the datagram built from scratch (hop limit kept: it stays here).
 #[test]
 fn rewrites_both_ways_byte_for_byte_ipv4_and_ipv6() {
     if !require_root("rewrites_both_ways_byte_for_byte_ipv4_and_ipv6") {
@@ -233,19 +244,19 @@ fn rewrites_both_ways_byte_for_byte_ipv4_and_ipv6() {
                         None,
                     );
                     let (rc, out) = rig.run(&input);
-                    assert_eq!(rc, REDIRECT, "client -> peer, {} bytes, pad {}", len, pad.len());
-                    let expected = frame(call.relay, call.peer, &data, 63, None);
+                    assert_eq!(rc, DELIVERED, "client -> peer, {} bytes, pad {}", len, pad.len());
+                    let expected = frame(call.relay, call.peer, &data, 64, None);
                     assert_eq!(out, expected, "client -> peer, {} bytes, pad {}", len, pad.len());
                 }
                 // Peer -> client.
                 let input = frame(call.peer, call.relay, &data, 64, None);
                 let (rc, out) = rig.run(&input);
-                assert_eq!(rc, REDIRECT, "peer -> client, {len} bytes");
+                assert_eq!(rc, DELIVERED, "peer -> client, {len} bytes");
                 let expected = frame(
                     call.listener,
                     call.client,
                     &channel_data(call.channel, &data, &[]),
-                    63,
+                    64,
                     None,
                 );
                 assert_eq!(out, expected, "peer -> client, {len} bytes");
@@ -259,7 +270,82 @@ fn rewrites_both_ways_byte_for_byte_ipv4_and_ipv6() {
             assert_eq!(t.to_client_bytes, sent);
             assert_eq!(t.to_peer_bytes, sent + [1u64, 3, 5].iter().sum::<u64>());
         }
-        assert_eq!(rig.verdict(Verdict::Local), 2 * (7 + 3 + 7));
+        assert_eq!(rig.verdict(Verdict::ToPeer), 2 * (7 + 3));
+        assert_eq!(rig.verdict(Verdict::ToClient), 2 * 7);
+    });
+}
+
+/// Relay to relay (both ends of a call on this host): a client's ChannelData becomes, in
+/// one pass, ChannelData to the other allocation's client, its counters both ways; without
+/// the other side's channel (a Send/Data indication peer) it goes up.
+#[test]
+fn relay_to_relay_in_one_pass() {
+    if !require_root("relay_to_relay_in_one_pass") {
+        return;
+    }
+    in_netns(|| {
+        let mut rig = Rig::new(&["203.0.113.1", "2001:db8::1"]);
+        for (a_client, b_client, listener, a_relay, b_relay) in [
+            (
+                "127.0.0.2:40000",
+                "127.0.0.3:40001",
+                "203.0.113.1:3478",
+                "203.0.113.1:50000",
+                "203.0.113.1:50001",
+            ),
+            (
+                "[::1]:40000",
+                "[::1]:40001",
+                "[2001:db8::1]:3478",
+                "[2001:db8::1]:50000",
+                "[2001:db8::1]:50001",
+            ),
+        ] {
+            let a = Call {
+                client: addr(a_client),
+                listener: addr(listener),
+                relay: addr(a_relay),
+                peer: addr(b_relay),
+                channel: 0x4000,
+            };
+            let b = Call {
+                client: addr(b_client),
+                listener: addr(listener),
+                relay: addr(b_relay),
+                peer: addr(a_relay),
+                channel: 0x4ABC,
+            };
+            let (a_slot, b_slot) =
+                (rig.bind(&a, Duration::from_secs(60)), rig.bind(&b, Duration::from_secs(60)));
+            let before = rig.verdict(Verdict::RelayToRelay);
+            for (data, pad) in [(&b"odd"[..], &[7u8][..]), (&[0x80u8; 172][..], &[][..])] {
+                let input =
+                    frame(a.client, a.listener, &channel_data(a.channel, data, pad), 64, None);
+                let (rc, out) = rig.run(&input);
+                assert_eq!(rc, DELIVERED);
+                let expected =
+                    frame(b.listener, b.client, &channel_data(b.channel, data, &[]), 64, None);
+                assert_eq!(out, expected, "{} bytes padded by {}", data.len(), pad.len());
+            }
+            assert_eq!(rig.verdict(Verdict::RelayToRelay), before + 2);
+            let (ta, tb) = (rig.maps.traffic(a_slot), rig.maps.traffic(b_slot));
+            assert_eq!((ta.to_peer_packets, ta.to_peer_bytes, ta.to_client_packets), (2, 175, 0));
+            assert_eq!((tb.to_client_packets, tb.to_client_bytes, tb.to_peer_packets), (2, 175, 0));
+        }
+        // A's peer is a relayed address whose allocation has no channel to A: the datagram
+        // goes to that relay as a plain datagram (its worker sends a Data indication).
+        let a = Call {
+            client: addr("127.0.0.2:40002"),
+            listener: addr("203.0.113.1:3478"),
+            relay: addr("203.0.113.1:50002"),
+            peer: addr("203.0.113.1:50009"),
+            channel: 0x4000,
+        };
+        rig.bind(&a, Duration::from_secs(60));
+        let input = frame(a.client, a.listener, &channel_data(a.channel, b"x", &[]), 64, None);
+        let (rc, out) = rig.run(&input);
+        assert_eq!(rc, DELIVERED);
+        assert_eq!(out, frame(a.relay, a.peer, b"x", 64, None));
     });
 }
 
@@ -281,7 +367,7 @@ fn everything_unusual_goes_up_unchanged() {
         rig.bind(&local, Duration::from_secs(60));
         let cd = channel_data(0x4001, b"hello", &[]);
         let ok = frame(local.client, local.listener, &cd, 64, None);
-        assert_eq!(rig.run(&ok).0, REDIRECT, "the reference frame is relayed");
+        assert_eq!(rig.run(&ok).0, DELIVERED, "the reference frame is relayed");
 
         // Not bound: another channel, another client, a STUN message, a stranger.
         let other = channel_data(0x4002, b"hello", &[]);
@@ -334,12 +420,12 @@ fn everything_unusual_goes_up_unchanged() {
         let mut bad_len = ok.clone();
         bad_len[14 + 20 + 5] += 1;
         rig.assert_up(&bad_len, Some(Verdict::Unusual), "UDP length");
-        // The hop limit runs out on a local re-injection (a loop).
-        rig.assert_up(
-            &frame(local.client, local.listener, &cd, 1, None),
-            Some(Verdict::HopLimit),
-            "TTL 1",
-        );
+        // For this host, but not from loopback (its input path would refuse the host's own
+        // source address): up, to the workers.
+        let before = rig.verdict(Verdict::LocalElsewhere);
+        let (rc, out) = rig.run_on(&ok, 0);
+        assert_eq!((rc, out == ok), (UP, true), "local destination from another interface");
+        assert_eq!(rig.verdict(Verdict::LocalElsewhere), before + 1);
         // A peer that leaves the host: no route in this namespace, then a partial checksum.
         let remote = Call { peer: addr("198.51.100.7:5000"), channel: 0x4003, ..local };
         rig.bind(&remote, Duration::from_secs(60));
@@ -381,7 +467,7 @@ fn everything_unusual_goes_up_unchanged() {
             Some(Verdict::Malformed),
             "IPv6 without checksum",
         );
-        assert_eq!(rig.run(&frame(same.client, same.listener, &cd5, 64, None)).0, REDIRECT);
+        assert_eq!(rig.run(&frame(same.client, same.listener, &cd5, 64, None)).0, DELIVERED);
         // A non-UDP frame and an ARP frame go up, uncounted.
         let mut tcp = ok.clone();
         tcp[14 + 9] = 6;
@@ -414,8 +500,8 @@ fn an_expired_entry_relays_nothing_and_a_missing_ipv4_checksum_stays_missing() {
         let input =
             frame(call.client, call.listener, &channel_data(0x4001, b"abc", &[]), 64, Some(0));
         let (rc, out) = rig.run(&input);
-        assert_eq!(rc, REDIRECT);
-        let mut expected = frame(call.relay, call.peer, b"abc", 63, None);
+        assert_eq!(rc, DELIVERED);
+        let mut expected = frame(call.relay, call.peer, b"abc", 64, None);
         expected[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
         assert_eq!(out, expected);
         // The same entry, its stamp now: past by the time the program runs.

@@ -27,8 +27,8 @@ pub const MAP_TRAFFIC: &str = "FAST_TRAFFIC";
 pub const MAP_VERDICTS: &str = "FAST_VERDICTS";
 
 /// `HASH` from an [`Endpoint`] (port zero) to `u32` 1: this host's addresses. A datagram
-/// rewritten to one of them (or to 127.0.0.0/8 or ::1) is re-injected on loopback, where
-/// the host receives it (and the program sees it again: relay to relay).
+/// for one of them (or for 127.0.0.0/8 or ::1) that arrived on loopback is delivered on
+/// the spot (it keeps the local route it came with); one that arrived elsewhere goes up.
 pub const MAP_LOCAL: &str = "FAST_LOCAL";
 /// `HASH` from an interface index (`u32`) to `u32` 1: the Ethernet-like interfaces a
 /// rewritten datagram may leave by (others go up to userspace).
@@ -158,23 +158,24 @@ impl Traffic {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// Relayed to a peer (sent on the route's interface).
+    /// A client's ChannelData relayed to its peer.
     ToPeer = 0,
-    /// Relayed to a client (sent on the route's interface).
+    /// A peer's datagram relayed to the client as ChannelData.
     ToClient = 1,
-    /// Relayed to an address of this host (re-injected on loopback).
-    Local = 2,
+    /// A client's ChannelData relayed to a peer that is another allocation's relayed
+    /// address on this host, and on to that allocation's client, in one pass.
+    RelayToRelay = 2,
     /// No binding for it: not ours, STUN, a Send or Data indication, an unbound peer.
     NoBinding = 3,
     /// Its binding's expiry stamp had passed (userspace removes the entry).
     Expired = 4,
     /// Not a datagram the program rewrites: IP options, extension headers, a fragment, a
-    /// GSO/GRO super-packet, a length that disagrees with the frame, VLAN in band.
+    /// GSO/GRO super-packet, a length that disagrees with the frame.
     Unusual = 5,
     /// ChannelData with trailing bytes beyond its padding, or no checksum over IPv6.
     Malformed = 6,
     /// The route lookup did not give a next hop with its MAC (the kernel path resolves the
-    /// neighbour), or the route's interface is not Ethernet-like.
+    /// neighbour), or the route's interface is not one a datagram may leave by.
     NoRoute = 7,
     /// Larger than the route's MTU.
     TooBig = 8,
@@ -183,8 +184,9 @@ pub enum Verdict {
     Unverified = 9,
     /// The client and the peer are of different address families.
     CrossFamily = 10,
-    /// Its hop limit ran out on this host's own relays (a loop).
-    HopLimit = 11,
+    /// Bound for an address of this host, but it did not arrive on loopback (the host's
+    /// input path would take a datagram from its own address for a spoofed one).
+    LocalElsewhere = 11,
     /// A helper failed after the datagram was changed: dropped (counted).
     Failed = 12,
 }
@@ -197,7 +199,7 @@ impl Verdict {
     pub const ALL: [Verdict; VERDICTS as usize] = [
         Verdict::ToPeer,
         Verdict::ToClient,
-        Verdict::Local,
+        Verdict::RelayToRelay,
         Verdict::NoBinding,
         Verdict::Expired,
         Verdict::Unusual,
@@ -206,7 +208,7 @@ impl Verdict {
         Verdict::TooBig,
         Verdict::Unverified,
         Verdict::CrossFamily,
-        Verdict::HopLimit,
+        Verdict::LocalElsewhere,
         Verdict::Failed,
     ];
 
@@ -215,7 +217,7 @@ impl Verdict {
         match self {
             Verdict::ToPeer => "to_peer",
             Verdict::ToClient => "to_client",
-            Verdict::Local => "local",
+            Verdict::RelayToRelay => "relay_to_relay",
             Verdict::NoBinding => "no_binding",
             Verdict::Expired => "expired",
             Verdict::Unusual => "unusual",
@@ -224,14 +226,19 @@ impl Verdict {
             Verdict::TooBig => "too_big",
             Verdict::Unverified => "unverified",
             Verdict::CrossFamily => "cross_family",
-            Verdict::HopLimit => "hop_limit",
+            Verdict::LocalElsewhere => "local_elsewhere",
             Verdict::Failed => "failed",
         }
+    }
+
+    /// True for the verdicts of a relayed datagram.
+    pub const fn relayed(self) -> bool {
+        matches!(self, Verdict::ToPeer | Verdict::ToClient | Verdict::RelayToRelay)
     }
 }
 
 /// The hop limit of a datagram the program sends on a route (a new datagram from the relay,
-/// as a relay socket sends it).
+/// as a relay socket sends it); one delivered on this host keeps the one it came with.
 pub const HOP_LIMIT: u8 = 64;
 
 /// The IP and UDP header fields of a received datagram the rewrite needs.

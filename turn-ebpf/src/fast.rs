@@ -7,14 +7,16 @@
 //!    a datagram from the relayed address to the peer (header removed, padding trimmed);
 //! 2. else a datagram from a peer to a relayed address with a binding ([`MAP_PEERS`])
 //!    becomes ChannelData from the listener to the client;
-//! 3. the new datagram goes to a local address by re-injection on loopback (where this
-//!    program sees it again: relay to relay), or out of the route's interface with the
-//!    next hop's MAC (`bpf_fib_lookup`).
+//! 3. a client's ChannelData for another allocation's relayed address on this host goes
+//!    on to that allocation's client in the same pass (relay to relay);
+//! 4. the new datagram goes out of the route's interface with the next hop's MAC
+//!    (`bpf_fib_lookup`), or, for an address of this host, up the stack from here when it
+//!    came on loopback (it keeps the local route it came with).
 //!
 //! Anything else, and anything the program cannot do exactly as the userspace path would
 //! (an expired entry, IP options or extension headers, fragments, GSO/GRO super-packets,
 //! trailing bytes, a route without a resolved neighbour, a datagram over the MTU, a partial
-//! checksum leaving the host, a loop), goes up unchanged: `TC_ACT_UNSPEC`, which also lets
+//! checksum leaving the host, a local destination from another interface), goes up unchanged: `TC_ACT_UNSPEC`, which also lets
 //! the next TCX program run. Every decision is counted in [`MAP_VERDICTS`].
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
@@ -24,7 +26,7 @@ mod program {
     use aya_ebpf::{
         EbpfContext,
         bindings::{
-            BPF_CSUM_LEVEL_QUERY, BPF_F_INGRESS, BPF_F_NO_PREALLOC, BPF_F_RECOMPUTE_CSUM,
+            BPF_CSUM_LEVEL_QUERY, BPF_F_NO_PREALLOC, BPF_F_RECOMPUTE_CSUM,
             BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_SUCCESS,
             BPF_FIB_LOOKUP_OUTPUT, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_adj_room_mode::BPF_ADJ_ROOM_NET,
             bpf_fib_lookup as FibParams,
@@ -70,6 +72,9 @@ mod program {
     struct Scratch {
         rx: Received,
         binding: Binding,
+        /// The second binding of a relay-to-relay datagram, and what its first pass made.
+        next: Binding,
+        relayed: Received,
         channel_key: ChannelKey,
         peer_key: PeerKey,
         rewrite: Rewrite,
@@ -83,6 +88,7 @@ mod program {
 
     const ETH_LEN: usize = 14;
     const LOOPBACK_IFINDEX: u32 = 1;
+    const TC_ACT_OK: i32 = 0;
     const AF_INET: u8 = 2;
     const AF_INET6: u8 = 10;
 
@@ -106,7 +112,7 @@ mod program {
     enum Action {
         /// Up the stack unchanged (counted when it was UDP).
         Up(Option<Verdict>),
-        /// Rewritten: redirected, or dropped because a helper failed half-way.
+        /// Rewritten: redirected or delivered, or dropped because a helper failed half-way.
         Sent(Verdict, i32),
     }
 
@@ -120,10 +126,22 @@ mod program {
 
     /// Where the rewritten datagram goes.
     enum Route {
-        /// An address of this host: re-injected on loopback.
-        Local,
+        /// An address of this host, and the datagram came on loopback with its local
+        /// route: up the stack from here (`TC_ACT_OK`).
+        Here,
         /// Out of `ifindex` to the next hop `dmac`.
         Out { ifindex: u32, smac: [u8; 6], dmac: [u8; 6] },
+    }
+
+    /// How the datagram changes size.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Shape {
+        /// ChannelData to a plain datagram: 4 bytes less (and the padding).
+        ToPeer,
+        /// A plain datagram to ChannelData: 4 bytes more.
+        ToClient,
+        /// ChannelData to ChannelData (relay to relay): the same size (less the padding).
+        Relayed,
     }
 
     #[inline(always)]
@@ -219,7 +237,7 @@ mod program {
                 // SAFETY: a successful lookup in a map without preallocation: the entry is
                 // freed after an RCU grace period, not while this program runs.
                 s.binding = unsafe { *binding };
-                return client_to_peer(ctx, s, head, payload, l4);
+                return from_client(ctx, s, head, payload, l4);
             }
         }
         // 2. A datagram from a peer.
@@ -228,7 +246,7 @@ mod program {
         if let Some(binding) = FAST_PEERS.get_ptr(&s.peer_key) {
             // SAFETY: as above.
             s.binding = unsafe { *binding };
-            return peer_to_client(ctx, s, payload, l4);
+            return from_peer(ctx, s, payload, l4);
         }
         Action::Up(Some(Verdict::NoBinding))
     }
@@ -249,8 +267,10 @@ mod program {
         Ok(())
     }
 
+    /// A client's ChannelData: to its peer, or through a relayed address of this host on
+    /// to that allocation's client.
     #[inline(always)]
-    fn client_to_peer(
+    fn from_client(
         ctx: &TcContext,
         s: &mut Scratch,
         head: [u8; 4],
@@ -276,33 +296,60 @@ mod program {
             }
             i += 1;
         }
-        let l3_len = (l4 - ETH_LEN) as u32 + 8 + u32::from(data_len);
-        let (route, hop_limit) = match route(ctx, s, l3_len) {
+        let hop_limit = s.rx.hop_limit;
+        to_peer(&mut s.rewrite, &s.rx, &s.binding, data_len, head, padding, hop_limit);
+        let ip_len = (l4 - ETH_LEN) as u32;
+        let mut shape = Shape::ToPeer;
+        if is_local(&s.binding.to) {
+            // The peer is this host: another allocation's relayed address?
+            s.peer_key.peer = s.binding.from;
+            s.peer_key.relay = s.binding.to;
+            if let Some(next) = FAST_PEERS.get_ptr(&s.peer_key) {
+                // SAFETY: as in `relay`.
+                s.next = unsafe { *next };
+                // What the first pass made, as the second one receives it.
+                let r = &mut s.relayed;
+                r.family = s.rx.family;
+                r.class = s.rx.class;
+                r.hop_limit = hop_limit;
+                r.src = s.binding.from;
+                r.dst = s.binding.to;
+                r.udp_len = data_len + 8;
+                r.checksum = u16::from_be_bytes([s.rewrite.udp[6], s.rewrite.udp[7]]);
+                if let Err(v) = usable(&s.relayed, &s.next) {
+                    return Action::Up(Some(v));
+                }
+                shape = Shape::Relayed;
+            }
+        }
+        let (to, l3_len) = match shape {
+            Shape::Relayed => (s.next.to, ip_len + 12 + u32::from(data_len)),
+            _ => (s.binding.to, ip_len + 8 + u32::from(data_len)),
+        };
+        let (route, hop) = match route(ctx, s, &to, l3_len) {
             Ok(r) => r,
             Err(v) => return Action::Up(Some(v)),
         };
-        to_peer(&mut s.rewrite, &s.rx, &s.binding, data_len, head, padding, hop_limit);
-        // The ChannelData header goes: 4 bytes less right after the IP header, then the
-        // new headers over what is left of the old UDP header and the ChannelData header.
-        if ctx.adjust_room(-4, BPF_ADJ_ROOM_NET, 0).is_err() {
-            return Action::Up(Some(Verdict::Failed));
+        if shape == Shape::Relayed {
+            to_client(&mut s.rewrite, &s.relayed, &s.next, data_len, hop);
+        } else if hop != hop_limit {
+            to_peer(&mut s.rewrite, &s.rx, &s.binding, data_len, head, padding, hop);
         }
-        let new_len = (l4 + 8 + data_len as usize) as u32;
-        if write(ctx, s, l4, false, new_len, &route).is_err() {
-            return Action::Sent(Verdict::Failed, TC_ACT_SHOT as i32);
+        let new_len = if shape == Shape::Relayed { l4 + 12 } else { l4 + 8 } + data_len as usize;
+        if let Err(action) = mutate(ctx, s, shape, l4, new_len as u32, &route) {
+            return action;
         }
-        if let Some(t) = FAST_TRAFFIC.get_ptr_mut(s.binding.slot) {
-            // SAFETY: this CPU's slot of a per-CPU array.
-            unsafe {
-                (*t).to_peer_packets += 1;
-                (*t).to_peer_bytes += u64::from(data_len);
-            }
+        add_traffic(s.binding.slot, true, u64::from(data_len));
+        if shape == Shape::Relayed {
+            add_traffic(s.next.slot, false, u64::from(data_len));
+            return send(route, Verdict::RelayToRelay);
         }
         send(route, Verdict::ToPeer)
     }
 
+    /// A peer's datagram: to the client as ChannelData.
     #[inline(always)]
-    fn peer_to_client(ctx: &TcContext, s: &mut Scratch, payload: u32, l4: usize) -> Action {
+    fn from_peer(ctx: &TcContext, s: &mut Scratch, payload: u32, l4: usize) -> Action {
         if let Err(v) = usable(&s.rx, &s.binding) {
             return Action::Up(Some(v));
         }
@@ -311,33 +358,65 @@ mod program {
             return Action::Up(Some(Verdict::TooBig));
         }
         let data_len = payload as u16;
-        let l3_len = (l4 - ETH_LEN) as u32 + 12 + payload;
-        let (route, hop_limit) = match route(ctx, s, l3_len) {
+        let ip_len = (l4 - ETH_LEN) as u32;
+        let to = s.binding.to;
+        let (route, hop) = match route(ctx, s, &to, ip_len + 12 + payload) {
             Ok(r) => r,
             Err(v) => return Action::Up(Some(v)),
         };
-        to_client(&mut s.rewrite, &s.rx, &s.binding, data_len, hop_limit);
-        // 4 zero bytes after the IP header; the new UDP and ChannelData headers over them
-        // and the old UDP header.
-        if ctx.adjust_room(4, BPF_ADJ_ROOM_NET, 0).is_err() {
-            return Action::Up(Some(Verdict::Failed));
-        }
+        to_client(&mut s.rewrite, &s.rx, &s.binding, data_len, hop);
         let new_len = (l4 + 12 + payload as usize) as u32;
-        if write(ctx, s, l4, true, new_len, &route).is_err() {
-            return Action::Sent(Verdict::Failed, TC_ACT_SHOT as i32);
+        if let Err(action) = mutate(ctx, s, Shape::ToClient, l4, new_len, &route) {
+            return action;
         }
-        if let Some(t) = FAST_TRAFFIC.get_ptr_mut(s.binding.slot) {
-            // SAFETY: this CPU's slot of a per-CPU array.
-            unsafe {
-                (*t).to_client_packets += 1;
-                (*t).to_client_bytes += u64::from(data_len);
-            }
-        }
+        add_traffic(s.binding.slot, false, u64::from(data_len));
         send(route, Verdict::ToClient)
     }
 
+    /// Counts one datagram of `bytes` of data for a binding, to its peer or to its client.
+    #[inline(always)]
+    fn add_traffic(slot: u32, to_peer: bool, bytes: u64) {
+        if let Some(t) = FAST_TRAFFIC.get_ptr_mut(slot) {
+            // SAFETY: this CPU's slot of a per-CPU array.
+            let t = unsafe { &mut *t };
+            if to_peer {
+                t.to_peer_packets += 1;
+                t.to_peer_bytes += bytes;
+            } else {
+                t.to_client_packets += 1;
+                t.to_client_bytes += bytes;
+            }
+        }
+    }
+
+    /// Resizes the datagram for its shape and writes the new headers; on failure, what to
+    /// return (up unchanged when nothing changed yet, else dropped).
+    #[inline(always)]
+    fn mutate(
+        ctx: &TcContext,
+        s: &mut Scratch,
+        shape: Shape,
+        l4: usize,
+        new_len: u32,
+        route: &Route,
+    ) -> Result<(), Action> {
+        // Room right after the IP header: the new headers then go over what is there.
+        let room = match shape {
+            Shape::ToPeer => -4,
+            Shape::ToClient => 4,
+            Shape::Relayed => 0,
+        };
+        if room != 0 && ctx.adjust_room(room, BPF_ADJ_ROOM_NET, 0).is_err() {
+            return Err(Action::Up(Some(Verdict::Failed)));
+        }
+        if write(ctx, s, l4, shape != Shape::ToPeer, new_len, route).is_err() {
+            return Err(Action::Sent(Verdict::Failed, TC_ACT_SHOT as i32));
+        }
+        Ok(())
+    }
+
     /// Stores the new headers (keeping a complete receive checksum right), trims what
-    /// follows the new datagram, and sets the MACs.
+    /// follows the new datagram, and sets the MACs of a datagram that leaves.
     #[inline(always)]
     fn write(
         ctx: &TcContext,
@@ -360,12 +439,13 @@ mod program {
                 return Err(());
             }
         }
-        let mut macs = [0u8; 12];
         if let Route::Out { smac, dmac, .. } = route {
+            let mut macs = [0u8; 12];
             macs[..6].copy_from_slice(dmac);
             macs[6..].copy_from_slice(smac);
+            store(ctx, 0, &macs, 0)?;
         }
-        store(ctx, 0, &macs, 0)
+        Ok(())
     }
 
     /// `bpf_skb_load_bytes` into `dst`.
@@ -401,27 +481,33 @@ mod program {
 
     #[inline(always)]
     fn send(route: Route, verdict: Verdict) -> Action {
-        // SAFETY: helpers taking plain values.
-        let action = match route {
-            Route::Local => unsafe { bpf_redirect(LOOPBACK_IFINDEX, u64::from(BPF_F_INGRESS)) },
-            Route::Out { ifindex, .. } => unsafe { bpf_redirect(ifindex, 0) },
-        };
-        let verdict = if matches!(route, Route::Local) { Verdict::Local } else { verdict };
-        Action::Sent(verdict, action as i32)
+        match route {
+            Route::Here => Action::Sent(verdict, TC_ACT_OK),
+            // SAFETY: a helper taking plain values.
+            Route::Out { ifindex, .. } => {
+                Action::Sent(verdict, unsafe { bpf_redirect(ifindex, 0) } as i32)
+            }
+        }
     }
 
-    /// Where the datagram from `binding.from` to `binding.to` of `l3_len` bytes goes, and
-    /// its hop limit.
+    /// Where a datagram for `to` of `l3_len` bytes goes, and its hop limit: delivered here
+    /// when `to` is this host's and it came on loopback, else out of the route's interface.
     #[inline(always)]
-    fn route(ctx: &TcContext, s: &mut Scratch, l3_len: u32) -> Result<(Route, u8), Verdict> {
-        let (rx, binding) = (&s.rx, &s.binding);
-        if is_local(&binding.to) {
-            // Each pass through this host's own relays costs a hop: a loop ends.
-            if rx.hop_limit <= 1 {
-                return Err(Verdict::HopLimit);
+    fn route(
+        ctx: &TcContext,
+        s: &mut Scratch,
+        to: &Endpoint,
+        l3_len: u32,
+    ) -> Result<(Route, u8), Verdict> {
+        // SAFETY: reading a field of this program's context.
+        let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+        if is_local(to) {
+            if ingress != LOOPBACK_IFINDEX {
+                return Err(Verdict::LocalElsewhere);
             }
-            return Ok((Route::Local, rx.hop_limit - 1));
+            return Ok((Route::Here, s.rx.hop_limit));
         }
+        let (rx, from) = (&s.rx, &s.binding.from);
         // A datagram that leaves the host needs a checksum the kernel can send as it is.
         let skb: *mut aya_ebpf::bindings::__sk_buff = ctx.as_ptr().cast();
         // SAFETY: this program's context; a query that changes nothing (csum_update of 0
@@ -439,21 +525,20 @@ mod program {
         *p = unsafe { core::mem::zeroed() };
         p.family = if rx.family == 4 { AF_INET } else { AF_INET6 };
         p.l4_protocol = 17;
-        p.sport = u16::from_ne_bytes(binding.from.port);
-        p.dport = u16::from_ne_bytes(binding.to.port);
+        p.sport = u16::from_ne_bytes(from.port);
+        p.dport = u16::from_ne_bytes(to.port);
         p.__bindgen_anon_1.tot_len = l3_len as u16;
-        // SAFETY: reading a field of this program's context.
-        p.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+        p.ifindex = ingress;
         if rx.family == 4 {
-            p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(first_4(&binding.from.ip));
-            p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(first_4(&binding.to.ip));
+            p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(first_4(&from.ip));
+            p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(first_4(&to.ip));
         } else {
-            p.__bindgen_anon_3.ipv6_src = words(&binding.from.ip);
-            p.__bindgen_anon_4.ipv6_dst = words(&binding.to.ip);
+            p.__bindgen_anon_3.ipv6_src = words(&from.ip);
+            p.__bindgen_anon_4.ipv6_dst = words(&to.ip);
         }
         let size = core::mem::size_of::<FibParams>() as i32;
         // As a forwarder would route it (the receiving interface must forward)...
-        // SAFETY: `p` is a stack struct of the size passed.
+        // SAFETY: `p` is a struct of the size passed.
         let mut rc = unsafe { bpf_fib_lookup(skb.cast(), p, size, 0) } as u32;
         if rc == BPF_FIB_LKUP_RET_FWD_DISABLED {
             // ...else as the host's own output, when one interface carries every route.

@@ -36,6 +36,20 @@ pub enum SteeringMode {
     Off,
 }
 
+/// Whether ChannelData is relayed in the kernel (see `fast_path.rs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FastPathMode {
+    /// Every datagram through the workers (userspace).
+    #[default]
+    Off,
+    /// A TC program relays ChannelData of UDP clients both ways in the kernel; everything
+    /// else goes up to the workers. An error if it cannot be loaded and attached.
+    Tc,
+    /// `tc` when the program can be loaded and attached, otherwise off, said in the log.
+    Auto,
+}
+
 /// Log line format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -134,6 +148,8 @@ pub struct Config {
     pub steering_memo_ttl_ms: u32,
     /// Directory in bpffs where the steering maps are pinned for `turn-server load`.
     pub bpf_pin_root: PathBuf,
+    /// Relay ChannelData of UDP clients in the kernel: off, tc or auto.
+    pub fast_path: FastPathMode,
     /// Group (name or number) allowed to use `turn-server load` and `steering set`
     /// besides root.
     pub admin_group: Option<String>,
@@ -261,6 +277,7 @@ impl Default for Config {
             steering_pin_entries: 0,
             steering_memo_entries: turn_common::DEFAULT_MEMO_ENTRIES,
             steering_memo_ttl_ms: turn_common::DEFAULT_MEMO_TTL_MS,
+            fast_path: FastPathMode::Off,
             bpf_pin_root: PathBuf::from(crate::bpffs::DEFAULT_ROOT),
             admin_group: None,
             realm: None,

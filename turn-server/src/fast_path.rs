@@ -477,8 +477,13 @@ where
     M::try_from(map).map_err(map_err(name))
 }
 
-/// Entries of each binding map for a daemon: every channel its allocations may bind.
-pub fn bindings_for(max_allocations: usize, max_channels_per_allocation: usize) -> u32 {
-    let wanted = max_allocations.saturating_mul(max_channels_per_allocation.max(1));
-    wanted.clamp(1, 1 << 20) as u32
+/// Most bindings in the kernel at once: 2^18 (the counters, one slot per binding and CPU,
+/// are preallocated: 8 MiB per CPU).
+pub const MAX_BINDINGS: u32 = 1 << 18;
+
+/// Entries of each binding map for a daemon that holds `allocations` at most: two
+/// channels each (a WebRTC allocation binds one peer, or a few), within [`MAX_BINDINGS`].
+/// A binding beyond stays on the userspace path (counted).
+pub fn bindings_for(allocations: u32) -> u32 {
+    allocations.saturating_mul(2).clamp(1, MAX_BINDINGS)
 }

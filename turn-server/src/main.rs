@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use turn_common::Mode;
 use turn_server::{
     admin::{self, AdminRequest},
-    config::{Config, DEFAULT_ADMIN_SOCKET, LogFormat, SteeringMode},
+    config::{Config, DEFAULT_ADMIN_SOCKET, FastPathMode, LogFormat, SteeringMode},
     inspect,
     worker::AllocationInfo,
 };
@@ -213,6 +213,10 @@ struct ServeArgs {
     /// Microseconds a busy worker (at least 3 datagrams per wait) waits after a pass with fewer than 32 datagrams before looking again: fewer wake-ups and system calls per packet at paced rates, up to this much added delay per hop; 0 = never [config: batch_wait_us, default 200].
     #[arg(long = "batch-wait-us", value_name = "US")]
     batch_wait_us: Option<u64>,
+    /// Relay ChannelData of UDP clients in the kernel (a TC program): off, tc, or auto
+    /// (tc when it can be loaded) [config: fast_path, default off].
+    #[arg(long = "fast-path", value_enum)]
+    fast_path: Option<FastPathMode>,
     /// Placement of new client flows on the workers [config: steering, default auto].
     #[arg(long = "steering", value_enum)]
     steering: Option<SteeringMode>,
@@ -393,6 +397,9 @@ impl ServeArgs {
         }
         if let Some(us) = self.batch_wait_us {
             config.batch_wait_us = us;
+        }
+        if let Some(mode) = self.fast_path {
+            config.fast_path = mode;
         }
         if let Some(steering) = self.steering {
             config.steering = steering;

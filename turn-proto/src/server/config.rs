@@ -92,6 +92,7 @@ pub struct ServerConfig {
     pub seed: u64,
     /// Announce the channel bindings a kernel fast path may relay
     /// ([`Server::poll_fast_path`](super::Server::poll_fast_path)); off, nothing is queued.
+    /// Fixed for a server's life: [`Server::apply`](super::Server::apply) keeps its own.
     pub fast_path: bool,
 }
 

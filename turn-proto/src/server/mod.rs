@@ -400,7 +400,11 @@ impl Server {
         self.creds = creds;
         self.nonces = nonces;
         self.password_algorithms = password_algorithms;
+        // Whether the fast path's changes are announced is the server's for its life: a
+        // caller whose kernel maps follow them must go on hearing of every end.
+        let fast_path = self.cfg.fast_path;
         self.cfg = cfg;
+        self.cfg.fast_path = fast_path;
         self.prune_denied_peers();
     }
 
@@ -425,6 +429,16 @@ impl Server {
         for idx in live {
             self.sync_fast_path(idx, None);
         }
+    }
+
+    /// Adds what the kernel fast path relayed for `five_tuple`'s allocation to its traffic
+    /// (the caller reads the fast path's counters); false when it has no allocation.
+    pub fn add_kernel_traffic(&mut self, five_tuple: &FiveTuple, t: AllocationTraffic) -> bool {
+        let Some(a) = self.table.index_of(five_tuple).and_then(|i| self.table.get_mut(i)) else {
+            return false;
+        };
+        a.traffic.add(&t);
+        true
     }
 
     /// Every live allocation (for an operator's listing).

@@ -107,6 +107,16 @@ pub struct AllocationTraffic {
     pub to_client_bytes: u64,
 }
 
+impl AllocationTraffic {
+    /// Adds `other` to `self`.
+    pub fn add(&mut self, other: &AllocationTraffic) {
+        self.to_peer_packets += other.to_peer_packets;
+        self.to_peer_bytes += other.to_peer_bytes;
+        self.to_client_packets += other.to_client_packets;
+        self.to_client_bytes += other.to_client_bytes;
+    }
+}
+
 /// A relayed transport address of an allocation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RelaySocket {

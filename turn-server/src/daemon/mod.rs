@@ -32,7 +32,8 @@ use self::{
 use crate::{
     admin,
     bpffs::{self, Protocol},
-    config::{Config, DEFAULT_ADMIN_SOCKET, SteeringMode},
+    config::{Config, DEFAULT_ADMIN_SOCKET, FastPathMode, SteeringMode},
+    fast_path::{self, FastPath},
     listener::{ListenerGroup, TcpGroup, bind_group, bind_tcp_group},
     metrics::{self, UserTraffic},
     relay::{RelayAddresses, RelayPool, RelayPorts},
@@ -175,6 +176,9 @@ pub fn run(config: Config, read: ReadConfig) -> Result<()> {
         }
     }
 
+    // The kernel fast path, while the daemon may still load and attach programs.
+    let fast = setup_fast_path(&config, &relay_addresses)?;
+
     let (uid, gid) = (setup::run_as_uid(&config)?, config.admin_gid()?);
     for dir in groups.iter().filter_map(|g| g.steering.as_ref()?.pin_dir()) {
         if let Err(e) = bpffs::restrict(dir, uid, gid) {
@@ -261,13 +265,14 @@ pub fn run(config: Config, read: ReadConfig) -> Result<()> {
             .filter(|g| g.transport == Transport::Udp)
             .map(|g| g.steering.as_ref().map(|s| s.flow_pins(index as u32)).transpose())
             .collect::<Result<Vec<_>, _>>()?;
-        let server_config = setup::server_config(
+        let mut server_config = setup::server_config(
             &config,
             &credentials,
             &relay_addresses,
             nonce_secret,
             rand::random(),
         )?;
+        server_config.fast_path = fast.is_some();
         let server =
             turn_proto::server::Server::with_limits(server_config, Arc::clone(&source_limits))
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -290,6 +295,7 @@ pub fn run(config: Config, read: ReadConfig) -> Result<()> {
             state: state_rx.clone(),
             metrics_max_users: config.metrics_max_users,
             batch_wait: Duration::from_micros(config.batch_wait_us),
+            fast: fast.as_ref().map(FastPath::worker_maps).transpose()?,
         })?);
     }
     let relays: Vec<String> = relay_addresses
@@ -418,6 +424,15 @@ pub fn run(config: Config, read: ReadConfig) -> Result<()> {
             Ok(Err(e)) => error!(worker = index, error = %format!("{e:#}"), "worker failed"),
             Err(_) => error!(worker = index, "worker panicked"),
         }
+    }
+    // The workers removed their bindings as their allocations ended: now the program.
+    if let Some(mut fast) = fast {
+        let verdicts = fast.verdicts().unwrap_or_default();
+        fast.detach();
+        info!(
+            verdicts = %by_verdict(&verdicts),
+            "fast path detached"
+        );
     }
     // The workers' handles on the handshake thread are gone with them: it stops.
     drop(handshakes);
@@ -561,6 +576,54 @@ fn attach_steering(
             error_chain(&e)
         ),
     }
+}
+
+/// Loads and attaches the kernel fast path as `fast_path` asks: None when off, or when
+/// `auto` and it cannot be set up (said in the log); an error when `tc` cannot be.
+fn setup_fast_path(config: &Config, relays: &RelayAddresses) -> Result<Option<FastPath>> {
+    if config.fast_path == FastPathMode::Off {
+        return Ok(None);
+    }
+    let mut addresses: Vec<std::net::IpAddr> = config.listening_ips.clone();
+    addresses.extend(relays.iter().flatten().map(|r| r.bind));
+    let bindings = fast_path::bindings_for(config.allocation_pin_entries());
+    let attempt = || -> Result<FastPath, fast_path::FastPathError> {
+        let all = fast_path::interfaces()?;
+        let mut fast = FastPath::load(bindings)?;
+        fast.set_host(&all)?;
+        fast.attach(&fast_path::interfaces_for(&all, &addresses))?;
+        Ok(fast)
+    };
+    match attempt() {
+        Ok(fast) => {
+            info!(
+                interfaces = %fast.interfaces().join(","),
+                bindings,
+                "fast path: ChannelData of UDP clients relayed in the kernel (TC)"
+            );
+            Ok(Some(fast))
+        }
+        Err(e) if config.fast_path == FastPathMode::Auto => {
+            warn!(
+                error = %error_chain(&e),
+                "fast path unavailable: relaying in userspace (set `fast_path = \"off\"` to \
+                 silence this)"
+            );
+            Ok(None)
+        }
+        Err(e) => bail!("fast_path \"tc\" was asked for but cannot be set up: {}", error_chain(&e)),
+    }
+}
+
+/// The fast path's verdict counts, `name=n` joined by commas (non-zero ones), or `none`.
+fn by_verdict(counts: &[u64]) -> String {
+    let text: Vec<String> = turn_common::fast::Verdict::ALL
+        .iter()
+        .zip(counts)
+        .filter(|(_, n)| **n > 0)
+        .map(|(v, n)| format!("{}={n}", v.name()))
+        .collect();
+    if text.is_empty() { "none".into() } else { text.join(",") }
 }
 
 /// Formats an error with its sources, `a: b: c`.

@@ -22,6 +22,7 @@
 //! when allocations come and go (quotas, directory, flow pins).
 
 mod control;
+mod fast;
 pub mod handshake;
 mod sendmmsg;
 mod sink;
@@ -127,6 +128,16 @@ pub struct WorkerStats {
     /// Messages to stream clients dropped because the client did not read (write buffer
     /// full).
     pub stream_write_drops: AtomicU64,
+    /// What the kernel fast path relayed for this worker's allocations (read from its
+    /// counters twice a second): datagrams and payload bytes, each way.
+    pub fast_to_peer_packets: AtomicU64,
+    pub fast_to_peer_bytes: AtomicU64,
+    pub fast_to_client_packets: AtomicU64,
+    pub fast_to_client_bytes: AtomicU64,
+    /// This worker's bindings in the kernel now.
+    pub fast_bindings: AtomicU64,
+    /// Bindings left on the userspace path because their entries could not be written.
+    pub fast_failures: AtomicU64,
     /// The protocol core's counters and the live allocations, for the metrics endpoint.
     pub metrics: crate::metrics::WorkerMetrics,
 }
@@ -176,6 +187,8 @@ pub struct WorkerSetup {
     pub metrics_max_users: usize,
     /// The wait after a small pass when the worker is busy enough (see [`BatchWait`]).
     pub batch_wait: Duration,
+    /// This worker's handles on the kernel fast path's bindings (None: fast path off).
+    pub fast: Option<crate::fast_path::FastMaps>,
 }
 
 /// When a worker waits after an epoll pass before it looks again: only after a pass with
@@ -260,6 +273,8 @@ struct Core {
     /// A configuration prepared for a reload, until the control thread says to apply it.
     staged: Option<turn_proto::server::Prepared>,
     sink: Sink,
+    /// The bindings of this worker's allocations in the kernel fast path.
+    fast: Option<fast::FastBindings>,
 }
 
 struct Worker {
@@ -329,6 +344,7 @@ impl Worker {
                 limits: setup.limits,
                 handshakes: setup.handshakes,
                 staged: None,
+                fast: setup.fast.map(fast::FastBindings::new),
             },
             state: setup.state,
             inbox: setup.inbox,
@@ -365,6 +381,7 @@ impl Worker {
             }
             let now = Instant::now();
             if now >= next_sweep {
+                self.core.collect_fast_path();
                 self.core.sweep_connections(now);
                 self.core.publish_user_traffic();
                 self.core.after_batch();
@@ -444,6 +461,9 @@ impl Worker {
                     .zip(core.stats.closes.iter().map(|n| n.load(Ordering::Relaxed)))
             ),
             stream_write_drops = core.sink.connections.write_drops,
+            kernel_to_peer = core.stats.fast_to_peer_packets.load(Ordering::Relaxed),
+            kernel_to_client = core.stats.fast_to_client_packets.load(Ordering::Relaxed),
+            kernel_failures = core.stats.fast_failures.load(Ordering::Relaxed),
             "worker stopped"
         );
         Ok(())
@@ -561,6 +581,13 @@ impl Core {
         self.deliver_internal();
         self.sink.flush(&self.pool);
         let now = Instant::now();
+        // The fast path's entries first: an ended binding's last counts reach its
+        // allocation's session line below.
+        if let Some(fast) = &mut self.fast {
+            while let Some(change) = self.server.poll_fast_path() {
+                fast.apply(change, &mut self.server, &self.stats, now);
+            }
+        }
         while let Some(event) = self.server.poll_event() {
             match event {
                 Event::AllocationCreated { five_tuple, conn, username, relays, lifetime_secs } => {
@@ -607,8 +634,11 @@ impl Core {
                     reason,
                     relays,
                     created_at,
-                    traffic,
+                    mut traffic,
                 } => {
+                    if let Some(last) = self.fast.as_mut().and_then(|f| f.take_ended(&five_tuple)) {
+                        traffic.add(&last);
+                    }
                     self.stats.metrics.live_changed(
                         five_tuple.transport,
                         family_of(&relays),
@@ -709,6 +739,14 @@ impl UserTotals {
 }
 
 impl Core {
+    /// Brings what the kernel relayed since the last read into the allocations' traffic
+    /// and the worker's counters.
+    fn collect_fast_path(&mut self) {
+        if let Some(fast) = &mut self.fast {
+            fast.collect(&mut self.server, &self.stats);
+        }
+    }
+
     /// Publishes per-user traffic (ended and live allocations), when it is on. Twice a
     /// second, with the connection sweep: a walk over the allocations.
     fn publish_user_traffic(&mut self) {

@@ -1,0 +1,138 @@
+//! A worker's share of the kernel fast path: it writes the bindings of its allocations as
+//! the protocol core announces them, and brings what the kernel relayed for them back into
+//! the allocations' traffic (session log, `turn-server allocations`, per-user metrics) and
+//! the worker's counters.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use tracing::debug;
+use turn_common::fast::Traffic;
+use turn_proto::server::{AllocationTraffic, FastBinding, FastPathChange, FiveTuple, Server};
+
+use super::{WorkerStats, bump};
+use crate::fast_path::FastMaps;
+
+/// A binding with its entries in the kernel.
+struct Live {
+    binding: FastBinding,
+    slot: u32,
+    /// Its counters when last read.
+    seen: Traffic,
+}
+
+/// The bindings of one worker's allocations in the kernel maps.
+pub struct FastBindings {
+    maps: FastMaps,
+    live: HashMap<(FiveTuple, u16), Live>,
+    /// What ended bindings relayed since their counters were last read, for allocations
+    /// already deleted (their session line is written after).
+    ended: HashMap<FiveTuple, AllocationTraffic>,
+}
+
+fn delta(now: &Traffic, seen: &Traffic) -> AllocationTraffic {
+    AllocationTraffic {
+        to_peer_packets: now.to_peer_packets.wrapping_sub(seen.to_peer_packets),
+        to_peer_bytes: now.to_peer_bytes.wrapping_sub(seen.to_peer_bytes),
+        to_client_packets: now.to_client_packets.wrapping_sub(seen.to_client_packets),
+        to_client_bytes: now.to_client_bytes.wrapping_sub(seen.to_client_bytes),
+    }
+}
+
+impl FastBindings {
+    pub fn new(maps: FastMaps) -> FastBindings {
+        FastBindings { maps, live: HashMap::new(), ended: HashMap::new() }
+    }
+
+    /// Applies one change of the core's bindings.
+    pub fn apply(
+        &mut self,
+        change: FastPathChange,
+        server: &mut Server,
+        stats: &WorkerStats,
+        now: Instant,
+    ) {
+        match change {
+            FastPathChange::Up(b) => {
+                let key = (b.five_tuple, b.channel);
+                let (slot, fresh) = match self.live.get(&key) {
+                    Some(live) => (live.slot, false),
+                    None => match self.maps.take_slot() {
+                        Ok(slot) => (slot, true),
+                        Err(e) => {
+                            // The binding stays on the userspace path.
+                            bump(&stats.fast_failures, 1);
+                            debug!(error = %e, client = %b.five_tuple.client, "fast path: no slot");
+                            return;
+                        }
+                    },
+                };
+                match self.maps.write(&b, slot, now) {
+                    Ok(()) => {
+                        let seen = if fresh {
+                            Traffic::default()
+                        } else {
+                            self.live.get(&key).map_or_else(Traffic::default, |l| l.seen)
+                        };
+                        self.live.insert(key, Live { binding: b, slot, seen });
+                    }
+                    Err(e) => {
+                        bump(&stats.fast_failures, 1);
+                        debug!(error = %e, client = %b.five_tuple.client, "fast path: entry not written");
+                        if let Some(old) = self.live.remove(&key) {
+                            self.settle(old, server, stats);
+                        } else {
+                            self.maps.give_back(slot);
+                        }
+                    }
+                }
+            }
+            FastPathChange::Down(b) => {
+                if let Some(live) = self.live.remove(&(b.five_tuple, b.channel)) {
+                    self.maps.remove(&live.binding);
+                    self.settle(live, server, stats);
+                }
+            }
+        }
+        stats.fast_bindings.store(self.live.len() as u64, Ordering::Relaxed);
+    }
+
+    /// A binding whose entries are gone: its last counts go to its allocation (or, when
+    /// that is already deleted, wait for its session line), its slot back to the pool.
+    fn settle(&mut self, live: Live, server: &mut Server, stats: &WorkerStats) {
+        let last = delta(&self.maps.traffic(live.slot), &live.seen);
+        account(stats, &last);
+        if !server.add_kernel_traffic(&live.binding.five_tuple, last) {
+            self.ended.entry(live.binding.five_tuple).or_default().add(&last);
+        }
+        self.maps.give_back(live.slot);
+    }
+
+    /// Reads the counters of every live binding and adds what they relayed since the last
+    /// read to their allocations and the worker's counters.
+    pub fn collect(&mut self, server: &mut Server, stats: &WorkerStats) {
+        for live in self.live.values_mut() {
+            let now = self.maps.traffic(live.slot);
+            let d = delta(&now, &live.seen);
+            if d == AllocationTraffic::default() {
+                continue;
+            }
+            live.seen = now;
+            account(stats, &d);
+            server.add_kernel_traffic(&live.binding.five_tuple, d);
+        }
+    }
+
+    /// What the kernel relayed for a deleted allocation after its last read.
+    pub fn take_ended(&mut self, five_tuple: &FiveTuple) -> Option<AllocationTraffic> {
+        self.ended.remove(five_tuple)
+    }
+}
+
+fn account(stats: &WorkerStats, d: &AllocationTraffic) {
+    bump(&stats.fast_to_peer_packets, d.to_peer_packets);
+    bump(&stats.fast_to_peer_bytes, d.to_peer_bytes);
+    bump(&stats.fast_to_client_packets, d.to_client_packets);
+    bump(&stats.fast_to_client_bytes, d.to_client_bytes);
+}
