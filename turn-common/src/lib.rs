@@ -169,6 +169,9 @@ pub struct SocketLoad {
     pub auth_failures: u64,
     /// Requests a per-source limit left unanswered or unverified, monotonic.
     pub rate_limited: u64,
+    /// Datagrams the kernel fast path relayed for the worker's allocations (both ways,
+    /// read twice a second), monotonic: not in `packets`, the worker never saw them.
+    pub kernel_packets: u64,
 }
 
 impl SocketLoad {
@@ -284,7 +287,7 @@ mod user {
 }
 
 const _: () = assert!(core::mem::size_of::<SteeringConfig>() == 16);
-const _: () = assert!(core::mem::size_of::<SocketLoad>() == 15 * 8);
+const _: () = assert!(core::mem::size_of::<SocketLoad>() == 16 * 8);
 const _: () = assert!(core::mem::size_of::<SocketStats>() == 7 * 8);
 const _: () = assert!(core::mem::size_of::<FlowMemo>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 36);

@@ -5,7 +5,7 @@
 //!
 //! | request | reply |
 //! | --- | --- |
-//! | `{"cmd":"allocations"}` | `{"ok":true,"allocations":[...]}`: user, client, listener, transport, relayed addresses, age, lifetime left, packets and bytes each way, worker |
+//! | `{"cmd":"allocations"}` | `{"ok":true,"allocations":[...]}`: user, client, listener, transport, relayed addresses, age, lifetime left, packets and bytes each way (the kernel fast path's included), worker, active channels with their peer and path (`kernel` or `user`) |
 //! | `{"cmd":"kick","user":"alice"}`, `{"cmd":"kick","client":"192.0.2.1:5000"}` | `{"ok":true,"ended":N}` (a TCP/TLS client's connection is closed too) |
 //! | `{"cmd":"drain"}`, `{"cmd":"undrain"}` | `{"ok":true,"draining":bool}`: no new allocations (Allocate gets 508) while draining; live ones relay on |
 //! | `{"cmd":"steering","mode":"p2c"}` | `{"ok":true,"listeners":N}` (`p2c`, `least`, `hash`) |
@@ -153,8 +153,19 @@ pub fn request(path: &Path, request: &AdminRequest) -> Result<Value> {
 /// The `turn-server allocations` table.
 pub fn render_allocations(list: &[AllocationInfo]) -> String {
     let mut rows = vec![
-        ["USER", "CLIENT", "TRANSPORT", "RELAYED", "AGE", "LEFT", "TO PEER", "TO CLIENT", "WORKER"]
-            .map(String::from),
+        [
+            "USER",
+            "CLIENT",
+            "TRANSPORT",
+            "RELAYED",
+            "AGE",
+            "LEFT",
+            "TO PEER",
+            "TO CLIENT",
+            "WORKER",
+            "CHANNELS",
+        ]
+        .map(String::from),
     ];
     let traffic = |packets: u64, bytes: u64| format!("{packets} pkt / {bytes} B");
     for a in list {
@@ -168,10 +179,15 @@ pub fn render_allocations(list: &[AllocationInfo]) -> String {
             traffic(a.to_peer_packets, a.to_peer_bytes),
             traffic(a.to_client_packets, a.to_client_bytes),
             a.worker.to_string(),
+            a.channels
+                .iter()
+                .map(|c| format!("{:#06x}>{} ({})", c.channel, c.peer, c.path))
+                .collect::<Vec<_>>()
+                .join(" "),
         ]);
     }
     let widths: Vec<usize> =
-        (0..9).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+        (0..10).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
     let mut out = String::new();
     for row in &rows {
         let cells: Vec<String> =

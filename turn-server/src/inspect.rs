@@ -31,6 +31,9 @@ pub struct SocketRow {
     /// Datagrams the worker received per second, all its sockets (listeners of every
     /// address, relays, hand-offs): what its load is made of.
     pub packets_per_sec: f64,
+    /// Datagrams the kernel fast path relayed per second for the worker's allocations (not
+    /// in `packets_per_sec`: the worker never saw them).
+    pub kernel_per_sec: f64,
     /// Datagrams the program steered to this socket per second (this listener only).
     pub steered_per_sec: f64,
     /// Bytes the program steered to this socket per second.
@@ -177,6 +180,10 @@ pub fn sample(pid: u32, listeners: &[LiveListener], interval: Duration) -> Resul
                     pinned_allocations: pins.allocations.get(i).copied().unwrap_or(0),
                     memo_flows: pins.memos.get(i).copied().unwrap_or(0),
                     packets_per_sec: pps,
+                    kernel_per_sec: rate(
+                        load.kernel_packets,
+                        loads_before.get(i).map_or(load.kernel_packets, |b| b.kernel_packets),
+                    ),
                     steered_per_sec: rate(s.packets, s0.packets),
                     bytes_per_sec: rate(s.bytes, s0.bytes),
                     new_flows_per_sec: rate(s.new_flows, s0.new_flows),
@@ -234,17 +241,19 @@ impl LoadReport {
                 self.interval_secs
             ));
             out.push_str(
-                "worker  allocs  pinned  memos  packets/s  share   score  new/s  handed off/in  \
-                 hand-off drops  inbox  rx queue B  rx drops  auth fails  rate-limited\n",
+                "worker  allocs  pinned  memos  packets/s  kernel/s  share   score  new/s  \
+                 handed off/in  hand-off drops  inbox  rx queue B  rx drops  auth fails  \
+                 rate-limited\n",
             );
             for s in &g.sockets {
                 out.push_str(&format!(
-                    "{:>6}  {:>6}  {:>6}  {:>5}  {:>9.0}  {:>4.1}%  {:>6}  {:>5.0}  {:>13}  {:>14}  {:>5}  {:>10}  {:>8}  {:>10}  {:>12}\n",
+                    "{:>6}  {:>6}  {:>6}  {:>5}  {:>9.0}  {:>8.0}  {:>4.1}%  {:>6}  {:>5.0}  {:>13}  {:>14}  {:>5}  {:>10}  {:>8}  {:>10}  {:>12}\n",
                     s.worker,
                     s.allocations,
                     s.pinned_allocations,
                     s.memo_flows,
                     s.packets_per_sec,
+                    s.kernel_per_sec,
                     s.share * 100.0,
                     s.score,
                     s.new_flows_per_sec,
@@ -306,6 +315,7 @@ mod tests {
             pinned_allocations: 3,
             memo_flows: 1,
             packets_per_sec: packets,
+            kernel_per_sec: 0.0,
             steered_per_sec: packets / 2.0,
             bytes_per_sec: 1e4,
             new_flows_per_sec: 0.0,

@@ -151,6 +151,8 @@ pub struct Scrape {
     pub draining: bool,
     /// The TLS handshake thread: in progress, completed, closes by reason.
     pub handshakes: HandshakeSnapshot,
+    /// The kernel fast path's verdicts (by [`turn_common::fast::Verdict`]), when it is on.
+    pub fast_verdicts: Option<Vec<u64>>,
 }
 
 /// The TLS handshake thread in a [`Scrape`].
@@ -208,6 +210,12 @@ pub struct WorkerSnapshot {
     pub closes: Vec<u64>,
     pub stream_write_drops: u64,
     pub pin_failures: u64,
+    /// What the kernel fast path relayed for the worker's allocations: to-peer packets and
+    /// bytes, to-client packets and bytes.
+    pub kernel: [u64; 4],
+    /// The worker's bindings in the kernel now, and those left in userspace (map full).
+    pub fast_bindings: u64,
+    pub fast_failures: u64,
     /// From the load estimator.
     pub score: u64,
     pub share: f64,
@@ -319,24 +327,63 @@ impl Collector for Scrape {
         let mut bytes = Vec::new();
         for (direction, p, b) in [("to_peer", 0, 1), ("to_client", 2, 3)] {
             for t in Transport::ALL {
-                let labels =
-                    vec![("direction", direction.to_owned()), ("transport", t.name().to_owned())];
+                let labels = vec![
+                    ("direction", direction.to_owned()),
+                    ("transport", t.name().to_owned()),
+                    ("path", "user".to_owned()),
+                ];
                 packets.push((labels.clone(), sum(&|s| s.traffic[p][t.index()])));
                 bytes.push((labels, sum(&|s| s.traffic[b][t.index()])));
+            }
+            // The kernel fast path relays ChannelData of UDP clients only.
+            if self.fast_verdicts.is_some() {
+                let labels = vec![
+                    ("direction", direction.to_owned()),
+                    ("transport", Transport::Udp.name().to_owned()),
+                    ("path", "kernel".to_owned()),
+                ];
+                packets.push((labels.clone(), sum(&|s| s.kernel[p])));
+                bytes.push((labels, sum(&|s| s.kernel[b])));
             }
         }
         counters(
             &mut e,
             "turn_relayed_packets",
-            "Messages relayed, by direction and client transport",
+            "Messages relayed, by direction, client transport and path (user: by a worker; \
+             kernel: by the fast path)",
             packets,
         )?;
         counters(
             &mut e,
             "turn_relayed_bytes",
-            "Payload bytes relayed, by direction and client transport",
+            "Payload bytes relayed, by direction, client transport and path",
             bytes,
         )?;
+        if let Some(verdicts) = &self.fast_verdicts {
+            let samples = turn_common::fast::Verdict::ALL
+                .iter()
+                .zip(verdicts)
+                .map(|(v, n)| (vec![("verdict", v.name().to_owned())], *n))
+                .collect();
+            counters(
+                &mut e,
+                "turn_fast_path_datagrams",
+                "UDP datagrams the kernel fast path looked at, by what it did with them",
+                samples,
+            )?;
+            gauges(
+                &mut e,
+                "turn_fast_path_bindings",
+                "Channel bindings the kernel relays now",
+                vec![(vec![], sum(&|s| s.fast_bindings) as f64)],
+            )?;
+            counters(
+                &mut e,
+                "turn_fast_path_failures",
+                "Channel bindings left to the workers because the kernel maps were full",
+                vec![(vec![], sum(&|s| s.fast_failures))],
+            )?;
+        }
 
         let requests = REQUEST_METHODS
             .iter()
@@ -770,7 +817,9 @@ mod tests {
         workers[0].received_packets = 10;
         let text = render(Scrape { workers, relay_ports_free: [3, 0], ..Scrape::default() });
         assert!(
-            text.contains("turn_relayed_packets_total{direction=\"to_peer\",transport=\"tcp\"} 12"),
+            text.contains(
+                "turn_relayed_packets_total{direction=\"to_peer\",transport=\"tcp\",path=\"user\"} 12"
+            ),
             "{text}"
         );
         assert!(text.contains("turn_allocations_deleted_total{reason=\"expired\"} 4"), "{text}");

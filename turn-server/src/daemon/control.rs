@@ -70,6 +70,8 @@ pub struct Control<'a> {
     pub metrics_max_users: usize,
     /// The readiness status (`serving ...`), restored after an undrain.
     pub status: String,
+    /// The kernel fast path, when it is on.
+    pub fast: Option<&'a crate::fast_path::FastPath>,
 }
 
 /// Where the loop is in its life.
@@ -403,6 +405,14 @@ impl Control<'_> {
                     closes: w.closes.iter().map(read).collect(),
                     stream_write_drops: read(&w.stream_write_drops),
                     pin_failures: read(&w.pin_failures),
+                    kernel: [
+                        read(&w.fast_to_peer_packets),
+                        read(&w.fast_to_peer_bytes),
+                        read(&w.fast_to_client_packets),
+                        read(&w.fast_to_client_bytes),
+                    ],
+                    fast_bindings: read(&w.fast_bindings),
+                    fast_failures: read(&w.fast_failures),
                     score: loads.map_or(0, |l| l.score(i)),
                     share: match loads.and_then(|l| l.packet_rates.get(i)) {
                         Some(rate) if total_rate > 0.0 => rate / total_rate,
@@ -465,6 +475,7 @@ impl Control<'_> {
             users,
             draining: phase.stopping.is_some() || phase.drained,
             handshakes: metrics::HandshakeSnapshot::read(&self.handshakes),
+            fast_verdicts: self.fast.and_then(|f| f.verdicts().ok()).map(|v| v.to_vec()),
         }
     }
 
@@ -521,6 +532,8 @@ impl Control<'_> {
                 pin_failures: w.pin_failures.load(Ordering::Relaxed),
                 auth_failures: w.auth_failures.load(Ordering::Relaxed),
                 rate_limited: w.rate_limited.load(Ordering::Relaxed),
+                kernel_packets: w.fast_to_peer_packets.load(Ordering::Relaxed)
+                    + w.fast_to_client_packets.load(Ordering::Relaxed),
                 ..SocketLoad::default()
             })
             .collect();

@@ -388,6 +388,7 @@ pub fn run(config: Config, read: ReadConfig) -> Result<()> {
         pin_counts: None,
         metrics_max_users: config.metrics_max_users,
         status,
+        fast: fast.as_ref(),
     };
     let outcome = runtime.block_on(control.run(signals, Requests { scrapes, admin: admin_calls }));
     for endpoint in endpoints {

@@ -126,10 +126,27 @@ pub struct AllocationInfo {
     pub to_peer_bytes: u64,
     pub to_client_packets: u64,
     pub to_client_bytes: u64,
+    /// Its active channels, and which path relays each.
+    #[serde(default)]
+    pub channels: Vec<ChannelInfo>,
+}
+
+/// An active channel of an allocation, as the admin API lists it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChannelInfo {
+    pub channel: u16,
+    pub peer: String,
+    /// `kernel` (the fast path relays its ChannelData) or `user` (the worker does).
+    pub path: String,
 }
 
 impl AllocationInfo {
-    fn of(worker: usize, a: &Allocation, now: Instant) -> AllocationInfo {
+    fn of(
+        worker: usize,
+        a: &Allocation,
+        now: Instant,
+        in_kernel: impl Fn(u16) -> bool,
+    ) -> AllocationInfo {
         AllocationInfo {
             worker,
             user: a.username.to_string(),
@@ -143,6 +160,16 @@ impl AllocationInfo {
             to_peer_bytes: a.traffic.to_peer_bytes,
             to_client_packets: a.traffic.to_client_packets,
             to_client_bytes: a.traffic.to_client_bytes,
+            channels: a
+                .channels
+                .iter()
+                .filter(|c| c.expires_at > now)
+                .map(|c| ChannelInfo {
+                    channel: c.number,
+                    peer: c.peer.to_string(),
+                    path: if in_kernel(c.number) { "kernel" } else { "user" }.to_owned(),
+                })
+                .collect(),
         }
     }
 }
@@ -156,11 +183,19 @@ impl Core {
                 self.relay_in(batch);
             }
             Command::Allocations(reply) => {
+                // What the kernel relayed up to now, in the traffic listed.
+                self.collect_fast_path();
                 let now = Instant::now();
+                let fast = self.fast.as_ref();
                 let list = self
                     .server
                     .allocations()
-                    .map(|a| AllocationInfo::of(self.index, a, now))
+                    .map(|a| {
+                        let ft = a.five_tuple;
+                        AllocationInfo::of(self.index, a, now, |channel| {
+                            fast.is_some_and(|f| f.relays(&ft, channel))
+                        })
+                    })
                     .collect();
                 let _ = reply.send(list);
             }

@@ -124,6 +124,11 @@ impl FastBindings {
         }
     }
 
+    /// True when the kernel relays `channel` of `five_tuple`'s allocation.
+    pub fn relays(&self, five_tuple: &FiveTuple, channel: u16) -> bool {
+        self.live.contains_key(&(*five_tuple, channel))
+    }
+
     /// What the kernel relayed for a deleted allocation after its last read.
     pub fn take_ended(&mut self, five_tuple: &FiveTuple) -> Option<AllocationTraffic> {
         self.ended.remove(five_tuple)

@@ -741,7 +741,7 @@ impl UserTotals {
 impl Core {
     /// Brings what the kernel relayed since the last read into the allocations' traffic
     /// and the worker's counters.
-    fn collect_fast_path(&mut self) {
+    pub(super) fn collect_fast_path(&mut self) {
         if let Some(fast) = &mut self.fast {
             fast.collect(&mut self.server, &self.stats);
         }
