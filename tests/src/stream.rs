@@ -352,3 +352,71 @@ pub fn connect_from(local_ip: &str, server: SocketAddr) -> io::Result<TcpStream>
     socket.connect_timeout(&server.into(), Duration::from_secs(5))?;
     Ok(socket.into())
 }
+
+/// A TURN client on one UDP socket, driving the project's client (retransmissions
+/// included): for tests that need ChannelBind and ChannelData over UDP under their control.
+pub struct UdpTurnClient {
+    pub sock: std::net::UdpSocket,
+    server: SocketAddr,
+    client: Client,
+    out: Vec<u8>,
+}
+
+impl UdpTurnClient {
+    /// A client on an ephemeral port of `local_ip`, for `server`.
+    pub fn new(local_ip: &str, server: SocketAddr, user: &str, password: &str) -> UdpTurnClient {
+        let sock = std::net::UdpSocket::bind((local_ip, 0)).unwrap();
+        let creds = Arc::new(Credentials::new(user, password, None).unwrap());
+        UdpTurnClient {
+            sock,
+            server,
+            client: Client::new(9, std::process::id(), creds),
+            out: Vec::new(),
+        }
+    }
+
+    /// Runs one request to its end (401 and 438 rounds, retransmissions).
+    pub fn request(&mut self, req: Request) -> Result<Reply, ClientError> {
+        self.client.start(req, Instant::now())?;
+        self.sock.send_to(self.client.request_bytes(), self.server).map_err(|_| idle())?;
+        let mut buf = [0u8; 4096];
+        loop {
+            let wait = self
+                .client
+                .deadline()
+                .map_or(Duration::from_millis(100), |d| d.saturating_duration_since(Instant::now()))
+                .max(Duration::from_millis(1));
+            self.sock.set_read_timeout(Some(wait)).map_err(|_| idle())?;
+            let progress = match self.sock.recv_from(&mut buf) {
+                Ok((n, _)) => self.client.on_message(&buf[..n], Instant::now()),
+                Err(_) => self.client.on_timeout(Instant::now()),
+            };
+            match progress {
+                Progress::Ignored => {}
+                Progress::Send => {
+                    self.sock
+                        .send_to(self.client.request_bytes(), self.server)
+                        .map_err(|_| idle())?;
+                }
+                Progress::Done(reply) => return Ok(reply),
+                Progress::Failed(e) => return Err(e),
+                Progress::Rebind => return Err(ClientError::Idle),
+            }
+        }
+    }
+
+    /// Sends `payload` on `channel` (no padding).
+    pub fn send_channel_data(&mut self, channel: u16, payload: &[u8]) {
+        self.out.resize(payload.len() + 8, 0);
+        let n = turn_proto::client::channel_data(&mut self.out, channel, payload, false).unwrap();
+        self.sock.send_to(&self.out[..n], self.server).unwrap();
+    }
+
+    /// The next datagram from the server within `timeout`.
+    pub fn receive(&self, timeout: Duration) -> Option<Vec<u8>> {
+        self.sock.set_read_timeout(Some(timeout)).ok()?;
+        let mut buf = [0u8; 4096];
+        let (n, _) = self.sock.recv_from(&mut buf).ok()?;
+        Some(buf[..n].to_vec())
+    }
+}

@@ -424,7 +424,12 @@ pub const fn channel_data(head: [u8; 4], udp_payload: u32) -> Option<(u16, u16)>
 /// `binding.from` (the relayed address) to `binding.to` (the peer), `data_len` bytes of
 /// data; `padding` holds the received padding bytes (zero beyond the padding), which leave
 /// with the ChannelData header. The data starts at an even offset in both datagrams.
+///
+/// The checksum is the received one updated, or, given `data_sum` (the one's complement
+/// sum of the data's words, when the received field is not a checksum to update: a local
+/// sender's partial one), computed anew.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn to_peer(
     out: &mut Rewrite,
     rx: &Received,
@@ -433,8 +438,19 @@ pub fn to_peer(
     channel_head: [u8; 4],
     padding: [u8; 3],
     hop_limit: u8,
+    data_sum: Option<u16>,
 ) {
     let udp_len = data_len + 8;
+    if let Some(sum) = data_sum {
+        let total = udp_words(Csum(0), &binding.from, &binding.to, udp_len, true).add(sum);
+        let c = !total.fold();
+        let checksum = if c == 0 { 0xFFFF } else { c };
+        ip_header(&mut out.ip, rx.family, rx.class, hop_limit, &binding.from, &binding.to, udp_len);
+        udp_header(&mut out.udp, binding, udp_len, checksum);
+        out.channel_data = [0; 4];
+        out.payload_len = data_len;
+        return;
+    }
     let mut delta = udp_words(Csum(0), &rx.src, &rx.dst, rx.udp_len, false);
     delta = delta
         .sub(u16::from_be_bytes([channel_head[0], channel_head[1]]))
@@ -458,7 +474,8 @@ pub fn to_peer(
 
 /// Writes the headers of the ChannelData datagram to the client for a peer's datagram of
 /// `data_len` bytes: from `binding.from` (the listener) to `binding.to` (the client), on
-/// `binding.channel`, without padding (RFC 8656 §12.5: optional over UDP).
+/// `binding.channel`, without padding (RFC 8656 §12.5: optional over UDP). The checksum:
+/// as in [`to_peer`].
 #[inline(always)]
 pub fn to_client(
     out: &mut Rewrite,
@@ -466,16 +483,26 @@ pub fn to_client(
     binding: &Binding,
     data_len: u16,
     hop_limit: u8,
+    data_sum: Option<u16>,
 ) {
     let payload_len = data_len + 4;
     let udp_len = payload_len + 8;
     let len = data_len.to_be_bytes();
     let head = [binding.channel[0], binding.channel[1], len[0], len[1]];
-    let mut delta = udp_words(Csum(0), &rx.src, &rx.dst, rx.udp_len, false);
-    delta = udp_words(delta, &binding.from, &binding.to, udp_len, true)
+    let new = udp_words(Csum(0), &binding.from, &binding.to, udp_len, true)
         .add(u16::from_be_bytes([head[0], head[1]]))
         .add(data_len);
-    let checksum = update_checksum(rx.checksum, rx.family, delta);
+    let checksum = match data_sum {
+        Some(sum) => match !new.add(sum).fold() {
+            0 => 0xFFFF,
+            c => c,
+        },
+        None => update_checksum(
+            rx.checksum,
+            rx.family,
+            udp_words(new, &rx.src, &rx.dst, rx.udp_len, false),
+        ),
+    };
     ip_header(&mut out.ip, rx.family, rx.class, hop_limit, &binding.from, &binding.to, udp_len);
     udp_header(&mut out.udp, binding, udp_len, checksum);
     out.channel_data = head;
@@ -623,7 +650,15 @@ mod tests {
                     let mut pad = [0u8; 3];
                     pad[..pad_len].copy_from_slice(&padding[..pad_len]);
                     let mut out = Rewrite::default();
-                    to_peer(&mut out, &rx, &binding, len, head, pad, 64);
+                    to_peer(&mut out, &rx, &binding, len, head, pad, 64, None);
+                    // From the data's own sum, as for a partial checksum: the same.
+                    let mut sum = Csum(0);
+                    for w in data.chunks(2) {
+                        sum = sum.add(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
+                    }
+                    let mut fresh = Rewrite::default();
+                    to_peer(&mut fresh, &rx, &binding, len, head, pad, 64, Some(sum.fold()));
+                    assert_eq!(fresh, out, "len {len} padded {padded}, from the data's sum");
                     let expected = datagram(&relay, &peer, &data);
                     assert_eq!(&out.udp[..], &expected[..8], "len {len} padded {padded}");
                     assert_eq!(out.payload_len, len);
@@ -670,7 +705,14 @@ mod tests {
                 let udp = datagram(&peer, &relay, &data);
                 let rx = received(&peer, &relay, &udp);
                 let mut out = Rewrite::default();
-                to_client(&mut out, &rx, &binding, len, 64);
+                to_client(&mut out, &rx, &binding, len, 64, None);
+                let mut sum = Csum(0);
+                for w in data.chunks(2) {
+                    sum = sum.add(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
+                }
+                let mut fresh = Rewrite::default();
+                to_client(&mut fresh, &rx, &binding, len, 64, Some(sum.fold()));
+                assert_eq!(fresh, out, "len {len}, from the data's sum");
                 let mut framed = std::vec![0x7A, 0xBC, (len >> 8) as u8, len as u8];
                 framed.extend_from_slice(&data);
                 let expected = datagram(&listener, &client, &framed);
@@ -697,7 +739,7 @@ mod tests {
         udp[6..8].copy_from_slice(&[0, 0]);
         let rx = received(&client, &listener, &udp);
         let mut out = Rewrite::default();
-        to_peer(&mut out, &rx, &binding, 1, [0x40, 0, 0, 1], [0; 3], 64);
+        to_peer(&mut out, &rx, &binding, 1, [0x40, 0, 0, 1], [0; 3], 64, None);
         assert_eq!(&out.udp[6..8], &[0, 0]);
     }
 }

@@ -32,8 +32,8 @@ mod program {
             bpf_fib_lookup as FibParams,
         },
         helpers::{
-            bpf_csum_level, bpf_csum_update, bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect,
-            bpf_skb_change_tail, bpf_skb_load_bytes, bpf_skb_store_bytes,
+            bpf_csum_diff, bpf_csum_level, bpf_csum_update, bpf_fib_lookup, bpf_ktime_get_ns,
+            bpf_loop, bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes, bpf_skb_store_bytes,
         },
         macros::{classifier, map},
         maps::{Array, HashMap, PerCpuArray},
@@ -81,7 +81,14 @@ mod program {
         fib: FibParams,
         ip: [u8; 40],
         headers: [u8; 12],
+        /// A chunk of data being summed (see `sum_step`).
+        chunk: [u64; CHUNK / 8],
     }
+
+    /// Bytes of data summed per `bpf_csum_diff` (a multiple of 4, at most 512).
+    const CHUNK: usize = 64;
+    /// Chunks summed at most: a datagram with more data and a partial checksum goes up.
+    const CHUNKS: u32 = 24;
 
     #[map(name = "FAST_SCRATCH")]
     static FAST_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
@@ -296,8 +303,19 @@ mod program {
             }
             i += 1;
         }
+        // A local sender's partial checksum cannot be updated: computed anew from the data
+        // (only on this host: one cannot leave it, see `route`).
+        let partial = !validated(ctx) && s.rx.checksum == partial_checksum(&s.rx);
+        let data_sum = if partial && is_local(&s.binding.to) {
+            match sum_data(ctx, l4 + 12, u32::from(data_len)) {
+                Some(sum) => Some(sum),
+                None => return Action::Up(Some(Verdict::Unverified)),
+            }
+        } else {
+            None
+        };
         let hop_limit = s.rx.hop_limit;
-        to_peer(&mut s.rewrite, &s.rx, &s.binding, data_len, head, padding, hop_limit);
+        to_peer(&mut s.rewrite, &s.rx, &s.binding, data_len, head, padding, hop_limit, data_sum);
         let ip_len = (l4 - ETH_LEN) as u32;
         let mut shape = Shape::ToPeer;
         if is_local(&s.binding.to) {
@@ -326,14 +344,14 @@ mod program {
             Shape::Relayed => (s.next.to, ip_len + 12 + u32::from(data_len)),
             _ => (s.binding.to, ip_len + 8 + u32::from(data_len)),
         };
-        let (route, hop) = match route(ctx, s, &to, l3_len) {
+        let (route, hop) = match route(ctx, s, &to, l3_len, partial) {
             Ok(r) => r,
             Err(v) => return Action::Up(Some(v)),
         };
         if shape == Shape::Relayed {
-            to_client(&mut s.rewrite, &s.relayed, &s.next, data_len, hop);
+            to_client(&mut s.rewrite, &s.relayed, &s.next, data_len, hop, None);
         } else if hop != hop_limit {
-            to_peer(&mut s.rewrite, &s.rx, &s.binding, data_len, head, padding, hop);
+            to_peer(&mut s.rewrite, &s.rx, &s.binding, data_len, head, padding, hop, data_sum);
         }
         let new_len = if shape == Shape::Relayed { l4 + 12 } else { l4 + 8 } + data_len as usize;
         if let Err(action) = mutate(ctx, s, shape, l4, new_len as u32, &route) {
@@ -360,11 +378,20 @@ mod program {
         let data_len = payload as u16;
         let ip_len = (l4 - ETH_LEN) as u32;
         let to = s.binding.to;
-        let (route, hop) = match route(ctx, s, &to, ip_len + 12 + payload) {
+        let partial = !validated(ctx) && s.rx.checksum == partial_checksum(&s.rx);
+        let (route, hop) = match route(ctx, s, &to, ip_len + 12 + payload, partial) {
             Ok(r) => r,
             Err(v) => return Action::Up(Some(v)),
         };
-        to_client(&mut s.rewrite, &s.rx, &s.binding, data_len, hop);
+        let data_sum = if partial {
+            match sum_data(ctx, l4 + 8, payload) {
+                Some(sum) => Some(sum),
+                None => return Action::Up(Some(Verdict::Unverified)),
+            }
+        } else {
+            None
+        };
+        to_client(&mut s.rewrite, &s.rx, &s.binding, data_len, hop, data_sum);
         let new_len = (l4 + 12 + payload as usize) as u32;
         if let Err(action) = mutate(ctx, s, Shape::ToClient, l4, new_len, &route) {
             return action;
@@ -498,6 +525,7 @@ mod program {
         s: &mut Scratch,
         to: &Endpoint,
         l3_len: u32,
+        partial: bool,
     ) -> Result<(Route, u8), Verdict> {
         // SAFETY: reading a field of this program's context.
         let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
@@ -508,15 +536,12 @@ mod program {
             return Ok((Route::Here, s.rx.hop_limit));
         }
         let (rx, from) = (&s.rx, &s.binding.from);
-        // A datagram that leaves the host needs a checksum the kernel can send as it is.
-        let skb: *mut aya_ebpf::bindings::__sk_buff = ctx.as_ptr().cast();
-        // SAFETY: this program's context; a query that changes nothing (csum_update of 0
-        // adds nothing to a complete checksum and fails on others).
-        let validated = unsafe { bpf_csum_level(skb, u64::from(BPF_CSUM_LEVEL_QUERY)) } >= 0
-            || unsafe { bpf_csum_update(skb, 0) } >= 0;
-        if !validated && rx.checksum == partial_checksum(rx) {
+        // A datagram that leaves the host needs a checksum the kernel sends as it is: not a
+        // partial one, whose completion the device would start at the old offset.
+        if partial {
             return Err(Verdict::Unverified);
         }
+        let skb: *mut aya_ebpf::bindings::__sk_buff = ctx.as_ptr().cast();
         if l3_len > 0xFFFF {
             return Err(Verdict::TooBig);
         }
@@ -557,6 +582,103 @@ mod program {
             return Err(Verdict::NoRoute);
         }
         Ok((Route::Out { ifindex: p.ifindex, smac: p.smac, dmac: p.dmac }, HOP_LIMIT))
+    }
+
+    /// True when the kernel validated the received checksum (`CHECKSUM_UNNECESSARY`) or
+    /// holds the datagram's complete sum (`CHECKSUM_COMPLETE`): the field is a checksum.
+    #[inline(always)]
+    fn validated(ctx: &TcContext) -> bool {
+        let skb: *mut aya_ebpf::bindings::__sk_buff = ctx.as_ptr().cast();
+        // SAFETY: this program's context; queries that change nothing (csum_update of 0
+        // adds nothing to a complete sum, and fails on the other kinds).
+        let unnecessary = unsafe { bpf_csum_level(skb, u64::from(BPF_CSUM_LEVEL_QUERY)) } >= 0;
+        // SAFETY: as above.
+        unnecessary || unsafe { bpf_csum_update(skb, 0) } >= 0
+    }
+
+    /// Where `sum_step` is in the data.
+    #[repr(C)]
+    struct SumLoop {
+        skb: *mut aya_ebpf::bindings::__sk_buff,
+        offset: u32,
+        len: u32,
+        done: u32,
+        sum: u32,
+        failed: u32,
+    }
+
+    /// One chunk of `sum_data`, as a `bpf_loop` callback (the verifier checks it once).
+    #[inline(never)]
+    extern "C" fn sum_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+        // SAFETY: `ctx` is the `SumLoop` on `sum_data`'s stack, alive during the loop.
+        let st = unsafe { &mut *ctx.cast::<SumLoop>() };
+        if st.done >= st.len {
+            return 1;
+        }
+        let Some(s) = FAST_SCRATCH.get_ptr_mut(0) else {
+            st.failed = 1;
+            return 1;
+        };
+        // SAFETY: this CPU's slot, as in `relay`; only `chunk` is touched here.
+        let chunk = unsafe { &mut (*s).chunk };
+        *chunk = [0; CHUNK / 8];
+        let left = st.len - st.done;
+        let n = if left > CHUNK as u32 { CHUNK as u32 } else { left };
+        // 1 to CHUNK, in a form the verifier follows (left >= 1 here).
+        let n = (n.wrapping_sub(1) & (CHUNK as u32 - 1)) + 1;
+        // SAFETY: the program's context; `chunk` holds CHUNK >= n bytes.
+        let rc = unsafe {
+            bpf_skb_load_bytes(st.skb.cast(), st.offset + st.done, chunk.as_mut_ptr().cast(), n)
+        };
+        if rc != 0 {
+            st.failed = 1;
+            return 1;
+        }
+        // SAFETY: `chunk` is CHUNK bytes of map memory (a multiple of 4, at most 512).
+        let r = unsafe {
+            bpf_csum_diff(core::ptr::null_mut(), 0, chunk.as_mut_ptr().cast(), CHUNK as u32, st.sum)
+        };
+        if r < 0 {
+            st.failed = 1;
+            return 1;
+        }
+        st.sum = r as u32;
+        st.done += n;
+        0
+    }
+
+    /// The one's complement sum (big-endian words) of the `len` bytes of data at `offset`
+    /// (an even offset), or None when there are more than `CHUNK * CHUNKS`.
+    #[inline(always)]
+    fn sum_data(ctx: &TcContext, offset: usize, len: u32) -> Option<u16> {
+        if len > CHUNK as u32 * CHUNKS {
+            return None;
+        }
+        let mut st = SumLoop {
+            skb: ctx.as_ptr().cast(),
+            offset: offset as u32,
+            len,
+            done: 0,
+            sum: 0,
+            failed: 0,
+        };
+        // SAFETY: `st` outlives the loop; the callback takes it as its context.
+        unsafe {
+            bpf_loop(
+                CHUNKS,
+                sum_step as *mut core::ffi::c_void,
+                (&mut st as *mut SumLoop).cast(),
+                0,
+            )
+        };
+        if st.failed != 0 || st.done != len {
+            return None;
+        }
+        // The helper sums little-endian words here: the byte-swapped fold is the sum of
+        // big-endian ones (RFC 1071, byte order independence).
+        let mut folded = (st.sum & 0xFFFF) + (st.sum >> 16);
+        folded = (folded & 0xFFFF) + (folded >> 16);
+        Some((folded as u16).swap_bytes())
     }
 
     #[inline(always)]
