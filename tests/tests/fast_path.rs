@@ -270,3 +270,160 @@ fn the_kernel_path_ends_with_the_permission_a_forbidding_reload_and_refresh_zero
     daemon.stop();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Runs `ip args` (iproute2), asserting success.
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip").args(args).output().expect("running ip");
+    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Runs `cmd args` inside namespace `ns`, asserting success.
+fn in_ns(ns: &turn_tests::Netns, cmd: &str, args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name, cmd])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The count of a verdict in the daemon's last "fast path detached" line.
+fn final_verdict(logs: &str, v: &str) -> u64 {
+    let line = logs.lines().rev().find(|l| l.contains("fast path detached")).unwrap_or("");
+    line.split([',', '"', ' '])
+        .find_map(|kv| kv.strip_prefix(&format!("{v}=")))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Across network namespaces joined by veth pairs (client, server, peer, routed through
+/// the server): the program routes each rewritten datagram with `bpf_fib_lookup` and sets
+/// the next hop's MAC; with forwarding off on a server of two interfaces it leaves every
+/// datagram to the workers, and nothing is lost either way.
+#[test]
+fn across_namespaces_the_kernel_routes_with_the_fib_and_falls_back_without_it() {
+    let test = "across_namespaces_the_kernel_routes_with_the_fib_and_falls_back_without_it";
+    if !coturn_tools(test) || !require_tool(test, "ethtool", "ethtool") {
+        return;
+    }
+    let client = turn_tests::Netns::new("fc", &[]);
+    let server = turn_tests::Netns::new("fs", &[]);
+    let peer = turn_tests::Netns::new("fp", &[]);
+    // Interface names are per namespace: the same short names in every test run.
+    ip(&[
+        "link",
+        "add",
+        "c0",
+        "netns",
+        &client.name,
+        "type",
+        "veth",
+        "peer",
+        "s0",
+        "netns",
+        &server.name,
+    ]);
+    ip(&[
+        "link",
+        "add",
+        "p0",
+        "netns",
+        &peer.name,
+        "type",
+        "veth",
+        "peer",
+        "s1",
+        "netns",
+        &server.name,
+    ]);
+    for (ns, dev, addr) in [
+        (&client, "c0", "10.201.1.2/24"),
+        (&server, "s0", "10.201.1.1/24"),
+        (&server, "s1", "10.201.2.1/24"),
+        (&peer, "p0", "10.201.2.2/24"),
+    ] {
+        ip(&["-n", &ns.name, "addr", "add", addr, "dev", dev]);
+        ip(&["-n", &ns.name, "link", "set", dev, "up"]);
+    }
+    ip(&["-n", &client.name, "route", "add", "default", "via", "10.201.1.1"]);
+    ip(&["-n", &peer.name, "route", "add", "default", "via", "10.201.2.1"]);
+    // The senders checksum in software (a partial checksum cannot leave by the fast path).
+    in_ns(&client, "ethtool", &["-K", "c0", "tx", "off"]);
+    in_ns(&peer, "ethtool", &["-K", "p0", "tx", "off"]);
+    in_ns(&server, "sysctl", &["-qw", "net.ipv4.conf.all.forwarding=1"]);
+
+    let peer_port = free_udp_port();
+    let _echo = peer.spawn("turnutils_peer", &["-L", "10.201.2.2", "-p", &peer_port.to_string()]);
+    let mut daemon = Daemon::start_as(
+        &server.exec(),
+        &[
+            "--workers",
+            "2",
+            "--realm",
+            "test",
+            "--user",
+            "alice:secret",
+            "--allow-private-peers",
+            "--fast-path",
+            "tc",
+            "--listening-ip",
+            "10.201.1.1",
+            "--relay-ip",
+            "10.201.2.1",
+        ],
+    );
+    let attached = daemon
+        .logs()
+        .lines()
+        .find_map(|l| turn_tests::json_field(l, "interfaces"))
+        .unwrap_or_default();
+    let mut attached: Vec<&str> = attached.split(',').collect();
+    attached.sort_unstable();
+    assert_eq!(attached, ["lo", "s0", "s1"], "the listener's, the relay's and loopback");
+    let port = daemon.addr().port().to_string();
+    let run = |n: &str| {
+        let peer = peer_port.to_string();
+        let args = [
+            "netns",
+            "exec",
+            &client.name,
+            "turnutils_uclient",
+            "-c",
+            "-u",
+            "alice",
+            "-w",
+            "secret",
+            "-p",
+            &port,
+            "-e",
+            "10.201.2.2",
+            "-r",
+            &peer,
+            "-n",
+            n,
+            "-m",
+            "4",
+            "-l",
+            "160",
+            "10.201.1.1",
+        ];
+        let (ok, out) = turn_tests::run_tool("ip", &args, Duration::from_secs(60));
+        assert!(ok && uclient_lost(&out) == Some(0), "{out}");
+    };
+    // Forwarding on: routed by the program (the first datagrams of a flow may go up while
+    // the kernel resolves the next hop's MAC).
+    run("100");
+    // Forwarding off, two interfaces: no route the program may use; the workers relay.
+    in_ns(&server, "sysctl", &["-qw", "net.ipv4.conf.all.forwarding=0"]);
+    run("100");
+    daemon.stop();
+    let logs = daemon.logs();
+    let (to_peer, to_client) = (final_verdict(&logs, "to_peer"), final_verdict(&logs, "to_client"));
+    assert!(
+        to_peer >= 390 && to_client >= 390,
+        "routed by the program: {to_peer}/{to_client}\n{logs}"
+    );
+    assert!(to_peer <= 400 && to_client <= 400, "{logs}");
+    assert!(final_verdict(&logs, "no_route") >= 800, "forwarding off: {logs}");
+    assert_eq!(final_verdict(&logs, "failed"), 0, "{logs}");
+}

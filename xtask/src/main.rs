@@ -28,7 +28,8 @@ use clap::{Parser, Subcommand};
 /// Debian packages the build and the tests need.
 /// llvm-22-dev and friends: what bpf-linker links against. coturn: the real TURN client
 /// (turnutils_uclient, turnutils_peer, turnutils_stunclient) the end-to-end tests drive.
-/// iproute2: network namespaces for tests.
+/// iproute2: network namespaces for tests. ethtool: the fast path's veth tests turn off a
+/// sender's checksum offload.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -36,6 +37,7 @@ const APT_PACKAGES: &[&str] = &[
     "libzstd-dev",
     "coturn",
     "iproute2",
+    "ethtool",
     "prometheus",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
