@@ -427,3 +427,52 @@ fn across_namespaces_the_kernel_routes_with_the_fib_and_falls_back_without_it() 
     assert!(final_verdict(&logs, "no_route") >= 800, "forwarding off: {logs}");
     assert_eq!(final_verdict(&logs, "failed"), 0, "{logs}");
 }
+
+/// The names of the TCX programs on the ingress of `interface` in namespace `ns`.
+fn tcx_programs(ns: &turn_tests::Netns, interface: &'static str) -> Vec<String> {
+    let path = format!("/var/run/netns/{}", ns.name);
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap();
+        // SAFETY: setns on this thread only, with a namespace file we hold open.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}");
+        let (_, programs) = aya::programs::SchedClassifier::query_tcx(
+            interface,
+            aya::programs::TcAttachType::Ingress,
+        )
+        .unwrap();
+        programs.iter().filter_map(|p| p.name_as_str().map(str::to_owned)).collect()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Waits (2 s at most) until `turn_fast` is attached, or not, to `ns`'s loopback.
+fn wait_attached(ns: &turn_tests::Netns, attached: bool) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while tcx_programs(ns, "lo").iter().any(|n| n == "turn_fast") != attached {
+        assert!(Instant::now() < deadline, "turn_fast attached: {:?}", tcx_programs(ns, "lo"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The program is attached by links the daemon holds: after SIGKILL nothing stays attached,
+/// and a restart attaches it again; a clean stop detaches it.
+#[test]
+fn kill_9_leaves_no_program_attached_and_a_restart_works() {
+    let test = "kill_9_leaves_no_program_attached_and_a_restart_works";
+    if !require_root(test) {
+        return;
+    }
+    let ns = turn_tests::Netns::new("fkill", &[]);
+    let args = ["--workers", "2", "--fast-path", "tc"];
+    let mut first = Daemon::start_as(&ns.exec(), &args);
+    wait_attached(&ns, true);
+    first.signal_and_wait(libc::SIGKILL, Duration::from_secs(10)).unwrap();
+    wait_attached(&ns, false);
+    let mut second = Daemon::start_as(&ns.exec(), &args);
+    wait_attached(&ns, true);
+    assert!(second.stop().is_some_and(|s| s.success()));
+    wait_attached(&ns, false);
+    assert!(second.logs().contains("fast path detached"), "{}", second.logs());
+}
