@@ -69,7 +69,10 @@ fn coturn_clients_relay_through_the_kernel_beside_the_workers() {
     if !coturn_tools(test) {
         return;
     }
+    let root = turn_tests::PinRoot::new("fast");
     let mut daemon = Daemon::start(&[
+        "--bpf-pin-root",
+        root.arg(),
         "--workers",
         "2",
         "--realm",
@@ -91,6 +94,13 @@ fn coturn_clients_relay_through_the_kernel_beside_the_workers() {
     let udp = daemon.addrs("udp");
     let (v4, v6) = (udp[0], udp[1]);
     assert!(v4.is_ipv4() && v6.is_ipv6(), "{udp:?}");
+    // Its maps pinned beside each UDP listener's steering maps.
+    for addr in [v4, v6] {
+        let dir = turn_server::bpffs::listener_dir(&root.0, addr);
+        for map in turn_server::fast_path::PINNED_MAPS {
+            assert!(dir.join(map).exists(), "{} in {}", map, dir.display());
+        }
+    }
     let (peer4_port, peer6_port) = (free_udp_port(), free_udp_port());
     let _peer4 = start_peer(peer4_port);
     let _peer6 = start_peer_v6(peer6_port);
@@ -152,6 +162,11 @@ fn coturn_clients_relay_through_the_kernel_beside_the_workers() {
         "{channel_sessions} sessions with the kernel's counts:\n{logs}"
     );
     assert!(logs.contains("fast path detached"), "{logs}");
+    // Nothing left pinned.
+    let left: Vec<_> = std::fs::read_dir(&root.0)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 /// A peer socket of the test.

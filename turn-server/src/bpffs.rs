@@ -240,7 +240,7 @@ fn is_real_dir(path: &Path) -> bool {
 }
 
 /// The names this project pins in a listener directory (besides owner markers).
-const OUR_PINS: [&str; 7] = [
+const OUR_PINS: [&str; 11] = [
     turn_common::MAP_SOCKETS,
     turn_common::MAP_CONFIG,
     turn_common::MAP_LOAD,
@@ -248,6 +248,10 @@ const OUR_PINS: [&str; 7] = [
     turn_common::MAP_STATS,
     turn_common::MAP_ALLOCS,
     turn_common::MAP_MEMO,
+    turn_common::fast::MAP_CHANNELS,
+    turn_common::fast::MAP_PEERS,
+    turn_common::fast::MAP_TRAFFIC,
+    turn_common::fast::MAP_VERDICTS,
 ];
 
 /// True when `dir` is a listener directory of this project: named `udp-...` or `tcp-...`,

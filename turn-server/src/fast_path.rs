@@ -34,6 +34,10 @@ use turn_proto::server::FastBinding;
 /// The compiled fast path, embedded at build time (see `build.rs`).
 pub static FAST_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TURN_FAST_OBJECT"));
 
+/// The maps pinned in each UDP listener's directory beside the steering maps (for
+/// inspection; the steering's clean-up removes them with the directory).
+pub const PINNED_MAPS: [&str; 4] = [MAP_CHANNELS, MAP_PEERS, MAP_TRAFFIC, MAP_VERDICTS];
+
 /// Why the fast path could not be set up or used.
 #[derive(Debug, thiserror::Error)]
 pub enum FastPathError {
@@ -59,6 +63,12 @@ pub enum FastPathError {
     },
     #[error("no free slot for the binding's counters ({0} bindings at most)")]
     Full(u32),
+    #[error("cannot pin the fast path's maps in {dir}")]
+    Pin {
+        dir: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("reading the host's interfaces failed")]
     Interfaces(#[source] std::io::Error),
 }
@@ -191,7 +201,6 @@ pub struct FastPath {
     ebpf: Ebpf,
     links: Vec<(String, SchedClassifierLinkId)>,
     slots: Arc<Slots>,
-    verdicts: PerCpuArray<MapData, u64>,
     local: HashMap<MapData, Endpoint, u32>,
     egress: HashMap<MapData, u32, u32>,
     config: Array<MapData, FastConfig>,
@@ -224,7 +233,6 @@ impl FastPath {
             .map_err(|e| FastPathError::Program(Box::new(e)))?;
         program.load().map_err(|e| FastPathError::Program(Box::new(e)))?;
         Ok(FastPath {
-            verdicts: take_map(&mut ebpf, MAP_VERDICTS)?,
             local: take_map(&mut ebpf, MAP_LOCAL)?,
             egress: take_map(&mut ebpf, MAP_EGRESS)?,
             config: take_map(&mut ebpf, MAP_CONFIG)?,
@@ -283,6 +291,18 @@ impl FastPath {
         Ok(())
     }
 
+    /// Pins the binding, counter and verdict maps in `dir` (a listener's pin directory).
+    pub fn pin(&self, dir: &std::path::Path) -> Result<(), FastPathError> {
+        for name in PINNED_MAPS {
+            let map = self.ebpf.map(name).ok_or(FastPathError::Missing(name))?;
+            map.pin(dir.join(name)).map_err(|e| FastPathError::Pin {
+                dir: dir.to_owned(),
+                source: std::io::Error::other(e),
+            })?;
+        }
+        Ok(())
+    }
+
     /// The interfaces it is attached to.
     pub fn interfaces(&self) -> Vec<String> {
         self.links.iter().map(|(name, _)| name.clone()).collect()
@@ -330,9 +350,12 @@ impl FastPath {
 
     /// What the program did with the datagrams it looked at, by [`turn_common::fast::Verdict`].
     pub fn verdicts(&self) -> Result<[u64; VERDICTS as usize], FastPathError> {
+        let map = self.ebpf.map(MAP_VERDICTS).ok_or(FastPathError::Missing(MAP_VERDICTS))?;
+        let verdicts: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(map_err(MAP_VERDICTS))?;
         let mut out = [0u64; VERDICTS as usize];
         for (i, total) in out.iter_mut().enumerate() {
-            let per_cpu = self.verdicts.get(&(i as u32), 0).map_err(map_err(MAP_VERDICTS))?;
+            let per_cpu = verdicts.get(&(i as u32), 0).map_err(map_err(MAP_VERDICTS))?;
             *total = per_cpu.iter().sum();
         }
         Ok(out)

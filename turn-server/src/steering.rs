@@ -572,7 +572,10 @@ impl Steering {
     /// whether the pin directory is gone (it always is but for a failure worth a warning).
     pub fn detach(self, member: BorrowedFd<'_>) -> Result<bool, SteeringError> {
         let detached = SkReuseport::detach(member).map_err(|e| SteeringError::Program(Box::new(e)));
-        let removed = self.pinned.as_ref().is_none_or(|p| p.remove(&PINNED_MAPS, self.owner));
+        // The fast path's maps are pinned beside the group's (`FastPath::pin`).
+        let pins: Vec<&str> =
+            PINNED_MAPS.iter().chain(crate::fast_path::PINNED_MAPS.iter()).copied().collect();
+        let removed = self.pinned.as_ref().is_none_or(|p| p.remove(&pins, self.owner));
         detached.map(|()| removed)
     }
 }

@@ -176,8 +176,17 @@ pub fn run(config: Config, read: ReadConfig) -> Result<()> {
         }
     }
 
-    // The kernel fast path, while the daemon may still load and attach programs.
+    // The kernel fast path, while the daemon may still load and attach programs; its maps
+    // pinned beside each UDP listener's steering maps.
     let fast = setup_fast_path(&config, &relay_addresses)?;
+    if let Some(fast) = &fast {
+        let udp = groups.iter().filter(|g| g.transport == Transport::Udp);
+        for dir in udp.filter_map(|g| g.steering.as_ref()?.pin_dir()) {
+            if let Err(e) = fast.pin(dir) {
+                warn!(dir = %dir.display(), error = %error_chain(&e), "fast path maps not pinned");
+            }
+        }
+    }
 
     let (uid, gid) = (setup::run_as_uid(&config)?, config.admin_gid()?);
     for dir in groups.iter().filter_map(|g| g.steering.as_ref()?.pin_dir()) {
