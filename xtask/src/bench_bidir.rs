@@ -25,6 +25,10 @@ const END: &str = "<!-- bench-bidir:end -->";
 const BASELINE: &str = "coturn 4.17.1, 2 threads";
 /// The same exchange without a relay: what the generator alone costs the machine.
 const DIRECT: &str = "direct (no relay)";
+/// turn-server with its kernel fast path (`--fast-path tc`).
+pub const FAST: &str = "turn-server 2w, fast path";
+/// turn-server relaying in its workers.
+const USERSPACE: &str = "turn-server 2w";
 
 /// (flows, packets/s per flow each way, payload bytes). The last is video-like: many
 /// light flows of 1,200-byte datagrams.
@@ -53,7 +57,10 @@ fn cell_name((flows, rate, size): (u32, u32, u32)) -> String {
 
 fn servers(tools: &Tools) -> Vec<Server> {
     let s = |name: &str, kind, extra| Server { name: name.into(), kind, threads: 2, extra };
-    let mut list = vec![s("turn-server 2w", Kind::TurnP2c, vec![])];
+    let mut list = vec![
+        s(FAST, Kind::TurnP2c, vec!["--fast-path".into(), "tc".into()]),
+        s(USERSPACE, Kind::TurnP2c, vec![]),
+    ];
     if tools.coturn_current.is_some() {
         list.push(s(BASELINE, Kind::CoturnCurrent, vec![]));
         list.push(s("coturn 4.17.1 fastest, 2 threads", Kind::CoturnFastest, vec![]));
@@ -196,12 +203,23 @@ fn render(
         let p = |q: &str| spread(values(server, cell, &["echo_path", "rtt_us", q]), 0).0;
         (p("p50"), p("p99"))
     };
-    // Machine CPU per forwarded datagram less the direct exchange's median, per run.
-    let above = |server: &str, cell: &str| match spread(values(DIRECT, cell, &machine), 2).0 {
+    // Machine CPU per forwarded datagram less the direct exchange's median, per run: the
+    // median, and the text.
+    let above_of = |server: &str, cell: &str| match spread(values(DIRECT, cell, &machine), 2).0 {
         Some(g) if server != DIRECT => {
-            spread(values(server, cell, &machine).iter().map(|m| m - g).collect(), 2).1
+            spread(values(server, cell, &machine).iter().map(|m| m - g).collect(), 2)
         }
-        _ => "-".into(),
+        _ => (None, "-".into()),
+    };
+    let above = |server: &str, cell: &str| above_of(server, cell).1;
+    // That median as a ratio of coturn 4.17.1's and of turn-server's own userspace path's.
+    let above_ratios = |server: &str, cell: &str| {
+        let mine = above_of(server, cell).0;
+        let ratio = |of: &str| match (mine, above_of(of, cell).0) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+            _ => "-".into(),
+        };
+        format!("{} / {}", ratio(BASELINE), ratio(USERSPACE))
     };
     let mut md = String::new();
     let _ = writeln!(
@@ -230,7 +248,13 @@ fn render(
          --echo`), per forwarded datagram: what relaying costs the machine; `vs \
          coturn 4.17.1` is the ratio of the server CPU medians. RTT is the echo's round \
          trip (client -> relay -> peer -> relay -> client), medians of the runs' p50 and \
-         p99; \"added\" is that less the direct exchange's, per percentile. The load generator shares the 2 cores with the server.\n",
+         p99; \"added\" is that less the direct exchange's, per percentile. The load generator shares the 2 cores with the server. \
+         turn-server runs twice: relaying in its workers, and with its kernel fast path \
+         (`--fast-path tc`), which relays ChannelData in the TC hook of loopback: that work \
+         runs in the softirq of the sending socket and is charged to the generator, so the \
+         fast path's own server CPU is next to nothing and its cost shows in the machine's \
+         CPU above the generator (`above, vs`: that figure's median as a ratio of coturn \
+         4.17.1's and of turn-server's userspace path's).\n",
         context.date,
         context.kernel,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -246,8 +270,8 @@ fn render(
             cell.0, cell.1, cell.2
         );
         md.push_str(
-            "| server | echoes/s delivered | worst loss | server CPU us per forwarded packet | vs coturn 4.17.1 | machine CPU us per forwarded packet | above the generator | RTT p50 / p99 us | added by the relay p50 / p99 us |\n\
-             | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+            "| server | echoes/s delivered | worst loss | server CPU us per forwarded packet | vs coturn 4.17.1 | machine CPU us per forwarded packet | above the generator | above, vs coturn 4.17.1 / vs turn-server | RTT p50 / p99 us | added by the relay p50 / p99 us |\n\
+             | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         );
         let (baseline, _) = spread(values(BASELINE, &name, &cpu), 2);
         let (d50, d99) = rtt(DIRECT, &name);
@@ -268,9 +292,10 @@ fn render(
             };
             let (rtt, above) = (pair(p50, p99), above(server, &name));
             let (_, machine) = spread(values(server, &name, &machine), 2);
+            let ratios = if server == DIRECT { "-".into() } else { above_ratios(server, &name) };
             let _ = writeln!(
                 md,
-                "| {server} | {delivered} | {loss} | {per_packet} | {ratio} | {machine} | {above} | {rtt} | {added} |"
+                "| {server} | {delivered} | {loss} | {per_packet} | {ratio} | {machine} | {above} | {ratios} | {rtt} | {added} |"
             );
         }
         md.push('\n');

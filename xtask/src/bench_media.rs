@@ -46,7 +46,9 @@ fn ladder(quick: bool) -> Vec<u32> {
 
 fn servers(tools: &Tools) -> Vec<Server> {
     let s = |name: &str, kind| Server { name: name.into(), kind, threads: 2, extra: vec![] };
-    let mut list = vec![s("turn-server 2w", Kind::TurnP2c)];
+    let mut fast = s(crate::bench_bidir::FAST, Kind::TurnP2c);
+    fast.extra = vec!["--fast-path".into(), "tc".into()];
+    let mut list = vec![fast, s("turn-server 2w", Kind::TurnP2c)];
     // Not coturn 4.17.1's fastest mode: with `--multiplex-peer` every allocation of a relay
     // thread shares that thread's one relayed address, so the second end of a call through the
     // same server is refused its permission (400 "Peer address already used by another
@@ -235,8 +237,8 @@ fn render(
         f64::from(REFERENCE_CALLS) * 4.0 * (AUDIO_PPS + VIDEO_PPS)
     );
     md.push_str(
-        "| server | calls without loss (median) | server CPU us per forwarded packet | vs coturn 4.17.1 | machine CPU above the generator, us per forwarded packet | one-way p50 / p99 us | added by the relay p50 / p99 us |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "| server | calls without loss (median) | server CPU us per forwarded packet | vs coturn 4.17.1 | machine CPU above the generator, us per forwarded packet | above, vs coturn 4.17.1 / vs turn-server | one-way p50 / p99 us | added by the relay p50 / p99 us |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     let at = REFERENCE_CALLS;
     let cpu_path = ["server_cpu", "cpu_us_per_packet"];
@@ -246,6 +248,13 @@ fn render(
     // The machine's CPU per delivered datagram, direct: what the generator alone costs.
     let machine = ["machine_cpu", "cpu_us_per_packet"];
     let (generator, _) = spread(values(DIRECT, at, &machine), 2);
+    // Each delivered datagram is forwarded twice through a relay.
+    let above_runs = |server: &str| -> Vec<f64> {
+        values(server, at, &machine)
+            .into_iter()
+            .filter_map(|m| generator.map(|g| (m - g) / 2.0))
+            .collect()
+    };
     for server in servers.iter().map(|s| s.name.as_str()) {
         if runs(server, at).is_empty() {
             continue;
@@ -262,12 +271,17 @@ fn render(
             (Some(a), Some(b)) => format!("{a:.0} / {b:.0}"),
             _ => "-".into(),
         };
-        // Each delivered datagram is forwarded twice through a relay.
-        let above: Vec<f64> = values(server, at, &machine)
-            .into_iter()
-            .filter_map(|m| generator.map(|g| (m - g) / 2.0))
-            .collect();
-        let above = if server == DIRECT { "-".into() } else { spread(above, 2).1 };
+        let above = if server == DIRECT { "-".into() } else { spread(above_runs(server), 2).1 };
+        let ratios = if server == DIRECT {
+            "-".into()
+        } else {
+            let mine = spread(above_runs(server), 2).0;
+            let ratio = |of: &str| match (mine, spread(above_runs(of), 2).0) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+                _ => "-".into(),
+            };
+            format!("{} / {}", ratio(BASELINE), ratio("turn-server 2w"))
+        };
         let added = if server == DIRECT {
             "-".into()
         } else {
@@ -275,7 +289,7 @@ fn render(
         };
         let _ = writeln!(
             md,
-            "| {server} | {lossless} | {cpu} | {ratio} | {above} | {} | {added} |",
+            "| {server} | {lossless} | {cpu} | {ratio} | {above} | {ratios} | {} | {added} |",
             pair(p50, p99)
         );
     }
