@@ -515,3 +515,61 @@ fn an_expired_entry_relays_nothing_and_a_missing_ipv4_checksum_stays_missing() {
         );
     });
 }
+
+/// A local sender's partial checksum (the folded pseudo-header sum a device would
+/// complete): for a datagram delivered on this host the program computes the checksum
+/// anew from the data, both ways, both families, at every length up to its limit.
+#[test]
+fn a_partial_checksum_is_computed_anew_for_local_delivery() {
+    if !require_root("a_partial_checksum_is_computed_anew_for_local_delivery") {
+        return;
+    }
+    in_netns(|| {
+        let mut rig = Rig::new(&["203.0.113.1", "2001:db8::3478"]);
+        let partial = |src: SocketAddr, dst: SocketAddr, udp_len: usize| {
+            fold(sum(&octets(src.ip())) + sum(&octets(dst.ip())) + 17 + udp_len as u32)
+        };
+        for call in [
+            Call {
+                client: addr("127.0.0.2:40000"),
+                listener: addr("203.0.113.1:3478"),
+                relay: addr("203.0.113.1:50000"),
+                peer: addr("127.0.0.3:5000"),
+                channel: 0x4001,
+            },
+            Call {
+                client: addr("[::1]:40000"),
+                listener: addr("[2001:db8::3478]:3478"),
+                relay: addr("[2001:db8::3478]:50000"),
+                peer: addr("[::1]:5000"),
+                channel: 0x4002,
+            },
+        ] {
+            rig.bind(&call, Duration::from_secs(60));
+            for len in [1usize, 2, 3, 160, 255, 256, 257, 700, 1200, 1536] {
+                let data: Vec<u8> = (0..len).map(|i| (i * 13 + 1) as u8).collect();
+                let cd = channel_data(call.channel, &data, &[]);
+                let field = partial(call.client, call.listener, cd.len() + 8);
+                let input = frame(call.client, call.listener, &cd, 64, Some(field));
+                let (rc, out) = rig.run(&input);
+                assert_eq!(rc, DELIVERED, "client -> peer, {len} bytes");
+                assert_eq!(out, frame(call.relay, call.peer, &data, 64, None), "{len} bytes");
+                let field = partial(call.peer, call.relay, data.len() + 8);
+                let input = frame(call.peer, call.relay, &data, 64, Some(field));
+                let (rc, out) = rig.run(&input);
+                assert_eq!(rc, DELIVERED, "peer -> client, {len} bytes");
+                let expected = frame(call.listener, call.client, &cd, 64, None);
+                assert_eq!(out, expected, "peer -> client, {len} bytes");
+            }
+            // Beyond what it sums: up, to the workers.
+            let data = vec![7u8; 1537];
+            let cd = channel_data(call.channel, &data, &[]);
+            let field = partial(call.client, call.listener, cd.len() + 8);
+            rig.assert_up(
+                &frame(call.client, call.listener, &cd, 64, Some(field)),
+                Some(Verdict::Unverified),
+                "too long to sum",
+            );
+        }
+    });
+}

@@ -86,9 +86,9 @@ mod program {
     }
 
     /// Bytes of data summed per `bpf_csum_diff` (a multiple of 4, at most 512).
-    const CHUNK: usize = 64;
+    const CHUNK: usize = 256;
     /// Chunks summed at most: a datagram with more data and a partial checksum goes up.
-    const CHUNKS: u32 = 24;
+    const CHUNKS: u32 = 6;
 
     #[map(name = "FAST_SCRATCH")]
     static FAST_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
