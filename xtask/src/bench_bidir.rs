@@ -58,7 +58,7 @@ fn cell_name((flows, rate, size): (u32, u32, u32)) -> String {
 fn servers(tools: &Tools) -> Vec<Server> {
     let s = |name: &str, kind, extra| Server { name: name.into(), kind, threads: 2, extra };
     let mut list = vec![
-        s(FAST, Kind::TurnP2c, vec!["--fast-path".into(), "tc".into()]),
+        s(FAST, Kind::TurnP2c, vec!["--fast-path", "tc"]),
         s(USERSPACE, Kind::TurnP2c, vec![]),
     ];
     if tools.coturn_current.is_some() {

@@ -47,7 +47,7 @@ fn ladder(quick: bool) -> Vec<u32> {
 fn servers(tools: &Tools) -> Vec<Server> {
     let s = |name: &str, kind| Server { name: name.into(), kind, threads: 2, extra: vec![] };
     let mut fast = s(crate::bench_bidir::FAST, Kind::TurnP2c);
-    fast.extra = vec!["--fast-path".into(), "tc".into()];
+    fast.extra = vec!["--fast-path", "tc"];
     let mut list = vec![fast, s("turn-server 2w", Kind::TurnP2c)];
     // Not coturn 4.17.1's fastest mode: with `--multiplex-peer` every allocation of a relay
     // thread shares that thread's one relayed address, so the second end of a call through the
