@@ -21,6 +21,18 @@ use crate::{
 
 const BEGIN: &str = "<!-- bench-bidir:begin -->";
 const END: &str = "<!-- bench-bidir:end -->";
+/// `--light`: only the light-flow cells and the ceiling, in a section of their own.
+const BEGIN_LIGHT: &str = "<!-- bench-light:begin -->";
+const END_LIGHT: &str = "<!-- bench-light:end -->";
+
+/// Which cells a run measures: every one (`--bidir`), or only the traffic relays carry,
+/// many light flows, turn-server with and without its fast path beside coturn 4.17.1
+/// (`--light`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    All,
+    Light,
+}
 /// The server whose CPU the others are compared with.
 const BASELINE: &str = "coturn 4.17.1, 2 threads";
 /// The same exchange without a relay: what the generator alone costs the machine.
@@ -32,7 +44,14 @@ const USERSPACE: &str = "turn-server 2w";
 
 /// (flows, packets/s per flow each way, payload bytes). The last is video-like: many
 /// light flows of 1,200-byte datagrams.
-fn cells(quick: bool) -> Vec<(u32, u32, u32)> {
+fn cells(quick: bool, scope: Scope) -> Vec<(u32, u32, u32)> {
+    if scope == Scope::Light {
+        return if quick {
+            vec![(1_000, 40, 160)]
+        } else {
+            vec![(400, 100, 160), (1_000, 40, 160), (2_000, 25, 160)]
+        };
+    }
     if quick {
         vec![(8, 10_000, 160)]
     } else {
@@ -55,7 +74,7 @@ fn cell_name((flows, rate, size): (u32, u32, u32)) -> String {
     format!("{flows} x {rate} pps each way, {size} B")
 }
 
-fn servers(tools: &Tools) -> Vec<Server> {
+fn servers(tools: &Tools, scope: Scope) -> Vec<Server> {
     let s = |name: &str, kind, extra| Server { name: name.into(), kind, threads: 2, extra };
     let mut list = vec![
         s(FAST, Kind::TurnP2c, vec!["--fast-path", "tc"]),
@@ -65,9 +84,11 @@ fn servers(tools: &Tools) -> Vec<Server> {
         list.push(s(BASELINE, Kind::CoturnCurrent, vec![]));
         list.push(s("coturn 4.17.1 fastest, 2 threads", Kind::CoturnFastest, vec![]));
     }
-    list.push(s("coturn 4.6.1 (Debian), 2 threads", Kind::Coturn, vec![]));
-    if tools.pion.is_some() {
-        list.push(s("pion 2 sockets", Kind::Pion, vec![]));
+    if scope == Scope::All {
+        list.push(s("coturn 4.6.1 (Debian), 2 threads", Kind::Coturn, vec![]));
+        if tools.pion.is_some() {
+            list.push(s("pion 2 sockets", Kind::Pion, vec![]));
+        }
     }
     // No server: `Floor` stands for "none" here (the run goes `turn-bench load --direct`).
     list.push(s(DIRECT, Kind::Floor, vec![]));
@@ -122,10 +143,10 @@ fn held(v: &Value) -> bool {
 
 /// Every cell, `reps` times, the servers in turn; then the light-flow ceiling (each server
 /// leaves the ladder at its first step most runs do not hold); then the report.
-pub fn run(tools: &Tools, quick: bool, reps: usize, report: &Path) -> Result<()> {
+pub fn run(tools: &Tools, quick: bool, reps: usize, report: &Path, scope: Scope) -> Result<()> {
     std::fs::create_dir_all(&tools.out_dir)?;
     let context = RunContext::of(tools);
-    let servers = servers(tools);
+    let servers = servers(tools, scope);
     let secs = if quick { "3" } else { "5" };
     let mut results: Vec<(String, String, Value)> = Vec::new();
     let mut raw = format!("{}\n", serde_json::json!({ "context": context }));
@@ -148,7 +169,7 @@ pub fn run(tools: &Tools, quick: bool, reps: usize, report: &Path) -> Result<()>
         }
     };
     for rep in 0..reps {
-        for &cell in &cells(quick) {
+        for &cell in &cells(quick, scope) {
             let case = case(cell, cell_name(cell), secs);
             for server in &servers {
                 record(server, &case, rep);
@@ -173,11 +194,15 @@ pub fn run(tools: &Tools, quick: bool, reps: usize, report: &Path) -> Result<()>
             }
         }
     }
-    let raw_path = tools.out_dir.join("bidir.jsonl");
+    let (file, begin, end) = match scope {
+        Scope::All => ("bidir.jsonl", BEGIN, END),
+        Scope::Light => ("light.jsonl", BEGIN_LIGHT, END_LIGHT),
+    };
+    let raw_path = tools.out_dir.join(file);
     std::fs::write(&raw_path, &raw)?;
     let names: Vec<String> = servers.iter().map(|s| s.name.clone()).collect();
-    let markdown = render(&context, &results, &names, reps, quick);
-    write_section(report, BEGIN, END, &markdown)?;
+    let markdown = render(&context, &results, &names, reps, quick, scope);
+    write_section(report, begin, end, &markdown)?;
     println!("xtask: bench: wrote {} and {}", report.display(), raw_path.display());
     Ok(())
 }
@@ -188,6 +213,7 @@ fn render(
     servers: &[String],
     reps: usize,
     quick: bool,
+    scope: Scope,
 ) -> String {
     let values = |server: &str, cell: &str, path: &[&str]| -> Vec<f64> {
         results
@@ -222,11 +248,17 @@ fn render(
         format!("{} / {}", ratio(BASELINE), ratio(USERSPACE))
     };
     let mut md = String::new();
-    let _ = writeln!(
-        md,
-        "## Both directions at once: echo through the relay (`cargo xtask bench --bidir{}`)\n",
-        if quick { " --quick" } else { "" }
-    );
+    let quick_flag = if quick { " --quick" } else { "" };
+    let _ = match scope {
+        Scope::All => writeln!(
+            md,
+            "## Both directions at once: echo through the relay (`cargo xtask bench --bidir{quick_flag}`)\n"
+        ),
+        Scope::Light => writeln!(
+            md,
+            "## The traffic relays carry, with the kernel fast path (`cargo xtask bench --light{quick_flag}`)\n"
+        ),
+    };
     let _ = writeln!(
         md,
         "Run on {}, Linux {}, {} CPUs, loopback; turn-server at commit {}, coturn {} (built \
@@ -262,7 +294,7 @@ fn render(
         context.coturn_current,
         context.coturn
     );
-    for &cell in &cells(quick) {
+    for &cell in &cells(quick, scope) {
         let name = cell_name(cell);
         let _ = writeln!(
             md,

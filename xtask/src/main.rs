@@ -95,6 +95,11 @@ enum Cmd {
         /// number of trials per step.
         #[arg(long, conflicts_with_all = ["stream", "bidir", "media"])]
         capacity: bool,
+        /// Only the traffic relays carry, both directions: many light flows and the
+        /// light-flow ceiling, turn-server with and without its kernel fast path beside
+        /// coturn 4.17.1 and the direct exchange (its own section of BENCHMARKS.md).
+        #[arg(long, conflicts_with_all = ["stream", "bidir", "media", "capacity"])]
+        light: bool,
         /// Repetitions of every cell (every mode), servers interleaved; medians reported.
         #[arg(long, default_value_t = 3)]
         reps: usize,
@@ -108,12 +113,13 @@ fn main() -> Result<()> {
         Cmd::Run { args } => run(&args),
         Cmd::Test { args } => test(&args),
         Cmd::Lint => lint(),
-        Cmd::Bench { quick, stream, bidir, media, capacity, reps } => {
-            let mode = match (stream, bidir, media, capacity) {
+        Cmd::Bench { quick, stream, bidir, media, capacity, light, reps } => {
+            let mode = match (stream, bidir, media, capacity, light) {
                 (true, ..) => BenchMode::Stream,
                 (_, true, ..) => BenchMode::Bidir,
-                (_, _, true, _) => BenchMode::Media,
-                (.., true) => BenchMode::Capacity,
+                (_, _, true, ..) => BenchMode::Media,
+                (_, _, _, true, _) => BenchMode::Capacity,
+                (.., true) => BenchMode::Light,
                 _ => BenchMode::Udp,
             };
             bench(mode, quick, reps)
@@ -345,6 +351,7 @@ enum BenchMode {
     Bidir,
     Media,
     Capacity,
+    Light,
 }
 
 fn bench(mode: BenchMode, quick: bool, reps: usize) -> Result<()> {
@@ -396,7 +403,10 @@ fn bench(mode: BenchMode, quick: bool, reps: usize) -> Result<()> {
     };
     let reps = reps.max(1);
     match mode {
-        BenchMode::Bidir => bench_bidir::run(&tools, quick, reps, &report),
+        BenchMode::Bidir => bench_bidir::run(&tools, quick, reps, &report, bench_bidir::Scope::All),
+        BenchMode::Light => {
+            bench_bidir::run(&tools, quick, reps, &report, bench_bidir::Scope::Light)
+        }
         BenchMode::Media => bench_media::run(&tools, quick, reps, &report),
         BenchMode::Capacity => bench_capacity::run(&tools, quick, reps, &report),
         BenchMode::Stream => bench_stream::run(&tools, quick, reps, &report),
