@@ -71,7 +71,7 @@ pub struct Control<'a> {
     /// The readiness status (`serving ...`), restored after an undrain.
     pub status: String,
     /// The kernel fast path, when it is on.
-    pub fast: Option<&'a crate::fast_path::FastPath>,
+    pub fast: Option<&'a mut crate::fast_path::FastPath>,
 }
 
 /// Where the loop is in its life.
@@ -222,6 +222,13 @@ impl Control<'_> {
         let shared = Arc::new(now.clone());
         for inbox in self.inboxes.iter() {
             let _ = inbox.send(Command::OwnAddresses(Arc::clone(&shared))).await;
+        }
+        // The fast path delivers on this host what is for its addresses: the new list.
+        if let Some(fast) = self.fast.as_deref_mut() {
+            let updated = crate::fast_path::interfaces().and_then(|all| fast.set_host(&all));
+            if let Err(e) = updated {
+                warn!(error = %super::error_chain(&e), "the fast path keeps the old addresses");
+            }
         }
         *own = now;
     }
@@ -475,7 +482,7 @@ impl Control<'_> {
             users,
             draining: phase.stopping.is_some() || phase.drained,
             handshakes: metrics::HandshakeSnapshot::read(&self.handshakes),
-            fast_verdicts: self.fast.and_then(|f| f.verdicts().ok()).map(|v| v.to_vec()),
+            fast_verdicts: self.fast.as_ref().and_then(|f| f.verdicts().ok()).map(|v| v.to_vec()),
         }
     }
 

@@ -178,7 +178,7 @@ pub fn run(config: Config, read: ReadConfig) -> Result<()> {
 
     // The kernel fast path, while the daemon may still load and attach programs; its maps
     // pinned beside each UDP listener's steering maps.
-    let fast = setup_fast_path(&config, &relay_addresses)?;
+    let mut fast = setup_fast_path(&config, &relay_addresses)?;
     if let Some(fast) = &fast {
         let udp = groups.iter().filter(|g| g.transport == Transport::Udp);
         for dir in udp.filter_map(|g| g.steering.as_ref()?.pin_dir()) {
@@ -397,7 +397,7 @@ pub fn run(config: Config, read: ReadConfig) -> Result<()> {
         pin_counts: None,
         metrics_max_users: config.metrics_max_users,
         status,
-        fast: fast.as_ref(),
+        fast: fast.as_mut(),
     };
     let outcome = runtime.block_on(control.run(signals, Requests { scrapes, admin: admin_calls }));
     for endpoint in endpoints {
