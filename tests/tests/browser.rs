@@ -52,8 +52,7 @@ fn a_relay_only_chromium_data_channel_goes_through_the_fast_path() {
     if !require_root(test) || !require_tool(test, "chromium", "chromium") {
         return;
     }
-    let daemon =
-        relaying_daemon(&["--fast-path", "tc", "--prometheus", "--prometheus-port", "0"]);
+    let daemon = relaying_daemon(&["--fast-path", "tc", "--prometheus", "--prometheus-port", "0"]);
     let dir = std::env::temp_dir().join(format!("turn-browser-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let page = dir.join("call.html");

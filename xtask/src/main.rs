@@ -29,7 +29,7 @@ use clap::{Parser, Subcommand};
 /// llvm-22-dev and friends: what bpf-linker links against. coturn: the real TURN client
 /// (turnutils_uclient, turnutils_peer, turnutils_stunclient) the end-to-end tests drive.
 /// iproute2: network namespaces for tests. ethtool: the fast path's veth tests turn off a
-/// sender's checksum offload.
+/// sender's checksum offload. chromium: a real browser's relay-only data channel.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -38,6 +38,7 @@ const APT_PACKAGES: &[&str] = &[
     "coturn",
     "iproute2",
     "ethtool",
+    "chromium",
     "prometheus",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
