@@ -137,8 +137,13 @@ impl Drop for Child {
 
 /// Starts coturn's `turnutils_peer` (a UDP echo peer) on 127.0.0.1:`port`.
 pub fn start_peer(port: u16) -> Child {
+    start_peer_on("127.0.0.1", port)
+}
+
+/// Starts coturn's `turnutils_peer` on `ip`:`port`.
+pub fn start_peer_on(ip: &str, port: u16) -> Child {
     let child = std::process::Command::new("turnutils_peer")
-        .args(["-L", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-L", ip, "-p", &port.to_string()])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -12,7 +12,7 @@ use std::{
 
 use turn_proto::client::Request;
 use turn_tests::{
-    Child, Daemon, free_udp_port,
+    Daemon, free_udp_port,
     ops::{allocations, http_get},
     require_root, require_tool, start_peer,
     stream::UdpTurnClient,
@@ -49,18 +49,6 @@ fn wait_metric(daemon: &Daemon, name: &str, labels: &[&str], at_least: u64) -> S
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// Starts turnutils_peer on `[::1]:port`.
-fn start_peer_v6(port: u16) -> Child {
-    let child = std::process::Command::new("turnutils_peer")
-        .args(["-L", "::1", "-p", &port.to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("starting turnutils_peer");
-    std::thread::sleep(Duration::from_millis(100));
-    Child(child)
 }
 
 #[test]
@@ -103,7 +91,7 @@ fn coturn_clients_relay_through_the_kernel_beside_the_workers() {
     }
     let (peer4_port, peer6_port) = (free_udp_port(), free_udp_port());
     let _peer4 = start_peer(peer4_port);
-    let _peer6 = start_peer_v6(peer6_port);
+    let _peer6 = turn_tests::start_peer_on("::1", peer6_port);
     let run = |server: SocketAddr, peer_port: u16, extra: &[&str]| {
         let mut args = vec!["-u", "alice", "-w", "secret", "-n", "50", "-m", "4", "-l", "160"];
         args.extend_from_slice(extra);

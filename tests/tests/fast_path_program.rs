@@ -200,6 +200,27 @@ impl Rig {
     }
 }
 
+/// A call between addresses of this host on loopback, IPv4 and IPv6 (the host's own
+/// addresses 203.0.113.1 and 2001:db8::3478 as listener and relay), on these channels.
+fn local_calls(v4_channel: u16, v6_channel: u16) -> [Call; 2] {
+    [
+        Call {
+            client: addr("127.0.0.2:40000"),
+            listener: addr("203.0.113.1:3478"),
+            relay: addr("203.0.113.1:50000"),
+            peer: addr("127.0.0.3:5000"),
+            channel: v4_channel,
+        },
+        Call {
+            client: addr("[::1]:40000"),
+            listener: addr("[2001:db8::3478]:3478"),
+            relay: addr("[2001:db8::3478]:50000"),
+            peer: addr("[::1]:5000"),
+            channel: v6_channel,
+        },
+    ]
+}
+
 fn require_root(test: &str) -> bool {
     turn_tests::require_root(test)
 }
@@ -213,22 +234,7 @@ fn rewrites_both_ways_byte_for_byte_ipv4_and_ipv6() {
     }
     in_netns(|| {
         let mut rig = Rig::new(&["203.0.113.1", "2001:db8::3478"]);
-        for call in [
-            Call {
-                client: addr("127.0.0.2:40000"),
-                listener: addr("203.0.113.1:3478"),
-                relay: addr("203.0.113.1:50000"),
-                peer: addr("127.0.0.3:5000"),
-                channel: 0x4001,
-            },
-            Call {
-                client: addr("[::1]:40000"),
-                listener: addr("[2001:db8::3478]:3478"),
-                relay: addr("[2001:db8::3478]:50000"),
-                peer: addr("[::1]:5000"),
-                channel: 0x7FFE,
-            },
-        ] {
+        for call in local_calls(0x4001, 0x7FFE) {
             let slot = rig.bind(&call, Duration::from_secs(60));
             for len in [0usize, 1, 3, 4, 5, 160, 1200] {
                 let data: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
@@ -529,22 +535,7 @@ fn a_partial_checksum_is_computed_anew_for_local_delivery() {
         let partial = |src: SocketAddr, dst: SocketAddr, udp_len: usize| {
             fold(sum(&octets(src.ip())) + sum(&octets(dst.ip())) + 17 + udp_len as u32)
         };
-        for call in [
-            Call {
-                client: addr("127.0.0.2:40000"),
-                listener: addr("203.0.113.1:3478"),
-                relay: addr("203.0.113.1:50000"),
-                peer: addr("127.0.0.3:5000"),
-                channel: 0x4001,
-            },
-            Call {
-                client: addr("[::1]:40000"),
-                listener: addr("[2001:db8::3478]:3478"),
-                relay: addr("[2001:db8::3478]:50000"),
-                peer: addr("[::1]:5000"),
-                channel: 0x4002,
-            },
-        ] {
+        for call in local_calls(0x4001, 0x4002) {
             rig.bind(&call, Duration::from_secs(60));
             for len in [1usize, 2, 3, 160, 255, 256, 257, 700, 1200, 1536] {
                 let data: Vec<u8> = (0..len).map(|i| (i * 13 + 1) as u8).collect();
