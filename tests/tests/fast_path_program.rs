@@ -156,7 +156,7 @@ impl Rig {
     fn bind(&mut self, call: &Call, lifetime: Duration) -> u32 {
         let slot = self.maps.take_slot().unwrap();
         let now = Instant::now();
-        self.maps.write(&call.binding(now + lifetime), slot, now).unwrap();
+        self.maps.write(&call.binding(now + lifetime), slot).unwrap();
         slot
     }
 
@@ -512,7 +512,7 @@ fn an_expired_entry_relays_nothing_and_a_missing_ipv4_checksum_stays_missing() {
         assert_eq!(out, expected);
         // The same entry, its stamp now: past by the time the program runs.
         let now = Instant::now();
-        rig.maps.write(&call.binding(now), slot, now).unwrap();
+        rig.maps.write(&call.binding(now), slot).unwrap();
         rig.assert_up(&input, Some(Verdict::Expired), "expired");
         rig.assert_up(
             &frame(call.peer, call.relay, b"x", 64, None),

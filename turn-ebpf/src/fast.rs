@@ -224,9 +224,10 @@ mod program {
         {
             return Action::Up(Some(Verdict::Unusual));
         }
-        // A GSO or GRO super-packet carries many datagrams.
-        // SAFETY: reading a field of this program's context.
-        if unsafe { (*ctx.skb.skb).gso_size } != 0 {
+        // A GSO or GRO super-packet carries many datagrams; a VLAN tag the device took off
+        // would go out with the datagram on another interface.
+        // SAFETY: reading fields of this program's context.
+        if unsafe { (*ctx.skb.skb).gso_size != 0 || (*ctx.skb.skb).vlan_present != 0 } {
             return Action::Up(Some(Verdict::Unusual));
         }
         let payload = u32::from(rx.udp_len) - 8;
@@ -340,11 +341,11 @@ mod program {
                 shape = Shape::Relayed;
             }
         }
-        let (to, l3_len) = match shape {
-            Shape::Relayed => (s.next.to, ip_len + 12 + u32::from(data_len)),
-            _ => (s.binding.to, ip_len + 8 + u32::from(data_len)),
+        let (from, to, l3_len) = match shape {
+            Shape::Relayed => (s.next.from, s.next.to, ip_len + 12 + u32::from(data_len)),
+            _ => (s.binding.from, s.binding.to, ip_len + 8 + u32::from(data_len)),
         };
-        let (route, hop) = match route(ctx, s, &to, l3_len, partial) {
+        let (route, hop) = match route(ctx, s, &from, &to, l3_len, partial) {
             Ok(r) => r,
             Err(v) => return Action::Up(Some(v)),
         };
@@ -377,9 +378,9 @@ mod program {
         }
         let data_len = payload as u16;
         let ip_len = (l4 - ETH_LEN) as u32;
-        let to = s.binding.to;
+        let (from, to) = (s.binding.from, s.binding.to);
         let partial = !validated(ctx) && s.rx.checksum == partial_checksum(&s.rx);
-        let (route, hop) = match route(ctx, s, &to, ip_len + 12 + payload, partial) {
+        let (route, hop) = match route(ctx, s, &from, &to, ip_len + 12 + payload, partial) {
             Ok(r) => r,
             Err(v) => return Action::Up(Some(v)),
         };
@@ -517,12 +518,14 @@ mod program {
         }
     }
 
-    /// Where a datagram for `to` of `l3_len` bytes goes, and its hop limit: delivered here
-    /// when `to` is this host's and it came on loopback, else out of the route's interface.
+    /// Where a datagram from `from` to `to` of `l3_len` bytes goes, and its hop limit:
+    /// delivered here when `to` is this host's and it came on loopback, else out of the
+    /// route's interface.
     #[inline(always)]
     fn route(
         ctx: &TcContext,
         s: &mut Scratch,
+        from: &Endpoint,
         to: &Endpoint,
         l3_len: u32,
         partial: bool,
@@ -535,7 +538,7 @@ mod program {
             }
             return Ok((Route::Here, s.rx.hop_limit));
         }
-        let (rx, from) = (&s.rx, &s.binding.from);
+        let rx = &s.rx;
         // A datagram that leaves the host needs a checksum the kernel sends as it is: not a
         // partial one, whose completion the device would start at the old offset.
         if partial {

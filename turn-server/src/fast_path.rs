@@ -258,12 +258,16 @@ impl FastPath {
         for key in old {
             let _ = self.egress.remove(&key);
         }
-        let out: Vec<&Interface> = all.iter().filter(|i| i.ethernet && !i.loopback).collect();
-        for i in &out {
+        for i in all.iter().filter(|i| i.ethernet && !i.loopback) {
             self.egress.insert(i.index, 1, 0).map_err(map_err(MAP_EGRESS))?;
         }
-        let up: Vec<&&Interface> = out.iter().filter(|i| i.up).collect();
-        let single_egress = if up.len() == 1 { up[0].index } else { 0 };
+        // The only interface up besides loopback, whatever its kind (a tunnel beside an
+        // Ethernet interface carries routes of its own), and only if it is Ethernet-like.
+        let up: Vec<&Interface> = all.iter().filter(|i| i.up && !i.loopback).collect();
+        let single_egress = match up.as_slice() {
+            [only] if only.ethernet => only.index,
+            _ => 0,
+        };
         self.config.set(0, FastConfig { single_egress, pad: 0 }, 0).map_err(map_err(MAP_CONFIG))
     }
 
@@ -448,9 +452,11 @@ impl FastMaps {
 
     /// Writes (or moves the expiry of) both entries of `b`, counting in `slot`; on failure
     /// neither is left.
-    pub fn write(&mut self, b: &FastBinding, slot: u32, now: Instant) -> Result<(), FastPathError> {
-        let expires_ns = crate::steering::monotonic_ns()
-            .saturating_add(b.expires_at.saturating_duration_since(now).as_nanos() as u64);
+    pub fn write(&mut self, b: &FastBinding, slot: u32) -> Result<(), FastPathError> {
+        // Both clocks read together: the stamp is the binding's expiry on the kernel's clock.
+        let (now, now_ns) = (Instant::now(), crate::steering::monotonic_ns());
+        let expires_ns =
+            now_ns.saturating_add(b.expires_at.saturating_duration_since(now).as_nanos() as u64);
         let e = Entries::of(b, slot, expires_ns);
         let written = self
             .channels

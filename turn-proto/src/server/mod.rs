@@ -428,6 +428,7 @@ impl Server {
         }
         for idx in live {
             self.sync_fast_path(idx, None);
+            self.table.reschedule(idx);
         }
     }
 

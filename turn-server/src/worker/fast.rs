@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 use tracing::debug;
 use turn_common::fast::Traffic;
@@ -29,6 +28,10 @@ pub struct FastBindings {
     /// What ended bindings relayed since their counters were last read, for allocations
     /// already deleted (their session line is written after).
     ended: HashMap<FiveTuple, AllocationTraffic>,
+    /// Slots of ended bindings, returned at the next read of the counters: a program run
+    /// that still holds the old entry (an RCU grace period) counts in the old slot, not in
+    /// a new binding's.
+    retiring: Vec<u32>,
 }
 
 fn delta(now: &Traffic, seen: &Traffic) -> AllocationTraffic {
@@ -42,18 +45,26 @@ fn delta(now: &Traffic, seen: &Traffic) -> AllocationTraffic {
 
 impl FastBindings {
     pub fn new(maps: FastMaps) -> FastBindings {
-        FastBindings { maps, live: HashMap::new(), ended: HashMap::new() }
+        FastBindings { maps, live: HashMap::new(), ended: HashMap::new(), retiring: Vec::new() }
     }
 
-    /// Applies one change of the core's bindings.
+    /// Applies one change of the core's bindings. `bound` gives a relay's bound address: a
+    /// binding whose relay is bound elsewhere than its advertised address (behind a NAT,
+    /// or to a wildcard) stays with the workers, since the kernel sees the bound one.
     pub fn apply(
         &mut self,
         change: FastPathChange,
         server: &mut Server,
         stats: &WorkerStats,
-        now: Instant,
+        bound: impl Fn(turn_proto::server::RelayId) -> Option<std::net::SocketAddr>,
     ) {
         match change {
+            FastPathChange::Up(b) if bound(b.relay.id) != Some(b.relay.addr) => {
+                if let Some(old) = self.live.remove(&(b.five_tuple, b.channel)) {
+                    self.maps.remove(&old.binding);
+                    self.settle(old, server, stats);
+                }
+            }
             FastPathChange::Up(b) => {
                 let key = (b.five_tuple, b.channel);
                 let (slot, fresh) = match self.live.get(&key) {
@@ -68,7 +79,7 @@ impl FastBindings {
                         }
                     },
                 };
-                match self.maps.write(&b, slot, now) {
+                match self.maps.write(&b, slot) {
                     Ok(()) => {
                         let seen = if fresh {
                             Traffic::default()
@@ -83,7 +94,7 @@ impl FastBindings {
                         if let Some(old) = self.live.remove(&key) {
                             self.settle(old, server, stats);
                         } else {
-                            self.maps.give_back(slot);
+                            self.retiring.push(slot);
                         }
                     }
                 }
@@ -106,12 +117,16 @@ impl FastBindings {
         if !server.add_kernel_traffic(&live.binding.five_tuple, last) {
             self.ended.entry(live.binding.five_tuple).or_default().add(&last);
         }
-        self.maps.give_back(live.slot);
+        self.retiring.push(live.slot);
     }
 
     /// Reads the counters of every live binding and adds what they relayed since the last
     /// read to their allocations and the worker's counters.
     pub fn collect(&mut self, server: &mut Server, stats: &WorkerStats) {
+        // Half a second after their bindings ended: no program run holds their entries.
+        for slot in self.retiring.drain(..) {
+            self.maps.give_back(slot);
+        }
         for live in self.live.values_mut() {
             let now = self.maps.traffic(live.slot);
             let d = delta(&now, &live.seen);

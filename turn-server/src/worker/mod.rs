@@ -576,18 +576,22 @@ impl Core {
     /// Book-keeping after a batch: allocation events (logs, directory, pins, connection
     /// phases, counts), then the batch's writes to stream clients.
     fn after_batch(&mut self) {
+        // The fast path's entries first: an ended binding's entries go before the batch's
+        // answers (a Refresh 0, a kick) leave, and its last counts reach its allocation's
+        // session line below.
+        if let Some(fast) = &mut self.fast {
+            let pool = &self.pool;
+            while let Some(change) = self.server.poll_fast_path() {
+                fast.apply(change, &mut self.server, &self.stats, |id| {
+                    pool.get(id).map(|r| r.local)
+                });
+            }
+        }
         // Relay to relay inside the worker first: what it makes for clients joins the
         // stage. Then the batch's UDP datagrams, both ways, before anything else.
         self.deliver_internal();
         self.sink.flush(&self.pool);
         let now = Instant::now();
-        // The fast path's entries first: an ended binding's last counts reach its
-        // allocation's session line below.
-        if let Some(fast) = &mut self.fast {
-            while let Some(change) = self.server.poll_fast_path() {
-                fast.apply(change, &mut self.server, &self.stats, now);
-            }
-        }
         while let Some(event) = self.server.poll_event() {
             match event {
                 Event::AllocationCreated { five_tuple, conn, username, relays, lifetime_secs } => {
