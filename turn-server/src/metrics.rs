@@ -687,6 +687,11 @@ pub type ScrapeRequest = oneshot::Sender<String>;
 /// Connections still sending their request head, at most: a new one closes the oldest
 /// (whoever holds connections open without asking cannot keep a scraper out).
 const WAITING: usize = 64;
+/// A connection is closed for a newer one only once it had this long to send its request:
+/// a scraper that connected during a flood of idle connections sends at once, and its
+/// request is read well within it. While every waiting one is younger the queue grows
+/// past [`WAITING`], by what arrives in this time at most.
+const SILENT_AFTER: Duration = Duration::from_millis(250);
 /// Requests being answered at once, at most; more wait for a slot (they asked already).
 const CONCURRENT: usize = 8;
 /// Longest request head.
@@ -703,14 +708,17 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// closes the oldest), and at most [`CONCURRENT`] requests are answered at once.
 pub async fn serve(listener: tokio::net::TcpListener, scrapes: mpsc::Sender<ScrapeRequest>) {
     let slots = Arc::new(Semaphore::new(CONCURRENT));
-    let mut waiting: std::collections::VecDeque<(tokio::task::AbortHandle, Arc<AtomicBool>)> =
-        std::collections::VecDeque::new();
+    type Waiting = (tokio::task::AbortHandle, Arc<AtomicBool>, std::time::Instant);
+    let mut waiting: std::collections::VecDeque<Waiting> = std::collections::VecDeque::new();
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
-        // Forget those that asked (or ended); close the oldest still silent when full.
-        waiting.retain(|(task, asked)| !task.is_finished() && !asked.load(Ordering::Relaxed));
-        while waiting.len() >= WAITING {
-            if let Some((task, _)) = waiting.pop_front() {
+        // Forget those that asked (or ended); when full, close the oldest still silent once
+        // it had its time to ask.
+        waiting.retain(|(task, asked, _)| !task.is_finished() && !asked.load(Ordering::Relaxed));
+        while waiting.len() >= WAITING
+            && waiting.front().is_some_and(|(_, _, since)| since.elapsed() >= SILENT_AFTER)
+        {
+            if let Some((task, _, _)) = waiting.pop_front() {
                 task.abort();
             }
         }
@@ -719,7 +727,7 @@ pub async fn serve(listener: tokio::net::TcpListener, scrapes: mpsc::Sender<Scra
         let task = tokio::spawn(async move {
             let _ = answer(stream, scrapes, slots, flag).await;
         });
-        waiting.push_back((task.abort_handle(), asked));
+        waiting.push_back((task.abort_handle(), asked, std::time::Instant::now()));
     }
 }
 
