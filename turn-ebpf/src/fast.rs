@@ -307,7 +307,8 @@ mod program {
         // A local sender's partial checksum cannot be updated: computed anew from the data
         // (only on this host: one cannot leave it, see `route`).
         let partial = !validated(ctx) && s.rx.checksum == partial_checksum(&s.rx);
-        let data_sum = if partial && is_local(&s.binding.to) {
+        let local = is_local(&s.binding.to);
+        let data_sum = if partial && local {
             match sum_data(ctx, l4 + 12, u32::from(data_len)) {
                 Some(sum) => Some(sum),
                 None => return Action::Up(Some(Verdict::Unverified)),
@@ -316,17 +317,27 @@ mod program {
             None
         };
         let hop_limit = s.rx.hop_limit;
-        to_peer(&mut s.rewrite, &s.rx, &s.binding, data_len, head, padding, hop_limit, data_sum);
         let ip_len = (l4 - ETH_LEN) as u32;
         let mut shape = Shape::ToPeer;
-        if is_local(&s.binding.to) {
+        if local {
             // The peer is this host: another allocation's relayed address?
             s.peer_key.peer = s.binding.from;
             s.peer_key.relay = s.binding.to;
             if let Some(next) = FAST_PEERS.get_ptr(&s.peer_key) {
                 // SAFETY: as in `relay`.
                 s.next = unsafe { *next };
-                // What the first pass made, as the second one receives it.
+                // The first pass, as the second one receives it (its hop limit is the
+                // second's to set).
+                to_peer(
+                    &mut s.rewrite,
+                    &s.rx,
+                    &s.binding,
+                    data_len,
+                    head,
+                    padding,
+                    hop_limit,
+                    data_sum,
+                );
                 let r = &mut s.relayed;
                 r.family = s.rx.family;
                 r.class = s.rx.class;
@@ -349,9 +360,10 @@ mod program {
             Ok(r) => r,
             Err(v) => return Action::Up(Some(v)),
         };
+        // The headers, once, with the route's hop limit.
         if shape == Shape::Relayed {
             to_client(&mut s.rewrite, &s.relayed, &s.next, data_len, hop, None);
-        } else if hop != hop_limit {
+        } else {
             to_peer(&mut s.rewrite, &s.rx, &s.binding, data_len, head, padding, hop, data_sum);
         }
         let new_len = if shape == Shape::Relayed { l4 + 12 } else { l4 + 8 } + data_len as usize;
