@@ -15,31 +15,103 @@ use std::{
 /// The addresses of the host's interfaces that are up, both families.
 pub fn interface_addresses() -> Vec<IpAddr> {
     let mut found = Vec::new();
+    let _ = each_ifaddr(|_, flags, ip| {
+        if flags & libc::IFF_UP as u32 != 0
+            && let Some(ip) = ip
+        {
+            found.push(ip);
+        }
+    });
+    found
+}
+
+/// A network interface of the host, with its addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub index: u32,
+    /// Loopback.
+    pub loopback: bool,
+    /// Ethernet-like (`ARPHRD_ETHER`, from sysfs): a datagram may leave by it with MAC
+    /// addresses.
+    pub ethernet: bool,
+    /// Up.
+    pub up: bool,
+    pub addrs: Vec<IpAddr>,
+}
+
+/// The host's interfaces, each with its addresses (both families).
+pub fn interfaces() -> io::Result<Vec<Interface>> {
+    let mut out: Vec<Interface> = Vec::new();
+    each_ifaddr(|name, flags, ip| {
+        let i = match out.iter().position(|i| i.name == name) {
+            Some(i) => i,
+            None => {
+                let index = std::ffi::CString::new(name)
+                    // SAFETY: a NUL-terminated name.
+                    .map_or(0, |c| unsafe { libc::if_nametoindex(c.as_ptr()) });
+                let kind = std::fs::read_to_string(format!("/sys/class/net/{name}/type"))
+                    .ok()
+                    .and_then(|t| t.trim().parse::<u32>().ok());
+                out.push(Interface {
+                    name: name.to_owned(),
+                    index,
+                    loopback: flags & libc::IFF_LOOPBACK as u32 != 0,
+                    ethernet: kind == Some(1),
+                    up: flags & libc::IFF_UP as u32 != 0,
+                    addrs: Vec::new(),
+                });
+                out.len() - 1
+            }
+        };
+        if let Some(ip) = ip
+            && !out[i].addrs.contains(&ip)
+        {
+            out[i].addrs.push(ip);
+        }
+    })?;
+    out.retain(|i| i.index != 0);
+    Ok(out)
+}
+
+/// Calls `f` with the name, flags and address (IPv4 or IPv6, if it is one) of every entry
+/// `getifaddrs` lists, in its order.
+fn each_ifaddr(mut f: impl FnMut(&str, u32, Option<IpAddr>)) -> io::Result<()> {
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `list`, which we walk read-only and free once.
+    // SAFETY: getifaddrs fills `list`, which we walk read-only and free once; every
+    // sockaddr is read as the family it states.
     unsafe {
         if libc::getifaddrs(&mut list) != 0 {
-            return found;
+            return Err(io::Error::last_os_error());
         }
         let mut cursor = list;
         while !cursor.is_null() {
             let entry = &*cursor;
-            let up = entry.ifa_flags & libc::IFF_UP as u32 != 0;
-            if up && !entry.ifa_addr.is_null() {
-                let family = i32::from((*entry.ifa_addr).sa_family);
-                if family == libc::AF_INET {
-                    let sin = &*(entry.ifa_addr as *const libc::sockaddr_in);
-                    found.push(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
-                } else if family == libc::AF_INET6 {
-                    let sin6 = &*(entry.ifa_addr as *const libc::sockaddr_in6);
-                    found.push(IpAddr::from(sin6.sin6_addr.s6_addr));
-                }
-            }
             cursor = entry.ifa_next;
+            if entry.ifa_name.is_null() {
+                continue;
+            }
+            let name = std::ffi::CStr::from_ptr(entry.ifa_name).to_string_lossy();
+            let ip = if entry.ifa_addr.is_null() {
+                None
+            } else {
+                match i32::from((*entry.ifa_addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(entry.ifa_addr as *const libc::sockaddr_in);
+                        Some(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()))
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(entry.ifa_addr as *const libc::sockaddr_in6);
+                        Some(IpAddr::from(sin6.sin6_addr.s6_addr))
+                    }
+                    _ => None,
+                }
+            };
+            f(&name, entry.ifa_flags, ip);
         }
         libc::freeifaddrs(list);
     }
-    found
+    Ok(())
 }
 
 /// A netlink socket subscribed to the kernel's address announcements (IPv4 and IPv6

@@ -77,86 +77,11 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> FastPathError {
     move |e| FastPathError::Map { map, source: Box::new(e) }
 }
 
-/// A network interface of the host, with its addresses.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Interface {
-    pub name: String,
-    pub index: u32,
-    /// Loopback.
-    pub loopback: bool,
-    /// Ethernet-like (`ARPHRD_ETHER`): a datagram may leave by it with MAC addresses.
-    pub ethernet: bool,
-    /// Up.
-    pub up: bool,
-    pub addrs: Vec<IpAddr>,
-}
+pub use crate::addresses::Interface;
 
-/// The host's interfaces (`getifaddrs`), with the link type from sysfs.
+/// The host's interfaces, with their link type and addresses.
 pub fn interfaces() -> Result<Vec<Interface>, FastPathError> {
-    let mut out: Vec<Interface> = Vec::new();
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below with freeifaddrs.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(FastPathError::Interfaces(std::io::Error::last_os_error()));
-    }
-    let mut cursor = head;
-    while !cursor.is_null() {
-        // SAFETY: a node of the list getifaddrs returned, alive until freeifaddrs.
-        let ifa = unsafe { &*cursor };
-        cursor = ifa.ifa_next;
-        if ifa.ifa_name.is_null() {
-            continue;
-        }
-        // SAFETY: a NUL-terminated name in the list.
-        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
-        let entry = match out.iter().position(|i| i.name == name) {
-            Some(i) => &mut out[i],
-            None => {
-                // SAFETY: as above.
-                let index = unsafe { libc::if_nametoindex(ifa.ifa_name) };
-                let kind = std::fs::read_to_string(format!("/sys/class/net/{name}/type"))
-                    .ok()
-                    .and_then(|t| t.trim().parse::<u32>().ok());
-                out.push(Interface {
-                    name: name.clone(),
-                    index,
-                    loopback: ifa.ifa_flags & libc::IFF_LOOPBACK as u32 != 0,
-                    ethernet: kind == Some(1),
-                    up: ifa.ifa_flags & libc::IFF_UP as u32 != 0,
-                    addrs: Vec::new(),
-                });
-                let last = out.len() - 1;
-                &mut out[last]
-            }
-        };
-        if ifa.ifa_addr.is_null() {
-            continue;
-        }
-        // SAFETY: a sockaddr of the family it states.
-        let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
-        let ip = match family {
-            libc::AF_INET => {
-                // SAFETY: an AF_INET sockaddr is a sockaddr_in.
-                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                Some(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()))
-            }
-            libc::AF_INET6 => {
-                // SAFETY: an AF_INET6 sockaddr is a sockaddr_in6.
-                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-                Some(IpAddr::from(sin6.sin6_addr.s6_addr))
-            }
-            _ => None,
-        };
-        if let Some(ip) = ip
-            && !entry.addrs.contains(&ip)
-        {
-            entry.addrs.push(ip);
-        }
-    }
-    // SAFETY: the list getifaddrs allocated, freed once.
-    unsafe { libc::freeifaddrs(head) };
-    out.retain(|i| i.index != 0);
-    Ok(out)
+    crate::addresses::interfaces().map_err(FastPathError::Interfaces)
 }
 
 /// The interfaces the program must see datagrams on: loopback (re-injected datagrams,
