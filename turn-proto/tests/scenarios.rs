@@ -1046,6 +1046,29 @@ fn unauthenticated_answers_are_rate_limited_per_source_with_bounded_memory() {
 }
 
 #[test]
+fn answers_over_tcp_and_tls_are_not_limited_like_datagrams() {
+    // A stream client's address is proven and it does not retransmit: an answer the
+    // reflection limit dropped would leave it hanging. 100 unsigned Allocates from one
+    // address over TCP all get their 401.
+    let mut sim = Sim::default();
+    sim.transport = turn_proto::server::Transport::Tcp;
+    let c = Client::alice("192.0.2.92:40000");
+    let answered = (0..100u8)
+        .filter(|&i| {
+            let req = c.build(
+                Method::ALLOCATE,
+                Class::Request,
+                turn_proto::stun::TransactionId([i; 12]),
+                &[Attribute::RequestedTransport(attr::PROTOCOL_UDP)],
+            );
+            matches!(sim.client_datagram(c.addr, &req), Out::ToClient { .. })
+        })
+        .count();
+    assert_eq!(answered, 100);
+    assert_eq!(sim.server.counters().rate_limited_responses, 0);
+}
+
+#[test]
 fn password_guessing_is_throttled_per_source() {
     let mut sim = Sim::default();
     let mut guesser = Client::new("192.0.2.95:40000", "alice", "guess");

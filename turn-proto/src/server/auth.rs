@@ -210,6 +210,9 @@ impl Server {
     /// address already drew its share of such answers. A 5-tuple that holds an allocation
     /// (`held`) is always answered: it is a client of ours, not a reflection victim, and a
     /// Refresh with a stale nonce must get its 438 whatever others sent from its address.
+    /// So is a TCP or TLS client: its address is proven by its handshake (nothing to
+    /// reflect), and it does not retransmit (RFC 8489 §6.2.2), so an answer dropped would
+    /// leave it waiting 39.5 s; connection limits bound what one address may open.
     pub(super) fn reject<'a>(
         &mut self,
         cx: &Ctx,
@@ -218,7 +221,10 @@ impl Server {
         held: Option<u32>,
         out: &'a mut [u8],
     ) -> Output<'a> {
-        if held.is_none() && !self.limits.unauthenticated.allow(&cx.ft.client.ip(), cx.now) {
+        if held.is_none()
+            && !cx.ft.transport.is_stream()
+            && !self.limits.unauthenticated.allow(&cx.ft.client.ip(), cx.now)
+        {
             self.counters.rate_limited_responses += 1;
             return self.dropped(DropReason::RateLimited);
         }

@@ -727,12 +727,14 @@ impl Server {
     /// authentication with the client's reflexive address.
     /// Answers are limited per source address like those to unauthenticated requests (a
     /// spoofed source must not turn the server into a reflector), except to a 5-tuple
-    /// that holds an allocation (a client's keepalives on its own 5-tuple).
+    /// that holds an allocation (a client's keepalives on its own 5-tuple) and over TCP
+    /// and TLS (a proven source).
     fn binding<'a>(&mut self, cx: &Ctx, msg: &Message<'a>, out: &'a mut [u8]) -> Output<'a> {
         self.counters.requests += 1;
         self.counters.requests_by_method[0] += 1;
         self.counters.binding_requests += 1;
         if self.live_allocation(&cx.ft, cx.now).is_none()
+            && !cx.ft.transport.is_stream()
             && !self.limits.binding.allow(&cx.ft.client.ip(), cx.now)
         {
             self.counters.rate_limited_responses += 1;
