@@ -343,8 +343,14 @@ impl Daemon {
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 self.child = None;
-                // Every line it wrote is in `logs` once the readers reach the end.
-                for reader in self.readers.drain(..) {
+                // Every line it wrote is in `logs` once the readers reach the end of the
+                // pipes; a process it started (a new generation, after an upgrade) holds
+                // them open, so its lines go on arriving after this one's last.
+                let until = Instant::now() + Duration::from_secs(1);
+                while self.readers.iter().any(|r| !r.is_finished()) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                for reader in self.readers.extract_if(.., |r| r.is_finished()) {
                     let _ = reader.join();
                 }
                 return Some(status);
