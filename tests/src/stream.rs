@@ -182,6 +182,11 @@ impl StreamClient {
         Ok(Self::over(Wire::Tls(Box::new(tls)), user, password))
     }
 
+    /// A client on an established TCP connection.
+    pub fn over_tcp(stream: TcpStream, user: &str, password: &str) -> StreamClient {
+        Self::over(Wire::Tcp(stream), user, password)
+    }
+
     fn over(wire: Wire, user: &str, password: &str) -> StreamClient {
         let creds = Arc::new(Credentials::new(user, password, None).unwrap());
         let mut client = Client::new(7, std::process::id(), creds);

@@ -85,7 +85,7 @@ fn program_steers_every_datagram_and_pins_each_flow() {
     for (i, &pinned) in pins.memos.iter().enumerate() {
         assert_eq!(pinned as usize, socket_of.values().filter(|&&s| s == i).count());
     }
-    steering.detach(group[0].as_fd()).unwrap();
+    steering.detach(Some(group[0].as_fd()), false).unwrap();
 }
 
 #[test]
@@ -129,7 +129,7 @@ fn p2c_places_new_flows_on_the_less_loaded_socket_and_keeps_pins() {
     assert_eq!(stats.sockets[0].new_flows as usize, FLOWS);
     assert_eq!(stats.sockets[1].new_flows as usize, FLOWS);
     assert_eq!(stats.unsteered.packets, 0);
-    steering.detach(group[0].as_fd()).unwrap();
+    steering.detach(Some(group[0].as_fd()), false).unwrap();
 }
 
 #[test]
@@ -165,7 +165,7 @@ fn a_userspace_pin_overrides_placement() {
     assert_eq!(steering.maps().memo(&pinned), None);
     worker1.unpin(&pinned);
     assert_eq!(steering.maps().allocation_pin(&pinned), None);
-    steering.detach(group[0].as_fd()).unwrap();
+    steering.detach(Some(group[0].as_fd()), false).unwrap();
 }
 
 #[test]
@@ -215,7 +215,7 @@ fn closing_a_socket_repairs_its_flows_and_moves_no_other() {
     let moved = before.values().filter(|&&s| s == 1).count() as u64;
     let repaired: u64 = stats.sockets.iter().map(|s| s.repaired).sum();
     assert_eq!(repaired, moved, "each displaced flow repaired once: {stats:?}");
-    steering.detach(group[0].as_fd()).unwrap();
+    steering.detach(Some(group[0].as_fd()), false).unwrap();
 }
 
 #[test]
@@ -234,7 +234,7 @@ fn a_pin_map_smaller_than_the_flows_still_steers_every_datagram() {
     assert_eq!(stats.unsteered.packets, 0, "{stats:?}");
     let pins = steering.maps().pin_counts().unwrap();
     assert!(pins.memo_entries <= 4, "the LRU map never holds more than its size: {pins:?}");
-    steering.detach(group[0].as_fd()).unwrap();
+    steering.detach(Some(group[0].as_fd()), false).unwrap();
 }
 
 /// Publishes `scores` (with `flow_weight`) as the loads of the group's sockets, each with
@@ -279,14 +279,14 @@ fn placements_since_publication_weigh_the_published_flow_weight() {
     // 0, 1000, 2000 on socket 0 (below 2500); then 3000 > 2500: socket 1 (3500);
     // 3000 < 3500: socket 0 (4000); 3500 < 4000: socket 1.
     assert_eq!(hit, vec![0, 0, 0, 1, 0, 1], "placement order");
-    steering.detach(group[0].as_fd()).unwrap();
+    steering.detach(Some(group[0].as_fd()), false).unwrap();
 
     // With a weight of 1 (the old signal of an idle server) all six go to socket 0.
     let (group, addr) = reuseport_group("127.0.0.1", 2).unwrap();
     let mut light = Steering::attach(&group, Mode::P2c, SteeringOptions::default()).unwrap();
     publish(&mut light, &[0, 2500], 1);
     assert_eq!(place_one_by_one(&group, &clients(6), addr), vec![0; 6]);
-    light.detach(group[0].as_fd()).unwrap();
+    light.detach(Some(group[0].as_fd()), false).unwrap();
 }
 
 #[test]
@@ -349,7 +349,7 @@ fn p2c_on_four_sockets_never_picks_the_busiest_and_least_picks_the_idlest() {
             .collect();
         assert_eq!(now, pinned_hits, "{mode:?}: a remembered flow moved");
     }
-    steering.detach(group[0].as_fd()).unwrap();
+    steering.detach(Some(group[0].as_fd()), false).unwrap();
 }
 
 #[test]
@@ -393,7 +393,7 @@ fn allocation_pins_hold_across_mode_switches_and_memos_expire() {
     }
     assert_eq!(after.sockets[1].allocation_hits as usize, 4 * pinned.len() * PER_FLOW);
     assert_eq!(steering.maps().pin_counts().unwrap().allocations, vec![0, 4]);
-    steering.detach(group[0].as_fd()).unwrap();
+    steering.detach(Some(group[0].as_fd()), false).unwrap();
 }
 
 #[test]
@@ -418,7 +418,7 @@ fn ipv6_flows_are_keyed_pinned_and_remembered() {
         assert_eq!(steering.maps().memo(&key).map(|m| m.slot), Some(0), "{key:?}");
     }
     assert_eq!(steering.maps().stats().unwrap().unsteered.packets, 0);
-    steering.detach(group[0].as_fd()).unwrap();
+    steering.detach(Some(group[0].as_fd()), false).unwrap();
 }
 
 #[test]
@@ -444,5 +444,5 @@ fn batched_pin_counts_match_a_large_map() {
     assert_eq!(counts.allocations, vec![6667, 6667, 6666]);
     assert_eq!(counts.memo_entries, 0);
     eprintln!("counted 20,000 pins in {took:?}");
-    steering.detach(group[0].as_fd()).unwrap();
+    steering.detach(Some(group[0].as_fd()), false).unwrap();
 }

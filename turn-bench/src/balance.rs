@@ -216,7 +216,7 @@ pub fn trial(case: &Case, steer: Steer, arrival: Arrival, rng: &mut impl rand::R
     }
     let counts = receive(&group, sent)?;
     if let Some(s) = steering.take() {
-        s.detach(std::os::fd::AsFd::as_fd(&group[0]))?;
+        s.detach(Some(std::os::fd::AsFd::as_fd(&group[0])), false)?;
     }
     let mean = sent as f64 / n as f64;
     Ok(counts.iter().copied().max().unwrap_or(0) as f64 / mean)

@@ -17,6 +17,13 @@
 //! A pin or memo whose socket has gone (`-ENOENT`) is re-placed and remembered (logged).
 //! Every error path returns `SK_PASS` without a selection (the kernel's hash decides);
 //! `SK_DROP` would make the kernel answer ICMP port-unreachable.
+//!
+//! Generations (a hitless upgrade): the configuration names the slots of the process that
+//! takes new flows. Allocation pins hold whatever slot they name (an older process still
+//! serves them); a memo outside the current generation is placed anew, so a flow that is
+//! not yet an allocation follows the switch at once. The program is of the
+//! select-or-migrate kind: when a TCP listener closes, the kernel asks it where each
+//! queued connection goes, and it places them on the current generation like new flows.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -66,7 +73,7 @@ mod program {
     #[map(name = "TURN_STATS")]
     static TURN_STATS: PerCpuArray<SocketStats> = PerCpuArray::with_max_entries(STATS_SLOTS, 0);
 
-    #[sk_reuseport]
+    #[sk_reuseport(migrate)]
     pub fn turn_steer(ctx: SkReuseportContext) -> u32 {
         steer(&ctx);
         SK_PASS
@@ -105,6 +112,10 @@ mod program {
             return count(ctx, STATS_UNSTEERED, Placed::Unsteered);
         }
         let hash = ctx.hash();
+        if ctx.migrating_sk().is_some() {
+            // A closing listener's queued connection: onto the current generation.
+            return migrate(ctx, &cfg, hash);
+        }
         let Some(key) = flow_key(ctx) else {
             return count(ctx, STATS_UNSTEERED, Placed::Unsteered);
         };
@@ -132,7 +143,7 @@ mod program {
             // SAFETY: pointer from a successful lookup; the value is plain data. A
             // concurrent update can only make us read another placement of this flow.
             let memo = unsafe { *memo };
-            if now < memo.expires_ns {
+            if now < memo.expires_ns && in_generation(memo.slot, &cfg) {
                 if select(ctx, memo.slot) {
                     return count(ctx, memo.slot, Placed::Memo);
                 }
@@ -208,6 +219,37 @@ mod program {
             Placed::Allocation | Placed::Memo | Placed::Unsteered => {}
         }
         count(ctx, slot, placed)
+    }
+
+    /// True when `slot` belongs to the generation that takes new flows.
+    #[inline(always)]
+    fn in_generation(slot: u32, cfg: &SteeringConfig) -> bool {
+        slot >= cfg.first_slot && slot - cfg.first_slot < cfg.num_sockets
+    }
+
+    /// Places a connection a closing listener had queued (its SYN or its accept-queue
+    /// entry) on a socket of the current generation, as a new flow; without a live one
+    /// the kernel's hash picks among the listeners left.
+    #[inline(always)]
+    fn migrate(ctx: &SkReuseportContext, cfg: &SteeringConfig, hash: u32) {
+        // SAFETY: bpf_get_prandom_u32 has no preconditions.
+        let draw = unsafe { Draw { pick: bpf_get_prandom_u32(), tie: bpf_get_prandom_u32() } };
+        let mut slot = match Mode::from_raw(cfg.mode) {
+            Mode::P2c => choose_p2c(cfg, draw, weight),
+            Mode::Least => least_loaded(cfg, draw),
+            _ => choose_hash(cfg, hash),
+        };
+        if !select(ctx, slot) {
+            let Some(live) = next_live_socket(ctx, slot, cfg) else {
+                return count(ctx, STATS_UNSTEERED, Placed::Unsteered);
+            };
+            slot = live;
+        }
+        if let Some(counter) = TURN_PLACED.get_ptr_mut(slot) {
+            // SAFETY: as in `steer`.
+            unsafe { *counter += 1 };
+        }
+        count(ctx, slot, Placed::New)
     }
 
     /// The weight P2C and Least compare for `slot`: its published load plus the flows

@@ -51,6 +51,8 @@ pub enum AdminRequest {
     },
     Reload,
     Status,
+    /// Start the binary on disk as a new generation that takes over (hitless upgrade).
+    Upgrade,
 }
 
 /// A request with where its reply goes, for the control thread.

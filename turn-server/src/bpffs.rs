@@ -2,9 +2,10 @@
 //! clean-up of pins a killed daemon left behind.
 //!
 //! Layout: `<root>/<LAYOUT>/udp-<address>-<port>/` per listener (no dots: bpffs refuses
-//! them), holding the listener group's maps by name and one empty `owner-<pid>-<start>`
-//! directory per process that steers the group, where `start` is the process's start time
-//! (clock ticks since boot, field 22 of `/proc/<pid>/stat`). `LAYOUT` names the version of
+//! them), holding the listener group's maps by name and one empty
+//! `owner-<pid>-<start>[-<first>-<count>]` directory per process that steers the group,
+//! where `start` is the process's start time (clock ticks since boot, field 22 of
+//! `/proc/<pid>/stat`) and `first`, `count` the slots of its sockets (its generation). `LAYOUT` names the version of
 //! the map types in `turn-common` (bumped when they change).
 //!
 //! The directory belongs to the listener, not to a process: a later process joining the
@@ -43,6 +44,8 @@ pub struct Owner {
     pub pid: u32,
     /// Start time in clock ticks since boot.
     pub start: u64,
+    /// The slots of its sockets in the group's socket array (first, count), when known.
+    pub slots: Option<(u32, u32)>,
 }
 
 impl Owner {
@@ -50,22 +53,55 @@ impl Owner {
     pub fn current() -> io::Result<Owner> {
         let pid = std::process::id();
         let start = start_time(pid)?;
-        Ok(Owner { pid, start })
+        Ok(Owner { pid, start, slots: None })
     }
 
-    /// True while the process that wrote this marker runs (same pid, same start time).
+    /// The same process, holding the slots `first..first + count`.
+    pub fn with_slots(self, first: u32, count: u32) -> Owner {
+        Owner { slots: Some((first, count)), ..self }
+    }
+
+    /// True while the process that wrote this marker runs (same pid, same start time,
+    /// and not a zombie: a killed process that its parent has not reaped yet is gone).
     pub fn is_alive(&self) -> bool {
-        start_time(self.pid).is_ok_and(|start| start == self.start)
+        start_time(self.pid).is_ok_and(|start| start == self.start) && !is_zombie(self.pid)
     }
 
     fn marker(&self) -> String {
-        format!("{OWNER_PREFIX}{}-{}", self.pid, self.start)
+        match self.slots {
+            Some((first, count)) => {
+                format!("{OWNER_PREFIX}{}-{}-{first}-{count}", self.pid, self.start)
+            }
+            None => format!("{OWNER_PREFIX}{}-{}", self.pid, self.start),
+        }
     }
 
     fn parse(name: &str) -> Option<Owner> {
-        let (pid, start) = name.strip_prefix(OWNER_PREFIX)?.split_once('-')?;
-        Some(Owner { pid: pid.parse().ok()?, start: start.parse().ok()? })
+        let mut parts = name.strip_prefix(OWNER_PREFIX)?.split('-');
+        let mut number = || parts.next().map(|p| p.parse::<u64>().ok());
+        let pid = u32::try_from(number()??).ok()?;
+        let start = number()??;
+        let slots = match (number(), number()) {
+            (None, None) => None,
+            (Some(Some(first)), Some(Some(count))) => {
+                Some((u32::try_from(first).ok()?, u32::try_from(count).ok()?))
+            }
+            _ => return None,
+        };
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(Owner { pid, start, slots })
     }
+}
+
+/// True when `pid` has exited but is not reaped yet (state `Z` or `X`, field 3 of
+/// /proc/<pid>/stat).
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+        matches!(state, Some("Z" | "X"))
+    })
 }
 
 /// Start time of `pid` (field 22 of /proc/<pid>/stat, after the parenthesised command,
@@ -196,6 +232,73 @@ impl PinnedDir {
         }
         let _ = unlink(&self.parent, &self.name, libc::AT_REMOVEDIR);
         removed
+    }
+}
+
+impl PinnedDir {
+    /// Another handle on the same directories (for a new generation of the daemon).
+    pub fn try_clone(&self) -> io::Result<PinnedDir> {
+        Ok(PinnedDir {
+            dir: self.dir.try_clone()?,
+            parent: self.parent.try_clone()?,
+            name: self.name.clone(),
+        })
+    }
+
+    /// The two descriptors (directory, parent) and the directory's name.
+    pub fn into_parts(self) -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd, String) {
+        (self.dir, self.parent, self.name.to_string_lossy().into_owned())
+    }
+
+    /// Rebuilds a handle from [`PinnedDir::into_parts`].
+    pub fn from_parts(
+        dir: std::os::fd::OwnedFd,
+        parent: std::os::fd::OwnedFd,
+        name: &str,
+    ) -> io::Result<PinnedDir> {
+        Ok(PinnedDir { dir, parent, name: std::ffi::CString::new(name).map_err(io::Error::other)? })
+    }
+
+    /// Records `owner` in the directory (by descriptor).
+    pub fn add_owner(&self, owner: Owner) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let marker = std::ffi::CString::new(owner.marker()).map_err(io::Error::other)?;
+        // SAFETY: mkdirat relative to a directory descriptor we own, NUL-terminated name.
+        let rc = unsafe { libc::mkdirat(self.dir.as_raw_fd(), marker.as_ptr(), 0o700) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Removes the markers of owners that are no longer alive.
+    pub fn remove_dead_owners(&self) {
+        use std::os::fd::AsRawFd;
+        let path = PathBuf::from(format!("/proc/self/fd/{}", self.dir.as_raw_fd()));
+        let Ok(entries) = std::fs::read_dir(path) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(owner) = name.to_str().and_then(Owner::parse) else { continue };
+            if !owner.is_alive()
+                && let Ok(c) = std::ffi::CString::new(owner.marker())
+            {
+                // SAFETY: unlinkat relative to a directory descriptor we own.
+                unsafe { libc::unlinkat(self.dir.as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR) };
+            }
+        }
+    }
+
+    /// The live owners recorded in the directory but `me`, read through the descriptor
+    /// (the daemon may no longer reach the directory by path).
+    pub fn other_live_owners(&self, me: u32) -> Vec<Owner> {
+        use std::os::fd::AsRawFd;
+        let path = PathBuf::from(format!("/proc/self/fd/{}", self.dir.as_raw_fd()));
+        let Ok(entries) = std::fs::read_dir(path) else { return Vec::new() };
+        entries
+            .flatten()
+            .filter_map(|e| Owner::parse(e.file_name().to_str()?))
+            .filter(|o| o.pid != me && o.is_alive())
+            .collect()
     }
 }
 
@@ -561,8 +664,14 @@ mod tests {
         assert!(me.is_alive());
         // Same pid, another start time: a reused pid, not us.
         assert!(!Owner { start: me.start + 1, ..me }.is_alive());
-        assert!(!Owner { pid: u32::MAX - 1, start: 1 }.is_alive());
+        assert!(!Owner { pid: u32::MAX - 1, start: 1, slots: None }.is_alive());
         assert_eq!(Owner::parse(&me.marker()), Some(me));
+        // A generation's marker names its slots.
+        let gen2 = me.with_slots(2, 2);
+        assert_eq!(gen2.marker(), format!("owner-{}-{}-2-2", me.pid, me.start));
+        assert_eq!(Owner::parse(&gen2.marker()), Some(gen2));
+        assert_eq!(Owner::parse(&format!("owner-{}-{}-2", me.pid, me.start)), None);
+        assert_eq!(Owner::parse(&format!("owner-{}-{}-2-2-9", me.pid, me.start)), None);
         assert_eq!(Owner::parse("owner-12"), None);
         assert_eq!(Owner::parse("TURN_LOAD"), None);
     }

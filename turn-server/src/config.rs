@@ -308,7 +308,7 @@ impl Default for Config {
             allow_private_peers: false,
             allow_own_address_peers: false,
             software: concat!("turn-server/", env!("CARGO_PKG_VERSION")).to_owned(),
-            drain_timeout_secs: 60,
+            drain_timeout_secs: 3600,
             proc_user: None,
             proc_group: None,
             log_format: LogFormat::Text,

@@ -21,6 +21,8 @@ use crate::{
 /// One socket (= one worker) of a listener group.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct SocketRow {
+    /// The process (generation) the socket belongs to, and its worker there.
+    pub pid: u32,
     pub worker: u32,
     /// Live allocations of the worker.
     pub allocations: u64,
@@ -70,6 +72,9 @@ pub struct GroupReport {
     pub listener: String,
     /// Processes steering the group.
     pub owners: Vec<u32>,
+    /// The generations of the daemon in the group: two while an upgrade's old process
+    /// still serves its allocations.
+    pub generations: Vec<GenerationReport>,
     pub mode: String,
     pub sockets: Vec<SocketRow>,
     /// Busiest / mean packets per second (by allocations when there is no traffic);
@@ -79,6 +84,19 @@ pub struct GroupReport {
     pub unsteered_per_sec: f64,
     /// Memos in the program's map, expired or not.
     pub memo_entries: u64,
+}
+
+/// One generation (process) of the daemon in a listener group.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct GenerationReport {
+    pub pid: u32,
+    /// Its first slot and its number of sockets in the group's socket array.
+    pub first_slot: u32,
+    pub sockets: u32,
+    /// Its live allocations (as it published them).
+    pub allocations: u64,
+    /// True for the generation new flows go to.
+    pub takes_new_flows: bool,
 }
 
 /// A whole daemon.
@@ -93,11 +111,24 @@ pub struct LoadReport {
 /// daemon running. Returns the daemon's pid and its listeners.
 pub fn find_listeners(root: &Path, pid: Option<u32>) -> Result<(u32, Vec<LiveListener>)> {
     let live = bpffs::live_listeners(root);
-    let mut pids: Vec<u32> = live.iter().flat_map(|l| l.owners.iter().map(|o| o.pid)).collect();
-    pids.sort_unstable();
-    pids.dedup();
-    let pid = match (pid, pids.as_slice()) {
-        (Some(pid), _) if pids.contains(&pid) => pid,
+    // The processes of one daemon share its listener directories (generations, during an
+    // upgrade): one daemon per set of directories, named by its newest process.
+    let mut daemons: Vec<Vec<bpffs::Owner>> = Vec::new();
+    for listener in &live {
+        match daemons.iter_mut().find(|d| listener.owners.iter().any(|o| d.contains(o))) {
+            Some(daemon) => {
+                for o in &listener.owners {
+                    if !daemon.contains(o) {
+                        daemon.push(*o);
+                    }
+                }
+            }
+            None => daemons.push(listener.owners.clone()),
+        }
+    }
+    let newest = |d: &Vec<bpffs::Owner>| d.iter().max_by_key(|o| o.start).map_or(0, |o| o.pid);
+    let pid = match (pid, daemons.as_slice()) {
+        (Some(pid), _) if daemons.iter().flatten().any(|o| o.pid == pid) => pid,
         (Some(pid), _) => bail!(
             "no running turn-server with pid {pid} has steering maps under {}",
             root.display()
@@ -107,14 +138,30 @@ pub fn find_listeners(root: &Path, pid: Option<u32>) -> Result<(u32, Vec<LiveLis
              is this the same bpf_pin_root?)",
             root.display()
         ),
-        (None, [pid]) => *pid,
+        (None, [daemon]) => newest(daemon),
         (None, _) => bail!(
-            "several turn-server processes are running ({}): choose one with --pid",
-            pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+            "several turn-server daemons are running ({}): choose one with --pid",
+            daemons.iter().map(|d| newest(d).to_string()).collect::<Vec<_>>().join(", ")
         ),
     };
     let mine = live.into_iter().filter(|l| l.owners.iter().any(|o| o.pid == pid)).collect();
     Ok((pid, mine))
+}
+
+/// The generations in a listener group: each live owner's slots (an owner that did not
+/// record them holds the configured ones), the generation taking new flows last.
+fn generations(
+    listener: &LiveListener,
+    config: &turn_common::SteeringConfig,
+) -> Vec<(u32, std::ops::Range<u32>)> {
+    let current = config.first_slot..config.first_slot + config.num_sockets;
+    let mut gens: Vec<(u32, std::ops::Range<u32>)> = listener
+        .owners
+        .iter()
+        .map(|o| (o.pid, o.slots.map_or(current.clone(), |(first, n)| first..first + n)))
+        .collect();
+    gens.sort_by_key(|(_, slots)| *slots == current);
+    gens
 }
 
 fn open(group: &Path) -> Result<GroupMaps> {
@@ -149,32 +196,57 @@ pub fn sample(pid: u32, listeners: &[LiveListener], interval: Duration) -> Resul
     if groups.is_empty() {
         bail!("turn-server {pid} has no steered listener");
     }
-    let before: Vec<_> = groups
+    type Before = Vec<(crate::steering::GroupStats, Vec<turn_common::SocketLoad>)>;
+    let before: Vec<Before> = groups
         .iter()
-        .map(|(_, m)| Ok((m.stats()?, m.loads()?)))
+        .map(|(l, m)| {
+            let config = m.config()?;
+            generations(l, &config)
+                .into_iter()
+                .map(|(_, slots)| Ok((m.stats_of(slots.clone())?, m.loads_of(slots)?)))
+                .collect()
+        })
         .collect::<Result<_, crate::steering::SteeringError>>()?;
     let start = Instant::now();
     std::thread::sleep(interval);
     let mut reports = Vec::with_capacity(groups.len());
-    for ((listener, maps), (stats_before, loads_before)) in groups.iter().zip(before) {
-        let stats = maps.stats()?;
-        let loads = maps.loads()?;
-        let secs = start.elapsed().as_secs_f64().max(1e-3);
+    for ((listener, maps), before) in groups.iter().zip(before) {
         let config = maps.config()?;
-        let pins = maps.pin_counts()?;
+        let secs = start.elapsed().as_secs_f64().max(1e-3);
         let rate = |after: u64, before: u64| after.saturating_sub(before) as f64 / secs;
-        let packets: Vec<f64> =
-            loads.iter().zip(&loads_before).map(|(a, b)| rate(a.packets, b.packets)).collect();
-        let total: f64 = packets.iter().sum();
-        let sockets: Vec<SocketRow> = (0..config.num_sockets as usize)
-            .map(|i| {
+        let current = config.first_slot..config.first_slot + config.num_sockets;
+        let mut sockets = Vec::new();
+        let mut generation_reports = Vec::new();
+        let mut packets_now = Vec::new();
+        let mut memo_entries = 0;
+        let mut unsteered = (0, 0);
+        for ((gen_pid, slots), (stats_before, loads_before)) in
+            generations(listener, &config).into_iter().zip(before)
+        {
+            let stats = maps.stats_of(slots.clone())?;
+            let loads = maps.loads_of(slots.clone())?;
+            let pins = maps.pin_counts_of(slots.clone())?;
+            memo_entries = pins.memo_entries;
+            unsteered = (stats.unsteered.packets, stats_before.unsteered.packets);
+            let takes_new_flows = slots == current;
+            generation_reports.push(GenerationReport {
+                pid: gen_pid,
+                first_slot: slots.start,
+                sockets: slots.len() as u32,
+                allocations: loads.iter().map(|l| l.allocations).sum(),
+                takes_new_flows,
+            });
+            for i in 0..slots.len() {
                 let load = loads.get(i).copied().unwrap_or_default();
                 let (s, s0) = (
                     stats.sockets.get(i).copied().unwrap_or_default(),
                     stats_before.sockets.get(i).copied().unwrap_or_default(),
                 );
-                let pps = packets.get(i).copied().unwrap_or(0.0);
-                SocketRow {
+                let pps =
+                    rate(load.packets, loads_before.get(i).map_or(load.packets, |b| b.packets));
+                packets_now.push((takes_new_flows, pps));
+                sockets.push(SocketRow {
+                    pid: gen_pid,
                     worker: i as u32,
                     allocations: load.allocations,
                     pinned_allocations: pins.allocations.get(i).copied().unwrap_or(0),
@@ -187,7 +259,7 @@ pub fn sample(pid: u32, listeners: &[LiveListener], interval: Duration) -> Resul
                     steered_per_sec: rate(s.packets, s0.packets),
                     bytes_per_sec: rate(s.bytes, s0.bytes),
                     new_flows_per_sec: rate(s.new_flows, s0.new_flows),
-                    share: if total > 0.0 { pps / total } else { 0.0 },
+                    share: 0.0,
                     score: load.score,
                     flow_weight: load.flow_weight,
                     handed_off: load.handed_off,
@@ -199,19 +271,33 @@ pub fn sample(pid: u32, listeners: &[LiveListener], interval: Duration) -> Resul
                     pin_failures: load.pin_failures,
                     auth_failures: load.auth_failures,
                     rate_limited: load.rate_limited,
-                }
-            })
-            .collect();
-        let allocations: Vec<f64> = sockets.iter().map(|s| s.allocations as f64).collect();
+                });
+            }
+        }
+        let total: f64 = packets_now.iter().map(|(_, p)| p).sum();
+        for row in &mut sockets {
+            row.share = if total > 0.0 { row.packets_per_sec / total } else { 0.0 };
+        }
+        // The balance that steering decides: the generation taking new flows.
+        let in_current = |rows: &[SocketRow], f: fn(&SocketRow) -> f64| -> Vec<f64> {
+            rows.iter()
+                .zip(&packets_now)
+                .filter(|(_, (current, _))| *current)
+                .map(|(r, _)| f(r))
+                .collect()
+        };
+        let packets = in_current(&sockets, |r| r.packets_per_sec);
+        let allocations = in_current(&sockets, |r| r.allocations as f64);
         let imbalance = busiest_over_mean(&packets).or_else(|| busiest_over_mean(&allocations));
         reports.push(GroupReport {
             listener: bpffs::listener_name(&listener.dir),
             owners: listener.owners.iter().map(|o| o.pid).collect(),
+            generations: generation_reports,
             mode: mode_name(Mode::from_raw(config.mode)).to_owned(),
             sockets,
             imbalance,
-            unsteered_per_sec: rate(stats.unsteered.packets, stats_before.unsteered.packets),
-            memo_entries: pins.memo_entries,
+            unsteered_per_sec: rate(unsteered.0, unsteered.1),
+            memo_entries,
         });
     }
     Ok(LoadReport { pid, interval_secs: interval.as_secs_f64(), groups: reports })
@@ -240,14 +326,34 @@ impl LoadReport {
                 g.sockets.len(),
                 self.interval_secs
             ));
+            if g.generations.len() > 1 {
+                let gens: Vec<String> = g
+                    .generations
+                    .iter()
+                    .map(|g| {
+                        format!(
+                            "pid {} ({} allocations, {})",
+                            g.pid,
+                            g.allocations,
+                            if g.takes_new_flows {
+                                "takes new flows"
+                            } else {
+                                "serves what it has"
+                            }
+                        )
+                    })
+                    .collect();
+                out.push_str(&format!("generations (upgrade): {}\n", gens.join(", ")));
+            }
             out.push_str(
-                "worker  allocs  pinned  memos  packets/s  kernel/s  share   score  new/s  \
+                "    pid  worker  allocs  pinned  memos  packets/s  kernel/s  share   score  new/s  \
                  handed off/in  hand-off drops  inbox  rx queue B  rx drops  auth fails  \
                  rate-limited\n",
             );
             for s in &g.sockets {
                 out.push_str(&format!(
-                    "{:>6}  {:>6}  {:>6}  {:>5}  {:>9.0}  {:>8.0}  {:>4.1}%  {:>6}  {:>5.0}  {:>13}  {:>14}  {:>5}  {:>10}  {:>8}  {:>10}  {:>12}\n",
+                    "{:>7}  {:>6}  {:>6}  {:>6}  {:>5}  {:>9.0}  {:>8.0}  {:>4.1}%  {:>6}  {:>5.0}  {:>13}  {:>14}  {:>5}  {:>10}  {:>8}  {:>10}  {:>12}\n",
+                    s.pid,
                     s.worker,
                     s.allocations,
                     s.pinned_allocations,
@@ -310,6 +416,7 @@ mod tests {
 
     fn row(worker: u32, packets: f64, share: f64) -> SocketRow {
         SocketRow {
+            pid: 7,
             worker,
             allocations: 3,
             pinned_allocations: 3,
@@ -342,6 +449,22 @@ mod tests {
             groups: vec![GroupReport {
                 listener: "127.0.0.1:3478".into(),
                 owners: vec![7],
+                generations: vec![
+                    GenerationReport {
+                        pid: 6,
+                        first_slot: 0,
+                        sockets: 2,
+                        allocations: 4,
+                        takes_new_flows: false,
+                    },
+                    GenerationReport {
+                        pid: 7,
+                        first_slot: 2,
+                        sockets: 2,
+                        allocations: 6,
+                        takes_new_flows: true,
+                    },
+                ],
                 mode: "p2c".into(),
                 sockets: vec![row(0, 300.0, 0.75), row(1, 100.0, 0.25)],
                 imbalance: Some(1.5),
@@ -355,5 +478,9 @@ mod tests {
         assert!(text.contains("5/2"), "hand-offs: {text}");
         assert!(text.contains("imbalance (busiest / mean): 1.50"), "{text}");
         assert!(text.contains("flow weight: 100"), "{text}");
+        assert!(
+            text.contains("generations (upgrade): pid 6 (4 allocations, serves what it has), pid 7 (6 allocations, takes new flows)"),
+            "{text}"
+        );
     }
 }

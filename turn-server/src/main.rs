@@ -105,6 +105,16 @@ enum Command {
         #[command(flatten)]
         admin: AdminSocket,
     },
+    /// Upgrade without dropping a call, as SIGUSR2 does: start the binary now on disk, with
+    /// the configuration file read anew, as a new generation that joins every listener and
+    /// takes new flows, new connections, the metrics endpoint and the admin API; the
+    /// running process serves its live allocations and connections until they end (at
+    /// most drain_timeout_secs) and exits. Answers once the new process serves, or why it
+    /// could not (then the running one keeps every role). See docs/operations.md.
+    Upgrade {
+        #[command(flatten)]
+        admin: AdminSocket,
+    },
 }
 
 /// Which running daemon's admin API to use.
@@ -314,7 +324,7 @@ struct ServeArgs {
     /// Allow the server's own addresses as peers [config: allow_own_address_peers].
     #[arg(long = "allow-own-address-peers")]
     allow_own_address_peers: bool,
-    /// Seconds live allocations keep relaying after SIGTERM [config: drain_timeout_secs, default 60].
+    /// Seconds live allocations keep relaying after SIGTERM [config: drain_timeout_secs, default 3600; also how long an upgraded process serves what it has].
     #[arg(long = "drain-timeout", value_name = "SECS")]
     drain_timeout: Option<u64>,
     /// User to run as after setup [config: proc_user].
@@ -540,6 +550,14 @@ fn main() -> ExitCode {
         Some(Command::Undrain { admin }) => admin::request(&admin.socket, &AdminRequest::Undrain)
             .map(|_| println!("taking new allocations again")),
         Some(Command::Reload { admin }) => reload(&admin.socket),
+        Some(Command::Upgrade { admin }) => admin::request(&admin.socket, &AdminRequest::Upgrade)
+            .map(|r| {
+                println!(
+                    "upgraded: pid {} serves new flows; pid {} serves its {} allocation(s) and {} \
+                     connection(s) until they end",
+                    r["pid"], r["previous"], r["allocations_left"], r["connections_left"]
+                )
+            }),
         Some(Command::Status { admin }) => admin::request(&admin.socket, &AdminRequest::Status)
             .and_then(|r| serde_json::to_string_pretty(&r).map_err(Into::into))
             .map(|text| println!("{text}")),

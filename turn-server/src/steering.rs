@@ -17,7 +17,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader, Pod,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, ReusePortSockArray},
+    maps::{Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, ReusePortSockArray},
     programs::{ProgramError, SkReuseport},
 };
 use turn_common::{
@@ -138,6 +138,9 @@ pub struct GroupMaps {
     /// Second descriptors of the two hash maps, for batched reads.
     allocs_fd: OwnedFd,
     memo_fd: OwnedFd,
+    /// The slots of the process that holds these maps (its generation); None when read
+    /// from another process (`turn-server load`): then the configured generation's.
+    own: Option<std::ops::Range<u32>>,
 }
 
 impl GroupMaps {
@@ -153,6 +156,7 @@ impl GroupMaps {
             memo: take_map(ebpf, MAP_MEMO)?,
             allocs_fd,
             memo_fd,
+            own: None,
         })
     }
 
@@ -165,9 +169,9 @@ impl GroupMaps {
     /// the configuration (what `turn-server load` and `steering set` need, and all the
     /// admin group may have).
     pub fn open_pinned_as(dir: &Path, inspect: bool) -> Result<Self, SteeringError> {
-        let data = |name: &'static str| -> Result<MapData, SteeringError> {
+        Self::from_fds(&mut |name| {
             let read_only = inspect && name != MAP_CONFIG;
-            let fd = obj_get(&dir.join(name), read_only).map_err(|e| SteeringError::Map {
+            obj_get(&dir.join(name), read_only).map_err(|e| SteeringError::Map {
                 map: name,
                 source: Box::new(MapError::PinError {
                     name: Some(name.to_owned()),
@@ -176,33 +180,39 @@ impl GroupMaps {
                         io_error: e,
                     }),
                 }),
-            })?;
-            MapData::from_fd(fd).map_err(map_err(name))
-        };
-        let open = |name: &'static str| -> Result<Map, SteeringError> {
-            Map::from_map_data(data(name)?).map_err(map_err(name))
+            })
+        })
+    }
+
+    /// The maps from descriptors `fd` gives by map name (pinned maps, or descriptors a
+    /// previous generation handed over).
+    fn from_fds(
+        fd: &mut dyn FnMut(&'static str) -> Result<OwnedFd, SteeringError>,
+    ) -> Result<Self, SteeringError> {
+        let mut data = |name: &'static str| -> Result<MapData, SteeringError> {
+            MapData::from_fd(fd(name)?).map_err(map_err(name))
         };
         fn cast<M: TryFrom<Map, Error = MapError>>(
-            map: Map,
+            data: MapData,
             name: &'static str,
         ) -> Result<M, SteeringError> {
-            M::try_from(map).map_err(map_err(name))
+            M::try_from(Map::from_map_data(data).map_err(map_err(name))?).map_err(map_err(name))
         }
         let allocs = data(MAP_ALLOCS)?;
         let memo = data(MAP_MEMO)?;
         Ok(Self {
-            config: cast(open(MAP_CONFIG)?, MAP_CONFIG)?,
-            load: cast(open(MAP_LOAD)?, MAP_LOAD)?,
-            placed: cast(open(MAP_PLACED)?, MAP_PLACED)?,
-            stats: cast(open(MAP_STATS)?, MAP_STATS)?,
+            config: cast(data(MAP_CONFIG)?, MAP_CONFIG)?,
+            load: cast(data(MAP_LOAD)?, MAP_LOAD)?,
+            placed: cast(data(MAP_PLACED)?, MAP_PLACED)?,
+            stats: cast(data(MAP_STATS)?, MAP_STATS)?,
             allocs_fd: clone_fd(&allocs, MAP_ALLOCS)?,
             memo_fd: clone_fd(&memo, MAP_MEMO)?,
             allocs: typed(allocs, MAP_ALLOCS)?,
             memo: typed(memo, MAP_MEMO)?,
+            own: None,
         })
     }
 
-    /// The group's configuration (mode and the generation's slots).
     pub fn config(&self) -> Result<SteeringConfig, SteeringError> {
         let config = self.config.get(&0, 0).map_err(map_err(MAP_CONFIG))?;
         if !config.is_valid() {
@@ -219,14 +229,55 @@ impl GroupMaps {
     }
 
     /// The generation's slots, in worker order.
+    /// This process's slots, or (read from outside) those of the generation that takes
+    /// new flows.
     fn slots(&self) -> Result<std::ops::Range<u32>, SteeringError> {
+        if let Some(own) = &self.own {
+            return Ok(own.clone());
+        }
         let c = self.config()?;
         Ok(c.first_slot..c.first_slot + c.num_sockets)
     }
 
+    /// The published loads of the slots `range` (another generation's, for `load`).
+    pub fn loads_of(&self, range: std::ops::Range<u32>) -> Result<Vec<SocketLoad>, SteeringError> {
+        range.map(|i| self.load.get(&i, 0).map_err(map_err(MAP_LOAD))).collect()
+    }
+
+    /// Makes the generation at `slots` the one that takes new flows (and new connections).
+    pub fn set_generation(&mut self, slots: std::ops::Range<u32>) -> Result<(), SteeringError> {
+        let mut config = self.config()?;
+        config.first_slot = slots.start;
+        config.num_sockets = slots.len() as u32;
+        if !config.is_valid() {
+            return Err(SteeringError::Config(config));
+        }
+        self.config.set(0, config, 0).map_err(map_err(MAP_CONFIG))
+    }
+
+    /// Forgets what a generation that is gone left at `slots`: its allocation pins (a
+    /// process killed before it could remove them) and its published loads. Returns the
+    /// pins removed.
+    pub fn clear_slots(&mut self, slots: std::ops::Range<u32>) -> Result<usize, SteeringError> {
+        let mut stale = Vec::new();
+        for_each_entry::<FlowKey, u32>(self.allocs_fd.as_fd(), &mut |key, slot| {
+            if slots.contains(slot) {
+                stale.push(*key);
+            }
+        })
+        .map_err(|e| SteeringError::Batch { map: MAP_ALLOCS, source: e })?;
+        for key in &stale {
+            let _ = self.allocs.remove(key);
+        }
+        for slot in slots {
+            let _ = self.load.set(slot, SocketLoad::default(), 0);
+        }
+        Ok(stale.len())
+    }
+
     /// Publishes the load of worker `index` of the generation.
     pub fn set_load(&mut self, index: u32, load: SocketLoad) -> Result<(), SteeringError> {
-        let slot = self.config()?.first_slot + index;
+        let slot = self.slots()?.start + index;
         self.load.set(slot, load, 0).map_err(map_err(MAP_LOAD))
     }
 
@@ -242,6 +293,11 @@ impl GroupMaps {
 
     /// Per-socket counters, summed over CPUs.
     pub fn stats(&self) -> Result<GroupStats, SteeringError> {
+        self.stats_of(self.slots()?)
+    }
+
+    /// The counters of the slots `range` (a generation's), and the unsteered ones.
+    pub fn stats_of(&self, range: std::ops::Range<u32>) -> Result<GroupStats, SteeringError> {
         let read = |slot: u32| -> Result<SocketStats, SteeringError> {
             let per_cpu = self.stats.get(&slot, 0).map_err(map_err(MAP_STATS))?;
             let mut sum = SocketStats::default();
@@ -250,11 +306,10 @@ impl GroupMaps {
             }
             Ok(sum)
         };
-        let sockets = self.slots()?.map(read).collect::<Result<Vec<_>, _>>()?;
+        let sockets = range.map(read).collect::<Result<Vec<_>, _>>()?;
         Ok(GroupStats { sockets, unsteered: read(STATS_UNSTEERED)? })
     }
 
-    /// The slot an allocation's pin names for `flow`, if any.
     pub fn allocation_pin(&self, flow: &FlowKey) -> Option<u32> {
         self.allocs.get(flow, 0).ok()
     }
@@ -267,7 +322,11 @@ impl GroupMaps {
     /// Allocation pins and live memos per worker, read in batches (a cold path, but one
     /// that stays fast with 100k pins).
     pub fn pin_counts(&self) -> Result<PinCounts, SteeringError> {
-        let slots = self.slots()?;
+        self.pin_counts_of(self.slots()?)
+    }
+
+    /// [`GroupMaps::pin_counts`] for the slots `slots` (a generation's).
+    pub fn pin_counts_of(&self, slots: std::ops::Range<u32>) -> Result<PinCounts, SteeringError> {
         let per_worker = |slot: u32| slot.checked_sub(slots.start).map(|i| i as usize);
         let n = slots.len();
         let mut counts = PinCounts { allocations: vec![0; n], memos: vec![0; n], memo_entries: 0 };
@@ -413,10 +472,17 @@ impl FlowPins {
 pub struct Steering {
     /// Rare events the program reports (pin repairs), forwarded to our log.
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    _ebpf: Ebpf,
+    /// The loaded object (None in a process that joined a group another one steers).
+    _ebpf: Option<Ebpf>,
     maps: GroupMaps,
     allocs_fd: MapData,
+    /// The group's socket array, to hand over to a new generation.
+    sockets_fd: OwnedFd,
+    /// The program, to attach again to a group bound anew (and to hand over).
+    program_fd: Option<OwnedFd>,
     num_sockets: u32,
+    /// This process's first slot in the socket array (its generation).
+    first_slot: u32,
     pin_dir: Option<PathBuf>,
     /// The pin directory by descriptor, to remove the pins at exit.
     pinned: Option<bpffs::PinnedDir>,
@@ -427,6 +493,7 @@ impl std::fmt::Debug for Steering {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Steering")
             .field("num_sockets", &self.num_sockets)
+            .field("first_slot", &self.first_slot)
             .field("pin_dir", &self.pin_dir)
             .finish_non_exhaustive()
     }
@@ -485,12 +552,14 @@ impl Steering {
             .map_err(|e| SteeringError::Program(Box::new(e)))?;
         program.load().map_err(|e| SteeringError::Program(Box::new(e)))?;
         program.attach(sockets[0].as_fd()).map_err(|e| SteeringError::Program(Box::new(e)))?;
+        let program_fd = program.fd().ok().and_then(|fd| fd.as_fd().try_clone_to_owned().ok());
 
         // Attached: now the maps may be shown to other processes.
         let mut owner = None;
         let mut pinned_dir = None;
         if let Some(dir) = &options.pin_dir {
             let pinned = bpffs::Owner::current()
+                .map(|me| me.with_slots(0, num_sockets))
                 .map_err(|source| SteeringError::Pin { dir: dir.clone(), source })
                 .and_then(|me| {
                     pin_maps(&ebpf, dir, me)?;
@@ -513,17 +582,187 @@ impl Steering {
         }
         let allocs_fd =
             MapData::from_fd(dup_map(&ebpf, MAP_ALLOCS)?).map_err(map_err(MAP_ALLOCS))?;
-        let maps = GroupMaps::take(&mut ebpf)?;
+        let sockets_fd = dup_map(&ebpf, MAP_SOCKETS)?;
+        let mut maps = GroupMaps::take(&mut ebpf)?;
+        maps.own = Some(0..num_sockets);
         Ok(Self {
             logger,
-            _ebpf: ebpf,
+            _ebpf: Some(ebpf),
             maps,
             allocs_fd,
+            sockets_fd,
+            program_fd,
             num_sockets,
+            first_slot: 0,
             pin_dir: options.pin_dir,
             pinned: pinned_dir,
             owner,
         })
+    }
+
+    /// Joins a group another process of this daemon steers (a hitless upgrade): puts
+    /// `sockets[i]` in slot `first_slot + i` of the group's socket array, from the maps'
+    /// descriptors that process handed over (by map name), and records this process in
+    /// the pin directory. New flows keep going to the other process until
+    /// [`Steering::take_new_flows`].
+    pub fn adopt<S: AsFd>(
+        sockets: &[S],
+        first_slot: u32,
+        fds: &mut std::collections::HashMap<String, OwnedFd>,
+        pinned: Option<(PathBuf, bpffs::PinnedDir)>,
+    ) -> Result<Self, SteeringError> {
+        let n = sockets.len() as u32;
+        if sockets.is_empty() || first_slot.saturating_add(n) > MAX_SOCKETS {
+            return Err(SteeringError::GroupSize(sockets.len()));
+        }
+        let mut take = |name: &'static str| fds.remove(name).ok_or(SteeringError::Missing(name));
+        let sockets_fd = take(MAP_SOCKETS)?;
+        let program_fd = fds.remove(PROGRAM_NAME);
+        let mut take = |name: &'static str| fds.remove(name).ok_or(SteeringError::Missing(name));
+        {
+            let data = MapData::from_fd(
+                sockets_fd
+                    .try_clone()
+                    .map_err(|source| SteeringError::Dup { map: MAP_SOCKETS, source })?,
+            )
+            .map_err(map_err(MAP_SOCKETS))?;
+            let mut socket_array: ReusePortSockArray<MapData> =
+                ReusePortSockArray::try_from(Map::ReusePortSockArray(data))
+                    .map_err(map_err(MAP_SOCKETS))?;
+            for (i, socket) in sockets.iter().enumerate() {
+                socket_array
+                    .set(first_slot + i as u32, &socket.as_fd().as_raw_fd(), 0)
+                    .map_err(map_err(MAP_SOCKETS))?;
+            }
+        }
+        let mut maps = GroupMaps::from_fds(&mut take)?;
+        maps.own = Some(first_slot..first_slot + n);
+        let allocs_fd = MapData::from_fd(clone_fd_raw(&maps.allocs_fd, MAP_ALLOCS)?)
+            .map_err(map_err(MAP_ALLOCS))?;
+        let (pin_dir, pinned) = match pinned {
+            Some((dir, handle)) => (Some(dir), Some(handle)),
+            None => (None, None),
+        };
+        let owner = match (&pinned, bpffs::Owner::current()) {
+            (Some(handle), Ok(me)) => {
+                let me = me.with_slots(first_slot, n);
+                match handle.add_owner(me) {
+                    Ok(()) => Some(me),
+                    Err(e) => {
+                        log::warn!("cannot record this process in the pin directory: {e}");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        Ok(Self {
+            logger: None,
+            _ebpf: None,
+            maps,
+            allocs_fd,
+            sockets_fd,
+            program_fd,
+            num_sockets: n,
+            first_slot,
+            pin_dir,
+            pinned,
+            owner,
+        })
+    }
+
+    /// Descriptors of the group's maps, by name, and of its pin directory, for a new
+    /// generation of the daemon ([`Steering::adopt`]).
+    pub fn handover(&self) -> Result<(NamedFds, Option<bpffs::PinnedDir>), SteeringError> {
+        let dup = |fd: &OwnedFd, name: &'static str| clone_fd_raw(fd, name).map(|fd| (name, fd));
+        let m = &self.maps;
+        let mut fds = vec![
+            dup(&self.sockets_fd, MAP_SOCKETS)?,
+            (MAP_CONFIG, clone_fd(IterableMap::map(&m.config), MAP_CONFIG)?),
+            (MAP_LOAD, clone_fd(IterableMap::map(&m.load), MAP_LOAD)?),
+            (MAP_PLACED, clone_fd(IterableMap::map(&m.placed), MAP_PLACED)?),
+            (MAP_STATS, clone_fd(IterableMap::map(&m.stats), MAP_STATS)?),
+            dup(&m.allocs_fd, MAP_ALLOCS)?,
+            dup(&m.memo_fd, MAP_MEMO)?,
+        ];
+        if let Some(program) = &self.program_fd {
+            fds.push(dup(program, PROGRAM_NAME)?);
+        }
+        let pinned = match &self.pinned {
+            Some(p) => Some(p.try_clone().map_err(|source| SteeringError::Pin {
+                dir: self.pin_dir.clone().unwrap_or_default(),
+                source,
+            })?),
+            None => None,
+        };
+        Ok((fds, pinned))
+    }
+
+    /// Puts `sockets` in this process's slots again (listeners bound anew).
+    pub fn replace_sockets<S: AsFd>(&mut self, sockets: &[S]) -> Result<(), SteeringError> {
+        let fd = clone_fd_raw(&self.sockets_fd, MAP_SOCKETS)?;
+        let data = MapData::from_fd(fd).map_err(map_err(MAP_SOCKETS))?;
+        let mut socket_array: ReusePortSockArray<MapData> =
+            ReusePortSockArray::try_from(Map::ReusePortSockArray(data))
+                .map_err(map_err(MAP_SOCKETS))?;
+        for (i, socket) in sockets.iter().enumerate().take(self.num_sockets as usize) {
+            socket_array
+                .set(self.first_slot + i as u32, &socket.as_fd().as_raw_fd(), 0)
+                .map_err(map_err(MAP_SOCKETS))?;
+        }
+        // A group whose every socket had closed is a new group, without the program.
+        if let (Some(program), Some(first)) = (&self.program_fd, sockets.first()) {
+            let fd: libc::c_int = program.as_raw_fd();
+            // SAFETY: setsockopt with an int (the program's descriptor) of its size.
+            let rc = unsafe {
+                libc::setsockopt(
+                    first.as_fd().as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_ATTACH_REUSEPORT_EBPF,
+                    (&fd as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(SteeringError::Program(Box::new(ProgramError::SyscallError(
+                    aya::sys::SyscallError {
+                        call: "setsockopt(SO_ATTACH_REUSEPORT_EBPF)",
+                        io_error: std::io::Error::last_os_error(),
+                    },
+                ))));
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes what another generation, now gone, left in the pin directory: the
+    /// markers of dead processes and the pins named `pins`.
+    pub fn remove_leftovers(&self, pins: &[&str]) {
+        if let Some(p) = &self.pinned {
+            p.remove_dead_owners();
+            p.remove(pins, None);
+        }
+    }
+
+    /// This process's slots in the group's socket array.
+    pub fn slots(&self) -> std::ops::Range<u32> {
+        self.first_slot..self.first_slot + self.num_sockets
+    }
+
+    /// Points new flows (new connections, for a TCP group) at this process's sockets.
+    pub fn take_new_flows(&mut self) -> Result<(), SteeringError> {
+        let slots = self.slots();
+        self.maps.set_generation(slots)
+    }
+
+    /// True when this process's sockets take new flows.
+    pub fn takes_new_flows(&self) -> bool {
+        self.maps.config().is_ok_and(|c| c.first_slot == self.first_slot)
+    }
+
+    /// Other live processes steering this group (a generation before or after this one).
+    pub fn other_owners(&self) -> Vec<bpffs::Owner> {
+        self.pinned.as_ref().map(|p| p.other_live_owners(std::process::id())).unwrap_or_default()
     }
 
     /// Forwards what the program logged (pin repairs) to the `log`/`tracing` output.
@@ -563,21 +802,54 @@ impl Steering {
     pub fn flow_pins(&self, socket: u32) -> Result<FlowPins, SteeringError> {
         let fd = clone_fd(&self.allocs_fd, MAP_ALLOCS)?;
         let data = MapData::from_fd(fd).map_err(map_err(MAP_ALLOCS))?;
-        let slot = self.maps.config()?.first_slot + socket;
+        let slot = self.first_slot + socket;
         Ok(FlowPins { pins: typed(data, MAP_ALLOCS)?, slot })
     }
 
     /// Detaches the program from the group `member` belongs to and removes the pins (by
     /// descriptor: the daemon may no longer be able to reach them by path). Returns
     /// whether the pin directory is gone (it always is but for a failure worth a warning).
-    pub fn detach(self, member: BorrowedFd<'_>) -> Result<bool, SteeringError> {
-        let detached = SkReuseport::detach(member).map_err(|e| SteeringError::Program(Box::new(e)));
+    ///
+    /// When another generation of the daemon still steers the group, the program and the
+    /// maps stay: only this process's record goes, with the fast path's pins when
+    /// `fast_pins` (this process pinned them), and `Ok(Detach::Stayed(pid))` says so.
+    pub fn detach(
+        self,
+        member: Option<BorrowedFd<'_>>,
+        fast_pins: bool,
+    ) -> Result<Detach, SteeringError> {
+        if let Some(other) = self.other_owners().first() {
+            let fast: &[&str] = if fast_pins { &crate::fast_path::PINNED_MAPS } else { &[] };
+            if let Some(p) = &self.pinned {
+                p.remove(fast, self.owner);
+            }
+            return Ok(Detach::Stayed(other.pid));
+        }
+        // No socket of ours left in the group (its last sockets close with this process,
+        // and the program with them).
+        let detached = member.map_or(Ok(()), |m| {
+            SkReuseport::detach(m).map_err(|e| SteeringError::Program(Box::new(e)))
+        });
         // The fast path's maps are pinned beside the group's (`FastPath::pin`).
         let pins: Vec<&str> =
             PINNED_MAPS.iter().chain(crate::fast_path::PINNED_MAPS.iter()).copied().collect();
         let removed = self.pinned.as_ref().is_none_or(|p| p.remove(&pins, self.owner));
-        detached.map(|()| removed)
+        detached.map(|()| if removed { Detach::Removed } else { Detach::PinsLeft })
     }
+}
+
+/// Descriptors of a group's maps (and program), by name.
+pub type NamedFds = Vec<(&'static str, OwnedFd)>;
+
+/// What [`Steering::detach`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detach {
+    /// Program detached, pins removed.
+    Removed,
+    /// Program detached; some pins could not be removed (the next start removes them).
+    PinsLeft,
+    /// Another generation (this pid) still steers the group: program and maps stay.
+    Stayed(u32),
 }
 
 /// Pins every map of the group in `dir` (a fresh directory) and records `owner`; on
@@ -618,7 +890,10 @@ pub fn unpin_maps(dir: &Path, owner: Option<bpffs::Owner>) {
 fn dup_map(ebpf: &Ebpf, name: &'static str) -> Result<OwnedFd, SteeringError> {
     let map = ebpf.map(name).ok_or(SteeringError::Missing(name))?;
     let data = match map {
-        Map::LruHashMap(data) | Map::HashMap(data) | Map::Array(data) => data,
+        Map::LruHashMap(data)
+        | Map::HashMap(data)
+        | Map::Array(data)
+        | Map::ReusePortSockArray(data) => data,
         _ => return Err(SteeringError::Missing(name)),
     };
     clone_fd(data, name)
@@ -661,6 +936,10 @@ fn obj_get(path: &Path, read_only: bool) -> std::io::Result<OwnedFd> {
 
 fn clone_fd(data: &MapData, map: &'static str) -> Result<OwnedFd, SteeringError> {
     data.fd().as_fd().try_clone_to_owned().map_err(|source| SteeringError::Dup { map, source })
+}
+
+fn clone_fd_raw(fd: &OwnedFd, map: &'static str) -> Result<OwnedFd, SteeringError> {
+    fd.try_clone().map_err(|source| SteeringError::Dup { map, source })
 }
 
 fn typed<K: Pod, V: Pod>(

@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use turn_common::{Mode, SocketLoad};
 use turn_proto::server::Transport;
 
-use super::{SteeredGroup, reload::Reloader, socket_meminfo};
+use super::{SteeredGroup, reload::Reloader, socket_meminfo, upgrade};
 use crate::{
     addresses::AddressWatch,
     admin::{self, AdminCall, AdminRequest},
@@ -28,6 +28,10 @@ use crate::{
     relay::RelayPorts,
     worker::{AllocationInfo, Command, Inbox, RunState, WorkerStats},
 };
+
+/// How long an old generation stays after handing over, even with nothing left to serve
+/// (the answer to the admin call that asked for the upgrade is on its way).
+const HANDOVER_GRACE: Duration = Duration::from_millis(500);
 
 /// How often the control thread publishes worker loads to the steering maps.
 const LOAD_PUBLISH_INTERVAL: Duration = Duration::from_millis(50);
@@ -43,6 +47,8 @@ pub struct Signals {
     pub term: tokio::signal::unix::Signal,
     pub int: tokio::signal::unix::Signal,
     pub hup: tokio::signal::unix::Signal,
+    /// SIGUSR2: upgrade (start the binary on disk as a new generation).
+    pub usr2: tokio::signal::unix::Signal,
 }
 
 /// Requests that reach the control thread from its endpoints.
@@ -72,6 +78,154 @@ pub struct Control<'a> {
     pub status: String,
     /// The kernel fast path, when it is on.
     pub fast: Option<&'a mut crate::fast_path::FastPath>,
+    /// Whether this process pinned the fast path's maps (it removes them at exit).
+    pub fast_pinned: bool,
+    /// The metrics endpoint and the admin API.
+    pub endpoints: Endpoints,
+    /// The generations of the daemon this process knows of (upgrade).
+    pub generations: Generations,
+    /// The binary as started (an upgrade runs what is at this path now).
+    pub exe: std::path::PathBuf,
+    /// The nonce secret, which a new generation keeps.
+    pub nonce_secret: [u8; 32],
+    /// This process's slots in every steered group's socket array.
+    pub slots: std::ops::Range<u32>,
+    pub workers_count: usize,
+}
+
+/// The metrics endpoint's and the admin API's listening sockets, and the tasks serving
+/// them (stopped when a new generation takes them over, started again if it dies).
+pub struct Endpoints {
+    metrics: Option<std::net::TcpListener>,
+    admin: Option<(std::path::PathBuf, std::os::unix::net::UnixListener)>,
+    scrapes: mpsc::Sender<ScrapeRequest>,
+    calls: mpsc::Sender<admin::AdminCall>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Endpoints {
+    pub fn new(
+        metrics: Option<std::net::TcpListener>,
+        admin: Option<(std::path::PathBuf, std::os::unix::net::UnixListener)>,
+        scrapes: mpsc::Sender<ScrapeRequest>,
+        calls: mpsc::Sender<admin::AdminCall>,
+    ) -> Endpoints {
+        Endpoints { metrics, admin, scrapes, calls, tasks: Vec::new() }
+    }
+
+    /// Serves both endpoints (inside the runtime).
+    pub fn start(&mut self) -> Result<()> {
+        self.stop();
+        if let Some(listener) = &self.metrics {
+            let listener = listener.try_clone()?;
+            listener.set_nonblocking(true)?;
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            self.tasks.push(tokio::spawn(metrics::serve(listener, self.scrapes.clone())));
+        }
+        if let Some((_, listener)) = &self.admin {
+            let listener = listener.try_clone()?;
+            listener.set_nonblocking(true)?;
+            let listener = tokio::net::UnixListener::from_std(listener)?;
+            self.tasks.push(tokio::spawn(admin::serve(listener, self.calls.clone())));
+        }
+        Ok(())
+    }
+
+    /// Stops accepting (the sockets stay open, for whoever serves them next).
+    pub fn stop(&mut self) {
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+    }
+}
+
+/// The other generations of the daemon this process knows of.
+#[derive(Default)]
+pub struct Generations {
+    /// An upgrade under way, and the admin calls waiting for its outcome.
+    pub pending: Option<(upgrade::Upgrade, Vec<oneshot::Sender<Value>>)>,
+    /// The generation this process handed new flows to (this one is the old one), its
+    /// slots, and since when.
+    pub successor: Option<(upgrade::Upgrade, std::ops::Range<u32>, Instant)>,
+    /// The generation before this one, while it lives.
+    pub predecessor: Option<Predecessor>,
+}
+
+/// The previous generation, watched until it exits.
+pub struct Predecessor {
+    pub pid: u32,
+    pub slots: std::ops::Range<u32>,
+    /// Readable once it has exited (taken by the control loop).
+    exited: Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>,
+}
+
+impl Predecessor {
+    /// Watches `pid` (inside the runtime); None when it is already gone.
+    pub fn watch(pid: u32, slots: std::ops::Range<u32>) -> Option<Predecessor> {
+        let fd = upgrade::pidfd(pid).ok()?;
+        // SAFETY: as in `receive_handoffs`.
+        let exited = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .ok()?;
+        Some(Predecessor { pid, slots, exited: Some(exited) })
+    }
+}
+
+/// Receives the datagrams the previous generation hands over and gives each to a worker
+/// (by its client's address), until that generation closes its end.
+pub async fn receive_handoffs(fd: std::os::fd::OwnedFd, inboxes: Arc<[Inbox]>, groups: usize) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it (and returns its
+    // descriptor) for its whole life.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    };
+    let Ok(fd) = registered else { return };
+    let mut buf = vec![0u8; upgrade::HANDOFF_HEADER + 65_536];
+    loop {
+        let Ok(mut guard) = fd.readable().await else { return };
+        loop {
+            // SAFETY: recv into a live buffer of the length given.
+            let n = unsafe {
+                libc::recv(
+                    fd.get_ref().as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n == 0 {
+                return; // the previous generation has gone
+            }
+            if n < 0 {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock {
+                    guard.clear_ready();
+                    break;
+                }
+                return;
+            }
+            let Some((group, listener, client, data)) = upgrade::parse_handoff(&buf[..n as usize])
+            else {
+                continue;
+            };
+            if group >= groups || inboxes.is_empty() {
+                continue;
+            }
+            use std::hash::{BuildHasher, BuildHasherDefault};
+            let hash = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+                .hash_one(client);
+            let worker = (hash % inboxes.len() as u64) as usize;
+            let handoff = crate::worker::Handoff {
+                group,
+                listener,
+                client,
+                data: data.into(),
+                from_previous: true,
+            };
+            let _ = inboxes[worker].try_send(Command::Handoff(handoff));
+        }
+    }
 }
 
 /// Where the loop is in its life.
@@ -128,6 +282,8 @@ impl Control<'_> {
             }
         };
         let mut own = self.own_addresses();
+        let predecessor_exit = self.generations.predecessor.as_mut().and_then(|p| p.exited.take());
+        let mut predecessor_exit = predecessor_exit;
         loop {
             tokio::select! {
                 // The load publication first whenever it is due: a flood of scrapes or admin
@@ -140,6 +296,9 @@ impl Control<'_> {
                     loads = Some(self.publish_loads(&mut estimator));
                     for steering in self.groups.iter_mut().filter_map(|g| g.steering.as_mut()) {
                         steering.flush_logs();
+                    }
+                    if let Some(done) = self.generations_tick(&phase).await {
+                        return done;
                     }
                     if let Some(until) = phase.stopping {
                         let left = self.live();
@@ -177,6 +336,11 @@ impl Control<'_> {
                 }
                 _ = signals.int.recv() => { info!("SIGINT: stopping"); return Ok(()); }
                 _ = signals.hup.recv() => { let _ = self.reload("SIGHUP").await; }
+                _ = signals.usr2.recv() => self.start_upgrade("SIGUSR2", None, &phase),
+                _ = async { predecessor_exit.as_ref()?.readable().await.ok() }, if predecessor_exit.is_some() => {
+                    predecessor_exit = None;
+                    self.predecessor_gone();
+                }
                 _ = cert_check.tick(), if has_tls => {
                     if let Some(certs) = self.reloader.tls().filter(|c| c.changed_on_disk()) {
                         match certs.reload() {
@@ -333,6 +497,11 @@ impl Control<'_> {
                 }
             }
             AdminRequest::Steering { mode } => self.set_steering(&mode),
+            AdminRequest::Upgrade => {
+                // Answered once the new generation serves, or failed.
+                self.start_upgrade("admin API", Some(reply), phase);
+                return;
+            }
             AdminRequest::Reload => match self.reload("admin API").await {
                 Ok(done) => json!({
                     "ok": true,
@@ -357,6 +526,7 @@ impl Control<'_> {
                     "draining": phase.stopping.is_some() || phase.drained,
                     "stopping": phase.stopping.is_some(),
                     "listeners": listeners,
+                    "generation": self.generation_status(),
                 })
             }
         };
@@ -575,6 +745,16 @@ fn group_mode(group: &SteeredGroup) -> &'static str {
     group.steering.as_ref().map_or("off", |s| s.mode().map_or("unknown", mode_name))
 }
 
+/// Waits until every worker said it carried out a command (at most 5 s in all).
+async fn wait_all(waits: Vec<oneshot::Receiver<()>>) {
+    let all = async {
+        for wait in waits {
+            let _ = wait.await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), all).await;
+}
+
 /// Every worker's allocations.
 async fn list_allocations(inboxes: &[Inbox]) -> Result<Vec<AllocationInfo>, &'static str> {
     let mut replies = Vec::with_capacity(inboxes.len());
@@ -608,4 +788,356 @@ async fn kick(
         ended += reply.await.map_err(|_| "a worker has stopped")?;
     }
     Ok(ended)
+}
+
+/// Hitless upgrade: starting a new generation, handing it over, taking every role back
+/// if it dies, and the previous generation's exit (see [`upgrade`]).
+impl Control<'_> {
+    fn connections(&self) -> u64 {
+        self.stats.iter().map(|w| w.connections.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Starts the binary on disk as a new generation, unless one is starting or a
+    /// previous one still serves; `reply` gets the outcome once it is known.
+    fn start_upgrade(&mut self, why: &str, reply: Option<oneshot::Sender<Value>>, phase: &Phase) {
+        let refusal = if let Some((upgrade, _)) = &self.generations.pending {
+            Some(format!(
+                "an upgrade is already in progress: the new process (pid {}) is starting",
+                upgrade.child.id()
+            ))
+        } else if let Some((upgrade, _, _)) = &self.generations.successor {
+            Some(format!(
+                "this process has already handed over to pid {}: it only serves its remaining \
+                 allocations (upgrade through that process's admin socket)",
+                upgrade.child.id()
+            ))
+        } else if let Some(previous) = &self.generations.predecessor {
+            Some(format!(
+                "an upgrade is in progress: the previous generation (pid {}) still serves {} \
+                 allocation(s); upgrade again once it has exited (when its last allocation \
+                 ends, at most drain_timeout_secs after the last upgrade)",
+                previous.pid,
+                self.allocations_of(previous.slots.clone())
+            ))
+        } else if phase.stopping.is_some() {
+            Some("the server is stopping (SIGTERM)".to_owned())
+        } else if self.groups.iter().any(|g| g.transport == Transport::Udp && g.steering.is_none())
+        {
+            Some(
+                "an upgrade needs eBPF steering on every UDP listener (it is off or unavailable \
+                 here): without it the kernel's hash would move live allocations' datagrams to \
+                 the new process"
+                    .to_owned(),
+            )
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            warn!(why, "upgrade refused: {refusal}");
+            if let Some(reply) = reply {
+                let _ = reply.send(admin::error(refusal));
+            }
+            return;
+        }
+        match self.offer_and_start() {
+            Ok(upgrade) => {
+                info!(
+                    why,
+                    pid = upgrade.child.id(),
+                    exe = %self.exe.display(),
+                    "upgrade: started a new generation; this process serves until it has joined"
+                );
+                self.generations.pending = Some((upgrade, reply.into_iter().collect()));
+            }
+            Err(e) => {
+                let e = format!("upgrade failed: {e:#}; this process keeps serving");
+                warn!(why, "{e}");
+                if let Some(reply) = reply {
+                    let _ = reply.send(admin::error(e));
+                }
+            }
+        }
+    }
+
+    fn offer_and_start(&mut self) -> Result<upgrade::Upgrade> {
+        use std::os::fd::AsFd;
+        let mut groups = Vec::new();
+        for g in self.groups.iter() {
+            let (maps, pin) = match &g.steering {
+                Some(s) => {
+                    let (maps, pinned) = s.handover()?;
+                    let pin = match (s.pin_dir(), pinned) {
+                        (Some(dir), Some(handle)) => Some((dir.to_owned(), handle)),
+                        _ => None,
+                    };
+                    (maps, pin)
+                }
+                None => (Vec::new(), None),
+            };
+            groups.push((g.transport, g.local, maps, pin));
+        }
+        let offer = upgrade::Offer {
+            exe: &self.exe,
+            nonce_secret: self.nonce_secret,
+            slots: self.slots.clone(),
+            groups,
+            metrics: self.endpoints.metrics.as_ref().map(|l| l.as_fd()),
+            admin: self.endpoints.admin.as_ref().map(|(path, l)| (path.as_path(), l.as_fd())),
+        };
+        upgrade::start(offer)
+    }
+
+    /// Sends every worker the command `make` builds; the receivers say when each has
+    /// carried it out ([`wait_all`]).
+    async fn send_workers(
+        &self,
+        mut make: impl FnMut(usize, oneshot::Sender<()>) -> Command,
+    ) -> Vec<oneshot::Receiver<()>> {
+        let mut waits = Vec::new();
+        for (i, inbox) in self.inboxes.iter().enumerate() {
+            let (done, wait) = oneshot::channel();
+            if inbox.send(make(i, done)).await.is_ok() {
+                waits.push(wait);
+            }
+        }
+        waits
+    }
+
+    /// [`Control::send_workers`], then waits until each worker has carried it out (at
+    /// most 5 s).
+    async fn tell_workers(&self, make: impl FnMut(usize, oneshot::Sender<()>) -> Command) {
+        wait_all(self.send_workers(make).await).await;
+    }
+
+    /// Once a second: the upgrade under way, the new generation's health, and (in the old
+    /// generation) whether the last allocation and connection have ended. Some: stop.
+    async fn generations_tick(&mut self, phase: &Phase) -> Option<Result<()>> {
+        if let Some((upgrade, _)) = &mut self.generations.pending {
+            match upgrade.poll() {
+                upgrade::Joining::Waiting => {}
+                upgrade::Joining::Joined(slots) => {
+                    let (upgrade, replies) = self.generations.pending.take()?;
+                    self.hand_over(upgrade, slots, replies).await;
+                }
+                upgrade::Joining::Failed(why) => {
+                    let (_, replies) = self.generations.pending.take()?;
+                    let e = format!("upgrade failed: {why}; this process keeps serving");
+                    warn!("{e}");
+                    for reply in replies {
+                        let _ = reply.send(admin::error(&e));
+                    }
+                }
+            }
+        }
+        let (upgrade, _, since) = self.generations.successor.as_mut()?;
+        if let Ok(Some(status)) = upgrade.child.try_wait() {
+            let pid = upgrade.child.id();
+            self.resume(pid, status).await;
+            return None;
+        }
+        let since = *since;
+        let (live, connections) = (self.live(), self.connections());
+        // (Not at once: the admin call that asked for the upgrade is still being answered.)
+        if live == 0 && connections == 0 && since.elapsed() >= HANDOVER_GRACE {
+            info!("previous generation: its last allocation and connection have ended; exiting");
+            return Some(Ok(()));
+        }
+        let timeout = Duration::from_secs(self.reloader.running().drain_timeout_secs);
+        if since.elapsed() >= timeout && phase.stopping.is_none() {
+            info!(
+                allocations = live,
+                connections,
+                timeout_secs = timeout.as_secs(),
+                "previous generation: drain timeout; closing what is left and exiting"
+            );
+            return Some(Ok(()));
+        }
+        None
+    }
+
+    /// The new generation serves: hand it new flows, new connections and the endpoints.
+    async fn hand_over(
+        &mut self,
+        upgrade: upgrade::Upgrade,
+        slots: std::ops::Range<u32>,
+        replies: Vec<oneshot::Sender<Value>>,
+    ) {
+        let pid = upgrade.child.id();
+        // Steering first: new flows and new connections to the new generation's sockets.
+        for g in self.groups.iter_mut() {
+            if let Some(steering) = g.steering.as_mut()
+                && let Err(e) = steering.maps_mut().set_generation(slots.clone())
+            {
+                warn!(listen = %g.local, error = %e, "cannot point the group's new flows at the new generation");
+            }
+        }
+        // Then the workers, both commands at once (a worker takes them together, before
+        // any socket event): a datagram of a flow without an allocation here goes to the
+        // new generation, whichever way it still reaches this process; and our TCP and
+        // TLS listeners close, so that the kernel migrates the connections queued on them
+        // to the new generation's listeners (select-or-migrate program) rather than a
+        // worker accepting them. Connections we hold stay.
+        let mut waits = match upgrade.handoff.try_clone() {
+            Ok(fd) => {
+                let successor = Arc::new(upgrade::Successor::new(fd));
+                self.send_workers(|_, done| Command::Successor(Some(Arc::clone(&successor)), done))
+                    .await
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot hand datagrams to the new generation");
+                Vec::new()
+            }
+        };
+        waits.extend(self.send_workers(|_, done| Command::StreamListeners(Vec::new(), done)).await);
+        for g in self.groups.iter_mut().filter(|g| g.transport != Transport::Udp) {
+            g.members.clear();
+        }
+        wait_all(waits).await;
+        self.endpoints.stop();
+        let status = format!("STATUS=handed over to pid {pid}");
+        notify(&[sd_notify::NotifyState::Custom(&status), sd_notify::NotifyState::MainPid(pid)]);
+        let (live, connections) = (self.live(), self.connections());
+        info!(
+            new = pid,
+            allocations = live,
+            connections,
+            timeout_secs = self.reloader.running().drain_timeout_secs,
+            "upgrade: the new generation serves new flows, connections, metrics and the admin \
+             API; this process serves what it has until it ends (at most drain_timeout_secs)"
+        );
+        for reply in replies {
+            let _ = reply.send(json!({
+                "ok": true,
+                "pid": pid,
+                "previous": std::process::id(),
+                "allocations_left": live,
+                "connections_left": connections,
+            }));
+        }
+        self.generations.successor = Some((upgrade, slots, Instant::now()));
+    }
+
+    /// The new generation died while this one still serves: take every role back.
+    async fn resume(&mut self, pid: u32, status: std::process::ExitStatus) {
+        let Some((_, slots, _)) = self.generations.successor.take() else { return };
+        warn!(new = pid, %status, "the new generation exited: this process takes every role back");
+        let workers = self.workers_count;
+        let mut listeners: Vec<Vec<(std::net::TcpListener, Transport)>> =
+            (0..workers).map(|_| Vec::new()).collect();
+        for g in self.groups.iter_mut() {
+            if let Some(steering) = g.steering.as_mut() {
+                if let Err(e) = steering.take_new_flows() {
+                    warn!(listen = %g.local, error = %e, "cannot point new flows at this process again");
+                }
+                if g.transport == Transport::Udp {
+                    match steering.maps_mut().clear_slots(slots.clone()) {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            info!(listen = %g.local, pins = n, "removed the allocation pins the new generation left")
+                        }
+                        Err(e) => {
+                            warn!(listen = %g.local, error = %e, "cannot remove the new generation's pins")
+                        }
+                    }
+                }
+                // Its record in the pin directory (it could not remove it).
+                steering.remove_leftovers(&[]);
+            }
+            if g.transport == Transport::Udp {
+                continue;
+            }
+            match crate::listener::bind_tcp_group(g.local, workers) {
+                Ok(group) => {
+                    if let Some(steering) = g.steering.as_mut()
+                        && let Err(e) = steering.replace_sockets(&group.listeners)
+                    {
+                        warn!(listen = %g.local, error = %e, "cannot steer the new listeners");
+                    }
+                    g.members = super::dup_all(&group.listeners).unwrap_or_default();
+                    for (i, l) in group.listeners.into_iter().enumerate() {
+                        listeners[i].push((l, g.transport));
+                    }
+                }
+                Err(e) => {
+                    warn!(listen = %g.local, error = %format!("{e:#}"), "cannot listen again: new connections are refused")
+                }
+            }
+        }
+        let mut per_worker = listeners.into_iter();
+        self.tell_workers(|_, done| {
+            Command::StreamListeners(per_worker.next().unwrap_or_default(), done)
+        })
+        .await;
+        self.tell_workers(|_, done| Command::Successor(None, done)).await;
+        if let Err(e) = self.endpoints.start() {
+            warn!(error = %e, "cannot serve the metrics endpoint and the admin API again");
+        }
+        notify(&[
+            sd_notify::NotifyState::MainPid(std::process::id()),
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&self.status),
+        ]);
+    }
+
+    /// The previous generation has exited: forget what it may have left (a killed
+    /// process could not remove its pins), and pin this process's fast path maps.
+    fn predecessor_gone(&mut self) {
+        let Some(previous) = self.generations.predecessor.take() else { return };
+        info!(previous = previous.pid, "the previous generation has exited");
+        for g in self.groups.iter_mut() {
+            let Some(steering) = g.steering.as_mut() else { continue };
+            if g.transport == Transport::Udp {
+                match steering.maps_mut().clear_slots(previous.slots.clone()) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        warn!(listen = %g.local, pins = n, "removed the allocation pins the previous generation left")
+                    }
+                    Err(e) => {
+                        warn!(listen = %g.local, error = %e, "cannot remove the previous generation's pins")
+                    }
+                }
+                steering.remove_leftovers(&crate::fast_path::PINNED_MAPS);
+            } else {
+                steering.remove_leftovers(&[]);
+            }
+        }
+        if let Some(fast) = self.fast.as_deref() {
+            let udp = self.groups.iter().filter(|g| g.transport == Transport::Udp);
+            for dir in udp.filter_map(|g| g.steering.as_ref()?.pin_dir()) {
+                match fast.pin(dir) {
+                    Ok(()) => self.fast_pinned = true,
+                    Err(e) => {
+                        warn!(dir = %dir.display(), error = %super::error_chain(&e), "fast path maps not pinned")
+                    }
+                }
+            }
+        }
+    }
+
+    /// The live allocations the generation at `slots` published (every UDP group gets the
+    /// same per-worker numbers: the first one's).
+    fn allocations_of(&self, slots: std::ops::Range<u32>) -> u64 {
+        let group = self.groups.iter().find(|g| g.transport == Transport::Udp);
+        group
+            .and_then(|g| g.steering.as_ref())
+            .and_then(|s| s.maps().loads_of(slots).ok())
+            .map_or(0, |loads| loads.iter().map(|l| l.allocations).sum())
+    }
+
+    /// This process's place among the generations, for `status`.
+    fn generation_status(&self) -> Value {
+        let takes_new_flows =
+            self.groups.iter().filter_map(|g| g.steering.as_ref()).all(|s| s.takes_new_flows());
+        json!({
+            "slots": [self.slots.start, self.slots.len()],
+            "takes_new_flows": takes_new_flows && self.generations.successor.is_none(),
+            "upgrading": self.generations.pending.as_ref().map(|(u, _)| u.child.id()),
+            "successor": self.generations.successor.as_ref().map(|(u, _, _)| u.child.id()),
+            "predecessor": self.generations.predecessor.as_ref().map(|p| json!({
+                "pid": p.pid,
+                "slots": [p.slots.start, p.slots.len()],
+                "allocations": self.allocations_of(p.slots.clone()),
+            })),
+        })
+    }
 }

@@ -5,6 +5,7 @@
 
 mod control;
 mod reload;
+pub mod upgrade;
 
 pub use reload::RELOADABLE;
 
@@ -35,11 +36,11 @@ use crate::{
     config::{Config, DEFAULT_ADMIN_SOCKET, FastPathMode, SteeringMode},
     fast_path::{self, FastPath},
     listener::{ListenerGroup, TcpGroup, bind_group, bind_tcp_group},
-    metrics::{self, UserTraffic},
+    metrics::UserTraffic,
     relay::{RelayAddresses, RelayPool, RelayPorts},
     setup,
     shared::{ConnectionCaps, ConnectionLimits, Directory, SharedQuota},
-    steering::{Steering, SteeringOptions},
+    steering::{Detach, Steering, SteeringOptions},
     tls::TlsCerts,
     worker::{
         self, INBOX_CAPACITY, RunState, StreamSettings, WorkerSetup, WorkerStats,
@@ -67,10 +68,29 @@ struct WorkerSockets {
 /// Reads the configuration again (the file, then the command line on top), for reloads.
 pub type ReadConfig = Box<dyn Fn() -> Result<Config>>;
 
-/// Runs the daemon until SIGINT or SIGTERM. Returns once every worker has stopped and
-/// every steering program is detached. `read` gives the configuration anew on reload.
+/// Runs the daemon until SIGINT or SIGTERM (or, after an upgrade, until its last
+/// allocation ends). Returns once every worker has stopped and every steering program is
+/// detached. `read` gives the configuration anew on reload.
+///
+/// A process started by an upgrade ([`upgrade::HANDOVER_ENV`]) joins the listener groups
+/// of the one before it instead of binding them anew, and tells it whether it serves.
 pub fn run(config: Config, read: ReadConfig) -> Result<()> {
+    let mut inherited = upgrade::Inherited::take_from_env()?;
+    let result = serve(config, read, inherited.as_mut());
+    if let (Err(e), Some(inherited)) = (&result, inherited.as_mut()) {
+        inherited.report(&format!("failed: {e:#}"));
+    }
+    result
+}
+
+fn serve(
+    config: Config,
+    read: ReadConfig,
+    mut inherited: Option<&mut upgrade::Inherited>,
+) -> Result<()> {
     let workers = config.worker_count();
+    // The binary as started: an upgrade starts whatever is at this path then.
+    let exe = std::env::current_exe().context("finding this program's path")?;
     let realm = config.realm();
     // Signal handlers first: a SIGTERM that arrives during startup must still drain.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -80,6 +100,7 @@ pub fn run(config: Config, read: ReadConfig) -> Result<()> {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            usr2: signal(SignalKind::user_defined2())?,
         }
     };
 
@@ -100,7 +121,12 @@ pub fn run(config: Config, read: ReadConfig) -> Result<()> {
              allocations beyond it get 508; raise LimitNOFILE or ulimit -n"
         );
     }
-    let nonce_secret: [u8; 32] = rand::random();
+    // A new generation keeps the nonces of the one before valid.
+    let nonce_secret: [u8; 32] = inherited.as_ref().map_or_else(rand::random, |i| i.nonce_secret);
+    let slots = match &inherited {
+        Some(i) => i.choose_slots(workers as u32)?,
+        None => 0..workers as u32,
+    };
     // Check the protocol configuration once, before binding anything.
     turn_proto::server::Server::new(setup::server_config(
         &config,
@@ -132,73 +158,129 @@ pub fn run(config: Config, read: ReadConfig) -> Result<()> {
     let mut groups = Vec::new();
     let mut worker_sockets: Vec<WorkerSockets> =
         (0..workers).map(|_| WorkerSockets { udp: Vec::new(), streams: Vec::new() }).collect();
-    for ip in &config.listening_ips {
-        let mut wanted = Vec::new();
-        if !config.no_udp {
-            wanted.push((Transport::Udp, config.listening_port));
-        }
-        if !config.no_tcp {
-            wanted.push((Transport::Tcp, config.listening_port));
-        }
-        if tls.is_some() {
-            wanted.push((Transport::Tls, config.tls_listening_port));
-        }
-        for (transport, port) in wanted {
-            let addr = SocketAddr::new(*ip, port);
-            let protocol = if transport == Transport::Udp { Protocol::Udp } else { Protocol::Tcp };
-            if let Some(root) = &pin_root
-                && addr.port() != 0
-            {
-                refuse_if_steered(root, protocol, addr)?;
+    // The listener groups: those of the configuration, or a previous generation's (with
+    // their bound ports and steering maps).
+    let mut wanted: Vec<(Transport, SocketAddr, Option<upgrade::InheritedGroup>)> = Vec::new();
+    match inherited.as_mut() {
+        Some(i) => {
+            for g in std::mem::take(&mut i.groups) {
+                if g.transport == Transport::Tls && tls.is_none() {
+                    bail!(
+                        "the running generation serves TLS on {} but this configuration has \
+                         no certificate (cert and pkey)",
+                        g.local
+                    );
+                }
+                wanted.push((g.transport, g.local, Some(g)));
             }
-            let what =
-                || format!("listening on {} {addr} with {workers} sockets", transport.name());
-            let (local, members) = if transport == Transport::Udp {
-                let ListenerGroup { local, sockets } =
-                    bind_group(addr, workers).with_context(what)?;
-                let members = dup_all(&sockets)?;
-                for (i, socket) in sockets.into_iter().enumerate() {
-                    worker_sockets[i].udp.push(socket);
-                }
-                (local, members)
-            } else {
-                let TcpGroup { local, listeners } =
-                    bind_tcp_group(addr, workers).with_context(what)?;
-                let members = dup_all(&listeners)?;
-                for (i, listener) in listeners.into_iter().enumerate() {
-                    worker_sockets[i].streams.push((listener, transport));
-                }
-                (local, members)
-            };
-            let pin_dir = pin_root.as_deref().map(|root| bpffs::group_dir(root, protocol, local));
-            let steering = attach_steering(&config, local, protocol, &members, pin_dir)?;
-            groups.push(SteeredGroup { local, transport, steering, members });
         }
+        None => {
+            for ip in &config.listening_ips {
+                if !config.no_udp {
+                    wanted.push((
+                        Transport::Udp,
+                        SocketAddr::new(*ip, config.listening_port),
+                        None,
+                    ));
+                }
+                if !config.no_tcp {
+                    wanted.push((
+                        Transport::Tcp,
+                        SocketAddr::new(*ip, config.listening_port),
+                        None,
+                    ));
+                }
+                if tls.is_some() {
+                    wanted.push((
+                        Transport::Tls,
+                        SocketAddr::new(*ip, config.tls_listening_port),
+                        None,
+                    ));
+                }
+            }
+        }
+    }
+    for (transport, addr, previous) in wanted {
+        let protocol = if transport == Transport::Udp { Protocol::Udp } else { Protocol::Tcp };
+        if let Some(root) = &pin_root
+            && addr.port() != 0
+            && previous.is_none()
+        {
+            refuse_if_steered(root, protocol, addr)?;
+        }
+        let what = || format!("listening on {} {addr} with {workers} sockets", transport.name());
+        let (local, members) = if transport == Transport::Udp {
+            let ListenerGroup { local, sockets } = bind_group(addr, workers).with_context(what)?;
+            let members = dup_all(&sockets)?;
+            for (i, socket) in sockets.into_iter().enumerate() {
+                worker_sockets[i].udp.push(socket);
+            }
+            (local, members)
+        } else {
+            let TcpGroup { local, listeners } = bind_tcp_group(addr, workers).with_context(what)?;
+            let members = dup_all(&listeners)?;
+            for (i, listener) in listeners.into_iter().enumerate() {
+                worker_sockets[i].streams.push((listener, transport));
+            }
+            (local, members)
+        };
+        let steering = match previous {
+            Some(mut g) if !g.maps.is_empty() => {
+                let adopted = Steering::adopt(&members, slots.start, &mut g.maps, g.pinned)
+                    .with_context(|| {
+                        format!("joining the steered group of {} {local}", transport.name())
+                    })?;
+                Some(adopted)
+            }
+            Some(_) => None,
+            None => {
+                let pin_dir =
+                    pin_root.as_deref().map(|root| bpffs::group_dir(root, protocol, local));
+                attach_steering(&config, local, protocol, &members, pin_dir)?
+            }
+        };
+        groups.push(SteeredGroup { local, transport, steering, members });
     }
 
     // The kernel fast path, while the daemon may still load and attach programs; its maps
     // pinned beside each UDP listener's steering maps.
+    // (A new generation pins its own once the previous one, whose maps are pinned
+    // there, has exited.)
     let mut fast = setup_fast_path(&config, &relay_addresses)?;
-    if let Some(fast) = &fast {
+    let mut fast_pinned = false;
+    if let Some(fast) = &fast
+        && inherited.is_none()
+    {
         let udp = groups.iter().filter(|g| g.transport == Transport::Udp);
         for dir in udp.filter_map(|g| g.steering.as_ref()?.pin_dir()) {
-            if let Err(e) = fast.pin(dir) {
-                warn!(dir = %dir.display(), error = %error_chain(&e), "fast path maps not pinned");
+            match fast.pin(dir) {
+                Ok(()) => fast_pinned = true,
+                Err(e) => {
+                    warn!(dir = %dir.display(), error = %error_chain(&e), "fast path maps not pinned")
+                }
             }
         }
     }
 
     let (uid, gid) = (setup::run_as_uid(&config)?, config.admin_gid()?);
-    for dir in groups.iter().filter_map(|g| g.steering.as_ref()?.pin_dir()) {
-        if let Err(e) = bpffs::restrict(dir, uid, gid) {
-            warn!(dir = %dir.display(), error = %e, "cannot set permissions on the pins");
+    if inherited.is_none() {
+        for dir in groups.iter().filter_map(|g| g.steering.as_ref()?.pin_dir()) {
+            if let Err(e) = bpffs::restrict(dir, uid, gid) {
+                warn!(dir = %dir.display(), error = %e, "cannot set permissions on the pins");
+            }
         }
     }
 
     // The endpoints, while the daemon may still bind privileged ports and create
-    // /run/turn-server.
-    let metrics_listener = bind_metrics(&config)?;
-    let admin_listener = bind_admin(&config, uid, gid)?;
+    // /run/turn-server (a new generation takes the previous one's).
+    let metrics_listener = match inherited.as_mut().and_then(|i| i.metrics.take()) {
+        Some(listener) => Some(listener),
+        None => bind_metrics(&config)?,
+    };
+    let admin_listener = match inherited.as_mut().and_then(|i| i.admin.take()) {
+        Some(admin) => Some(admin),
+        None => bind_admin(&config, uid, gid)?,
+    };
 
     let running_as = setup::drop_privileges(&config)?;
     let capabilities = if running_as.capabilities.is_empty() {
@@ -282,6 +364,7 @@ pub fn run(config: Config, read: ReadConfig) -> Result<()> {
             rand::random(),
         )?;
         server_config.fast_path = fast.is_some();
+        debug_assert!(index < slots.len());
         let server =
             turn_proto::server::Server::with_limits(server_config, Arc::clone(&source_limits))
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -355,24 +438,37 @@ pub fn run(config: Config, read: ReadConfig) -> Result<()> {
     }
     let (scrape_tx, scrapes) = mpsc::channel(16);
     let (admin_tx, admin_calls) = mpsc::channel(16);
-    let mut endpoints = Vec::new();
+    let admin_path = admin_listener.as_ref().map(|(path, _)| path.clone());
+    let mut endpoints =
+        control::Endpoints::new(metrics_listener, admin_listener, scrape_tx, admin_tx);
     {
         let _context = runtime.enter();
-        if let Some(listener) = metrics_listener {
-            let listener = tokio::net::TcpListener::from_std(listener)?;
-            endpoints.push(tokio::spawn(metrics::serve(listener, scrape_tx)));
-        }
-        if let Some((_, listener)) = &admin_listener {
-            let listener = tokio::net::UnixListener::from_std(listener.try_clone()?)?;
-            endpoints.push(tokio::spawn(admin::serve(listener, admin_tx)));
-        }
+        endpoints.start()?;
     }
     // Every listener is bound, steering attached, the endpoints open and the workers
     // run: tell systemd (Type=notify) and the log. The status names every listener (the
-    // test harness reads its addresses there).
+    // test harness reads its addresses there). A new generation tells the previous one,
+    // which makes it the main process once it has handed it new flows.
     let status = ready_status(&groups, metrics_addr);
-    info!(workers, status = %status, "ready");
-    notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
+    info!(workers, status = %status, slots = %format!("{}-{}", slots.start, slots.end - 1), "ready");
+    let mut generations = control::Generations::default();
+    match inherited.as_mut() {
+        Some(i) => {
+            let _context = runtime.enter();
+            let udp_groups = groups.iter().filter(|g| g.transport == Transport::Udp).count();
+            if let Some(handoff) = i.handoff.take() {
+                tokio::spawn(control::receive_handoffs(handoff, Arc::clone(&inboxes), udp_groups));
+            }
+            generations.predecessor =
+                control::Predecessor::watch(i.from_pid, i.parent_slots.clone());
+            i.report(&format!("joined {} {}", slots.start, slots.len()));
+            info!(
+                previous = i.from_pid,
+                "upgrade: joined the listener groups of the previous generation"
+            );
+        }
+        None => notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]),
+    }
 
     let reloader = Reloader::new(ReloadSetup {
         read,
@@ -398,26 +494,42 @@ pub fn run(config: Config, read: ReadConfig) -> Result<()> {
         metrics_max_users: config.metrics_max_users,
         status,
         fast: fast.as_mut(),
+        fast_pinned,
+        endpoints,
+        generations,
+        exe,
+        nonce_secret,
+        slots: slots.clone(),
+        workers_count: workers,
     };
     let outcome = runtime.block_on(control.run(signals, Requests { scrapes, admin: admin_calls }));
-    for endpoint in endpoints {
-        endpoint.abort();
-    }
-    if let Some((path, _)) = &admin_listener {
+    let handed_over = control.generations.successor.is_some();
+    let fast_pinned = control.fast_pinned;
+    control.endpoints.stop();
+    drop(control);
+    // The admin socket serves the next generation now, when there is one.
+    if let Some(path) = &admin_path
+        && !handed_over
+    {
         let _ = std::fs::remove_file(path);
     }
 
     let _ = state_tx.send(RunState::Stop);
     inboxes.iter().for_each(worker::Inbox::wake);
     for group in groups.drain(..) {
-        if let (Some(steering), Some(member)) = (group.steering, group.members.first()) {
+        if let Some(steering) = group.steering {
             let transport = group.transport.name();
-            match steering.detach(member.as_fd()) {
-                Ok(true) => {
+            let member = group.members.first().map(|m| m.as_fd());
+            let fast_pins = fast_pinned && group.transport == Transport::Udp;
+            match steering.detach(member, fast_pins) {
+                Ok(Detach::Removed) => {
                     info!(listen = %group.local, transport, "steering program detached, pins removed")
                 }
-                Ok(false) => {
+                Ok(Detach::PinsLeft) => {
                     warn!(listen = %group.local, transport, "steering program detached; some pins could not be removed (the next start removes them)")
+                }
+                Ok(Detach::Stayed(pid)) => {
+                    info!(listen = %group.local, transport, generation = pid, "left the group to the other generation (its steering and pins stay)")
                 }
                 Err(e) => {
                     warn!(listen = %group.local, transport, error = %e, "detaching steering failed")

@@ -42,6 +42,16 @@ pub enum Command {
     Handshaken(Box<super::handshake::Handshaken>),
     /// The host's own addresses changed: the peer rules take the new list.
     OwnAddresses(Arc<Vec<std::net::IpAddr>>),
+    /// A new generation serves (Some): hand it the client datagrams of flows this worker
+    /// has no allocation for. None: this process serves new flows again. Answered once
+    /// in effect.
+    Successor(Option<Arc<crate::daemon::upgrade::Successor>>, oneshot::Sender<()>),
+    /// Replace the TCP and TLS listeners (none: stop accepting; the kernel migrates
+    /// their queued connections once every handle on them is closed). Answered once done.
+    StreamListeners(
+        Vec<(std::net::TcpListener, turn_proto::server::Transport)>,
+        oneshot::Sender<()>,
+    ),
 }
 
 /// A worker's command channel, and the eventfd in its epoll set that wakes it: every
@@ -179,6 +189,16 @@ impl Core {
     pub(super) fn on_command(&mut self, command: Command) {
         match command {
             Command::Handoff(handoff) => self.on_handoff(handoff),
+            Command::Successor(successor, done) => {
+                self.successor = successor;
+                let _ = done.send(());
+            }
+            Command::StreamListeners(listeners, done) => {
+                if let Err(e) = self.replace_stream_listeners(listeners) {
+                    tracing::warn!(error = %e, "replacing the TCP/TLS listeners failed");
+                }
+                let _ = done.send(());
+            }
             Command::Relayed(batch) => {
                 self.relay_in(batch);
             }

@@ -154,6 +154,10 @@ pub struct Handoff {
     pub listener: SocketAddr,
     pub client: SocketAddr,
     pub data: Box<[u8]>,
+    /// Handed over by the previous generation of the daemon (a flow it has no allocation
+    /// for): not pinned here (no allocation of ours may exist), and routed to the worker
+    /// owning its allocation if another one does.
+    pub from_previous: bool,
 }
 
 /// What a worker is given when it starts.
@@ -275,6 +279,9 @@ struct Core {
     sink: Sink,
     /// The bindings of this worker's allocations in the kernel fast path.
     fast: Option<fast::FastBindings>,
+    /// The next generation of the daemon, once it serves: datagrams of flows without an
+    /// allocation here go to it.
+    successor: Option<Arc<crate::daemon::upgrade::Successor>>,
 }
 
 struct Worker {
@@ -345,6 +352,7 @@ impl Worker {
                 handshakes: setup.handshakes,
                 staged: None,
                 fast: setup.fast.map(fast::FastBindings::new),
+                successor: None,
             },
             state: setup.state,
             inbox: setup.inbox,
@@ -408,12 +416,23 @@ impl Worker {
                 continue;
             }
             self.core.pass_datagrams = 0;
+            // Commands before the sockets' events: what the control thread decided (a
+            // listener closed at an upgrade, a new configuration) applies to them already.
+            if events[..n].iter().any(|e| e.u64 == WAKE_TOKEN) {
+                self.inbox.clear_wake();
+                let mut commands = 0;
+                while commands < INBOX_PER_TURN {
+                    let Ok(command) = self.inbox.rx.try_recv() else { break };
+                    self.core.on_command(command);
+                    commands += 1;
+                }
+                if commands > 0 {
+                    self.core.after_batch();
+                }
+            }
             let mut ready = false;
             for event in &events[..n] {
-                if event.u64 == WAKE_TOKEN {
-                    // The inbox and the run state are read at the top of the loop.
-                    self.inbox.clear_wake();
-                } else {
+                if event.u64 != WAKE_TOKEN {
                     self.on_readable(event.u64, event.events);
                     ready = true;
                 }
@@ -506,13 +525,17 @@ impl Core {
         bump(&self.stats.handed_in, 1);
         bump(&self.stats.packets, 1);
         bump(&self.stats.bytes, handoff.data.len() as u64);
+        let from =
+            UdpFrom { group: handoff.group, local: handoff.listener, client: handoff.client };
+        if handoff.from_previous {
+            self.on_client_datagram(Instant::now(), unix_secs(), from, &handoff.data, true);
+            return;
+        }
         if let Some(Some(pins)) = self.flow_pins.get_mut(handoff.group)
             && pins.pin(&FlowKey::new(handoff.client, handoff.listener.ip())).is_err()
         {
             bump(&self.stats.pin_failures, 1);
         }
-        let from =
-            UdpFrom { group: handoff.group, local: handoff.listener, client: handoff.client };
         self.on_client_datagram(Instant::now(), unix_secs(), from, &handoff.data, false);
     }
 
@@ -743,6 +766,22 @@ impl UserTotals {
 }
 
 impl Core {
+    /// Closes the TCP and TLS listeners and takes `listeners` instead.
+    fn replace_stream_listeners(
+        &mut self,
+        listeners: Vec<(TcpListener, Transport)>,
+    ) -> io::Result<()> {
+        for old in self.stream_listeners.drain(..) {
+            let _ = self.epoll.delete(old.listener.as_raw_fd());
+        }
+        for (i, (listener, transport)) in listeners.into_iter().enumerate() {
+            listener.set_nonblocking(true)?;
+            self.epoll.add(listener.as_raw_fd(), Source::StreamListener(i as u32).token())?;
+            self.stream_listeners.push(StreamListener { listener, transport });
+        }
+        Ok(())
+    }
+
     /// Brings what the kernel relayed since the last read into the allocations' traffic
     /// and the worker's counters.
     pub(super) fn collect_fast_path(&mut self) {

@@ -143,18 +143,37 @@ impl Core {
     ) {
         let UdpFrom { group, local, client } = from;
         let five_tuple = FiveTuple::udp(client, local);
-        if route
-            && self.server.allocation(&five_tuple).is_none()
-            && let Some(owner) = self.directory.owner(&five_tuple)
-            && owner != self.index
-        {
-            let handoff = Handoff { group, listener: local, client, data: datagram.into() };
-            let command = super::Command::Handoff(handoff);
-            match self.inboxes.get(owner).map(|inbox| inbox.try_send(command)) {
-                Some(Ok(())) => bump(&self.stats.handed_off, 1),
-                _ => bump(&self.stats.handoff_drops, 1),
+        if route && self.server.allocation(&five_tuple).is_none() {
+            let owner = self.directory.owner(&five_tuple);
+            if let Some(owner) = owner
+                && owner != self.index
+            {
+                let handoff = Handoff {
+                    group,
+                    listener: local,
+                    client,
+                    data: datagram.into(),
+                    from_previous: false,
+                };
+                let command = super::Command::Handoff(handoff);
+                match self.inboxes.get(owner).map(|inbox| inbox.try_send(command)) {
+                    Some(Ok(())) => bump(&self.stats.handed_off, 1),
+                    _ => bump(&self.stats.handoff_drops, 1),
+                }
+                return;
             }
-            return;
+            // A flow this process has no allocation for, after an upgrade: the new
+            // generation answers it (an Allocate on its way at the switch included).
+            if owner.is_none()
+                && let Some(next) = &self.successor
+            {
+                if next.send(group, local, client, datagram) {
+                    bump(&self.stats.handed_off, 1);
+                } else {
+                    bump(&self.stats.handoff_drops, 1);
+                }
+                return;
+            }
         }
         let mut relays = Relays { pool: &mut self.pool, epoll: &self.epoll };
         let input = ClientInput {
