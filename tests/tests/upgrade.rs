@@ -507,12 +507,7 @@ fn an_upgrade_under_traffic_loses_no_datagram_and_refuses_no_allocation() {
     let asked = asking.1.join().unwrap();
     let failures = endpoint_failures.lock().unwrap().clone();
     assert!(failures.is_empty() && asked > 50, "{asked} asked, failed: {failures:?}");
-    let logs = old.logs();
-    let relayed_in_kernel: u64 = logs
-        .lines()
-        .filter(|l| json_field(l, "message").as_deref() == Some("worker stopped"))
-        .filter_map(|l| json_field(l, "kernel_to_peer")?.parse::<u64>().ok())
-        .sum();
+    let relayed_in_kernel = stopped_workers_total(&old, "kernel_to_peer");
     assert!(relayed_in_kernel > 0, "the old generation's channels were relayed in the kernel");
 
     // The new generation alone: it saw the old one go, and it serves.
@@ -532,6 +527,38 @@ fn an_upgrade_under_traffic_loses_no_datagram_and_refuses_no_allocation() {
     assert!(owner_markers(&root).is_empty(), "pins left: {:?}", owner_markers(&root));
     drop(new);
     drop(old);
+}
+
+/// The sum of `field` over the old generation's two "worker stopped" lines, once both
+/// are in the log (the new generation, still running, writes to the same pipes: the
+/// lines may come after the old process's exit is seen).
+fn stopped_workers_total(old: &Daemon, field: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let logs = old.logs();
+        let stopped: Vec<&str> = logs
+            .lines()
+            .filter(|l| json_field(l, "message").as_deref() == Some("worker stopped"))
+            .collect();
+        if stopped.len() >= 2 || Instant::now() >= deadline {
+            assert_eq!(stopped.len(), 2, "the old generation's workers stopped:\n{logs}");
+            return stopped.iter().filter_map(|l| json_field(l, field)?.parse::<u64>().ok()).sum();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits (10 s at most) until the daemon's log has a line with `message`.
+fn wait_log(daemon: &Daemon, message: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !daemon
+        .logs()
+        .lines()
+        .any(|l| json_field(l, "message").is_some_and(|m| m.starts_with(message)))
+    {
+        assert!(Instant::now() < deadline, "no {message:?} in the log:\n{}", daemon.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// `turn-server load` against the pin root: its text.
@@ -629,18 +656,19 @@ fn a_failed_upgrade_leaves_the_old_process_serving() {
 }
 
 #[test]
-fn connections_queued_at_the_switch_move_to_the_new_generation() {
-    let test = "connections_queued_at_the_switch_move_to_the_new_generation";
+fn what_is_queued_at_the_switch_moves_to_the_new_generation() {
+    let test = "what_is_queued_at_the_switch_moves_to_the_new_generation";
     let Some(bin) = release_server_bin(test) else { return };
     if !require_root(test) {
         return;
     }
     let cert = TestCert::new("upgrade-queue");
     let root = PinRoot::new("upgrade-queue");
-    let old = daemon(&bin, &cert, &root, &[]);
-    let tcp = old.addrs("tcp")[0];
+    let mut old = daemon(&bin, &cert, &root, &[]);
+    let (udp, tcp) = (old.addrs("udp")[0], old.addrs("tcp")[0]);
     // Freeze the old generation's workers (its control thread runs on): connections
-    // complete their handshake in the kernel and wait in its accept queues.
+    // complete their handshake in the kernel and wait in its accept queues, Allocates
+    // (and their retransmissions) in its UDP sockets.
     let frozen = Freezer::new("upgrade-queue");
     for tid in worker_threads(old.pid()) {
         frozen.add(tid);
@@ -648,6 +676,15 @@ fn connections_queued_at_the_switch_move_to_the_new_generation() {
     frozen.set(true);
     let queued: Vec<std::net::TcpStream> = (0..20)
         .map(|_| std::net::TcpStream::connect_timeout(&tcp, Duration::from_secs(2)).unwrap())
+        .collect();
+    let allocating: Vec<_> = (0..5)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut c = UdpTurnClient::new("127.0.0.1", udp, USER, PASSWORD);
+                let done = c.request(Request::Allocate).is_ok_and(|r| r.relayed.is_some());
+                (c.sock.local_addr().unwrap(), done, c)
+            })
+        })
         .collect();
     // The upgrade: the old process hands over (its frozen workers cannot close their
     // listeners yet), then its workers thaw and close them: the kernel moves the queued
@@ -682,7 +719,25 @@ fn connections_queued_at_the_switch_move_to_the_new_generation() {
         clients.push(c);
     }
     let listed = allocations(&old);
-    assert_eq!(listed.len(), 20, "the new generation serves every queued connection: {listed:?}");
+    let tcp_listed = listed.iter().filter(|a| a["transport"] == "tcp").count();
+    assert_eq!(tcp_listed, 20, "the new generation serves every queued connection: {listed:?}");
+    // The queued Allocates: the old workers, thawed, handed them to the new generation,
+    // which answered (and holds the allocations).
+    for thread in allocating {
+        let (client, done, mut c) = thread.join().unwrap();
+        assert!(done, "{client}: a queued Allocate was not answered");
+        assert!(
+            listed.iter().any(|a| a["client"] == client.to_string()),
+            "{client} is not the new generation's: {listed:?}"
+        );
+        let _ = c.request(Request::Refresh { lifetime: 0 });
+    }
+    // With nothing left to serve, the old generation exits, having handed over each
+    // queued datagram (the Allocates and their retransmissions).
+    let exited = old.wait_exit(Duration::from_secs(10));
+    assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
+    let handed = stopped_workers_total(&old, "handed_off");
+    assert!(handed >= 5, "the old generation handed over {handed} datagrams");
     for c in clients {
         c.close();
     }
@@ -777,8 +832,10 @@ fn a_crash_of_either_generation_leaves_the_other_serving() {
         assert!(Instant::now() < deadline, "SIGUSR2 did not upgrade: {}", old.logs());
         std::thread::sleep(Duration::from_millis(20));
     };
+    wait_log(&old, "upgrade: the new generation serves new flows");
     first.signal(libc::SIGKILL);
     assert!(first.wait_exit(Duration::from_secs(5)));
+    wait_log(&old, "the new generation exited: this process takes every role back");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let (ok, out, _) = admin(&old, "status", &[]);
@@ -839,4 +896,92 @@ fn a_crash_of_either_generation_leaves_the_other_serving() {
     second.signal(libc::SIGINT);
     assert!(second.wait_exit(Duration::from_secs(10)));
     assert!(owner_markers(&root).is_empty(), "{:?}", owner_markers(&root));
+}
+
+fn unit_values(key: &str) -> Vec<String> {
+    let unit = include_str!("../../contrib/turn-server.service");
+    unit.lines()
+        .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+        .flat_map(|v| v.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        .collect()
+}
+
+#[test]
+fn an_upgrade_works_as_the_shipped_unit_runs_the_daemon() {
+    let test = "an_upgrade_works_as_the_shipped_unit_runs_the_daemon";
+    let Some(bin) = release_server_bin(test) else { return };
+    if !require_root(test)
+        || !turn_tests::require_tool(test, "setpriv", "util-linux")
+        || !turn_tests::require_tool(test, "unshare", "util-linux")
+    {
+        return;
+    }
+    become_subreaper();
+    // As contrib/turn-server.service runs it (see the privileges tests): a dedicated user
+    // (uid 65534), the unit's ambient capabilities, which the daemon drops once set up.
+    // The new generation is started by that process: it has no capability at all, and
+    // joins the groups with what the old one hands over.
+    let caps: Vec<String> = unit_values("AmbientCapabilities")
+        .iter()
+        .map(|c| format!("+{}", c.strip_prefix("CAP_").unwrap().to_lowercase()))
+        .collect();
+    let caps = caps.join(",");
+    let script = format!(
+        "umount -l /sys/fs/bpf 2>/dev/null; mount -t bpf -o mode=0700 bpf /sys/fs/bpf && \
+         install -d -o 65534 -g 65534 -m 0700 /sys/fs/bpf/turn-server && \
+         exec setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps={caps} \
+         --ambient-caps={caps} --bounding-set=-all,{caps} \"$@\""
+    );
+    let wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c", &script, "sh"];
+    let mut old = turn_tests::start_release_as(
+        &bin,
+        &wrapper,
+        &[
+            "--workers",
+            "2",
+            "--steering",
+            "p2c",
+            "--bpf-pin-root",
+            "/sys/fs/bpf/turn-server",
+            "--realm",
+            "test",
+            "--user",
+            "alice:secret",
+            "--allow-loopback-peers",
+            "--no-tls",
+        ],
+    );
+    // The wrapper execs the daemon: the launcher's child is the daemon itself.
+    let udp = old.addrs("udp")[0];
+    let peer = EchoPeer::start();
+    let mut live = UdpTurnClient::new("127.0.0.1", udp, USER, PASSWORD);
+    live.request(Request::Allocate).unwrap();
+    live.request(Request::ChannelBind { channel: CHANNEL, peer: peer.addr }).unwrap();
+    let mut flow = Flow::Channel(live);
+    assert!(flow.ping(peer.addr, b"before"));
+
+    let new = Generation(upgrade(&old).unwrap_or_else(|e| panic!("{e}\n{}", old.logs())));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", new.0)).unwrap();
+    let caps_of = |name: &str| status.lines().find(|l| l.starts_with(name)).unwrap().to_owned();
+    assert!(caps_of("Uid:").contains("65534") && caps_of("CapEff:").ends_with("0000000000000000"));
+    // The live allocation relays on, through the old process; a new one is the new one's.
+    for i in 0..20 {
+        assert!(flow.ping(peer.addr, format!("after {i}").as_bytes()), "{}", old.logs());
+    }
+    let mut fresh = UdpTurnClient::new("127.0.0.1", udp, USER, PASSWORD);
+    fresh.request(Request::Allocate).unwrap();
+    let client = fresh.sock.local_addr().unwrap().to_string();
+    assert!(allocations(&old).iter().any(|a| a["client"] == client), "{}", old.logs());
+    flow.release();
+    let exited = old.wait_exit(Duration::from_secs(10));
+    assert!(exited.is_some_and(|s| s.success()), "{exited:?}\n{}", old.logs());
+    let _ = fresh.request(Request::Refresh { lifetime: 0 });
+    new.signal(libc::SIGINT);
+    assert!(new.wait_exit(Duration::from_secs(10)));
+    let logs = old.logs();
+    assert!(logs.contains("pins removed") && !logs.contains("could not be removed"), "{logs}");
+    // The new generation warned about nothing the old one had not (it set up nothing
+    // it could not).
+    let warnings: Vec<&str> = logs.lines().filter(|l| l.contains("\"WARN\"")).collect();
+    assert!(warnings.iter().all(|w| w.contains("RLIMIT_NOFILE")), "{warnings:?}");
 }

@@ -154,7 +154,12 @@ fn serve(
         write_buffer: config.stream_write_buffer_bytes,
     };
 
-    let pin_root = prepare_pins(&config);
+    // A new generation uses the previous one's pins through the descriptors it was
+    // given: it neither prepares nor cleans the root (it may not reach it by path).
+    let pin_root = match &inherited {
+        Some(_) => Some(config.bpf_pin_root.clone()).filter(|root| root.is_dir()),
+        None => prepare_pins(&config),
+    };
     let mut groups = Vec::new();
     let mut worker_sockets: Vec<WorkerSockets> =
         (0..workers).map(|_| WorkerSockets { udp: Vec::new(), streams: Vec::new() }).collect();

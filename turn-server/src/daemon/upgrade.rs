@@ -312,24 +312,30 @@ impl Upgrade {
             }
         }
         let said = String::from_utf8_lossy(&self.said);
-        if let Some(line) = said.lines().next().filter(|_| said.contains('\n')) {
-            if let Some(slots) = line.strip_prefix("joined ") {
-                let mut n = slots.split(' ').map(str::parse::<u32>);
-                if let (Some(Ok(first)), Some(Ok(count))) = (n.next(), n.next()) {
-                    return Joining::Joined(first..first + count);
-                }
-                return Joining::Failed(format!("the new process said {line:?}"));
-            }
-            if let Some(why) = line.strip_prefix("failed: ") {
-                let _ = self.child.wait();
-                return Joining::Failed(why.to_owned());
-            }
+        let line = said.lines().next().filter(|_| said.contains('\n'));
+        if let Some(why) = line.and_then(|l| l.strip_prefix("failed: ")) {
+            let why = why.to_owned();
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            return Joining::Failed(why);
         }
+        // Dead before its word was taken: whatever it said, it does not serve.
         if let Ok(Some(status)) = self.child.try_wait() {
             return Joining::Failed(format!(
-                "the new process exited ({status}) before it joined the listener groups \
-                 (its log says why)"
+                "the new process exited ({status}) before it took over (its log says why)"
             ));
+        }
+        if let Some(line) = line {
+            let mut n =
+                line.strip_prefix("joined ").unwrap_or_default().split(' ').map(str::parse::<u32>);
+            return match (n.next(), n.next()) {
+                (Some(Ok(first)), Some(Ok(count))) => Joining::Joined(first..first + count),
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    Joining::Failed(format!("the new process said {line:?}"))
+                }
+            };
         }
         if self.started.elapsed() > JOIN_TIMEOUT {
             let _ = self.child.kill();
