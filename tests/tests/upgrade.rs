@@ -656,6 +656,23 @@ fn a_failed_upgrade_leaves_the_old_process_serving() {
 }
 
 #[test]
+fn a_daemon_that_switched_user_says_why_it_cannot_be_upgraded() {
+    let test = "a_daemon_that_switched_user_says_why_it_cannot_be_upgraded";
+    let Some(bin) = release_server_bin(test) else { return };
+    if !require_root(test) {
+        return;
+    }
+    let cert = TestCert::new("upgrade-proc-user");
+    let root = PinRoot::new("upgrade-proc-user");
+    let old = daemon(&bin, &cert, &root, &["--proc-user", "65534"]);
+    let err = upgrade(&old).expect_err("a process of another user cannot join root's groups");
+    assert!(err.contains("switched to uid 65534") && err.contains("dedicated user"), "{err}");
+    let st = status(&old);
+    assert_eq!(st["pid"], old.pid());
+    assert_eq!(st["generation"]["upgrading"], serde_json::Value::Null);
+}
+
+#[test]
 fn what_is_queued_at_the_switch_moves_to_the_new_generation() {
     let test = "what_is_queued_at_the_switch_moves_to_the_new_generation";
     let Some(bin) = release_server_bin(test) else { return };

@@ -91,6 +91,8 @@ pub struct Control<'a> {
     /// This process's slots in every steered group's socket array.
     pub slots: std::ops::Range<u32>,
     pub workers_count: usize,
+    /// Why this process cannot be upgraded, if it cannot.
+    pub upgrade_blocked: Option<String>,
 }
 
 /// The metrics endpoint's and the admin API's listening sockets, and the tasks serving
@@ -821,6 +823,8 @@ impl Control<'_> {
             ))
         } else if phase.stopping.is_some() {
             Some("the server is stopping (SIGTERM)".to_owned())
+        } else if let Some(why) = &self.upgrade_blocked {
+            Some(why.clone())
         } else if self.groups.iter().any(|g| g.transport == Transport::Udp && g.steering.is_none())
         {
             Some(

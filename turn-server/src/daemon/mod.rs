@@ -287,7 +287,20 @@ fn serve(
         None => bind_admin(&config, uid, gid)?,
     };
 
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let started_as = unsafe { libc::geteuid() };
     let running_as = setup::drop_privileges(&config)?;
+    // The listeners belong to the user that bound them: a process of another user cannot
+    // join their groups (the kernel refuses SO_REUSEPORT across users).
+    let upgrade_blocked = (running_as.uid != started_as).then(|| {
+        format!(
+            "this process bound its listeners as uid {started_as} and then switched to uid {} \
+             (proc_user): a new process of that user cannot join the listener groups of uid \
+             {started_as}; run the daemon as a dedicated user from the start \
+             (contrib/turn-server.service) to upgrade it without a restart",
+            running_as.uid
+        )
+    });
     let capabilities = if running_as.capabilities.is_empty() {
         "none".to_owned()
     } else {
@@ -506,6 +519,7 @@ fn serve(
         nonce_secret,
         slots: slots.clone(),
         workers_count: workers,
+        upgrade_blocked,
     };
     let outcome = runtime.block_on(control.run(signals, Requests { scrapes, admin: admin_calls }));
     let handed_over = control.generations.successor.is_some();
