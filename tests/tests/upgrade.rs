@@ -824,7 +824,10 @@ fn a_crash_of_either_generation_leaves_the_other_serving() {
     }
     let cert = TestCert::new("upgrade-crash");
     let root = PinRoot::new("upgrade-crash");
-    let mut old = daemon(&bin, &cert, &root, &[]);
+    // A fixed port (as in production): the TCP listeners the old process kept since the
+    // hand-over listen again when it takes its roles back.
+    let port = turn_launch::free_port().to_string();
+    let mut old = daemon(&bin, &cert, &root, &["--listening-port", &port]);
     let (udp, tcp) = (old.addrs("udp")[0], old.addrs("tcp")[0]);
     let peer = EchoPeer::start();
     let mut live = UdpTurnClient::new("127.0.0.1", udp, USER, PASSWORD);
@@ -878,6 +881,7 @@ fn a_crash_of_either_generation_leaves_the_other_serving() {
     let mut s = StreamClient::tcp(tcp, USER, PASSWORD).unwrap();
     assert!(s.request(Request::Allocate).is_ok(), "TCP after the resume");
     s.close();
+    assert!(!old.logs().contains("cannot listen again"), "{}", old.logs());
     assert!(owner_markers(&root).iter().all(|o| o.starts_with(&format!("owner-{}-", old.pid()))));
 
     // Upgraded again, the old one is killed with its allocation: the new one serves and

@@ -537,6 +537,17 @@ impl Config {
     /// address, so at most a port range per relay address (one per family when none is
     /// configured), and at most `total_quota`.
     pub fn allocation_pin_entries(&self) -> u32 {
+        self.pin_entries(1)
+    }
+
+    /// Entries of a UDP group's allocation pin map: room for two generations of the daemon
+    /// (an upgrade's old and new processes, each within `total_quota`, share the map; the
+    /// relay ports they share bound them both).
+    pub fn allocation_pin_map_entries(&self) -> u32 {
+        self.pin_entries(2)
+    }
+
+    fn pin_entries(&self, generations: u32) -> u32 {
         if self.steering_pin_entries > 0 {
             return self.steering_pin_entries;
         }
@@ -546,7 +557,7 @@ impl Config {
         let ports =
             (u32::from(self.max_port) - u32::from(self.min_port) + 1).saturating_mul(addresses);
         match u32::try_from(self.total_quota) {
-            Ok(quota) if quota > 0 => ports.min(quota),
+            Ok(quota) if quota > 0 => ports.min(quota.saturating_mul(generations)),
             _ => ports,
         }
     }
@@ -682,6 +693,7 @@ mod tests {
         let c =
             Config::from_toml("min_port = 50000\nmax_port = 50999\ntotal_quota = 300\n").unwrap();
         assert_eq!(c.allocation_pin_entries(), 300);
+        assert_eq!(c.allocation_pin_map_entries(), 600, "two generations' quotas");
         let c = Config::from_toml("steering_pin_entries = 7\ntotal_quota = 300\n").unwrap();
         assert_eq!(c.allocation_pin_entries(), 7);
         assert_eq!(Config::default().allocation_pin_entries(), 2 * 16384);

@@ -468,6 +468,48 @@ impl FlowPins {
     }
 }
 
+/// Where a datagram the previous generation handed over goes among this process's
+/// workers: where the group's maps send the flow (its allocation's pin, or the program's
+/// memo of it in this generation), else a worker chosen here and remembered in the memo,
+/// so that the flow's next datagrams, straight from the kernel, reach the same worker.
+pub struct FlowRouter {
+    allocs: HashMap<MapData, FlowKey, u32>,
+    memo: HashMap<MapData, FlowKey, FlowMemo>,
+    slots: std::ops::Range<u32>,
+    memo_ttl_ns: u64,
+}
+
+impl FlowRouter {
+    /// The worker (index in this generation) for the flow of `client` to `local`;
+    /// `pick` is the worker to take when the maps name none.
+    pub fn worker_for(
+        &mut self,
+        client: std::net::SocketAddr,
+        local: std::net::IpAddr,
+        pick: u32,
+    ) -> u32 {
+        let key = FlowKey::new(client, local);
+        let mine = |slot: u32| self.slots.contains(&slot).then(|| slot - self.slots.start);
+        if let Some(worker) = self.allocs.get(&key, 0).ok().and_then(mine) {
+            return worker;
+        }
+        let now = monotonic_ns();
+        if let Some(worker) =
+            self.memo.get(&key, 0).ok().filter(|m| m.expires_ns > now).and_then(|m| mine(m.slot))
+        {
+            return worker;
+        }
+        let worker = pick % self.slots.len().max(1) as u32;
+        let memo = FlowMemo {
+            slot: self.slots.start + worker,
+            pad: 0,
+            expires_ns: now.saturating_add(self.memo_ttl_ns),
+        };
+        let _ = self.memo.insert(key, memo, 0);
+        worker
+    }
+}
+
 /// A loaded and attached steering program for one listener group.
 pub struct Steering {
     /// Rare events the program reports (pin repairs), forwarded to our log.
@@ -742,6 +784,19 @@ impl Steering {
             p.remove_dead_owners();
             p.remove(pins, None);
         }
+    }
+
+    /// A [`FlowRouter`] for this process's slots.
+    pub fn flow_router(&self) -> Result<FlowRouter, SteeringError> {
+        let data =
+            |fd: &OwnedFd, name| MapData::from_fd(clone_fd_raw(fd, name)?).map_err(map_err(name));
+        let config = self.maps.config()?;
+        Ok(FlowRouter {
+            allocs: typed(data(&self.maps.allocs_fd, MAP_ALLOCS)?, MAP_ALLOCS)?,
+            memo: typed(data(&self.maps.memo_fd, MAP_MEMO)?, MAP_MEMO)?,
+            slots: self.slots(),
+            memo_ttl_ns: config.memo_ttl_ns(),
+        })
     }
 
     /// This process's slots in the group's socket array.

@@ -4,6 +4,7 @@
 //! single-writer counters.
 
 use std::{
+    os::fd::AsRawFd,
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
@@ -133,6 +134,11 @@ impl Endpoints {
         Ok(())
     }
 
+    /// True while the endpoints are served by this process (or there are none).
+    pub fn running(&self) -> bool {
+        !self.tasks.is_empty() || (self.metrics.is_none() && self.admin.is_none())
+    }
+
     /// Stops accepting (the sockets stay open, for whoever serves them next).
     pub fn stop(&mut self) {
         for task in self.tasks.drain(..) {
@@ -176,7 +182,11 @@ impl Predecessor {
 
 /// Receives the datagrams the previous generation hands over and gives each to a worker
 /// (by its client's address), until that generation closes its end.
-pub async fn receive_handoffs(fd: std::os::fd::OwnedFd, inboxes: Arc<[Inbox]>, groups: usize) {
+pub async fn receive_handoffs(
+    fd: std::os::fd::OwnedFd,
+    inboxes: Arc<[Inbox]>,
+    mut routers: Vec<Option<crate::steering::FlowRouter>>,
+) {
     use std::os::fd::AsRawFd;
     // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it (and returns its
     // descriptor) for its whole life.
@@ -211,13 +221,21 @@ pub async fn receive_handoffs(fd: std::os::fd::OwnedFd, inboxes: Arc<[Inbox]>, g
             else {
                 continue;
             };
-            if group >= groups || inboxes.is_empty() {
+            if group >= routers.len() || inboxes.is_empty() {
                 continue;
             }
             use std::hash::{BuildHasher, BuildHasherDefault};
             let hash = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
                 .hash_one(client);
-            let worker = (hash % inboxes.len() as u64) as usize;
+            let pick = (hash % inboxes.len() as u64) as u32;
+            // The worker the flow's next datagrams will reach, so that a retransmission
+            // that comes straight from the kernel meets the same worker (never two
+            // allocations for one 5-tuple).
+            let worker = match routers[group].as_mut() {
+                Some(router) => router.worker_for(client, listener.ip(), pick) as usize,
+                None => pick as usize,
+            };
+            let Some(inbox) = inboxes.get(worker) else { continue };
             let handoff = crate::worker::Handoff {
                 group,
                 listener,
@@ -225,7 +243,7 @@ pub async fn receive_handoffs(fd: std::os::fd::OwnedFd, inboxes: Arc<[Inbox]>, g
                 data: data.into(),
                 from_previous: true,
             };
-            let _ = inboxes[worker].try_send(Command::Handoff(handoff));
+            let _ = inbox.try_send(Command::Handoff(handoff));
         }
     }
 }
@@ -284,8 +302,12 @@ impl Control<'_> {
             }
         };
         let mut own = self.own_addresses();
-        let predecessor_exit = self.generations.predecessor.as_mut().and_then(|p| p.exited.take());
-        let mut predecessor_exit = predecessor_exit;
+        let mut predecessor_exit =
+            self.generations.predecessor.as_mut().and_then(|p| p.exited.take());
+        if self.generations.predecessor.is_some() && predecessor_exit.is_none() {
+            // Gone already (or not watchable): take over now.
+            self.predecessor_gone();
+        }
         loop {
             tokio::select! {
                 // The load publication first whenever it is due: a flood of scrapes or admin
@@ -324,6 +346,7 @@ impl Control<'_> {
                     }
                 }
                 _ = signals.term.recv() => {
+                    self.cancel_upgrade("SIGTERM: the server stops");
                     if phase.stopping.is_some() {
                         info!("second SIGTERM: stopping now");
                         return Ok(());
@@ -336,7 +359,11 @@ impl Control<'_> {
                     notify(&[sd_notify::NotifyState::Stopping, sd_notify::NotifyState::Custom(&status)]);
                     phase.stopping = Some(Instant::now() + timeout);
                 }
-                _ = signals.int.recv() => { info!("SIGINT: stopping"); return Ok(()); }
+                _ = signals.int.recv() => {
+                    info!("SIGINT: stopping");
+                    self.cancel_upgrade("SIGINT: the server stops");
+                    return Ok(());
+                }
                 _ = signals.hup.recv() => { let _ = self.reload("SIGHUP").await; }
                 _ = signals.usr2.recv() => self.start_upgrade("SIGUSR2", None, &phase),
                 _ = async { predecessor_exit.as_ref()?.readable().await.ok() }, if predecessor_exit.is_some() => {
@@ -795,8 +822,30 @@ async fn kick(
 /// Hitless upgrade: starting a new generation, handing it over, taking every role back
 /// if it dies, and the previous generation's exit (see [`upgrade`]).
 impl Control<'_> {
+    /// Connections open now, TLS handshakes in progress included.
     fn connections(&self) -> u64 {
-        self.stats.iter().map(|w| w.connections.load(Ordering::Relaxed)).sum()
+        self.stats.iter().map(|w| w.connections.load(Ordering::Relaxed)).sum::<u64>()
+            + self.handshakes.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Stops an upgrade under way (the server stops): the new process is killed.
+    fn cancel_upgrade(&mut self, why: &str) {
+        let Some((mut upgrade, replies)) = self.generations.pending.take() else { return };
+        let _ = upgrade.child.kill();
+        let _ = upgrade.child.wait();
+        self.forget_failed_generation();
+        warn!(pid = upgrade.child.id(), "upgrade cancelled: {why}");
+        for reply in replies {
+            let _ = reply.send(admin::error(format!("upgrade cancelled: {why}")));
+        }
+    }
+
+    /// Removes what a new generation that never served left in the pin directories (its
+    /// record; its sockets left the socket arrays with it).
+    fn forget_failed_generation(&self) {
+        for steering in self.groups.iter().filter_map(|g| g.steering.as_ref()) {
+            steering.remove_leftovers(&[]);
+        }
     }
 
     /// Starts the binary on disk as a new generation, unless one is starting or a
@@ -825,14 +874,21 @@ impl Control<'_> {
             Some("the server is stopping (SIGTERM)".to_owned())
         } else if let Some(why) = &self.upgrade_blocked {
             Some(why.clone())
-        } else if self.groups.iter().any(|g| g.transport == Transport::Udp && g.steering.is_none())
-        {
+        } else if self.groups.iter().any(|g| g.steering.is_none()) {
             Some(
-                "an upgrade needs eBPF steering on every UDP listener (it is off or unavailable \
+                "an upgrade needs eBPF steering on every listener (it is off or unavailable \
                  here): without it the kernel's hash would move live allocations' datagrams to \
-                 the new process"
+                 the new process, and the TCP connections queued at the switch would be reset"
                     .to_owned(),
             )
+        } else if let n @ 1.. =
+            self.stats.iter().map(|w| w.unpinned.load(Ordering::Relaxed)).sum::<u64>()
+        {
+            Some(format!(
+                "{n} live allocation(s) have no pin in the steering map (it was full): after the \
+                 switch their datagrams would reach the new process; try again once they have \
+                 one (retried twice a second) or have ended"
+            ))
         } else {
             None
         };
@@ -916,6 +972,12 @@ impl Control<'_> {
     /// Once a second: the upgrade under way, the new generation's health, and (in the old
     /// generation) whether the last allocation and connection have ended. Some: stop.
     async fn generations_tick(&mut self, phase: &Phase) -> Option<Result<()>> {
+        if self.generations.predecessor.is_some()
+            && !self.endpoints.running()
+            && self.groups.iter().filter_map(|g| g.steering.as_ref()).all(|s| s.takes_new_flows())
+        {
+            self.start_endpoints_once();
+        }
         if let Some((upgrade, _)) = &mut self.generations.pending {
             match upgrade.poll() {
                 upgrade::Joining::Waiting => {}
@@ -925,6 +987,7 @@ impl Control<'_> {
                 }
                 upgrade::Joining::Failed(why) => {
                     let (_, replies) = self.generations.pending.take()?;
+                    self.forget_failed_generation();
                     let e = format!("upgrade failed: {why}; this process keeps serving");
                     warn!("{e}");
                     for reply in replies {
@@ -936,6 +999,13 @@ impl Control<'_> {
         let (upgrade, _, since) = self.generations.successor.as_mut()?;
         if let Ok(Some(status)) = upgrade.child.try_wait() {
             let pid = upgrade.child.id();
+            if phase.stopping.is_some() {
+                // Both stop (systemctl stop): nothing to take back.
+                info!(new = pid, %status, "the new generation has exited");
+                self.generations.successor = None;
+                self.forget_failed_generation();
+                return None;
+            }
             self.resume(pid, status).await;
             return None;
         }
@@ -993,8 +1063,15 @@ impl Control<'_> {
             }
         };
         waits.extend(self.send_workers(|_, done| Command::StreamListeners(Vec::new(), done)).await);
-        for g in self.groups.iter_mut().filter(|g| g.transport != Transport::Udp) {
-            g.members.clear();
+        // The listening sockets stop listening at once (the workers' handles close when
+        // they take the command): shutdown(SHUT_RD) takes a listener out of its group and
+        // migrates its queue, while this process keeps the socket, bound, to listen again
+        // should the new generation die (no bind, no privilege needed then).
+        for g in self.groups.iter().filter(|g| g.transport != Transport::Udp) {
+            for member in &g.members {
+                // SAFETY: shutdown on a socket descriptor this process owns.
+                unsafe { libc::shutdown(member.as_raw_fd(), libc::SHUT_RD) };
+            }
         }
         wait_all(waits).await;
         self.endpoints.stop();
@@ -1025,10 +1102,55 @@ impl Control<'_> {
     async fn resume(&mut self, pid: u32, status: std::process::ExitStatus) {
         let Some((_, slots, _)) = self.generations.successor.take() else { return };
         warn!(new = pid, %status, "the new generation exited: this process takes every role back");
+        // First the workers keep what they would have handed over.
+        self.tell_workers(|_, done| Command::Successor(None, done)).await;
         let workers = self.workers_count;
         let mut listeners: Vec<Vec<(std::net::TcpListener, Transport)>> =
             (0..workers).map(|_| Vec::new()).collect();
         for g in self.groups.iter_mut() {
+            if g.transport != Transport::Udp {
+                // The sockets kept since the hand-over listen again (they rejoin the
+                // group), then take their slots back. One that lost its port (bound to
+                // port 0, the kernel released it when it stopped listening) or cannot
+                // listen makes the group bind anew, as at start.
+                let relisten = g.members.iter().all(|member| {
+                    // SAFETY: listen on a bound socket descriptor this process owns.
+                    let rc =
+                        unsafe { libc::listen(member.as_raw_fd(), crate::listener::TCP_BACKLOG) };
+                    rc == 0
+                        && socket2::SockRef::from(member)
+                            .local_addr()
+                            .ok()
+                            .and_then(|a| a.as_socket())
+                            .is_some_and(|a| a.port() == g.local.port())
+                });
+                if !relisten {
+                    match crate::listener::bind_tcp_group(g.local, workers) {
+                        Ok(group) => match super::dup_all(&group.listeners) {
+                            Ok(members) => g.members = members,
+                            Err(e) => {
+                                warn!(listen = %g.local, error = %format!("{e:#}"), "cannot listen again")
+                            }
+                        },
+                        Err(e) => {
+                            warn!(listen = %g.local, error = %format!("{e:#}"), "cannot listen again: new connections are refused")
+                        }
+                    }
+                }
+                if let Some(steering) = g.steering.as_mut()
+                    && let Err(e) = steering.replace_sockets(&g.members)
+                {
+                    warn!(listen = %g.local, error = %super::error_chain(&e), "cannot steer the listeners again");
+                }
+                for (i, member) in g.members.iter().enumerate() {
+                    match member.try_clone() {
+                        Ok(fd) => listeners[i].push((std::net::TcpListener::from(fd), g.transport)),
+                        Err(e) => {
+                            warn!(listen = %g.local, error = %e, "cannot give a listener back to its worker")
+                        }
+                    }
+                }
+            }
             if let Some(steering) = g.steering.as_mut() {
                 if let Err(e) = steering.take_new_flows() {
                     warn!(listen = %g.local, error = %e, "cannot point new flows at this process again");
@@ -1047,32 +1169,12 @@ impl Control<'_> {
                 // Its record in the pin directory (it could not remove it).
                 steering.remove_leftovers(&[]);
             }
-            if g.transport == Transport::Udp {
-                continue;
-            }
-            match crate::listener::bind_tcp_group(g.local, workers) {
-                Ok(group) => {
-                    if let Some(steering) = g.steering.as_mut()
-                        && let Err(e) = steering.replace_sockets(&group.listeners)
-                    {
-                        warn!(listen = %g.local, error = %e, "cannot steer the new listeners");
-                    }
-                    g.members = super::dup_all(&group.listeners).unwrap_or_default();
-                    for (i, l) in group.listeners.into_iter().enumerate() {
-                        listeners[i].push((l, g.transport));
-                    }
-                }
-                Err(e) => {
-                    warn!(listen = %g.local, error = %format!("{e:#}"), "cannot listen again: new connections are refused")
-                }
-            }
         }
         let mut per_worker = listeners.into_iter();
         self.tell_workers(|_, done| {
             Command::StreamListeners(per_worker.next().unwrap_or_default(), done)
         })
         .await;
-        self.tell_workers(|_, done| Command::Successor(None, done)).await;
         if let Err(e) = self.endpoints.start() {
             warn!(error = %e, "cannot serve the metrics endpoint and the admin API again");
         }
@@ -1090,6 +1192,12 @@ impl Control<'_> {
         info!(previous = previous.pid, "the previous generation has exited");
         for g in self.groups.iter_mut() {
             let Some(steering) = g.steering.as_mut() else { continue };
+            // It died before it handed over: new flows come here now.
+            if !steering.takes_new_flows()
+                && let Err(e) = steering.take_new_flows()
+            {
+                warn!(listen = %g.local, error = %e, "cannot point new flows at this process");
+            }
             if g.transport == Transport::Udp {
                 match steering.maps_mut().clear_slots(previous.slots.clone()) {
                     Ok(0) => {}
@@ -1115,6 +1223,24 @@ impl Control<'_> {
                     }
                 }
             }
+        }
+        self.start_endpoints_once();
+        // The main process now, whatever it was told (a predecessor that died before it
+        // handed over never said so).
+        notify(&[
+            sd_notify::NotifyState::MainPid(std::process::id()),
+            sd_notify::NotifyState::Status(&self.status),
+        ]);
+    }
+
+    /// A new generation serves the endpoints from the hand-over on (before it, an admin
+    /// call must reach the process that serves): started once new flows come here.
+    fn start_endpoints_once(&mut self) {
+        if self.endpoints.running() {
+            return;
+        }
+        if let Err(e) = self.endpoints.start() {
+            warn!(error = %e, "cannot serve the metrics endpoint and the admin API");
         }
     }
 

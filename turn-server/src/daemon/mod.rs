@@ -459,7 +459,9 @@ fn serve(
     let admin_path = admin_listener.as_ref().map(|(path, _)| path.clone());
     let mut endpoints =
         control::Endpoints::new(metrics_listener, admin_listener, scrape_tx, admin_tx);
-    {
+    // (A new generation serves them once it takes new flows: until the hand-over, the
+    // previous one answers.)
+    if inherited.is_none() {
         let _context = runtime.enter();
         endpoints.start()?;
     }
@@ -473,9 +475,13 @@ fn serve(
     match inherited.as_mut() {
         Some(i) => {
             let _context = runtime.enter();
-            let udp_groups = groups.iter().filter(|g| g.transport == Transport::Udp).count();
+            let routers = groups
+                .iter()
+                .filter(|g| g.transport == Transport::Udp)
+                .map(|g| g.steering.as_ref().and_then(|s| s.flow_router().ok()))
+                .collect();
             if let Some(handoff) = i.handoff.take() {
-                tokio::spawn(control::receive_handoffs(handoff, Arc::clone(&inboxes), udp_groups));
+                tokio::spawn(control::receive_handoffs(handoff, Arc::clone(&inboxes), routers));
             }
             generations.predecessor =
                 control::Predecessor::watch(i.from_pid, i.parent_slots.clone());
@@ -523,12 +529,14 @@ fn serve(
     };
     let outcome = runtime.block_on(control.run(signals, Requests { scrapes, admin: admin_calls }));
     let handed_over = control.generations.successor.is_some();
+    let predecessor_alive = control.generations.predecessor.is_some();
     let fast_pinned = control.fast_pinned;
     control.endpoints.stop();
     drop(control);
-    // The admin socket serves the next generation now, when there is one.
+    // The admin socket serves the other generation, when there is one.
     if let Some(path) = &admin_path
         && !handed_over
+        && !predecessor_alive
     {
         let _ = std::fs::remove_file(path);
     }
@@ -693,7 +701,8 @@ fn attach_steering(
         SteeringMode::Least => Mode::Least,
         SteeringMode::Hash => Mode::Hash,
     };
-    let alloc_entries = if protocol == Protocol::Udp { config.allocation_pin_entries() } else { 1 };
+    let alloc_entries =
+        if protocol == Protocol::Udp { config.allocation_pin_map_entries() } else { 1 };
     let options = SteeringOptions {
         alloc_entries,
         memo_entries: config.steering_memo_entries,

@@ -35,8 +35,9 @@ use turn_proto::server::Transport;
 
 use crate::bpffs::PinnedDir;
 
-/// The environment variable that tells a process it is a new generation, and what it
-/// inherits (JSON, see [`Handover`]).
+/// The environment variable that tells a process it is a new generation: `fd:N`, an
+/// inherited pipe holding what it inherits (JSON, see [`Handover`]; not in the
+/// environment itself, which holds the nonce secret's readers at bay).
 pub const HANDOVER_ENV: &str = "TURN_SERVER_HANDOVER";
 
 /// How long the new process has to join every group and serve.
@@ -120,11 +121,24 @@ impl Inherited {
     /// The handover this process was started with, if any (the variable is removed, so
     /// that a later generation started from here does not see it).
     pub fn take_from_env() -> Result<Option<Inherited>> {
-        let Some(text) = std::env::var_os(HANDOVER_ENV) else { return Ok(None) };
+        let Some(named) = std::env::var_os(HANDOVER_ENV) else { return Ok(None) };
         // SAFETY: called at start, before any other thread of this process exists.
         unsafe { std::env::remove_var(HANDOVER_ENV) };
-        let text = text.to_str().context("the handover is not UTF-8")?;
-        let h: Handover = serde_json::from_str(text).context("reading the handover")?;
+        let fd = named
+            .to_str()
+            .and_then(|n| n.strip_prefix("fd:")?.parse::<RawFd>().ok())
+            .context("the handover is not `fd:N`")?;
+        let mut text = String::new();
+        let mut pipe = std::fs::File::from(take_fd(fd)?);
+        loop {
+            match pipe.read_to_string(&mut text) {
+                Ok(_) => break,
+                // Written whole before this process started: only EOF is left to see.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e).context("reading the handover"),
+            }
+        }
+        let h: Handover = serde_json::from_str(&text).context("reading the handover")?;
         let status = Some(std::fs::File::from(take_fd(h.status)?));
         let mut groups = Vec::new();
         for g in h.groups {
@@ -281,9 +295,15 @@ pub fn start(offer: Offer<'_>) -> Result<Upgrade> {
         handoff: passed.pass(handoff_theirs.as_fd())?,
         status: passed.pass(status_write.as_fd())?,
     };
+    // What it inherits goes through a pipe, written whole now (far below a pipe's 64 KiB).
+    let (description_read, description_write) = pipe()?;
+    std::fs::File::from(description_write)
+        .write_all(serde_json::to_string(&handover)?.as_bytes())
+        .context("writing the handover")?;
+    let description = passed.pass(description_read.as_fd())?;
     let child = Command::new(offer.exe)
         .args(std::env::args_os().skip(1))
-        .env(HANDOVER_ENV, serde_json::to_string(&handover)?)
+        .env(HANDOVER_ENV, format!("fd:{description}"))
         .spawn()
         .with_context(|| format!("starting {}", offer.exe.display()))?;
     // The child has its copies; ours close here (with `passed`, `status_write` and the
@@ -438,6 +458,16 @@ pub fn parse_handoff(message: &[u8]) -> Option<(usize, SocketAddr, SocketAddr, &
     Some((group, listener, client, message.get(HANDOFF_HEADER..)?))
 }
 
+/// What became of a datagram handed to the new generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handed {
+    Sent,
+    /// The pair is full: dropped (and counted); the client retransmits.
+    Full,
+    /// The new generation has gone: handle it here.
+    Gone,
+}
+
 /// The old process's side of the hand-over pair, shared by its workers: one
 /// `sendmsg` per datagram, never blocking (a full pair drops it; the client retries).
 #[derive(Debug)]
@@ -450,14 +480,14 @@ impl Successor {
         Successor { fd }
     }
 
-    /// Hands a client datagram to the new generation; false when it could not be sent.
+    /// Hands a client datagram to the new generation.
     pub fn send(
         &self,
         group: usize,
         listener: SocketAddr,
         client: SocketAddr,
         data: &[u8],
-    ) -> bool {
+    ) -> Handed {
         let header = handoff_header(group, listener, client);
         let mut iov = [
             libc::iovec { iov_base: header.as_ptr() as *mut libc::c_void, iov_len: header.len() },
@@ -468,8 +498,18 @@ impl Successor {
         msg.msg_iov = iov.as_mut_ptr();
         msg.msg_iovlen = iov.len();
         // SAFETY: sendmsg reads the buffers the msghdr describes.
-        let rc = unsafe { libc::sendmsg(self.fd.as_raw_fd(), &msg, libc::MSG_DONTWAIT) };
-        rc >= 0
+        let rc = unsafe {
+            libc::sendmsg(self.fd.as_raw_fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        };
+        if rc >= 0 {
+            return Handed::Sent;
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::EAGAIN | libc::ENOBUFS | libc::EINTR) => Handed::Full,
+            // The new generation has gone (this process takes its roles back at its next
+            // tick): the datagram is this process's again.
+            _ => Handed::Gone,
+        }
     }
 }
 

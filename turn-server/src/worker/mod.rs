@@ -115,6 +115,8 @@ pub struct WorkerStats {
     pub allocations_created: AtomicU64,
     /// Allocation pins that could not be written (pin map full).
     pub pin_failures: AtomicU64,
+    /// Live allocations whose pin could not be written (yet: retried twice a second).
+    pub unpinned: AtomicU64,
     /// The protocol core's failed authentications.
     pub auth_failures: AtomicU64,
     /// Requests the protocol core's per-source limits left unanswered or unverified.
@@ -282,6 +284,10 @@ struct Core {
     /// The next generation of the daemon, once it serves: datagrams of flows without an
     /// allocation here go to it.
     successor: Option<Arc<crate::daemon::upgrade::Successor>>,
+    /// UDP allocations whose pin could not be written (pin map full), with their listener
+    /// group: retried at each sweep. (An upgrade waits for none to be left: after the
+    /// switch a flow without its pin would reach the new generation.)
+    unpinned: std::collections::HashMap<turn_proto::server::FiveTuple, usize>,
 }
 
 struct Worker {
@@ -353,6 +359,7 @@ impl Worker {
                 staged: None,
                 fast: setup.fast.map(fast::FastBindings::new),
                 successor: None,
+                unpinned: std::collections::HashMap::new(),
             },
             state: setup.state,
             inbox: setup.inbox,
@@ -389,6 +396,7 @@ impl Worker {
             }
             let now = Instant::now();
             if now >= next_sweep {
+                self.core.pin_again();
                 self.core.collect_fast_path();
                 self.core.sweep_connections(now);
                 self.core.publish_user_traffic();
@@ -636,6 +644,7 @@ impl Core {
                                 .is_err()
                         {
                             bump(&self.stats.pin_failures, 1);
+                            self.unpinned.insert(five_tuple, conn.0 as usize);
                         }
                     }
                     let relayed: Vec<String> =
@@ -685,6 +694,7 @@ impl Core {
                         }
                     } else {
                         self.directory.remove(&five_tuple, self.index);
+                        self.unpinned.remove(&five_tuple);
                         if let Some(Some(pins)) = self.flow_pins.get_mut(conn.0 as usize) {
                             pins.unpin(&FlowKey::new(five_tuple.client, five_tuple.listener.ip()));
                         }
@@ -720,6 +730,7 @@ impl Core {
         self.stats.connections.store(self.sink.connections.len() as u64, Ordering::Relaxed);
         self.stats.stream_write_drops.store(self.sink.connections.write_drops, Ordering::Relaxed);
         self.stats.allocations.store(self.server.allocation_count() as u64, Ordering::Relaxed);
+        self.stats.unpinned.store(self.unpinned.len() as u64, Ordering::Relaxed);
         let c = self.server.counters();
         self.stats.auth_failures.store(c.auth_failures, Ordering::Relaxed);
         self.stats
@@ -766,6 +777,18 @@ impl UserTotals {
 }
 
 impl Core {
+    /// Writes the pins that could not be written before (the map may have room now).
+    fn pin_again(&mut self) {
+        if self.unpinned.is_empty() {
+            return;
+        }
+        let flow_pins = &mut self.flow_pins;
+        self.unpinned.retain(|five_tuple, group| {
+            let Some(Some(pins)) = flow_pins.get_mut(*group) else { return false };
+            pins.pin(&FlowKey::new(five_tuple.client, five_tuple.listener.ip())).is_err()
+        });
+    }
+
     /// Closes the TCP and TLS listeners and takes `listeners` instead.
     fn replace_stream_listeners(
         &mut self,

@@ -167,12 +167,18 @@ impl Core {
             if owner.is_none()
                 && let Some(next) = &self.successor
             {
-                if next.send(group, local, client, datagram) {
-                    bump(&self.stats.handed_off, 1);
-                } else {
-                    bump(&self.stats.handoff_drops, 1);
+                use crate::daemon::upgrade::Handed;
+                match next.send(group, local, client, datagram) {
+                    Handed::Sent => {
+                        bump(&self.stats.handed_off, 1);
+                        return;
+                    }
+                    Handed::Full => {
+                        bump(&self.stats.handoff_drops, 1);
+                        return;
+                    }
+                    Handed::Gone => {}
                 }
-                return;
             }
         }
         let mut relays = Relays { pool: &mut self.pool, epoll: &self.epoll };
