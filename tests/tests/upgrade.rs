@@ -716,7 +716,21 @@ fn what_is_queued_at_the_switch_moves_to_the_new_generation() {
                 .unwrap()
         })
     };
-    std::thread::sleep(Duration::from_secs(3));
+    // The hand-over has begun once the new generation answers the admin API (it serves
+    // it from the steering switch on; the old process closes its listeners right after,
+    // then waits for its frozen workers).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, out, _) = admin(&old, "status", &[]);
+        let st: serde_json::Value =
+            if ok { serde_json::from_str(&out).unwrap() } else { serde_json::Value::Null };
+        if st["pid"].as_u64().is_some_and(|pid| pid != u64::from(old.pid())) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the upgrade did not begin: {}", old.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
     frozen.set(false);
     let out = upgrading.join().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
