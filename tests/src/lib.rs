@@ -617,3 +617,36 @@ pub fn allow_open_files(need: u64) {
     let (soft, _) = turn_server::setup::raise_nofile(need);
     assert!(soft >= need, "this test needs {need} open files, the limit is {soft}");
 }
+
+/// The values of `key` in contrib/turn-server.service (every word of every such line).
+pub fn unit_values(key: &str) -> Vec<String> {
+    let unit = include_str!("../../contrib/turn-server.service");
+    unit.lines()
+        .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+        .flat_map(|v| v.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        .collect()
+}
+
+/// A wrapper (a command line to run a program under) that does what systemd does with
+/// contrib/turn-server.service, with uid 65534 as the dedicated user: in a mount
+/// namespace of its own, /sys/fs/bpf as systemd mounts it (root's, mode 0700), the pin
+/// directory `/sys/fs/bpf/turn-server` made by root for the user (ExecStartPre=+), then
+/// the program as that user with the unit's ambient capabilities and bounding set, no
+/// supplementary group. Needs root, `unshare` and `setpriv` (util-linux).
+pub fn as_the_shipped_unit() -> Vec<String> {
+    let caps: Vec<String> = unit_values("AmbientCapabilities")
+        .iter()
+        .map(|c| format!("+{}", c.strip_prefix("CAP_").unwrap_or(c).to_lowercase()))
+        .collect();
+    let caps = caps.join(",");
+    let script = format!(
+        "umount -l /sys/fs/bpf 2>/dev/null; mount -t bpf -o mode=0700 bpf /sys/fs/bpf && \
+         install -d -o 65534 -g 65534 -m 0700 /sys/fs/bpf/turn-server && \
+         exec setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps={caps} \
+         --ambient-caps={caps} --bounding-set=-all,{caps} \"$@\""
+    );
+    ["unshare", "--mount", "--propagation", "private", "sh", "-c", &script, "sh"]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+}

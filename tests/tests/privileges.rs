@@ -98,14 +98,6 @@ fn as_root_without_proc_user_no_thread_keeps_a_capability() {
 }
 
 /// The `Key=` values of the shipped unit.
-fn unit_values(key: &str) -> Vec<String> {
-    let unit = include_str!("../../contrib/turn-server.service");
-    unit.lines()
-        .filter_map(|l| l.strip_prefix(&format!("{key}=")))
-        .flat_map(|v| v.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
-        .collect()
-}
-
 #[test]
 fn the_shipped_unit_runs_a_dedicated_user_that_keeps_no_capability() {
     let test = "the_shipped_unit_runs_a_dedicated_user_that_keeps_no_capability";
@@ -120,25 +112,15 @@ fn the_shipped_unit_runs_a_dedicated_user_that_keeps_no_capability() {
     // dedicated user: /sys/fs/bpf as systemd mounts it (root's, mode 0700), the pin
     // directory made by root for the user (ExecStartPre=+), then the daemon as that user
     // with the unit's ambient capabilities and bounding set, no supplementary group.
-    assert_eq!(unit_values("User"), ["turn-server"]);
-    let ambient = unit_values("AmbientCapabilities");
-    assert_eq!(ambient, unit_values("CapabilityBoundingSet"));
-    let pre = unit_values("ExecStartPre").join(" ");
+    assert_eq!(turn_tests::unit_values("User"), ["turn-server"]);
+    let ambient = turn_tests::unit_values("AmbientCapabilities");
+    assert_eq!(ambient, turn_tests::unit_values("CapabilityBoundingSet"));
+    let pre = turn_tests::unit_values("ExecStartPre").join(" ");
     assert!(
         pre.contains("install -d -o turn-server -g turn-server -m 0700 /sys/fs/bpf/turn-server")
     );
-    let caps: Vec<String> = ambient
-        .iter()
-        .map(|c| format!("+{}", c.strip_prefix("CAP_").unwrap().to_lowercase()))
-        .collect();
-    let caps = caps.join(",");
-    let script = format!(
-        "umount -l /sys/fs/bpf 2>/dev/null; mount -t bpf -o mode=0700 bpf /sys/fs/bpf && \
-         install -d -o 65534 -g 65534 -m 0700 /sys/fs/bpf/turn-server && \
-         exec setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps={caps} \
-         --ambient-caps={caps} --bounding-set=-all,{caps} \"$@\""
-    );
-    let wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c", &script, "sh"];
+    let wrapper = turn_tests::as_the_shipped_unit();
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let mut daemon = Daemon::start_as(
         &wrapper,
         &[

@@ -30,6 +30,30 @@ use turn_tests::{
     stream::{StreamClient, TestCert, UdpTurnClient, trusting},
 };
 
+/// The release daemon, when this test may run it as root (see [`release_server_bin`] and
+/// [`require_root`]: in CI, both must be there).
+fn release_as_root(test: &str) -> Option<PathBuf> {
+    let bin = release_server_bin(test)?;
+    require_root(test).then_some(bin)
+}
+
+/// Waits (20 s at most) until the admin API answers from another process than `old`'s:
+/// the new generation serves it from the steering switch on. Its pid.
+fn wait_for_new_generation(old: &Daemon) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, out, _) = admin(old, "status", &[]);
+        let st: serde_json::Value =
+            if ok { serde_json::from_str(&out).unwrap() } else { serde_json::Value::Null };
+        match st["pid"].as_u64() {
+            Some(pid) if pid != u64::from(old.pid()) => return pid as u32,
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "no new generation: {}", old.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Makes this test process the reaper of the daemons' orphans (once).
 fn become_subreaper() {
     static ONCE: std::sync::Once = std::sync::Once::new();
@@ -306,10 +330,7 @@ struct Tally {
 #[test]
 fn an_upgrade_under_traffic_loses_no_datagram_and_refuses_no_allocation() {
     let test = "an_upgrade_under_traffic_loses_no_datagram_and_refuses_no_allocation";
-    let Some(bin) = release_server_bin(test) else { return };
-    if !require_root(test) {
-        return;
-    }
+    let Some(bin) = release_as_root(test) else { return };
     let cert = TestCert::new("upgrade");
     let root = PinRoot::new("upgrade");
     let mut old = daemon(&bin, &cert, &root, &["--fast-path", "tc"]);
@@ -625,10 +646,7 @@ impl Drop for BinCopy {
 #[test]
 fn a_failed_upgrade_leaves_the_old_process_serving() {
     let test = "a_failed_upgrade_leaves_the_old_process_serving";
-    let Some(release) = release_server_bin(test) else { return };
-    if !require_root(test) {
-        return;
-    }
+    let Some(release) = release_as_root(test) else { return };
     let copy = BinCopy::new(&release, "failed");
     let cert = TestCert::new("upgrade-fails");
     let root = PinRoot::new("upgrade-fails");
@@ -658,10 +676,7 @@ fn a_failed_upgrade_leaves_the_old_process_serving() {
 #[test]
 fn a_daemon_that_switched_user_says_why_it_cannot_be_upgraded() {
     let test = "a_daemon_that_switched_user_says_why_it_cannot_be_upgraded";
-    let Some(bin) = release_server_bin(test) else { return };
-    if !require_root(test) {
-        return;
-    }
+    let Some(bin) = release_as_root(test) else { return };
     let cert = TestCert::new("upgrade-proc-user");
     let root = PinRoot::new("upgrade-proc-user");
     let old = daemon(&bin, &cert, &root, &["--proc-user", "65534"]);
@@ -675,10 +690,7 @@ fn a_daemon_that_switched_user_says_why_it_cannot_be_upgraded() {
 #[test]
 fn what_is_queued_at_the_switch_moves_to_the_new_generation() {
     let test = "what_is_queued_at_the_switch_moves_to_the_new_generation";
-    let Some(bin) = release_server_bin(test) else { return };
-    if !require_root(test) {
-        return;
-    }
+    let Some(bin) = release_as_root(test) else { return };
     let cert = TestCert::new("upgrade-queue");
     let root = PinRoot::new("upgrade-queue");
     let mut old = daemon(&bin, &cert, &root, &[]);
@@ -719,17 +731,7 @@ fn what_is_queued_at_the_switch_moves_to_the_new_generation() {
     // The hand-over has begun once the new generation answers the admin API (it serves
     // it from the steering switch on; the old process closes its listeners right after,
     // then waits for its frozen workers).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (ok, out, _) = admin(&old, "status", &[]);
-        let st: serde_json::Value =
-            if ok { serde_json::from_str(&out).unwrap() } else { serde_json::Value::Null };
-        if st["pid"].as_u64().is_some_and(|pid| pid != u64::from(old.pid())) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the upgrade did not begin: {}", old.logs());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_new_generation(&old);
     std::thread::sleep(Duration::from_millis(300));
     frozen.set(false);
     let out = upgrading.join().unwrap();
@@ -832,10 +834,7 @@ impl Drop for Freezer {
 #[test]
 fn a_crash_of_either_generation_leaves_the_other_serving() {
     let test = "a_crash_of_either_generation_leaves_the_other_serving";
-    let Some(bin) = release_server_bin(test) else { return };
-    if !require_root(test) {
-        return;
-    }
+    let Some(bin) = release_as_root(test) else { return };
     let cert = TestCert::new("upgrade-crash");
     let root = PinRoot::new("upgrade-crash");
     // A fixed port (as in production): the TCP listeners the old process kept since the
@@ -854,18 +853,7 @@ fn a_crash_of_either_generation_leaves_the_other_serving() {
     // killed: the old one takes every role back.
     // SAFETY: kill(2) on the daemon this test started.
     unsafe { libc::kill(old.pid() as i32, libc::SIGUSR2) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let first = loop {
-        let (ok, out, _) = admin(&old, "status", &[]);
-        let st: serde_json::Value =
-            if ok { serde_json::from_str(&out).unwrap() } else { serde_json::Value::Null };
-        match st["pid"].as_u64() {
-            Some(pid) if pid != u64::from(old.pid()) => break Generation(pid as u32),
-            _ => {}
-        }
-        assert!(Instant::now() < deadline, "SIGUSR2 did not upgrade: {}", old.logs());
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let first = Generation(wait_for_new_generation(&old));
     wait_log(&old, "upgrade: the new generation serves new flows");
     first.signal(libc::SIGKILL);
     assert!(first.wait_exit(Duration::from_secs(5)));
@@ -933,14 +921,6 @@ fn a_crash_of_either_generation_leaves_the_other_serving() {
     assert!(owner_markers(&root).is_empty(), "{:?}", owner_markers(&root));
 }
 
-fn unit_values(key: &str) -> Vec<String> {
-    let unit = include_str!("../../contrib/turn-server.service");
-    unit.lines()
-        .filter_map(|l| l.strip_prefix(&format!("{key}=")))
-        .flat_map(|v| v.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
-        .collect()
-}
-
 #[test]
 fn an_upgrade_works_as_the_shipped_unit_runs_the_daemon() {
     let test = "an_upgrade_works_as_the_shipped_unit_runs_the_daemon";
@@ -956,18 +936,8 @@ fn an_upgrade_works_as_the_shipped_unit_runs_the_daemon() {
     // (uid 65534), the unit's ambient capabilities, which the daemon drops once set up.
     // The new generation is started by that process: it has no capability at all, and
     // joins the groups with what the old one hands over.
-    let caps: Vec<String> = unit_values("AmbientCapabilities")
-        .iter()
-        .map(|c| format!("+{}", c.strip_prefix("CAP_").unwrap().to_lowercase()))
-        .collect();
-    let caps = caps.join(",");
-    let script = format!(
-        "umount -l /sys/fs/bpf 2>/dev/null; mount -t bpf -o mode=0700 bpf /sys/fs/bpf && \
-         install -d -o 65534 -g 65534 -m 0700 /sys/fs/bpf/turn-server && \
-         exec setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps={caps} \
-         --ambient-caps={caps} --bounding-set=-all,{caps} \"$@\""
-    );
-    let wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c", &script, "sh"];
+    let wrapper = turn_tests::as_the_shipped_unit();
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let mut old = turn_tests::start_release_as(
         &bin,
         &wrapper,

@@ -385,15 +385,7 @@ impl Worker {
                 RunState::Draining => self.core.pool.draining = true,
                 RunState::Running => self.core.pool.draining = false,
             }
-            let mut commands = 0;
-            while commands < INBOX_PER_TURN {
-                let Ok(command) = self.inbox.rx.try_recv() else { break };
-                self.core.on_command(command);
-                commands += 1;
-            }
-            if commands > 0 {
-                self.core.after_batch();
-            }
+            let commands = self.take_commands();
             let now = Instant::now();
             if now >= next_sweep {
                 self.core.pin_again();
@@ -428,15 +420,7 @@ impl Worker {
             // listener closed at an upgrade, a new configuration) applies to them already.
             if events[..n].iter().any(|e| e.u64 == WAKE_TOKEN) {
                 self.inbox.clear_wake();
-                let mut commands = 0;
-                while commands < INBOX_PER_TURN {
-                    let Ok(command) = self.inbox.rx.try_recv() else { break };
-                    self.core.on_command(command);
-                    commands += 1;
-                }
-                if commands > 0 {
-                    self.core.after_batch();
-                }
+                self.take_commands();
             }
             let mut ready = false;
             for event in &events[..n] {
@@ -494,6 +478,21 @@ impl Worker {
             "worker stopped"
         );
         Ok(())
+    }
+
+    /// Carries out the commands waiting in the inbox (at most [`INBOX_PER_TURN`]), then
+    /// their book-keeping; returns how many.
+    fn take_commands(&mut self) -> usize {
+        let mut commands = 0;
+        while commands < INBOX_PER_TURN {
+            let Ok(command) = self.inbox.rx.try_recv() else { break };
+            self.core.on_command(command);
+            commands += 1;
+        }
+        if commands > 0 {
+            self.core.after_batch();
+        }
+        commands
     }
 
     /// Dispatches one epoll event to the source its token names.
