@@ -297,9 +297,12 @@ pub(crate) fn start_turn_server(
         "0",
         "--bpf-pin-root",
         root.to_str().unwrap_or_default(),
-        "--drain-timeout",
-        "0",
     ]);
+    // Stopped at once after a run, unless the run says otherwise (an upgrade's old
+    // process serves its allocations until they end).
+    if !args.contains(&"--drain-timeout") {
+        all.extend(["--drain-timeout", "0"]);
+    }
     let mut launch = turn_launch::Launch::new(&all);
     launch.bin = tools.turn_server.clone();
     // Startup lines only: no log line per allocation during the measurements.

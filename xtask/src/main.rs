@@ -8,7 +8,8 @@
 //! * `bench`      turn-server, coturn, pion/turn and the floor side by side (BENCHMARKS.md);
 //!   `bench --stream`: TURN over TCP and TLS beside coturn; `bench --bidir`: both
 //!   directions at once; `bench --media`: media-like calls, relay to relay;
-//!   `bench --capacity`: 4 workers capped to 0.1 CPU each, hash, p2c and least
+//!   `bench --capacity`: 4 workers capped to 0.1 CPU each, hash, p2c and least;
+//!   `bench --upgrade`: 1,000 light flows through `turn-server upgrade`
 
 use std::{
     ffi::OsStr,
@@ -21,6 +22,7 @@ mod bench_bidir;
 mod bench_capacity;
 mod bench_media;
 mod bench_stream;
+mod bench_upgrade;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -101,6 +103,12 @@ enum Cmd {
         /// coturn 4.17.1 and the direct exchange (its own section of BENCHMARKS.md).
         #[arg(long, conflicts_with_all = ["stream", "bidir", "media", "capacity"])]
         light: bool,
+        /// Only an upgrade under traffic: 1,000 light flows relaying both ways through
+        /// `turn-server upgrade`, new flows right after it, with and without the fast path:
+        /// losses, how long it takes, the old process's exit (its own section of
+        /// BENCHMARKS.md).
+        #[arg(long, conflicts_with_all = ["stream", "bidir", "media", "capacity", "light"])]
+        upgrade: bool,
         /// Repetitions of every cell (every mode), servers interleaved; medians reported.
         #[arg(long, default_value_t = 3)]
         reps: usize,
@@ -114,13 +122,14 @@ fn main() -> Result<()> {
         Cmd::Run { args } => run(&args),
         Cmd::Test { args } => test(&args),
         Cmd::Lint => lint(),
-        Cmd::Bench { quick, stream, bidir, media, capacity, light, reps } => {
-            let mode = match (stream, bidir, media, capacity, light) {
+        Cmd::Bench { quick, stream, bidir, media, capacity, light, upgrade, reps } => {
+            let mode = match (stream, bidir, media, capacity, light, upgrade) {
                 (true, ..) => BenchMode::Stream,
                 (_, true, ..) => BenchMode::Bidir,
                 (_, _, true, ..) => BenchMode::Media,
-                (_, _, _, true, _) => BenchMode::Capacity,
-                (.., true) => BenchMode::Light,
+                (_, _, _, true, ..) => BenchMode::Capacity,
+                (.., true, _) => BenchMode::Light,
+                (.., true) => BenchMode::Upgrade,
                 _ => BenchMode::Udp,
             };
             bench(mode, quick, reps)
@@ -353,6 +362,7 @@ enum BenchMode {
     Media,
     Capacity,
     Light,
+    Upgrade,
 }
 
 fn bench(mode: BenchMode, quick: bool, reps: usize) -> Result<()> {
@@ -409,6 +419,7 @@ fn bench(mode: BenchMode, quick: bool, reps: usize) -> Result<()> {
             bench_bidir::run(&tools, quick, reps, &report, bench_bidir::Scope::Light)
         }
         BenchMode::Media => bench_media::run(&tools, quick, reps, &report),
+        BenchMode::Upgrade => bench_upgrade::run(&tools, quick, reps, &report),
         BenchMode::Capacity => bench_capacity::run(&tools, quick, reps, &report),
         BenchMode::Stream => bench_stream::run(&tools, quick, reps, &report),
         BenchMode::Udp => bench::run(&tools, quick, reps, &report),
