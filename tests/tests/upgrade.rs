@@ -990,3 +990,60 @@ fn an_upgrade_works_as_the_shipped_unit_runs_the_daemon() {
     let warnings: Vec<&str> = logs.lines().filter(|l| l.contains("\"WARN\"")).collect();
     assert!(warnings.iter().all(|w| w.contains("RLIMIT_NOFILE")), "{warnings:?}");
 }
+
+#[test]
+fn the_old_process_killed_at_the_switch_leaves_the_new_one_serving() {
+    let test = "the_old_process_killed_at_the_switch_leaves_the_new_one_serving";
+    let Some(bin) = release_as_root(test) else { return };
+    let cert = TestCert::new("upgrade-switch-crash");
+    let root = PinRoot::new("upgrade-switch-crash");
+    let mut old = daemon(&bin, &cert, &root, &[]);
+    let udp = old.addrs("udp")[0];
+    // SAFETY: kill(2) on the daemon this test started.
+    unsafe { libc::kill(old.pid() as i32, libc::SIGUSR2) };
+    // Killed the moment the new process says it joined: before it handed over (its next
+    // tick; as a rule) or just after, whichever comes; the new one must take over either
+    // way: steering, endpoints, the main process, and what the dead one left.
+    wait_log(&old, "upgrade: joined the listener groups");
+    assert!(old.signal_and_wait(libc::SIGKILL, Duration::from_secs(5)).is_some());
+    let started = old
+        .logs()
+        .lines()
+        .find(|l| json_field(l, "message").is_some_and(|m| m.starts_with("upgrade: started")))
+        .and_then(|l| json_field(l, "pid")?.parse::<u32>().ok())
+        .expect("the new process's pid in the log");
+    let new = Generation(started);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ok, out, _) = admin(&old, "status", &[]);
+        let st: serde_json::Value =
+            if ok { serde_json::from_str(&out).unwrap() } else { serde_json::Value::Null };
+        if st["pid"] == new.0
+            && st["generation"]["takes_new_flows"] == true
+            && st["generation"]["predecessor"].is_null()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new process did not take over: {out}\n{}",
+            old.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..5 {
+        let mut c = UdpTurnClient::new("127.0.0.1", udp, USER, PASSWORD);
+        assert!(c.request(Request::Allocate).is_ok(), "{}", old.logs());
+        assert!(
+            allocations(&old)
+                .iter()
+                .any(|a| a["client"] == c.sock.local_addr().unwrap().to_string())
+        );
+        let _ = c.request(Request::Refresh { lifetime: 0 });
+    }
+    let owners = owner_markers(&root);
+    assert!(owners.iter().all(|o| o.starts_with(&format!("owner-{}-", new.0))), "{owners:?}");
+    new.signal(libc::SIGINT);
+    assert!(new.wait_exit(Duration::from_secs(10)));
+    assert!(owner_markers(&root).is_empty(), "{:?}", owner_markers(&root));
+}
