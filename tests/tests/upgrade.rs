@@ -37,21 +37,35 @@ fn release_as_root(test: &str) -> Option<PathBuf> {
     require_root(test).then_some(bin)
 }
 
+/// Waits (`secs` at most) until the daemon's admin API answers a `status` for which
+/// `done` holds (whichever generation answers); that status.
+fn wait_status(
+    daemon: &Daemon,
+    secs: u64,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let (ok, out, _) = admin(daemon, "status", &[]);
+        let st: serde_json::Value =
+            if ok { serde_json::from_str(&out).unwrap() } else { serde_json::Value::Null };
+        if done(&st) {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "{what}: {out}\n{}", daemon.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Waits (20 s at most) until the admin API answers from another process than `old`'s:
 /// the new generation serves it from the steering switch on. Its pid.
 fn wait_for_new_generation(old: &Daemon) -> u32 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (ok, out, _) = admin(old, "status", &[]);
-        let st: serde_json::Value =
-            if ok { serde_json::from_str(&out).unwrap() } else { serde_json::Value::Null };
-        match st["pid"].as_u64() {
-            Some(pid) if pid != u64::from(old.pid()) => return pid as u32,
-            _ => {}
-        }
-        assert!(Instant::now() < deadline, "no new generation: {}", old.logs());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let old_pid = u64::from(old.pid());
+    let st = wait_status(old, 20, "no new generation", |st| {
+        st["pid"].as_u64().is_some_and(|pid| pid != old_pid)
+    });
+    st["pid"].as_u64().unwrap_or_default() as u32
 }
 
 /// Makes this test process the reaper of the daemons' orphans (once).
@@ -532,11 +546,9 @@ fn an_upgrade_under_traffic_loses_no_datagram_and_refuses_no_allocation() {
     assert!(relayed_in_kernel > 0, "the old generation's channels were relayed in the kernel");
 
     // The new generation alone: it saw the old one go, and it serves.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while status(&old)["generation"]["predecessor"] != serde_json::Value::Null {
-        assert!(Instant::now() < deadline, "the new generation did not see the old one exit");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_status(&old, 5, "the new generation did not see the old one exit", |st| {
+        st["generation"]["predecessor"].is_null() && !st["pid"].is_null()
+    });
     let owners = owner_markers(&root);
     assert_eq!(owners.len(), 3, "one marker per group, the new generation's: {owners:?}");
     assert!(owners.iter().all(|o| o.starts_with(&format!("owner-{new_pid}-"))), "{owners:?}");
@@ -858,22 +870,10 @@ fn a_crash_of_either_generation_leaves_the_other_serving() {
     first.signal(libc::SIGKILL);
     assert!(first.wait_exit(Duration::from_secs(5)));
     wait_log(&old, "the new generation exited: this process takes every role back");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let (ok, out, _) = admin(&old, "status", &[]);
-        if ok
-            && out.contains(&format!("\"pid\": {}", old.pid()))
-            && out.contains("\"takes_new_flows\": true")
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the old generation did not take its roles back: {out}\n{}",
-            old.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let old_pid = old.pid();
+    wait_status(&old, 5, "the old generation did not take its roles back", |st| {
+        st["pid"] == old_pid && st["generation"]["takes_new_flows"] == true
+    });
     assert!(flow.ping(peer.addr, b"after the new one died"));
     for _ in 0..5 {
         let mut c = UdpTurnClient::new("127.0.0.1", udp, USER, PASSWORD);
@@ -1013,24 +1013,11 @@ fn the_old_process_killed_at_the_switch_leaves_the_new_one_serving() {
         .and_then(|l| json_field(l, "pid")?.parse::<u32>().ok())
         .expect("the new process's pid in the log");
     let new = Generation(started);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (ok, out, _) = admin(&old, "status", &[]);
-        let st: serde_json::Value =
-            if ok { serde_json::from_str(&out).unwrap() } else { serde_json::Value::Null };
-        if st["pid"] == new.0
+    wait_status(&old, 10, "the new process did not take over", |st| {
+        st["pid"] == new.0
             && st["generation"]["takes_new_flows"] == true
             && st["generation"]["predecessor"].is_null()
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the new process did not take over: {out}\n{}",
-            old.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    });
     for _ in 0..5 {
         let mut c = UdpTurnClient::new("127.0.0.1", udp, USER, PASSWORD);
         assert!(c.request(Request::Allocate).is_ok(), "{}", old.logs());

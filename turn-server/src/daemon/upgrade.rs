@@ -90,10 +90,6 @@ pub struct Inherited {
     status: Option<std::fs::File>,
 }
 
-fn transport_name(t: Transport) -> &'static str {
-    t.name()
-}
-
 fn parse_transport(name: &str) -> Result<Transport> {
     match name {
         "udp" => Ok(Transport::Udp),
@@ -273,12 +269,7 @@ pub fn start(offer: Offer<'_>) -> Result<Upgrade> {
             }
             None => None,
         };
-        groups.push(GroupHandover {
-            transport: transport_name(transport).to_owned(),
-            local,
-            maps,
-            pin,
-        });
+        groups.push(GroupHandover { transport: transport.name().to_owned(), local, maps, pin });
     }
     let (handoff_ours, handoff_theirs) = seqpacket_pair()?;
     let (status_read, status_write) = pipe()?;
